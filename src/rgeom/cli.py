@@ -1,0 +1,197 @@
+"""The ``rgeom`` console script: one subcommand per workflow stage.
+
+Snakemake rules call these subcommands, so all logic lives in the package and is tested
+without Snakemake. Each stage takes its inputs and outputs as paths and its parameters as
+one JSON object (``--params``): Snakemake tracks that JSON as the rule's params, so editing
+a parameter reruns exactly the jobs that consume it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Callable
+
+from rgeom import __version__
+from rgeom.errors import RgeomError
+
+log = logging.getLogger("rgeom")
+
+
+def _json(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"--params is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("--params must be a JSON object")
+    return value
+
+
+def _keyval(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    key, value = text.split("=", 1)
+    return key, value
+
+
+# name -> (help, example, target "module:function", [(flags, kwargs), ...])
+COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
+    "prepare-model": (
+        "Materialise the source model as a plain Hugging Face directory.",
+        "rgeom prepare-model --out results/model --params '{\"source\": \"smollm2_gguf\"}'",
+        "rgeom.stages:prepare_model",
+        [(("--out",), {"required": True, "help": "output model directory"})],
+    ),
+    "prepare-data": (
+        "Read one prompt set from its upstream format into rgeom's prompt schema.",
+        "rgeom prepare-data --name xstest --out results/data/xstest.parquet "
+        "--params '{\"spec\": {\"format\": \"xstest_csv\", \"path\": \"xstest/xstest_prompts.csv\"}}'",
+        "rgeom.stages:prepare_data",
+        [
+            (("--name",), {"required": True, "help": "set name (key of data.sets)"}),
+            (("--out",), {"required": True, "help": "output Parquet file"}),
+            (("--tokenizer",), {"default": None, "help": "model dir whose tokenizer checks lengths"}),
+        ],
+    ),
+    "sft-data": (
+        "Build the supervised training set: refusals for harmful, the base model's own answers for harmless.",
+        "rgeom sft-data --model results/model --harmful h.parquet --harmless b.parquet --out sft.parquet",
+        "rgeom.stages:sft_data",
+        [
+            (("--model",), {"required": True}),
+            (("--harmful",), {"required": True}),
+            (("--harmless",), {"required": True}),
+            (("--out",), {"required": True}),
+        ],
+    ),
+    "train": (
+        "Train one arm and write a checkpoint at every anchor step.",
+        "rgeom train --arm sft --model results/model --data results/data/sft_train.parquet "
+        "--out-dir results/sft/checkpoints --params '{\"train\": {\"max_steps\": 20}, \"anchors\": [10, 20]}'",
+        "rgeom.stages:train",
+        [
+            (("--arm",), {"required": True}),
+            (("--model",), {"required": True}),
+            (("--data",), {"required": True}),
+            (("--out-dir",), {"required": True}),
+            (("--extra",), {"action": "append", "type": _keyval, "default": [], "help": "NAME=PATH extra inputs"}),
+        ],
+    ),
+    "generate": (
+        "Greedy, batched, left-padded completions for one benchmark cell.",
+        "rgeom generate --model results/model --prompts results/data/xstest.parquet --out gen.parquet",
+        "rgeom.stages:generate",
+        [
+            (("--model",), {"required": True}),
+            (("--prompts",), {"required": True}),
+            (("--out",), {"required": True}),
+        ],
+    ),
+    "judge": (
+        "Label completions and compute the benchmark's metrics.",
+        "rgeom judge --generations gen.parquet --labels labels.parquet --metrics metrics.parquet",
+        "rgeom.stages:judge",
+        [
+            (("--generations",), {"required": True}),
+            (("--labels",), {"required": True}),
+            (("--metrics",), {"required": True}),
+        ],
+    ),
+    "extract": (
+        "Capture residual-stream activations at post-instruction positions to Parquet.",
+        "rgeom extract --model results/model --set harmful=h.parquet --set harmless=b.parquet --out acts.parquet",
+        "rgeom.stages:extract",
+        [
+            (("--model",), {"required": True}),
+            (("--set",), {"action": "append", "type": _keyval, "required": True, "dest": "sets"}),
+            (("--out",), {"required": True}),
+        ],
+    ),
+    "directions": (
+        "Difference-in-means refusal directions per layer and position.",
+        "rgeom directions --activations acts.parquet --out directions.parquet",
+        "rgeom.stages:directions",
+        [
+            (("--activations",), {"required": True}),
+            (("--out",), {"required": True}),
+        ],
+    ),
+    "summary": (
+        "One table across arms x anchors, plus figures.",
+        "rgeom summary --results results --out-dir results/summary --params '{...}'",
+        "rgeom.stages:summary",
+        [
+            (("--results",), {"required": True, "help": "results root"}),
+            (("--out-dir",), {"required": True}),
+        ],
+    ),
+    "check-config": (
+        "Validate a config file against the schema and print the resolved config.",
+        "rgeom check-config config/config.yaml",
+        "rgeom.stages:check_config",
+        [(("config",), {"help": "YAML config file"})],
+    ),
+    "provenance": (
+        "Print the provenance record stored in an rgeom Parquet file.",
+        "rgeom provenance results/sft/step-000010/generations/xstest.parquet",
+        "rgeom.stages:provenance_cmd",
+        [(("file",), {"help": "Parquet file written by rgeom"})],
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rgeom",
+        description="Measure how safety fine-tuning reorganizes refusal geometry. "
+        "Each subcommand is one workflow stage; `snakemake` chains them.",
+    )
+    parser.add_argument("--version", action="version", version=f"rgeom {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_text, example, _target, args) in COMMANDS.items():
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=f"example:\n  {example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        for flags, kwargs in args:
+            p.add_argument(*flags, **kwargs)
+        if name not in ("check-config", "provenance"):
+            p.add_argument("--params", type=_json, default={}, help="stage parameters as JSON")
+    return parser
+
+
+def _resolve(target: str) -> Callable:
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    kwargs = {k: v for k, v in vars(args).items() if k != "command"}
+    try:
+        _resolve(COMMANDS[args.command][2])(**kwargs)
+    except RgeomError as exc:
+        print(f"rgeom {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"rgeom {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Load and validate a workflow config against ``schemas/config.schema.yaml``.
+
+The schema is the single source of truth: every key has a type, a description and a
+default, and unknown keys are errors. Validation fills defaults, then runs the semantic
+checks JSON Schema cannot express (anchors against ``train.max_steps``, set references).
+Errors are raised as one :class:`RgeomError` that names the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from rgeom.errors import RgeomError
+
+SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "config.schema.yaml"
+KNOWN_ARMS = ("sft", "r2d2")
+# The prompt sets every run needs, by the role they play in the study.
+ROLE_SETS = (
+    "train_harmful",
+    "train_harmless",
+    "dir_harmful",
+    "dir_harmless",
+    "val_harmful",
+    "val_harmless",
+)
+
+
+def load_schema(path: str | Path = SCHEMA_PATH) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise RgeomError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        raise RgeomError(f"{path}: not valid YAML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise RgeomError(f"{path}: not UTF-8 text") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RgeomError(f"{path}: the top level must be a mapping of keys")
+    return data
+
+
+def _fill_defaults(instance: Any, schema: Mapping[str, Any]) -> Any:
+    """Recursively fill ``default`` values for missing object properties."""
+    if not isinstance(instance, dict) or schema.get("type") != "object":
+        return instance
+    for key, sub in schema.get("properties", {}).items():
+        if key not in instance and "default" in sub:
+            instance[key] = copy.deepcopy(sub["default"])
+        if key in instance:
+            _fill_defaults(instance[key], sub)
+    extra = schema.get("additionalProperties")
+    if isinstance(extra, dict):
+        for key, value in instance.items():
+            if key not in schema.get("properties", {}):
+                _fill_defaults(value, extra)
+    return instance
+
+
+def _dotted(path) -> str:
+    return ".".join(str(p) for p in path) or "<top level>"
+
+
+def _describe(err: jsonschema.ValidationError) -> str:
+    where = _dotted(err.absolute_path)
+    if err.validator == "additionalProperties":
+        allowed = sorted(err.schema.get("properties", {}))
+        unknown = sorted(set(err.instance) - set(allowed))
+        prefix = f"{where}." if err.absolute_path else ""
+        keys = ", ".join(f"{prefix}{k}" for k in unknown)
+        return f"unknown key {keys} (allowed here: {', '.join(allowed)})"
+    if err.validator == "type":
+        return f"key {where}: {err.instance!r} is not of type {err.validator_value}"
+    if err.validator == "enum":
+        return f"key {where}: {err.instance!r} is not one of {err.validator_value}"
+    if err.validator == "required":
+        return f"key {where}: {err.message}"
+    return f"key {where}: {err.message}"
+
+
+def validate(
+    config: Mapping[str, Any], source: str = "config", schema: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Return a validated copy of ``config`` with defaults filled in."""
+    schema = schema or load_schema()
+    cfg = _fill_defaults(copy.deepcopy(dict(config)), schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.absolute_path), e.path))
+    if errors:
+        raise RgeomError(f"{source}: {_describe(errors[0])}")
+    _check_semantics(cfg, source)
+    return cfg
+
+
+def _check_semantics(cfg: dict[str, Any], source: str) -> None:
+    for arm in cfg["arms"]:
+        if arm not in KNOWN_ARMS:
+            raise RgeomError(f"{source}: key arms: unknown arm {arm!r} (known: {KNOWN_ARMS})")
+    if len(set(cfg["arms"])) != len(cfg["arms"]):
+        raise RgeomError(f"{source}: key arms: duplicate arm names {cfg['arms']}")
+    anchors = cfg["anchors"]
+    if list(anchors) != sorted(set(anchors)):
+        raise RgeomError(f"{source}: key anchors: must be strictly increasing, got {anchors}")
+    max_steps = cfg["train"]["max_steps"]
+    beyond = [a for a in anchors if a > max_steps]
+    if beyond:
+        raise RgeomError(
+            f"{source}: key anchors: steps {beyond} are beyond train.max_steps={max_steps}"
+        )
+    sets = cfg["data"]["sets"]
+    for role in ROLE_SETS:
+        if role not in sets:
+            raise RgeomError(f"{source}: key data.sets: missing the required set {role!r}")
+    for bench in cfg["benchmarks"]:
+        if bench not in sets:
+            raise RgeomError(
+                f"{source}: key benchmarks: {bench!r} is not a set in data.sets "
+                f"(have: {', '.join(sorted(sets))})"
+            )
+    if cfg["train"]["zero_stage"] not in (0, 2, 3):
+        raise RgeomError(f"{source}: key train.zero_stage: must be 0, 2 or 3")
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Load and validate a config file."""
+    return validate(load_yaml(path), source=str(path))
+
+
+def anchor_steps(cfg: Mapping[str, Any]) -> list[int]:
+    return list(cfg["anchors"])
+
+
+def trained_anchors(cfg: Mapping[str, Any]) -> list[int]:
+    """Anchors that need a training run (step 0 is the base model, shared by all arms)."""
+    return [a for a in cfg["anchors"] if a > 0]

@@ -1,0 +1,278 @@
+"""Atomic writers and validating readers for every artefact rgeom produces.
+
+Every file is written to a temporary name in its destination directory and then
+``os.replace``d, so a killed job never leaves a finished-looking half file. Parquet tables
+carry provenance (config hash, model, checkpoint, package versions, ...) and their own row
+count in the schema metadata; readers check both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping
+from functools import lru_cache
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rgeom import __version__
+from rgeom.errors import RgeomError
+
+PROVENANCE_KEY = b"rgeom"
+TRACKED_PACKAGES = (
+    "torch",
+    "transformers",
+    "trl",
+    "deepspeed",
+    "pyarrow",
+    "polars",
+    "numpy",
+    "scipy",
+    "tokenizers",
+)
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def config_hash(params: Mapping[str, Any]) -> str:
+    """Hash of the parameters a stage consumed (not the whole config), so a hash changes
+    exactly when the stage's output could."""
+    return hashlib.sha256(canonical_json(params).encode()).hexdigest()[:16]
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@lru_cache(maxsize=1)
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            out[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+@lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        res = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout.strip() or None if res.returncode == 0 else None
+
+
+def provenance(**fields: Any) -> dict[str, Any]:
+    """The provenance record stored with every table: caller fields plus versions."""
+    record = {
+        "rgeom_version": __version__,
+        "git_commit": git_commit(),
+        "packages": package_versions(),
+    }
+    record.update({k: v for k, v in fields.items() if v is not None})
+    return record
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _raise_os_error(exc: OSError, path: Path) -> None:
+    if exc.errno == errno.ENOSPC:
+        raise RgeomError(f"disk full while writing {path}") from exc
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        raise RgeomError(f"permission denied writing {path}") from exc
+    raise RgeomError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        _raise_os_error(exc, path)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        # mkstemp creates 0600; finished files get the permissions a plain open() would.
+        os.chmod(tmp_path, 0o666 & ~_umask())
+        os.replace(tmp_path, path)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        _raise_os_error(exc, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside ``path``; it replaces ``path`` only on success."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as exc:
+        _raise_os_error(exc, path)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _raise_os_error(exc, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _with_metadata(schema: pa.Schema, meta: Mapping[str, Any], num_rows: int | None) -> pa.Schema:
+    record = dict(meta)
+    if num_rows is not None:
+        record["num_rows"] = num_rows
+    existing = dict(schema.metadata or {})
+    existing[PROVENANCE_KEY] = canonical_json(record).encode()
+    return schema.with_metadata(existing)
+
+
+def write_table(
+    path: str | os.PathLike,
+    table: pa.Table,
+    schema: pa.Schema,
+    meta: Mapping[str, Any],
+    row_group_size: int | None = None,
+) -> None:
+    """Write ``table`` cast to ``schema`` with provenance ``meta``, atomically."""
+    try:
+        table = table.select(schema.names).cast(schema)
+    except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as exc:
+        raise RgeomError(f"table for {path} does not match its schema: {exc}") from exc
+    table = table.replace_schema_metadata(_with_metadata(schema, meta, table.num_rows).metadata)
+    with atomic_path(path, suffix=".parquet") as tmp:
+        pq.write_table(table, tmp, row_group_size=row_group_size)
+
+
+class TableWriter:
+    """Streams record batches into one Parquet file, atomically.
+
+    The row count is only known at the end, so it is stored in a sidecar field of the
+    footer metadata written on close; a file that was never closed never gets renamed.
+    """
+
+    def __init__(self, path: str | os.PathLike, schema: pa.Schema, meta: Mapping[str, Any]):
+        self.path = Path(path)
+        self.schema = schema
+        self.meta = dict(meta)
+        self.rows = 0
+        self._ctx = atomic_path(self.path, suffix=".parquet")
+        self._tmp = self._ctx.__enter__()
+        # The row count is not known yet; readers check the count stored at close.
+        self._writer = pq.ParquetWriter(self._tmp, _with_metadata(schema, self.meta, None))
+
+    def write(self, batch: pa.Table | pa.RecordBatch) -> None:
+        if isinstance(batch, pa.RecordBatch):
+            batch = pa.Table.from_batches([batch])
+        batch = batch.select(self.schema.names).cast(self.schema)
+        self._writer.write_table(batch)
+        self.rows += batch.num_rows
+
+    def close(self) -> None:
+        self._writer.add_key_value_metadata({"rgeom_num_rows": str(self.rows)})
+        self._writer.close()
+        self._ctx.__exit__(None, None, None)
+
+    def abort(self, exc: BaseException) -> None:
+        with contextlib.suppress(Exception):
+            self._writer.close()
+        with contextlib.suppress(BaseException):
+            self._ctx.__exit__(type(exc), exc, exc.__traceback__)
+
+    def __enter__(self) -> TableWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None:
+            self.close()
+        else:
+            self.abort(exc)
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The provenance record of a table written by rgeom."""
+    path = Path(path)
+    if not path.exists():
+        raise RgeomError(f"missing file: {path}")
+    try:
+        md = pq.read_metadata(path).metadata or {}
+        schema_md = pq.read_schema(path).metadata or {}
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise RgeomError(f"{path} is not a readable Parquet file (truncated or corrupt?)") from exc
+    raw = schema_md.get(PROVENANCE_KEY) or md.get(PROVENANCE_KEY)
+    meta = json.loads(raw) if raw else {}
+    if "num_rows" not in meta and b"rgeom_num_rows" in md:
+        meta["num_rows"] = int(md[b"rgeom_num_rows"])
+    return meta
+
+
+def read_table(
+    path: str | os.PathLike, schema: pa.Schema | None = None, columns: list[str] | None = None
+) -> pa.Table:
+    """Read a table written by :func:`write_table`, checking schema and row count."""
+    path = Path(path)
+    meta = read_meta(path)
+    try:
+        table = pq.read_table(path, columns=columns)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise RgeomError(f"{path} is not a readable Parquet file (truncated or corrupt?)") from exc
+    expected = meta.get("num_rows")
+    if expected is not None and int(expected) != table.num_rows:
+        raise RgeomError(f"{path}: holds {table.num_rows} rows but was written with {expected}")
+    if schema is not None:
+        wanted = schema if columns is None else pa.schema([schema.field(c) for c in columns])
+        for field in wanted:
+            if field.name not in table.schema.names:
+                raise RgeomError(f"{path}: missing column {field.name!r}")
+            got = table.schema.field(field.name).type
+            if got != field.type:
+                raise RgeomError(
+                    f"{path}: column {field.name!r} has type {got}, expected {field.type}"
+                )
+    return table

