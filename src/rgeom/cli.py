@@ -77,7 +77,9 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
             (("--arm",), {"required": True}),
             (("--model",), {"required": True}),
             (("--data",), {"required": True}),
-            (("--out-dir",), {"required": True}),
+            (("--out-dir",), {"required": True, "help": "folder of the anchor checkpoints"}),
+            (("--state-dir",), {"required": True, "help": "resume state kept across reruns"}),
+            (("--log-table",), {"required": True, "help": "per-step metrics Parquet"}),
             (("--extra",), {"action": "append", "type": _keyval, "default": [], "help": "NAME=PATH extra inputs"}),
         ],
     ),
@@ -122,10 +124,13 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
     ),
     "summary": (
         "One table across arms x anchors, plus figures.",
-        "rgeom summary --results results --out-dir results/summary --params '{...}'",
+        "rgeom summary --metrics results/*/step-*/metrics/*.parquet "
+        "--directions results/*/step-*/directions.parquet --out-dir results/summary",
         "rgeom.stages:summary",
         [
-            (("--results",), {"required": True, "help": "results root"}),
+            (("--metrics",), {"nargs": "+", "required": True}),
+            (("--directions",), {"nargs": "+", "required": True}),
+            (("--train-logs",), {"nargs": "*", "default": []}),
             (("--out-dir",), {"required": True}),
         ],
     ),

@@ -165,7 +165,8 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def _with_metadata(schema: pa.Schema, meta: Mapping[str, Any], num_rows: int | None) -> pa.Schema:
-    record = dict(meta)
+    # Versions and commit are always recorded, whatever the caller passed.
+    record = {**provenance(), **meta}
     if num_rows is not None:
         record["num_rows"] = num_rows
     existing = dict(schema.metadata or {})

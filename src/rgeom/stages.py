@@ -37,9 +37,6 @@ def _meta(params: dict[str, Any], **fields: Any) -> dict[str, Any]:
 
 def _model_settings(params: dict[str, Any]) -> dict[str, Any]:
     model = params.get("model", {})
-    from rgeom.models import set_threads
-
-    set_threads(model.get("threads"))
     return {
         "dtype": model.get("dtype", "float32"),
         "device": model.get("device", "auto"),
@@ -120,6 +117,8 @@ def train(
     model: str,
     data: str,
     out_dir: str,
+    state_dir: str,
+    log_table: str,
     extra: list[tuple[str, str]],
     params: dict[str, Any],
 ) -> None:
@@ -132,6 +131,8 @@ def train(
         model_dir=model,
         data=data,
         out_dir=out_dir,
+        state_dir=state_dir,
+        log_table=log_table,
         params=params,
         extra=dict(extra),
         meta=_meta(params, model=model, arm=arm),
@@ -206,10 +207,24 @@ def directions(activations: str, out: str, params: dict[str, Any]) -> None:
     )
 
 
-def summary(results: str, out_dir: str, params: dict[str, Any]) -> None:
-    from rgeom.report import build_summary
+def summary(
+    metrics: list[str],
+    directions: list[str],
+    train_logs: list[str],
+    out_dir: str,
+    params: dict[str, Any],
+) -> None:
+    from rgeom.report import build_summary, format_summary
 
-    build_summary(results_dir=results, out_dir=out_dir, params=params, meta=_meta(params))
+    build_summary(
+        metrics=metrics,
+        directions=directions,
+        out_dir=out_dir,
+        params=params,
+        meta=_meta(params),
+        train_logs=train_logs or None,
+    )
+    print(format_summary(out_dir))
 
 
 def check_config(config: str) -> None:

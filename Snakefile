@@ -1,0 +1,25 @@
+# rgeom: how safety fine-tuning reorganizes refusal geometry.
+# Thin on purpose: helpers live in workflow/rules/common.smk, logic in the rgeom package.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/model.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/behaviour.smk"
+include: "workflow/rules/geometry.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        summary_outputs(),

@@ -1,0 +1,299 @@
+"""Residual-stream activations at the post-instruction positions, streamed to Parquet.
+
+Following Arditi et al. (2024), the refusal direction is read off the residual stream at the
+input of each decoder block (``resid_pre``) at the chat-template tokens that follow the
+user's message. Forward pre-hooks copy only those positions, and the forward is cut short
+after the last layer asked for, so neither the unused blocks nor the LM head ever run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from rgeom.errors import RgeomError
+from rgeom.io import TableWriter, file_sha256
+from rgeom.models import decoder_layers, encode_chat, left_pad
+
+log = logging.getLogger(__name__)
+
+HOOK_POINT = "resid_pre"
+STORAGE_DTYPES = {"float32": (pa.float32(), np.float32), "float16": (pa.float16(), np.float16)}
+PROMPT_COLUMNS = ("prompt_id", "text", "label")
+
+# The scalar columns every activation table has; ``activation_schema`` appends the vector
+# column, whose width depends on the model. Reading with this schema checks those columns.
+ACTIVATION_SCHEMA = pa.schema(
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("label", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("layer", pa.int16(), nullable=False),
+        pa.field("position", pa.int16(), nullable=False),
+    ]
+)
+
+
+def activation_schema(d_model: int, dtype: str = "float32") -> pa.Schema:
+    """The full activation-table schema for a model of width ``d_model``."""
+    if dtype not in STORAGE_DTYPES:
+        raise RgeomError(
+            f"activations.dtype: {dtype!r} is not one of {', '.join(sorted(STORAGE_DTYPES))}"
+        )
+    value = STORAGE_DTYPES[dtype][0]
+    return ACTIVATION_SCHEMA.append(pa.field("vector", pa.list_(value, d_model), nullable=False))
+
+
+def _prompt_text_fallback(text: str, context: str | None) -> str:
+    return text if context is None else f"{context}\n\n---\n\n{text}"
+
+
+try:  # rgeom.data owns the rule; the fallback is the same rule until that module lands.
+    from rgeom.data import prompt_text
+except ImportError:
+    prompt_text = _prompt_text_fallback
+
+
+def template_hash(tokenizer) -> str:
+    return hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()
+
+
+def tokenizer_hash(tokenizer) -> str:
+    vocab = json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(vocab.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Prompt:
+    prompt_id: str
+    label: str
+    split: str
+    ids: list[int]
+    suffix_len: int
+
+
+def split_of(key: str) -> str:
+    """``dir_harmful`` -> ``dir``: the role a prompt set plays, from its key."""
+    return key.split("_", 1)[0]
+
+
+def load_prompt_set(key: str, path: str | Path) -> pa.Table:
+    path = Path(path)
+    if not path.exists():
+        raise RgeomError(f"prompt set {key!r}: file not found: {path}")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise RgeomError(f"prompt set {key!r}: {path} is not a readable Parquet file") from exc
+    missing = [c for c in PROMPT_COLUMNS if c not in table.column_names]
+    if missing:
+        raise RgeomError(f"prompt set {key!r}: {path} lacks column(s) {', '.join(missing)}")
+    return table
+
+
+def encode_sets(tokenizer, sets: Mapping[str, str | Path]) -> list[Prompt]:
+    """Every prompt of every set, encoded through the chat template."""
+    prompts = []
+    for key, path in sets.items():
+        table = load_prompt_set(key, path)
+        columns = table.to_pydict()
+        contexts = columns.get("context") or [None] * table.num_rows
+        for row, (pid, text, label, ctx) in enumerate(
+            zip(columns["prompt_id"], columns["text"], columns["label"], contexts, strict=True)
+        ):
+            if pid is None or text is None or label is None:
+                raise RgeomError(
+                    f"prompt set {key!r}: {path} row {row} has a null prompt_id, text or label"
+                )
+            enc = encode_chat(tokenizer, prompt_text(text, ctx))
+            prompts.append(Prompt(pid, label, split_of(key), enc.ids, enc.suffix_len))
+    return prompts
+
+
+def resolve_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
+    if layers is None:
+        return list(range(n_layers))
+    if isinstance(layers, int | str) or not layers:
+        raise RgeomError(f"activations.layers must be null or a non-empty list, got {layers!r}")
+    for layer in layers:
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < n_layers:
+            raise RgeomError(
+                f"activations.layers: layer {layer!r} is out of range; the model has "
+                f"n_layers={n_layers} (valid 0..{n_layers - 1})"
+            )
+    return sorted(set(layers))
+
+
+def padded_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that ignore left padding, so a padded prompt sees the same rotary
+    positions as it would alone (HF models only derive them from the mask in generate)."""
+    return (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+class _StopForward(Exception):
+    """Raised from the last needed hook to skip the rest of the forward pass."""
+
+
+class ResidCapture:
+    """Pre-hooks that keep the last ``suffix_len`` positions of each chosen block's input.
+
+    Use as a context manager around forward calls; ``run`` does one batch and returns
+    ``{layer: tensor[batch, suffix_len, d_model]}`` (float32, on the CPU).
+    """
+
+    def __init__(self, model, layers: Sequence[int], suffix_len: int):
+        self.model = model
+        self.layers = list(layers)
+        self.suffix_len = suffix_len
+        self.captured: dict[int, torch.Tensor] = {}
+        self._handles = []
+
+    def _hook(self, layer: int, last: bool):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            # Copy now: the slice would otherwise pin the whole batch activation in memory.
+            tail = hidden[:, -self.suffix_len :, :].detach()
+            self.captured[layer] = tail.to("cpu", torch.float32, copy=True)
+            if last:
+                raise _StopForward
+
+        return hook
+
+    def __enter__(self) -> ResidCapture:
+        blocks = decoder_layers(self.model)
+        for layer in self.layers:
+            self._handles.append(
+                blocks[layer].register_forward_pre_hook(
+                    self._hook(layer, layer == self.layers[-1]), with_kwargs=True
+                )
+            )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def run(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[int, torch.Tensor]:
+        self.captured = {}
+        with contextlib.suppress(_StopForward):
+            self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=padded_positions(mask),
+                use_cache=False,
+            )
+        missing = [layer for layer in self.layers if layer not in self.captured]
+        if missing:
+            raise RuntimeError(f"hooks for layers {missing} never fired")
+        out, self.captured = self.captured, {}
+        return out
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _layer_table(
+    batch: Sequence[Prompt], layer: int, acts: torch.Tensor, np_dtype, schema: pa.Schema
+) -> pa.Table:
+    n, s, d = acts.shape
+    values = acts.numpy().astype(np_dtype, copy=False).reshape(-1)
+    vector = pa.FixedSizeListArray.from_arrays(pa.array(values), d)
+    return pa.Table.from_arrays(
+        [
+            pa.array(np.repeat([p.prompt_id for p in batch], s), pa.string()),
+            pa.array(np.repeat([p.label for p in batch], s), pa.string()),
+            pa.array(np.repeat([p.split for p in batch], s), pa.string()),
+            pa.array(np.full(n * s, layer, np.int16)),
+            pa.array(np.tile(np.arange(-s, 0, dtype=np.int16), n)),
+            vector,
+        ],
+        schema=schema,
+    )
+
+
+def extract_activations(
+    model,
+    tokenizer,
+    sets: Mapping[str, str | Path],
+    out: str | Path,
+    params: Mapping[str, Any],
+    meta: Mapping[str, Any],
+) -> None:
+    """Stream ``resid_pre`` activations at the post-instruction positions to ``out``.
+
+    ``sets`` maps a role key such as ``dir_harmful`` to a prompt Parquet file; a row's split
+    is the key's prefix (``dir``) and its label the prompt's own ``label``. Rows are written
+    one (batch, layer) block at a time, so memory stays bounded by one batch.
+    """
+    from tqdm.auto import tqdm
+
+    params = dict(params or {})
+    batch_size = int(params.get("batch_size", 16))
+    if batch_size < 1:
+        raise RgeomError(f"activations.batch_size must be >= 1, got {batch_size}")
+    dtype = params.get("dtype", "float32")
+    n_layers = len(decoder_layers(model))
+    d_model = int(model.config.hidden_size)
+    layers = resolve_layers(params.get("layers"), n_layers)
+    schema = activation_schema(d_model, dtype)
+    np_dtype = STORAGE_DTYPES[dtype][1]
+
+    if not sets:
+        raise RgeomError("extract: no prompt sets given")
+    prompts = encode_sets(tokenizer, sets)
+    if not prompts:
+        raise RgeomError(f"extract: the prompt sets {', '.join(sets)} hold no prompts")
+    suffix_lens = {p.suffix_len for p in prompts}
+    if len(suffix_lens) != 1 or 0 in suffix_lens:
+        # Rows are only comparable across prompts if position -k means the same template
+        # token for all of them.
+        raise RgeomError(f"chat template gives varying post-instruction lengths {suffix_lens}")
+    suffix_len = suffix_lens.pop()
+    # Longest first: similar lengths waste little padding, and an out-of-memory batch shows
+    # up at the start rather than after an hour.
+    prompts.sort(key=lambda p: -len(p.ids))
+
+    record = dict(meta)
+    record.update(
+        d_model=d_model,
+        n_layers=n_layers,
+        layers=layers,
+        suffix_len=suffix_len,
+        hook_point=HOOK_POINT,
+        dtype=dtype,
+        batch_size=batch_size,
+        n_prompts=len(prompts),
+        template_hash=template_hash(tokenizer),
+        tokenizer_hash=tokenizer_hash(tokenizer),
+        prompt_sets={key: {"path": str(p), "sha256": file_sha256(p)} for key, p in sets.items()},
+    )
+    device = _model_device(model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
+    log.info(
+        "extracting %d prompts x %d layers x %d positions", len(prompts), len(layers), suffix_len
+    )
+    with (
+        TableWriter(out, schema, record) as writer,
+        ResidCapture(model, layers, suffix_len) as capture,
+        torch.inference_mode(),
+    ):
+        for batch in tqdm(batches, desc="extract", unit="batch", file=sys.stderr):
+            ids, mask = left_pad([p.ids for p in batch], pad_id, device)
+            acts = capture.run(ids, mask)
+            for layer in layers:
+                writer.write(_layer_table(batch, layer, acts[layer], np_dtype, schema))

@@ -1,0 +1,394 @@
+"""Greedy Coordinate Gradient (Zou et al. 2023) against a chat model.
+
+The user message is ``behaviour + " " + suffix``; GCG optimises the suffix tokens so that the
+assistant's reply starts with an affirmative target ("Sure, here is ..."). One engine serves
+both the attack stage and R2D2's test-case refresh.
+
+Layout of the optimised token sequence (one entry)::
+
+    [template prefix | behaviour + " "] [suffix] [template post | target]
+     \\______ prefix, run once ______/  \\optim/  \\___ same for every candidate ___/
+
+The prefix does not depend on the suffix, so its key/value cache is computed once per entry
+and broadcast over each candidate batch; only ``suffix + post + target`` is re-run.
+
+Token ids, not text, are the ground truth: :func:`build_prompt_ids` gives the exact ids that
+were optimised, and the attack stage should feed those ids to the model. Re-encoding
+``behaviour + " " + suffix_text`` may merge tokens at the boundary (byte-level BPE joins a
+space with the next character), which would silently change the attack.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from rgeom.errors import RgeomError
+from rgeom.models import _template_parts
+
+log = logging.getLogger(__name__)
+
+SEPARATOR = " "
+
+
+@dataclass
+class GCGResult:
+    """Outcome of GCG on one behaviour.
+
+    ``loss`` is the target cross-entropy (mean over target tokens) of ``suffix_ids``, the
+    best suffix seen; ``losses_per_step[i]`` is that best loss after step ``i`` (so it never
+    increases), with ``initial_loss`` the loss of the starting suffix.
+    """
+
+    behaviour: str
+    target: str
+    suffix_ids: list[int]
+    suffix_text: str
+    loss: float
+    initial_loss: float
+    losses_per_step: list[float] = field(default_factory=list)
+    prompt_ids: list[int] = field(default_factory=list)
+
+    @property
+    def user_text(self) -> str:
+        return self.behaviour + SEPARATOR + self.suffix_text
+
+
+@dataclass(frozen=True)
+class PromptParts:
+    """Token ids of one GCG entry, split around the optimised suffix."""
+
+    prefix: list[int]  # template prefix + behaviour + separator
+    post: list[int]  # template tokens after the user message
+    target: list[int]
+
+    def prompt_ids(self, suffix_ids: Sequence[int]) -> list[int]:
+        return self.prefix + list(suffix_ids) + self.post
+
+
+def _around_suffix(tokenizer, behaviour: str, system: str | None) -> tuple[list[int], list[int]]:
+    """Ids before the suffix (template prefix + behaviour + separator) and after it.
+
+    User text is tokenized with ``split_special_tokens=True``, as in ``encode_chat``, so a
+    behaviour containing ``<|im_start|>`` stays plain text.
+    """
+    prefix_text, post_text = _template_parts(tokenizer, system)
+    pre = tokenizer(prefix_text, add_special_tokens=False)["input_ids"]
+    body = tokenizer(behaviour + SEPARATOR, add_special_tokens=False, split_special_tokens=True)
+    post = tokenizer(post_text, add_special_tokens=False)["input_ids"]
+    return pre + body["input_ids"], post
+
+
+def split_prompt(tokenizer, behaviour: str, target: str, system: str | None = None) -> PromptParts:
+    """Tokenize one GCG entry around its (absent) suffix."""
+    prefix, post = _around_suffix(tokenizer, behaviour, system)
+    tgt = tokenizer(target, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    if not tgt:
+        raise RgeomError(f"GCG target for behaviour {behaviour[:60]!r} is empty")
+    return PromptParts(prefix=prefix, post=post, target=tgt)
+
+
+def build_prompt_ids(
+    tokenizer, behaviour: str, suffix_ids: Sequence[int], system: str | None = None
+) -> list[int]:
+    """Chat-template ids of ``behaviour + " " + suffix`` exactly as GCG optimised them."""
+    prefix, post = _around_suffix(tokenizer, behaviour, system)
+    return prefix + list(suffix_ids) + post
+
+
+def ascii_token_ids(tokenizer, vocab_size: int | None = None) -> torch.Tensor:
+    """Ids of non-special tokens whose decoded text is non-empty printable ASCII.
+
+    ``vocab_size`` is the model's embedding size, which may exceed the tokenizer's (padding
+    rows); ids beyond the tokenizer never qualify.
+    """
+    n = len(tokenizer) if vocab_size is None else min(vocab_size, len(tokenizer))
+    special = set(tokenizer.all_special_ids)
+    special.update(getattr(tokenizer, "added_tokens_decoder", {}).keys())
+    texts = tokenizer.batch_decode([[i] for i in range(n)], clean_up_tokenization_spaces=False)
+    keep = [
+        i
+        for i, text in enumerate(texts)
+        if i not in special and text and text.isascii() and text.isprintable()
+    ]
+    if not keep:
+        raise RgeomError("the tokenizer has no printable-ASCII tokens for GCG to use")
+    return torch.tensor(keep, dtype=torch.long)
+
+
+def initial_suffix_ids(tokenizer, text: str = "! " * 20) -> list[int]:
+    """Token ids of a starting suffix such as ``"! ! ! ..."``."""
+    ids = tokenizer(text.strip(), add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise RgeomError(f"initial GCG suffix {text!r} encodes to no tokens")
+    return ids
+
+
+def _embedding_matrix(model) -> torch.Tensor:
+    return model.get_input_embeddings().weight
+
+
+def _cache_kwarg(model) -> str:
+    # transformers 5.2x renamed ``past_key_values`` to ``cache``; earlier 5.x only knows the
+    # old name, and passing it to a newer release logs a deprecation warning on every call.
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _run_cached(model, cache, tail_logits: int, **inputs) -> torch.Tensor:
+    """Logits of the last ``tail_logits`` positions of a forward pass that extends ``cache``.
+
+    Only the target positions need logits; skipping the LM head elsewhere saves most of a
+    small model's compute (SmolLM2's 49k-word head dominates its 135M parameters).
+    """
+    kwargs = {_cache_kwarg(model): cache, "use_cache": True, "logits_to_keep": tail_logits}
+    return model(**inputs, **kwargs).logits
+
+
+def _prefix_kv(model, prefix: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer (key, value) tensors of the prefix, batch size 1, detached."""
+    with torch.no_grad():
+        out = model(input_ids=prefix.unsqueeze(0), use_cache=True, logits_to_keep=1)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    return [(layer.keys.detach(), layer.values.detach()) for layer in cache.layers]
+
+
+def _expand_cache(model, kv: list[tuple[torch.Tensor, torch.Tensor]], batch: int):
+    """A fresh cache holding the prefix for ``batch`` rows.
+
+    The forward pass appends to the cache it is given, so every call gets its own object;
+    ``expand`` makes views and ``DynamicCache`` copies them once on construction.
+    """
+    from transformers import DynamicCache
+
+    data = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv]
+    return DynamicCache(ddp_cache_data=data, config=model.config)
+
+
+def _target_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean CE per row of ``target``, given the logits of the last ``len(target) + 1`` tokens.
+
+    Position ``j`` of those logits predicts target token ``j``; the last one looks past it.
+    """
+    t = target.shape[-1]
+    pred = logits[:, -t - 1 : -1, :].float()
+    labels = target.expand(pred.shape[0], -1)
+    ce = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), labels.reshape(-1), reduction="none")
+    return ce.view(pred.shape[0], t).mean(dim=1)
+
+
+def candidate_losses(
+    model,
+    kv: list[tuple[torch.Tensor, torch.Tensor]],
+    candidates: torch.Tensor,
+    post: torch.Tensor,
+    target: torch.Tensor,
+    batch_size: int | None = None,
+) -> torch.Tensor:
+    """Target CE of every candidate suffix (rows of ``candidates``), prefix served from cache."""
+    n = candidates.shape[0]
+    chunk = batch_size or n
+    tail = torch.cat([post, target]).unsqueeze(0)
+    out = []
+    with torch.no_grad():
+        for lo in range(0, n, chunk):
+            rows = candidates[lo : lo + chunk]
+            ids = torch.cat([rows, tail.expand(rows.shape[0], -1)], dim=1)
+            cache = _expand_cache(model, kv, rows.shape[0])
+            logits = _run_cached(model, cache, target.numel() + 1, input_ids=ids)
+            out.append(_target_ce(logits, target))
+    return torch.cat(out)
+
+
+def _token_gradient(
+    model,
+    kv: list[tuple[torch.Tensor, torch.Tensor]],
+    suffix: torch.Tensor,
+    post: torch.Tensor,
+    target: torch.Tensor,
+) -> tuple[torch.Tensor, float]:
+    """Gradient of the target CE w.r.t. the one-hot suffix, and the suffix's loss."""
+    embed = _embedding_matrix(model)
+    one_hot = torch.zeros(suffix.numel(), embed.shape[0], device=embed.device, dtype=embed.dtype)
+    one_hot.scatter_(1, suffix.unsqueeze(1), 1.0)
+    one_hot.requires_grad_(True)
+    emb_layer = model.get_input_embeddings()
+    rest = emb_layer(torch.cat([post, target])).detach()
+    inputs = torch.cat([one_hot @ embed, rest], dim=0).unsqueeze(0)
+    cache = _expand_cache(model, kv, 1)
+    logits = _run_cached(model, cache, target.numel() + 1, inputs_embeds=inputs)
+    loss = _target_ce(logits, target)[0]
+    # autograd.grad, not backward: the weights' .grad must stay untouched when R2D2 calls
+    # GCG in the middle of a training step.
+    (grad,) = torch.autograd.grad(loss, one_hot)
+    return grad, float(loss.detach())
+
+
+def sample_candidates(
+    suffix: torch.Tensor,
+    grad: torch.Tensor,
+    allowed: torch.Tensor,
+    search_width: int,
+    topk: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """``search_width`` one-token swaps of ``suffix``, drawn from the top-k gradient tokens.
+
+    Each candidate changes one uniformly drawn position to one of the ``topk`` allowed tokens
+    with the most negative gradient there. Sampling runs on the CPU generator so results do
+    not depend on the device.
+    """
+    grad = grad.detach().float().cpu()
+    masked = torch.full_like(grad, float("inf"))
+    masked[:, allowed] = grad[:, allowed]
+    k = min(topk, allowed.numel())
+    top = (-masked).topk(k, dim=1).indices  # [n_suffix, k]
+    n = suffix.numel()
+    pos = torch.randint(0, n, (search_width,), generator=generator)
+    pick = torch.randint(0, k, (search_width,), generator=generator)
+    cands = suffix.cpu().unsqueeze(0).repeat(search_width, 1)
+    cands[torch.arange(search_width), pos] = top[pos, pick]
+    return cands
+
+
+def roundtrip_mask(tokenizer, candidates: torch.Tensor) -> torch.Tensor:
+    """True where decoding a candidate and re-encoding it gives back the same ids.
+
+    Stricter than the usual same-length test: equal ids imply equal length, and they are what
+    makes a suffix saved as text reproduce the optimised attack.
+    """
+    rows = candidates.tolist()
+    texts = tokenizer.batch_decode(rows, clean_up_tokenization_spaces=False)
+    again = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return torch.tensor([a == b for a, b in zip(again, rows, strict=True)], dtype=torch.bool)
+
+
+def gcg(
+    model,
+    tokenizer,
+    behaviours: Sequence[str],
+    targets: Sequence[str],
+    suffixes: Sequence[Sequence[int]] | None = None,
+    steps: int = 250,
+    search_width: int = 512,
+    topk: int = 256,
+    batch_size: int | None = None,
+    seed: int = 0,
+    allowed_tokens: torch.Tensor | None = None,
+    system: str | None = None,
+    init_suffix: str = "! " * 20,
+    progress: bool = False,
+) -> list[GCGResult]:
+    """Run GCG on each (behaviour, target) pair; return the best suffix found for each.
+
+    ``suffixes`` warm-starts each entry from given ids (R2D2 refreshes a pool entry from its
+    current suffix); otherwise every entry starts from ``init_suffix``. ``batch_size`` caps the
+    candidates per forward pass (``None``: all ``search_width`` at once). Deterministic for a
+    ``seed``: candidate sampling uses its own CPU generator, never the global RNG.
+
+    The model runs in eval mode (no dropout) and is returned to its previous mode afterwards.
+    """
+    if len(behaviours) != len(targets):
+        raise RgeomError(f"GCG got {len(behaviours)} behaviours but {len(targets)} targets")
+    if suffixes is not None and len(suffixes) != len(behaviours):
+        raise RgeomError(f"GCG got {len(behaviours)} behaviours but {len(suffixes)} suffixes")
+    if steps < 0 or search_width < 1 or topk < 1:
+        raise RgeomError("GCG needs steps >= 0, search_width >= 1 and topk >= 1")
+    device = _embedding_matrix(model).device
+    vocab = _embedding_matrix(model).shape[0]
+    allowed = ascii_token_ids(tokenizer, vocab) if allowed_tokens is None else allowed_tokens
+    allowed = allowed.cpu().long()
+    generator = torch.Generator().manual_seed(seed)
+    start_default = initial_suffix_ids(tokenizer, init_suffix)
+
+    was_training = model.training
+    model.eval()
+    results = []
+    try:
+        for i, (behaviour, target) in enumerate(zip(behaviours, targets, strict=True)):
+            parts = split_prompt(tokenizer, behaviour, target, system)
+            start = list(suffixes[i]) if suffixes is not None else start_default
+            if not start:
+                raise RgeomError(f"GCG warm-start suffix for entry {i} is empty")
+            results.append(
+                _gcg_one(
+                    model,
+                    tokenizer,
+                    behaviour,
+                    target,
+                    parts,
+                    start,
+                    steps,
+                    search_width,
+                    topk,
+                    batch_size,
+                    allowed,
+                    generator,
+                    device,
+                    progress,
+                )
+            )
+    finally:
+        model.train(was_training)
+    return results
+
+
+def _gcg_one(
+    model,
+    tokenizer,
+    behaviour: str,
+    target: str,
+    parts: PromptParts,
+    start: list[int],
+    steps: int,
+    search_width: int,
+    topk: int,
+    batch_size: int | None,
+    allowed: torch.Tensor,
+    generator: torch.Generator,
+    device: torch.device,
+    progress: bool,
+) -> GCGResult:
+    prefix = torch.tensor(parts.prefix, device=device)
+    post = torch.tensor(parts.post, device=device)
+    target_ids = torch.tensor(parts.target, device=device)
+    kv = _prefix_kv(model, prefix)
+
+    current = torch.tensor(start, dtype=torch.long)
+    current_loss = float(
+        candidate_losses(model, kv, current.unsqueeze(0).to(device), post, target_ids)[0]
+    )
+    initial_loss = current_loss
+    losses: list[float] = []
+    for _ in tqdm(range(steps), desc="gcg", leave=False, disable=not progress):
+        grad, _ = _token_gradient(model, kv, current.to(device), post, target_ids)
+        cands = sample_candidates(current, grad, allowed, search_width, topk, generator)
+        cands = cands[roundtrip_mask(tokenizer, cands)]
+        if cands.shape[0] > 0:
+            cand_losses = candidate_losses(
+                model, kv, cands.to(device), post, target_ids, batch_size
+            ).cpu()
+            best = int(cand_losses.argmin())
+            # Keep the best suffix so far (a buffer of one, as nanoGCG does): a step whose
+            # candidates are all worse changes nothing, and the next draw tries other swaps.
+            if float(cand_losses[best]) < current_loss:
+                current, current_loss = cands[best].clone(), float(cand_losses[best])
+        losses.append(current_loss)
+
+    suffix_ids = current.tolist()
+    return GCGResult(
+        behaviour=behaviour,
+        target=target,
+        suffix_ids=suffix_ids,
+        suffix_text=tokenizer.decode(suffix_ids, clean_up_tokenization_spaces=False),
+        loss=current_loss,
+        initial_loss=initial_loss,
+        losses_per_step=losses,
+        prompt_ids=parts.prompt_ids(suffix_ids),
+    )

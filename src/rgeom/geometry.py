@@ -1,0 +1,287 @@
+"""Refusal directions and the geometry of the subspaces they span.
+
+The candidate refusal direction at (layer, position) is the difference in means between
+harmful and harmless activations (Arditi et al. 2024). Means are accumulated in float64
+while streaming the activation table one row group at a time, so a large extraction never
+has to fit in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rgeom.errors import RgeomError
+from rgeom.io import file_sha256, read_meta, read_table, write_table
+
+log = logging.getLogger(__name__)
+
+HARMFUL, HARMLESS = "harmful", "harmless"
+DIRECTION_SPLIT = "dir"
+# Copied from the activation table so that later stages can check what they combine.
+CARRIED_META = (
+    "d_model",
+    "n_layers",
+    "layers",
+    "suffix_len",
+    "hook_point",
+    "dtype",
+    "template_hash",
+    "tokenizer_hash",
+    "prompt_sets",
+)
+
+# The scalar columns of a direction table; ``direction_schema`` appends the two vector
+# columns, whose width depends on the model. Reading with this schema checks those columns.
+DIRECTION_SCHEMA = pa.schema(
+    [
+        pa.field("layer", pa.int16(), nullable=False),
+        pa.field("position", pa.int16(), nullable=False),
+        pa.field("n_harmful", pa.int32(), nullable=False),
+        pa.field("n_harmless", pa.int32(), nullable=False),
+        pa.field("norm", pa.float64(), nullable=False),
+        pa.field("cos_prev_layer", pa.float64(), nullable=True),
+    ]
+)
+
+
+def direction_schema(d_model: int) -> pa.Schema:
+    vec = pa.list_(pa.float64(), d_model)
+    schema = DIRECTION_SCHEMA
+    schema = schema.insert(5, pa.field("direction", vec, nullable=False))
+    return schema.insert(6, pa.field("unit", vec, nullable=False))
+
+
+def diff_in_means(harmful, harmless) -> np.ndarray:
+    """mean(harmful) - mean(harmless) over rows, in float64. Accepts arrays or tensors."""
+    a = _as_2d(harmful, "harmful")
+    b = _as_2d(harmless, "harmless")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"width mismatch: harmful {a.shape[1]} vs harmless {b.shape[1]}")
+    return a.mean(axis=0) - b.mean(axis=0)
+
+
+def _as_2d(x, name: str) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().double().numpy()
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty [n, d] array, got shape {arr.shape}")
+    return arr
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float | None:
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 or nb == 0:
+        return None
+    return float(np.dot(a, b) / (na * nb))
+
+
+def _vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    d = column.type.list_size
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
+
+
+class _MeanAccumulator:
+    """Per-(layer, position, label) float64 sums and counts."""
+
+    def __init__(self, d: int):
+        self.d = d
+        self.sums: dict[tuple[int, int, str], np.ndarray] = defaultdict(
+            lambda: np.zeros(self.d, np.float64)
+        )
+        self.counts: dict[tuple[int, int, str], int] = defaultdict(int)
+
+    def add(self, layer: np.ndarray, position: np.ndarray, label: np.ndarray, vec: np.ndarray):
+        keys = np.rec.fromarrays([layer, position, label])
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        for k, key in enumerate(uniq):
+            rows = inverse == k
+            key = (int(key[0]), int(key[1]), str(key[2]))
+            self.sums[key] += vec[rows].sum(axis=0, dtype=np.float64)
+            self.counts[key] += int(rows.sum())
+
+
+def diff_in_means_table(activations: str | Path, out: str | Path, meta: Mapping[str, Any]) -> None:
+    """One candidate direction per (layer, position) from the ``dir`` split of an
+    activation table, with its norm and the cosine to the previous captured layer."""
+    activations = Path(activations)
+    source = read_meta(activations)
+    try:
+        pf = pq.ParquetFile(activations)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise RgeomError(f"{activations} is not a readable Parquet file") from exc
+    expected = source.get("num_rows")
+    if expected is not None and int(expected) != pf.metadata.num_rows:
+        raise RgeomError(
+            f"{activations}: holds {pf.metadata.num_rows} rows but was written with {expected}"
+        )
+    names = pf.schema_arrow.names
+    needed = ["label", "split", "layer", "position", "vector"]
+    missing = [c for c in needed if c not in names]
+    if missing:
+        raise RgeomError(f"{activations}: missing column(s) {', '.join(missing)}")
+    d = pf.schema_arrow.field("vector").type.list_size
+    if d <= 0:
+        raise RgeomError(f"{activations}: column 'vector' is not a fixed-size list")
+
+    acc = _MeanAccumulator(d)
+    for g in range(pf.num_row_groups):
+        rg = pf.read_row_group(g, columns=needed)
+        split = rg.column("split").to_numpy(zero_copy_only=False)
+        label = rg.column("label").to_numpy(zero_copy_only=False)
+        keep = (split == DIRECTION_SPLIT) & np.isin(label, (HARMFUL, HARMLESS))
+        if not keep.any():
+            continue
+        acc.add(
+            rg.column("layer").to_numpy()[keep],
+            rg.column("position").to_numpy()[keep],
+            label[keep].astype(str),
+            _vectors(rg.column("vector"))[keep],
+        )
+
+    cells = sorted({(layer, pos) for layer, pos, _ in acc.counts})
+    if not cells:
+        raise RgeomError(
+            f"{activations}: no rows with split == {DIRECTION_SPLIT!r} and label "
+            f"{HARMFUL!r}/{HARMLESS!r}"
+        )
+    rows: dict[str, list] = defaultdict(list)
+    previous: dict[int, np.ndarray] = {}
+    for layer, pos in cells:
+        n_h = acc.counts.get((layer, pos, HARMFUL), 0)
+        n_b = acc.counts.get((layer, pos, HARMLESS), 0)
+        if n_h == 0 or n_b == 0:
+            raise RgeomError(
+                f"{activations}: layer {layer} position {pos} has {n_h} harmful and {n_b} "
+                f"harmless {DIRECTION_SPLIT!r} rows; both are needed"
+            )
+        r = acc.sums[(layer, pos, HARMFUL)] / n_h - acc.sums[(layer, pos, HARMLESS)] / n_b
+        norm = float(np.linalg.norm(r))
+        rows["layer"].append(layer)
+        rows["position"].append(pos)
+        rows["n_harmful"].append(n_h)
+        rows["n_harmless"].append(n_b)
+        rows["norm"].append(norm)
+        rows["direction"].append(r)
+        # A zero difference has no direction; its unit vector stays zero.
+        rows["unit"].append(r / norm if norm > 0 else np.zeros_like(r))
+        # cells are sorted by layer, so `previous` holds the last captured layer before this.
+        rows["cos_prev_layer"].append(cosine(previous[pos], r) if pos in previous else None)
+        previous[pos] = r
+
+    schema = direction_schema(d)
+    table = pa.table(
+        {
+            name: (
+                pa.FixedSizeListArray.from_arrays(pa.array(np.concatenate(rows[name])), d)
+                if name in ("direction", "unit")
+                else pa.array(rows[name], schema.field(name).type)
+            )
+            for name in schema.names
+        }
+    )
+    record = dict(meta)
+    record.update({k: source[k] for k in CARRIED_META if k in source})
+    record["activations"] = {"path": str(activations), "sha256": file_sha256(activations)}
+    write_table(out, table, schema, record)
+    log.info("wrote %d directions to %s", len(cells), out)
+
+
+def load_directions(path: str | Path, unit: bool = False) -> dict[tuple[int, int], np.ndarray]:
+    """``{(layer, position): direction}`` from a direction table (raw r unless ``unit``)."""
+    table = read_table(path, schema=DIRECTION_SCHEMA)
+    column = "unit" if unit else "direction"
+    if column not in table.column_names:
+        raise RgeomError(f"{path}: missing column {column!r}")
+    vecs = _vectors(table.column(column))
+    return {
+        (int(layer), int(pos)): vecs[i]
+        for i, (layer, pos) in enumerate(
+            zip(
+                table.column("layer").to_pylist(), table.column("position").to_pylist(), strict=True
+            )
+        )
+    }
+
+
+def _singular_values(X) -> np.ndarray:
+    if hasattr(X, "detach"):
+        X = X.detach().cpu().double().numpy()
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2 or X.size == 0:
+        raise ValueError(f"expected a non-empty 2-D matrix, got shape {X.shape}")
+    s = np.linalg.svd(X, compute_uv=False)
+    if not np.isfinite(s).all() or s.sum() == 0:
+        raise ValueError("the matrix is zero or not finite; its rank measures are undefined")
+    return s
+
+
+def _entropy_rank(weights: np.ndarray) -> float:
+    p = weights / weights.sum()
+    p = p[p > 0]  # 0 log 0 = 0
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def effective_rank(X, kind: str = "singular", center: bool = False) -> float:
+    """Effective rank of the rows of ``X`` ([n, d]).
+
+    ``kind="singular"``: exp of the Shannon entropy of sigma / sum(sigma) (Roy & Vetterli
+    2007). ``kind="energy"``: the same on sigma^2, i.e. on explained variance.
+    ``kind="participation"``: the participation ratio (sum sigma^2)^2 / sum sigma^4.
+    All three are 1 for rank-1 data and k for k equal singular values. ``center`` subtracts
+    the row mean first, measuring the spread of a point cloud rather than its span.
+    """
+    X = _as_2d(X, "X")
+    if center:
+        X = X - X.mean(axis=0)
+    s = _singular_values(X)
+    if kind == "singular":
+        return _entropy_rank(s)
+    if kind == "energy":
+        return _entropy_rank(s**2)
+    if kind == "participation":
+        e = s**2
+        return float(e.sum() ** 2 / (e**2).sum())
+    raise ValueError(f"unknown effective-rank kind {kind!r}")
+
+
+def rank_measures(X, center: bool = False) -> dict[str, float]:
+    """All three effective-rank measures of ``X`` at once."""
+    return {
+        kind: effective_rank(X, kind=kind, center=center)
+        for kind in ("singular", "energy", "participation")
+    }
+
+
+def principal_angles(A, B) -> np.ndarray:
+    """Principal angles in degrees, ascending, between the column spans of A [d, k] and
+    B [d, m] (a 1-D input is one column). There are min(rank A, rank B) of them."""
+    from scipy.linalg import subspace_angles
+
+    a = _columns(A, "A")
+    b = _columns(B, "B")
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"ambient dimension mismatch: A has {a.shape[0]} rows, B {b.shape[0]}")
+    # scipy returns radians in descending order.
+    return np.sort(np.degrees(subspace_angles(a, b)))
+
+
+def _columns(x, name: str) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().double().numpy()
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2 or arr.size == 0:
+        raise ValueError(f"{name} must be a non-empty [d, k] matrix, got shape {arr.shape}")
+    return arr

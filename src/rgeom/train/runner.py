@@ -1,0 +1,343 @@
+"""One training runner for every arm, on HF ``Trainer`` (DeepSpeed ZeRO when configured).
+
+Layout under the arm's results folder::
+
+    checkpoints/step-000010/   declared Snakemake outputs: plain HF dirs (safetensors)
+    train_state/resume/        Trainer checkpoints (optimizer, scheduler, RNG, data position)
+    train_state/anchors/       every exported anchor, kept across reruns
+    train_state/log.jsonl      per-step metrics, truncated to the resume point on restart
+    train_log.parquet          the per-step metrics table (declared output)
+
+Snakemake deletes a job's declared outputs before rerunning it, so anchors are exported
+into ``train_state/anchors`` first and hard-linked into ``checkpoints`` at the end: a
+preempted or extended run resumes from its last state instead of retraining from zero.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from rgeom.errors import RgeomError
+from rgeom.io import atomic_dir, write_table
+
+log = logging.getLogger(__name__)
+
+TRAIN_LOG_SCHEMA = pa.schema(
+    [
+        ("step", pa.int32()),
+        ("loss", pa.float64()),
+        ("learning_rate", pa.float64()),
+        ("grad_norm", pa.float64()),
+        ("tokens_per_s", pa.float64()),
+        ("seconds", pa.float64()),
+        ("extra", pa.string()),  # JSON of arm-specific terms (R2D2: away/toward/utility/GCG)
+    ]
+)
+KNOWN_LOG_KEYS = {"loss", "learning_rate", "grad_norm"}
+
+
+def anchor_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ensure_launcher_env() -> None:
+    # Without launcher variables DeepSpeed falls back to MPI discovery and fails on a
+    # missing mpi4py; a single process is a world of one.
+    if "RANK" not in os.environ:
+        os.environ.update(
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(_free_port()),
+        )
+
+
+def _latest_resume(resume_dir: Path, limit: int) -> Path | None:
+    if not resume_dir.exists():
+        return None
+    found = []
+    for child in resume_dir.glob("checkpoint-*"):
+        try:
+            step = int(child.name.split("-")[1])
+        except ValueError:
+            continue
+        # A checkpoint is complete once the trainer state is written last.
+        if step <= limit and (child / "trainer_state.json").exists():
+            found.append((step, child))
+    return max(found)[1] if found else None
+
+
+def _make_callback(runner: _Runner):
+    from transformers import TrainerCallback
+
+    class AnchorCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            # After a resume the count starts from the restored state, not from zero.
+            runner.tokens_at_step = state.num_input_tokens_seen
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            runner.step_started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            step = state.global_step
+            runner.step_seconds = time.perf_counter() - runner.step_started
+            if step in runner.anchors:
+                runner.export_anchor(step)
+                control.should_save = True
+            elif runner.save_every and step % runner.save_every == 0:
+                control.should_save = True
+            return control
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                runner.record(state.global_step, logs, state.num_input_tokens_seen)
+
+    return AnchorCallback()
+
+
+class _Runner:
+    def __init__(self, arm, model_dir, data, out_dir, state_dir, log_table, params, extra, meta):
+        self.arm = arm
+        self.model_dir = Path(model_dir)
+        self.data = data
+        self.out_dir = Path(out_dir)
+        self.state_dir = Path(state_dir)
+        self.log_table = Path(log_table)
+        self.params = params
+        self.extra = extra
+        self.meta = meta
+        self.train_cfg = params.get("train", {})
+        self.anchors = sorted(a for a in params.get("anchors", []) if a > 0)
+        self.save_every = self.train_cfg.get("save_every", 0)
+        self.store = self.state_dir / "anchors"
+        self.resume_dir = self.state_dir / "resume"
+        self.log_path = self.state_dir / "log.jsonl"
+        self.step_started = time.perf_counter()
+        self.step_seconds = 0.0
+        self.tokens_at_step = 0
+        self.trainer = None
+        self.collator = None
+        self.tokenizer = None
+
+    # -- logging -----------------------------------------------------------------------
+    def record(self, step: int, logs: dict[str, Any], tokens_seen: int) -> None:
+        if _rank() != 0:
+            return
+        # The Trainer counts tokens as they enter the step (the dataloader prefetches, so a
+        # count taken in the collator would land in the wrong step).
+        tokens = tokens_seen - self.tokens_at_step
+        self.tokens_at_step = tokens_seen
+        row = {
+            "step": step,
+            "loss": float(logs.get("loss", float("nan"))),
+            "learning_rate": float(logs.get("learning_rate", float("nan"))),
+            "grad_norm": float(logs.get("grad_norm", float("nan"))),
+            "tokens_per_s": tokens / self.step_seconds if self.step_seconds > 0 else float("nan"),
+            "seconds": self.step_seconds,
+            "extra": json.dumps(
+                {k: v for k, v in logs.items() if k not in KNOWN_LOG_KEYS}, sort_keys=True
+            ),
+        }
+        with open(self.log_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def _truncate_log(self, resume_step: int) -> None:
+        if not self.log_path.exists():
+            return
+        rows = [json.loads(line) for line in self.log_path.read_text().splitlines() if line]
+        kept = [r for r in rows if r["step"] <= resume_step]
+        self.log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    # -- anchors -----------------------------------------------------------------------
+    def export_anchor(self, step: int) -> None:
+        final = self.store / anchor_name(step)
+        partial = self.store / f".{anchor_name(step)}.partial"
+        if _rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        _barrier()
+        # save_model gathers ZeRO-3 shards, so every rank must call it.
+        self.trainer.save_model(str(partial))
+        if _rank() == 0:
+            self.tokenizer.save_pretrained(partial)
+            (partial / "rgeom_checkpoint.json").write_text(
+                json.dumps({"arm": self.arm, "step": step, "base_model": str(self.model_dir)})
+            )
+            for leftover in ("training_args.bin",):
+                (partial / leftover).unlink(missing_ok=True)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(partial, final)
+        _barrier()
+        log.info("anchor step %d exported", step)
+
+    def publish(self) -> None:
+        """Hard-link every stored anchor into the declared output folders."""
+        for step in self.anchors:
+            src = self.store / anchor_name(step)
+            if not src.exists():
+                raise RgeomError(f"anchor {step} was not produced (expected {src})")
+            with atomic_dir(self.out_dir / anchor_name(step)) as tmp:
+                for f in src.iterdir():
+                    try:
+                        os.link(f, tmp / f.name)
+                    except OSError:
+                        shutil.copy2(f, tmp / f.name)
+
+    def write_log(self) -> None:
+        rows = []
+        if self.log_path.exists():
+            rows = [json.loads(line) for line in self.log_path.read_text().splitlines() if line]
+        # A resumed run may have logged a step twice; the last record wins.
+        by_step = {r["step"]: r for r in rows}
+        table = pa.Table.from_pylist([by_step[s] for s in sorted(by_step)], schema=TRAIN_LOG_SCHEMA)
+        write_table(self.log_table, table, TRAIN_LOG_SCHEMA, {**self.meta, "arm": self.arm})
+
+    # -- training ----------------------------------------------------------------------
+    def training_args(self):
+        from transformers import TrainingArguments
+
+        cfg = self.train_cfg
+        seed = self.params.get("seed", 0)
+        dtype = self.params.get("model", {}).get("dtype", "float32")
+        cuda = torch.cuda.is_available() and self.params.get("model", {}).get("device") != "cpu"
+        kwargs: dict[str, Any] = {}
+        if cfg.get("gradient_checkpointing"):
+            kwargs["gradient_checkpointing"] = True
+        if cfg.get("zero_stage", 0) in (2, 3):
+            deepspeed = self.extra.get("deepspeed")
+            if not deepspeed:
+                raise RgeomError("train.zero_stage is set but no DeepSpeed config was given")
+            _ensure_launcher_env()
+            kwargs["deepspeed"] = deepspeed
+        return TrainingArguments(
+            output_dir=str(self.resume_dir),
+            max_steps=cfg.get("max_steps", 20),
+            per_device_train_batch_size=cfg.get("batch_size", 8),
+            gradient_accumulation_steps=cfg.get("grad_accum", 1),
+            learning_rate=cfg.get("learning_rate", 5e-5),
+            lr_scheduler_type=cfg.get("lr_scheduler", "constant"),
+            warmup_steps=cfg.get("warmup_steps", 0),
+            weight_decay=cfg.get("weight_decay", 0.0),
+            logging_steps=1,
+            save_strategy="steps",
+            # Saving is driven by the anchor callback; this only keeps the default saver quiet.
+            save_steps=10**9,
+            save_total_limit=1,
+            seed=seed,
+            data_seed=seed,
+            report_to=[],
+            use_cpu=not cuda,
+            bf16=cuda and dtype == "bfloat16",
+            fp16=cuda and dtype == "float16",
+            dataloader_num_workers=0,
+            include_num_input_tokens_seen="non_padding",
+            remove_unused_columns=False,
+            disable_tqdm=False,
+            **kwargs,
+        )
+
+    def run(self) -> None:
+        from transformers import Trainer
+
+        from rgeom.models import load_model, load_tokenizer
+        from rgeom.train.data import ChatSFTDataset, PadCollator
+
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        max_steps = self.train_cfg.get("max_steps", 20)
+        last_anchor = max(self.anchors, default=0)
+        stored = [s for s in self.anchors if (self.store / anchor_name(s)).exists()]
+        if last_anchor == 0 or stored == self.anchors:
+            log.info("every anchor of arm %s is already trained; publishing", self.arm)
+        else:
+            trust = self.params.get("model", {}).get("trust_remote_code", False)
+            self.tokenizer = load_tokenizer(self.model_dir, trust_remote_code=trust)
+            model = load_model(self.model_dir, dtype="float32", trust_remote_code=trust)
+            model.train()
+            dataset = ChatSFTDataset(self.data, self.tokenizer, self.train_cfg.get("max_length", 256))
+            self.collator = PadCollator(self.tokenizer.pad_token_id)
+            args = self.training_args()
+            # Stop at the last anchor: later steps would be computed and thrown away.
+            args.max_steps = min(max_steps, last_anchor)
+            trainer_cls, trainer_kwargs = self._arm_trainer(Trainer)
+            self.trainer = trainer_cls(
+                model=model,
+                args=args,
+                train_dataset=dataset,
+                data_collator=self.collator,
+                processing_class=self.tokenizer,
+                callbacks=[_make_callback(self)],
+                **trainer_kwargs,
+            )
+            resume = _latest_resume(self.resume_dir, args.max_steps)
+            if resume is not None:
+                step = int(resume.name.split("-")[1])
+                log.info("resuming arm %s from %s", self.arm, resume)
+                self._truncate_log(step)
+            else:
+                self._truncate_log(0)
+            self.trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if _rank() == 0:
+            self.publish()
+            self.write_log()
+
+    def _arm_trainer(self, base):
+        if self.arm == "sft":
+            return base, {}
+        if self.arm == "r2d2":
+            from rgeom.train.r2d2 import make_r2d2_trainer
+
+            return make_r2d2_trainer(self.params, self.extra, self.tokenizer)
+        raise RgeomError(f"unknown arm {self.arm!r} (known: sft, r2d2)")
+
+
+def train_arm(
+    arm: str,
+    model_dir: str,
+    data: str,
+    out_dir: str,
+    params: dict[str, Any],
+    extra: dict[str, str],
+    meta: dict[str, Any],
+    state_dir: str | None = None,
+    log_table: str | None = None,
+) -> None:
+    """Train ``arm`` from ``model_dir`` on ``data``; export every anchor under ``out_dir``."""
+    out = Path(out_dir)
+    runner = _Runner(
+        arm,
+        model_dir,
+        data,
+        out,
+        state_dir or out.parent / "train_state",
+        log_table or out.parent / "train_log.parquet",
+        params,
+        extra,
+        meta,
+    )
+    runner.run()

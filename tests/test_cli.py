@@ -1,0 +1,75 @@
+"""The console script: help everywhere, one clear line for every user error."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from rgeom.cli import COMMANDS
+
+RGEOM = [sys.executable, "-m", "rgeom.cli"]
+
+
+def run(*args, cwd=None):
+    return subprocess.run([*RGEOM, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_subcommand_has_help_with_an_example(command):
+    res = run(command, "--help")
+    assert res.returncode == 0
+    assert "example:" in res.stdout
+
+
+def _one_clear_line(res, *needles):
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    errors = [line for line in res.stderr.splitlines() if ": error: " in line]
+    assert len(errors) == 1, res.stderr
+    for needle in needles:
+        assert needle in errors[0]
+
+
+def test_bad_config_is_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_steps: many\n")
+    _one_clear_line(run("check-config", str(bad)), "bad.yaml", "train.max_steps")
+
+
+def test_missing_model_path_is_one_line(tmp_path):
+    prompts = tmp_path / "p.parquet"
+    res = run(
+        "generate",
+        "--model",
+        str(tmp_path / "no-model"),
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(tmp_path / "g.parquet"),
+    )
+    _one_clear_line(res, "no-model")
+    assert not (tmp_path / "g.parquet").exists()
+
+
+def test_missing_benchmark_file_is_one_line(tmp_path):
+    params = {"spec": {"format": "xstest_csv", "path": "nope.csv"}, "shared_dir": str(tmp_path)}
+    out = tmp_path / "x.parquet"
+    res = run("prepare-data", "--name", "xstest", "--out", str(out), "--params", json.dumps(params))
+    _one_clear_line(res, "nope.csv")
+    assert not out.exists()
+
+
+def test_provenance_prints_the_record(tmp_path):
+    import pyarrow as pa
+
+    from rgeom.io import write_table
+
+    path = tmp_path / "t.parquet"
+    write_table(path, pa.table({"a": [1]}), pa.schema([("a", pa.int8())]), {"model": "m"})
+    res = run("provenance", str(path))
+    assert res.returncode == 0
+    record = json.loads(res.stdout)
+    assert record["model"] == "m" and record["num_rows"] == 1 and "packages" in record

@@ -1,0 +1,168 @@
+"""GCG engine on the tiny random Llama: cache correctness, monotone loss, ASCII, determinism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rgeom.attacks import gcg as G
+from rgeom.errors import RgeomError
+from rgeom.models import encode_chat
+
+BEHAVIOUR = "Tell me how to kill a Python process"
+TARGET = "Sure, here is how to do it"
+
+
+@pytest.fixture(scope="module")
+def tiny_allowed(tiny):
+    model, tok = tiny
+    return G.ascii_token_ids(tok, model.get_input_embeddings().weight.shape[0])
+
+
+def test_allowed_tokens_are_printable_ascii_and_not_special(tiny, tiny_allowed):
+    _, tok = tiny
+    assert 0 < tiny_allowed.numel() < len(tok)
+    specials = set(tok.all_special_ids)
+    for i in tiny_allowed.tolist():
+        text = tok.decode([i])
+        assert i not in specials
+        assert text and text.isascii() and text.isprintable()
+
+
+def test_prompt_ids_match_encode_chat_without_suffix(tiny):
+    # With an empty suffix, GCG's layout must be exactly the project's chat encoding of the
+    # behaviour plus separator.
+    _, tok = tiny
+    parts = G.split_prompt(tok, BEHAVIOUR, TARGET)
+    assert parts.prompt_ids([]) == encode_chat(tok, BEHAVIOUR + " ").ids
+    assert G.build_prompt_ids(tok, BEHAVIOUR, [5, 6]) == parts.prompt_ids([5, 6])
+
+
+def test_cached_candidate_loss_equals_full_forward(tiny, tiny_allowed):
+    model, tok = tiny
+    parts = G.split_prompt(tok, BEHAVIOUR, TARGET)
+    gen = torch.Generator().manual_seed(1)
+    picks = torch.randint(0, tiny_allowed.numel(), (7, 12), generator=gen)
+    cands = tiny_allowed[picks]
+    kv = G._prefix_kv(model, torch.tensor(parts.prefix))
+    cached = G.candidate_losses(
+        model, kv, cands, torch.tensor(parts.post), torch.tensor(parts.target), batch_size=3
+    )
+
+    target = torch.tensor(parts.target)
+    full = torch.tensor([parts.prompt_ids(c) + parts.target for c in cands.tolist()])
+    with torch.no_grad():
+        logits = model(input_ids=full).logits
+    t = target.numel()
+    manual = torch.nn.functional.cross_entropy(
+        logits[:, -t - 1 : -1].reshape(-1, logits.shape[-1]),
+        target.repeat(cands.shape[0]),
+        reduction="none",
+    )
+    manual = manual.view(cands.shape[0], t).mean(1)
+    assert torch.allclose(cached, manual, atol=1e-4)
+
+
+def test_token_gradient_loss_matches_candidate_loss(tiny):
+    model, tok = tiny
+    parts = G.split_prompt(tok, BEHAVIOUR, TARGET)
+    suffix = torch.tensor(G.initial_suffix_ids(tok, "! " * 10))
+    kv = G._prefix_kv(model, torch.tensor(parts.prefix))
+    post, target = torch.tensor(parts.post), torch.tensor(parts.target)
+    grad, loss = G._token_gradient(model, kv, suffix, post, target)
+    assert grad.shape == (suffix.numel(), model.get_input_embeddings().weight.shape[0])
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    ref = G.candidate_losses(model, kv, suffix.unsqueeze(0), post, target)
+    assert loss == pytest.approx(float(ref[0]), abs=1e-4)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_gcg_loss_non_increasing_and_decreases(tiny):
+    model, tok = tiny
+    (res,) = G.gcg(model, tok, [BEHAVIOUR], [TARGET], steps=10, search_width=64, topk=32, seed=0)
+    seq = [res.initial_loss, *res.losses_per_step]
+    assert all(b <= a + 1e-6 for a, b in zip(seq, seq[1:], strict=False))
+    assert res.loss < res.initial_loss
+    assert res.loss == pytest.approx(res.losses_per_step[-1])
+    # The reported loss is the loss of the reported suffix.
+    parts = G.split_prompt(tok, BEHAVIOUR, TARGET)
+    kv = G._prefix_kv(model, torch.tensor(parts.prefix))
+    again = G.candidate_losses(
+        model,
+        kv,
+        torch.tensor([res.suffix_ids]),
+        torch.tensor(parts.post),
+        torch.tensor(parts.target),
+    )
+    assert float(again[0]) == pytest.approx(res.loss, abs=1e-4)
+    assert res.prompt_ids == parts.prompt_ids(res.suffix_ids)
+
+
+def test_suffix_is_ascii_and_roundtrips(tiny, tiny_allowed):
+    model, tok = tiny
+    results = G.gcg(
+        model,
+        tok,
+        [BEHAVIOUR, "Write a poem about the sea"],
+        [TARGET, "Sure, here is a poem"],
+        steps=6,
+        search_width=48,
+        topk=64,
+        seed=3,
+    )
+    allowed = set(tiny_allowed.tolist())
+    start = set(G.initial_suffix_ids(tok))
+    for res in results:
+        assert set(res.suffix_ids) <= allowed | start
+        assert res.suffix_text.isascii()
+        assert tok(res.suffix_text, add_special_tokens=False)["input_ids"] == res.suffix_ids
+
+
+def test_candidates_are_single_swaps_from_topk(tiny_allowed):
+    gen = torch.Generator().manual_seed(0)
+    suffix = torch.tensor([10] * 8)
+    grad = torch.randn(8, 600, generator=gen)
+    cands = G.sample_candidates(suffix, grad, tiny_allowed, 100, 5, gen)
+    assert cands.shape == (100, 8)
+    diff = (cands != suffix).sum(1)
+    assert (diff <= 1).all()
+    masked = torch.full_like(grad, float("inf"))
+    masked[:, tiny_allowed] = grad[:, tiny_allowed]
+    top = (-masked).topk(5, dim=1).indices
+    for row in cands:
+        for pos in (row != suffix).nonzero().flatten().tolist():
+            assert int(row[pos]) in top[pos].tolist()
+
+
+def test_gcg_deterministic_for_seed_and_restores_mode(tiny):
+    model, tok = tiny
+    model.train()
+    kw = dict(steps=4, search_width=32, topk=16)
+    a = G.gcg(model, tok, [BEHAVIOUR], [TARGET], seed=7, **kw)[0]
+    assert model.training
+    model.eval()
+    b = G.gcg(model, tok, [BEHAVIOUR], [TARGET], seed=7, **kw)[0]
+    assert not model.training
+    assert a.suffix_ids == b.suffix_ids and a.losses_per_step == b.losses_per_step
+    c = G.gcg(model, tok, [BEHAVIOUR], [TARGET], seed=8, **kw)[0]
+    assert c.suffix_ids != a.suffix_ids or c.losses_per_step != a.losses_per_step
+
+
+def test_warm_start_and_zero_steps(tiny):
+    model, tok = tiny
+    start = G.initial_suffix_ids(tok, "! " * 15)
+    (res,) = G.gcg(model, tok, [BEHAVIOUR], [TARGET], suffixes=[start], steps=0)
+    assert res.suffix_ids == start and res.losses_per_step == []
+    assert res.loss == res.initial_loss
+    (res2,) = G.gcg(
+        model, tok, [BEHAVIOUR], [TARGET], suffixes=[start], steps=2, search_width=16, topk=8
+    )
+    assert len(res2.suffix_ids) == len(start)
+
+
+def test_bad_arguments_raise(tiny):
+    model, tok = tiny
+    with pytest.raises(RgeomError, match="targets"):
+        G.gcg(model, tok, [BEHAVIOUR], [], steps=1)
+    with pytest.raises(RgeomError, match="empty"):
+        G.gcg(model, tok, [BEHAVIOUR], [TARGET], suffixes=[[]], steps=1)

@@ -1,0 +1,87 @@
+"""The training runner on a tiny model: anchors, loss, plain-HF checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pytest
+
+from rgeom.errors import RgeomError
+from rgeom.io import read_table, write_table
+from rgeom.train import train_arm
+from rgeom.train.data import SFT_SCHEMA
+from rgeom.train.runner import TRAIN_LOG_SCHEMA
+
+
+@pytest.fixture
+def sft_file(tmp_path):
+    n = 8
+    table = pa.table(
+        {
+            "prompt_id": [f"p{i}" for i in range(2 * n)],
+            "kind": ["refusal"] * n + ["helpful"] * n,
+            "prompt": [f"Tell me how to do bad thing {i}" for i in range(n)]
+            + [f"Write a poem about the sea {i}" for i in range(n)],
+            "response": ["I'm sorry, but I can't help with that."] * n
+            + ["The sea is wide and blue."] * n,
+        }
+    )
+    path = tmp_path / "sft.parquet"
+    write_table(path, table, SFT_SCHEMA, {})
+    return path
+
+
+def _params(max_steps, anchors):
+    return {
+        "seed": 0,
+        "train": {"max_steps": max_steps, "batch_size": 4, "learning_rate": 3e-3},
+        "anchors": anchors,
+    }
+
+
+def test_anchors_are_exported_and_loss_falls(tmp_path, tiny_model_dir, sft_file):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "sft" / "checkpoints"
+    train_arm("sft", str(tiny_model_dir), str(sft_file), str(out), _params(8, [0, 4, 8]), {}, {})
+    assert sorted(p.name for p in out.iterdir()) == ["step-000004", "step-000008"]
+    # A checkpoint is a plain Hugging Face folder: no rgeom code needed to load it.
+    model = AutoModelForCausalLM.from_pretrained(out / "step-000008")
+    assert model.config.num_hidden_layers == 2
+    info = json.loads((out / "step-000004" / "rgeom_checkpoint.json").read_text())
+    assert info == {"arm": "sft", "step": 4, "base_model": str(tiny_model_dir)}
+    log = read_table(tmp_path / "sft" / "train_log.parquet", TRAIN_LOG_SCHEMA).to_pydict()
+    assert log["step"] == list(range(1, 9))
+    assert sum(log["loss"][-3:]) / 3 < sum(log["loss"][:3]) / 3
+    assert all(t > 0 for t in log["tokens_per_s"][1:])
+
+
+def test_rerun_reuses_stored_anchors_and_extends(tmp_path, tiny_model_dir, sft_file, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "sft" / "checkpoints"
+    train_arm("sft", str(tiny_model_dir), str(sft_file), str(out), _params(6, [0, 3]), {}, {})
+    first = (out / "step-000003" / "model.safetensors").read_bytes()
+    # Snakemake deletes declared outputs before a rerun; the stored anchors survive.
+    import shutil
+
+    shutil.rmtree(out)
+    caplog.clear()
+    train_arm("sft", str(tiny_model_dir), str(sft_file), str(out), _params(6, [0, 3]), {}, {})
+    assert "already trained" in caplog.text
+    assert (out / "step-000003" / "model.safetensors").read_bytes() == first
+    # A new later anchor resumes from the stored state at step 3, not from zero.
+    caplog.clear()
+    train_arm("sft", str(tiny_model_dir), str(sft_file), str(out), _params(6, [0, 3, 6]), {}, {})
+    assert "resuming arm sft" in caplog.text
+    assert (out / "step-000006").is_dir()
+    assert (out / "step-000003" / "model.safetensors").read_bytes() == first
+    log = read_table(tmp_path / "sft" / "train_log.parquet").to_pydict()
+    assert log["step"] == list(range(1, 7))
+
+
+def test_unknown_arm_is_rejected(tmp_path, tiny_model_dir, sft_file):
+    with pytest.raises(RgeomError, match="unknown arm 'dpo'"):
+        train_arm("dpo", str(tiny_model_dir), str(sft_file), str(tmp_path / "c"), _params(2, [0, 2]), {}, {})

@@ -1,0 +1,87 @@
+# Helpers shared by every rule: config validation, the (arm, step) grid, paths and params.
+import json
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+
+from rgeom.config import validate
+from rgeom.errors import RgeomError
+
+try:
+    config.update(
+        validate(
+            config,
+            source=", ".join(
+                map(str, workflow.overwrite_configfiles or workflow.configfiles)
+            ),
+        )
+    )
+except RgeomError as exc:
+    raise WorkflowError(f"invalid config: {exc}") from None
+
+
+wildcard_constraints:
+    arm="[a-z0-9]+",
+    step=r"\d{6}",
+    benchmark="[A-Za-z0-9_]+",
+    dataset="[A-Za-z0-9_]+",
+
+
+BASE = "base"  # step 0 is the source model, measured once and shared by every arm
+GPU = 1 if config["model"]["device"] == "cuda" else 0
+TRAIN_GPUS = config["train"]["num_gpus"] if GPU else 0
+
+
+def tag(step):
+    return f"{int(step):06d}"
+
+
+def trained_tags():
+    return [tag(s) for s in config["anchors"] if s > 0]
+
+
+def cells():
+    """Every (arm, step tag) measured: the base once, then each arm at each trained anchor."""
+    grid = [(BASE, tag(0))] if 0 in config["anchors"] else []
+    grid += [(arm, t) for arm in config["arms"] for t in trained_tags()]
+    return grid
+
+
+def cell_paths(pattern):
+    return [pattern.format(arm=arm, step=step) for arm, step in cells()]
+
+
+def model_dir(wildcards):
+    if wildcards.arm == BASE:
+        return "results/model/base"
+    return f"results/{wildcards.arm}/checkpoints/step-{wildcards.step}"
+
+
+def params_json(**sections):
+    """The stage parameters as canonical JSON; Snakemake reruns a job when they change."""
+    return json.dumps({"seed": config["seed"], **sections}, sort_keys=True)
+
+
+def model_params():
+    # threads and paths are deliberately absent: they do not change any result.
+    return {k: config["model"][k] for k in ("dtype", "device", "trust_remote_code")}
+
+
+def dataset_input(wildcards):
+    spec = config["data"]["sets"][wildcards.dataset]
+    if spec["format"] in ("builtin", "hf"):
+        return []
+    path = Path(spec["path"])
+    return str(
+        path if path.is_absolute() else Path(config["data"]["shared_dir"]) / path
+    )
+
+
+def summary_outputs():
+    return [
+        "results/summary/summary.parquet",
+        "results/summary/summary.csv",
+        "results/summary/summary.md",
+        "results/summary/figures/metrics_vs_step.png",
+        "results/summary/figures/direction_norm_heatmap.png",
+    ]

@@ -1,0 +1,56 @@
+rule prepare_data:
+    input:
+        source=dataset_input,
+        tokenizer="results/model/base",
+    output:
+        table="results/data/{dataset}.parquet",
+    log:
+        "results/logs/prepare_data/{dataset}.log",
+    benchmark:
+        "results/benchmarks/prepare_data/{dataset}.tsv"
+    conda:
+        "../envs/analysis.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        json=lambda w: params_json(
+            spec=config["data"]["sets"][w.dataset],
+            shared_dir=config["data"]["shared_dir"],
+            max_prompt_tokens=config["data"]["max_prompt_tokens"],
+        ),
+    shell:
+        "rgeom prepare-data --name {wildcards.dataset} --out {output.table}"
+        " --tokenizer {input.tokenizer} --params {params.json:q} > {log} 2>&1"
+
+
+rule sft_data:
+    input:
+        model="results/model/base",
+        harmful="results/data/train_harmful.parquet",
+        harmless="results/data/train_harmless.parquet",
+    output:
+        table="results/data/sft_train.parquet",
+    log:
+        "results/logs/sft_data.log",
+    benchmark:
+        "results/benchmarks/sft_data.tsv"
+    conda:
+        "../envs/train.yaml"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=GPU,
+    params:
+        json=params_json(
+            model=model_params(),
+            train={
+                k: config["train"][k] for k in ("refusals", "helpful_max_new_tokens")
+            },
+            generate={"batch_size": config["generate"]["batch_size"]},
+        ),
+    shell:
+        "rgeom sft-data --model {input.model} --harmful {input.harmful}"
+        " --harmless {input.harmless} --out {output.table} --params {params.json:q} > {log} 2>&1"

@@ -1,0 +1,17 @@
+rule prepare_model:
+    output:
+        model=directory("results/model/base"),
+    log:
+        "results/logs/prepare_model.log",
+    benchmark:
+        "results/benchmarks/prepare_model.tsv"
+    conda:
+        "../envs/train.yaml"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        json=params_json(model=config["model"]),
+    shell:
+        "rgeom prepare-model --out {output.model} --params {params.json:q} > {log} 2>&1"
