@@ -139,7 +139,8 @@ def run_child(args) -> None:
             {},
         )
         elapsed = time.perf_counter() - start
-        # Reading back for the comparison is not part of the timed work.
+        peak = maxrss_mib() - base_rss
+        # Reading back for the comparison is not part of the measured work.
         t = pq.read_table(table_path).to_pydict()
         vec = np.stack(t["vector"]).astype(np.float32)
         d = vec.shape[1]
@@ -151,7 +152,7 @@ def run_child(args) -> None:
             out[pid][layers.index(ly), suffix + pos] = vec[i]
     if args.child != "hooks":
         elapsed = time.perf_counter() - start
-    peak = maxrss_mib() - base_rss
+        peak = maxrss_mib() - base_rss
     np.savez(Path(args.work, f"{args.child}.npz"), **out)
     print(json.dumps({"method": args.child, "seconds": elapsed, "peak_rss_mib": peak}))
 
@@ -197,6 +198,8 @@ def main() -> None:
             f"model: {args.model or 'tiny random'}  prompts: {len(prompts)}  "
             f"batch: {args.batch_size}  threads: {args.threads}"
         )
+        scale = max(float(np.abs(ref[k]).max()) for k in ref.files)
+        print(f"max |activation| {scale:.1f}; diffs are against the one-at-a-time loop")
         print(f"{'method':<9}{'seconds':>9}{'x loop':>8}{'peak MiB':>10}{'max |diff|':>12}")
         for method in METHODS:
             got = np.load(Path(work, f"{method}.npz"))

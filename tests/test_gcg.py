@@ -148,6 +148,13 @@ def test_gcg_deterministic_for_seed_and_restores_mode(tiny):
     assert c.suffix_ids != a.suffix_ids or c.losses_per_step != a.losses_per_step
 
 
+def test_gcg_works_under_no_grad(tiny):
+    model, tok = tiny
+    with torch.no_grad():
+        (res,) = G.gcg(model, tok, [BEHAVIOUR], [TARGET], steps=2, search_width=16, topk=8)
+    assert len(res.losses_per_step) == 2
+
+
 def test_warm_start_and_zero_steps(tiny):
     model, tok = tiny
     start = G.initial_suffix_ids(tok, "! " * 15)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from rgeom.errors import RgeomError
 from rgeom.io import read_meta, read_table, write_table
 from rgeom.judges import METRIC_SCHEMA
-from rgeom.report import build_summary, format_summary
+from rgeom.report import build_summary, format_summary, read_train_logs
 
 ARMS = ["sft", "r2d2"]
 LAYERS = 4
@@ -87,9 +88,24 @@ def _inputs(tmp_path: Path):
 
 
 def _train_log(path: Path, arm: str) -> str:
-    steps = np.arange(0, 30, 5, dtype=np.int32)
-    table = pa.table({"step": steps, "loss": 1.0 / (1 + steps), "loss_away": 0.5 / (1 + steps)})
-    schema = pa.schema([("step", pa.int32()), ("loss", pa.float64()), ("loss_away", pa.float64())])
+    # The runner's layout: arm-specific loss terms live in the JSON "extra" column.
+    steps = list(range(0, 30, 5))
+    table = pa.table(
+        {
+            "step": steps,
+            "loss": [1.0 / (1 + s) for s in steps],
+            "grad_norm": [1.0] * len(steps),
+            "extra": [json.dumps({"loss_away": 0.5 / (1 + s), "epoch": s / 30}) for s in steps],
+        }
+    )
+    schema = pa.schema(
+        [
+            ("step", pa.int32()),
+            ("loss", pa.float64()),
+            ("grad_norm", pa.float64()),
+            ("extra", pa.string()),
+        ]
+    )
     write_table(path, table, schema, {"arm": arm})
     return str(path)
 
@@ -102,7 +118,7 @@ def test_build_summary_writes_table_and_figures(tmp_path):
         metrics,
         directions,
         str(out),
-        {"arms": ARMS, "figure_formats": ["png", "svg"]},
+        {"arms": ARMS, "summary": {"figure_formats": ["svg"]}},
         {"config_hash": "x"},
         train_logs=logs,
     )
@@ -144,6 +160,9 @@ def test_build_summary_writes_table_and_figures(tmp_path):
             assert path.stat().st_size > 1000, path
     assert (out / "figures" / "metrics_vs_step.png").read_bytes()[:4] == b"\x89PNG"
     assert not list(out.rglob("*.tmp"))
+    logs_df = read_train_logs(logs)
+    assert {"loss", "loss_away", "arm", "step"} <= set(logs_df.columns)
+    assert "grad_norm" not in logs_df.columns and "epoch" not in logs_df.columns
 
     text = format_summary(str(out))
     assert "harmbench.asr" in text and "metrics_vs_step.png" in text

@@ -84,4 +84,12 @@ def test_rerun_reuses_stored_anchors_and_extends(tmp_path, tiny_model_dir, sft_f
 
 def test_unknown_arm_is_rejected(tmp_path, tiny_model_dir, sft_file):
     with pytest.raises(RgeomError, match="unknown arm 'dpo'"):
-        train_arm("dpo", str(tiny_model_dir), str(sft_file), str(tmp_path / "c"), _params(2, [0, 2]), {}, {})
+        train_arm(
+            "dpo",
+            str(tiny_model_dir),
+            str(sft_file),
+            str(tmp_path / "c"),
+            _params(2, [0, 2]),
+            {},
+            {},
+        )

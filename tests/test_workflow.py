@@ -117,7 +117,11 @@ def test_editing_the_judge_reruns_only_judging(finished_run, repo_root, tmp_path
     assert res.returncode == 0, res.stderr
     out = res.stdout
     stats = out[out.index("Job stats:") :]
-    rules = {line.split()[0] for line in stats.splitlines()[3:] if line.strip() and line.split()[0] not in ("total",)}
+    rules = {
+        line.split()[0]
+        for line in stats.splitlines()[3:]
+        if line.strip() and line.split()[0] not in ("total",)
+    }
     assert rules == {"judge", "summary", "all"}, stats
 
 

@@ -42,24 +42,30 @@ def _keyval(text: str) -> tuple[str, str]:
 COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
     "prepare-model": (
         "Materialise the source model as a plain Hugging Face directory.",
-        "rgeom prepare-model --out results/model --params '{\"source\": \"smollm2_gguf\"}'",
+        'rgeom prepare-model --out results/model --params \'{"source": "smollm2_gguf"}\'',
         "rgeom.stages:prepare_model",
         [(("--out",), {"required": True, "help": "output model directory"})],
     ),
     "prepare-data": (
         "Read one prompt set from its upstream format into rgeom's prompt schema.",
-        "rgeom prepare-data --name xstest --out results/data/xstest.parquet "
-        "--params '{\"spec\": {\"format\": \"xstest_csv\", \"path\": \"xstest/xstest_prompts.csv\"}}'",
+        "rgeom prepare-data --name xstest --out results/data/xstest.parquet \\\n"
+        '    --params \'{"spec": {"format": "xstest_csv", '
+        '"path": "xstest/xstest_prompts.csv"}}\'',
         "rgeom.stages:prepare_data",
         [
             (("--name",), {"required": True, "help": "set name (key of data.sets)"}),
             (("--out",), {"required": True, "help": "output Parquet file"}),
-            (("--tokenizer",), {"default": None, "help": "model dir whose tokenizer checks lengths"}),
+            (
+                ("--tokenizer",),
+                {"default": None, "help": "model dir whose tokenizer checks lengths"},
+            ),
         ],
     ),
     "sft-data": (
-        "Build the supervised training set: refusals for harmful, the base model's own answers for harmless.",
-        "rgeom sft-data --model results/model --harmful h.parquet --harmless b.parquet --out sft.parquet",
+        "Build the supervised training set: refusals for harmful prompts, "
+        "the base model's own answers for harmless ones.",
+        "rgeom sft-data --model results/model/base --harmful h.parquet --harmless b.parquet \\\n"
+        "    --out sft.parquet",
         "rgeom.stages:sft_data",
         [
             (("--model",), {"required": True}),
@@ -70,8 +76,10 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
     ),
     "train": (
         "Train one arm and write a checkpoint at every anchor step.",
-        "rgeom train --arm sft --model results/model --data results/data/sft_train.parquet "
-        "--out-dir results/sft/checkpoints --params '{\"train\": {\"max_steps\": 20}, \"anchors\": [10, 20]}'",
+        "rgeom train --arm sft --model results/model/base \\\n"
+        "    --data results/data/sft_train.parquet --out-dir results/sft/checkpoints \\\n"
+        "    --state-dir results/sft/train_state --log-table results/sft/train_log.parquet \\\n"
+        '    --params \'{"train": {"max_steps": 20}, "anchors": [0, 10, 20]}\'',
         "rgeom.stages:train",
         [
             (("--arm",), {"required": True}),
@@ -80,12 +88,21 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
             (("--out-dir",), {"required": True, "help": "folder of the anchor checkpoints"}),
             (("--state-dir",), {"required": True, "help": "resume state kept across reruns"}),
             (("--log-table",), {"required": True, "help": "per-step metrics Parquet"}),
-            (("--extra",), {"action": "append", "type": _keyval, "default": [], "help": "NAME=PATH extra inputs"}),
+            (
+                ("--extra",),
+                {
+                    "action": "append",
+                    "type": _keyval,
+                    "default": [],
+                    "help": "NAME=PATH extra inputs",
+                },
+            ),
         ],
     ),
     "generate": (
         "Greedy, batched, left-padded completions for one benchmark cell.",
-        "rgeom generate --model results/model --prompts results/data/xstest.parquet --out gen.parquet",
+        "rgeom generate --model results/model/base --prompts results/data/xstest.parquet \\\n"
+        "    --out gen.parquet",
         "rgeom.stages:generate",
         [
             (("--model",), {"required": True}),
@@ -105,7 +122,8 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
     ),
     "extract": (
         "Capture residual-stream activations at post-instruction positions to Parquet.",
-        "rgeom extract --model results/model --set harmful=h.parquet --set harmless=b.parquet --out acts.parquet",
+        "rgeom extract --model results/model/base --set dir_harmful=h.parquet \\\n"
+        "    --set dir_harmless=b.parquet --out acts.parquet",
         "rgeom.stages:extract",
         [
             (("--model",), {"required": True}),
@@ -184,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
     )
     kwargs = {k: v for k, v in vars(args).items() if k != "command"}
     try:

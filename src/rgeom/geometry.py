@@ -203,7 +203,8 @@ def load_directions(path: str | Path, unit: bool = False) -> dict[tuple[int, int
     column = "unit" if unit else "direction"
     if column not in table.column_names:
         raise RgeomError(f"{path}: missing column {column!r}")
-    vecs = _vectors(table.column(column))
+    # A copy: arrow buffers are read-only, and callers may edit or hand these to torch.
+    vecs = _vectors(table.column(column)).copy()
     return {
         (int(layer), int(pos)): vecs[i]
         for i, (layer, pos) in enumerate(

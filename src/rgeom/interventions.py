@@ -18,11 +18,14 @@ import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
+from rgeom.activations import padded_positions
 from rgeom.errors import RgeomError
 from rgeom.models import decoder_layers, encode_chat, left_pad
 
@@ -33,14 +36,20 @@ REFUSAL_PREFIXES = ("I", "Sorry", "As", "I'm", "Unfortunately")
 
 def _as_tensor(x, model) -> torch.Tensor:
     p = next(model.parameters())
-    t = x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    t = (
+        x.detach()
+        if isinstance(x, torch.Tensor)
+        else torch.as_tensor(np.array(x, dtype=np.float64))
+    )
     return t.to(device=p.device, dtype=torch.float64)
 
 
 def orthonormal_basis(directions) -> torch.Tensor:
     """Orthonormal rows spanning ``directions`` ([d] or [k, d]), in float64."""
-    t = directions.detach() if isinstance(directions, torch.Tensor) else torch.as_tensor(
-        np.asarray(directions, dtype=np.float64)
+    t = (
+        directions.detach()
+        if isinstance(directions, torch.Tensor)
+        else torch.as_tensor(np.array(directions, dtype=np.float64))
     )
     t = t.to(torch.float64)
     if t.ndim == 1:
@@ -68,7 +77,10 @@ def _replace_first(output, value):
 
 
 def _block_parts(block) -> tuple[torch.nn.Module, torch.nn.Module]:
-    attn = getattr(block, "self_attn", None) or getattr(block, "attn", None)
+    # Explicit None checks: `or` would call a module's __len__ (e.g. on a ModuleList).
+    attn = getattr(block, "self_attn", None)
+    if attn is None:
+        attn = getattr(block, "attn", None)
     mlp = getattr(block, "mlp", None)
     if attn is None or mlp is None:
         raise RgeomError(f"cannot find the attention and MLP of {type(block).__name__}")
@@ -171,10 +183,6 @@ def refusal_token_ids(tokenizer, prefixes: Sequence[str] = REFUSAL_PREFIXES) -> 
     return ids
 
 
-def _padded_positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.cumsum(-1) - 1).clamp_min(0)
-
-
 @torch.inference_mode()
 def last_logits(model, tokenizer, prompts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
     """float32 next-token logits [n, V] at the last position of each chat-encoded prompt,
@@ -190,7 +198,7 @@ def last_logits(model, tokenizer, prompts: Sequence[str], batch_size: int = 16) 
         logits = model(
             input_ids=ids,
             attention_mask=mask,
-            position_ids=_padded_positions(mask),
+            position_ids=padded_positions(mask),
             use_cache=False,
             logits_to_keep=1,
         ).logits[:, -1]
@@ -230,6 +238,113 @@ def kl_last_position(base_logits: torch.Tensor, edited_logits: torch.Tensor) -> 
     return (p.exp() * (p - q)).sum(-1).clamp_min(0.0)
 
 
+@contextlib.contextmanager
+def _blocks_from(model, layer: int) -> Iterator[None]:
+    """Temporarily make block ``layer`` the model's first block, so that ``inputs_embeds``
+    enter the residual stream there; the rest of the HF forward (rotary positions, masks,
+    final norm, head) is reused unchanged."""
+    inner = model.model
+    full = inner.layers
+    inner.layers = torch.nn.ModuleList(list(full)[layer:])
+    try:
+        yield
+    finally:
+        inner.layers = full
+
+
+class PrefixCache:
+    """Block inputs of the unedited model for a fixed prompt list, so that an addition at
+    layer l reruns only blocks l..L-1: the blocks before l see exactly the base model.
+
+    On construction it checks that restarting at a block reproduces the base logits; where
+    the architecture does not allow it (e.g. Gemma rescales ``inputs_embeds``),
+    ``usable`` is False and callers fall back to full forwards.
+    """
+
+    def __init__(
+        self, model, tokenizer, prompts: Sequence[str], layers: Sequence[int], batch_size: int
+    ):
+        self.model = model
+        self.layers = sorted(set(layers))
+        device = next(model.parameters()).device
+        encs = [encode_chat(tokenizer, p).ids for p in prompts]
+        self.order = sorted(range(len(encs)), key=lambda i: -len(encs[i]))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.batches: list[tuple[list[int], torch.Tensor, torch.Tensor, dict]] = []
+        self.base: torch.Tensor | None = None
+        self.usable = bool(self.layers) and hasattr(getattr(model, "model", None), "layers")
+        if not self.usable:
+            return
+        blocks = decoder_layers(model)
+        for start in range(0, len(self.order), batch_size):
+            idx = self.order[start : start + batch_size]
+            ids, mask = left_pad([encs[i] for i in idx], pad, device)
+            captured: dict[int, torch.Tensor] = {}
+            handles = [
+                blocks[layer].register_forward_pre_hook(
+                    self._saver(captured, layer), with_kwargs=True
+                )
+                for layer in self.layers
+            ]
+            try:
+                with torch.inference_mode():
+                    logits = self._forward(input_ids=ids, attention_mask=mask)
+            finally:
+                for h in handles:
+                    h.remove()
+            self.batches.append((idx, ids, mask, captured))
+            self._scatter_base(idx, logits, len(encs))
+        # Checked even at layer 0: a model that rescales inputs_embeds fails there too.
+        zero = torch.zeros(model.config.hidden_size, dtype=torch.float64)
+        diff = (self.logits_with_addition(self.layers[-1], zero) - self.base).abs().max()
+        scale = max(1.0, float(self.base.abs().max()))
+        self.usable = bool(diff <= 1e-4 * scale)
+        if not self.usable:
+            log.warning("cannot restart %s at a block; using full forwards", type(model).__name__)
+
+    @staticmethod
+    def _saver(captured: dict, layer: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            captured[layer] = hidden.detach().clone()
+
+        return hook
+
+    def _forward(self, **inputs) -> torch.Tensor:
+        mask = inputs["attention_mask"]
+        return (
+            self.model(
+                **inputs, position_ids=padded_positions(mask), use_cache=False, logits_to_keep=1
+            )
+            .logits[:, -1]
+            .float()
+            .cpu()
+        )
+
+    def _scatter_base(self, idx: list[int], logits: torch.Tensor, n: int) -> None:
+        if self.base is None:
+            self.base = torch.empty(n, logits.shape[-1])
+        self.base[idx] = logits
+
+    @torch.inference_mode()
+    def logits_with_addition(self, layer: int, vec) -> torch.Tensor:
+        """Last-position logits [n, V] with ``vec`` added to block ``layer``'s input."""
+        if layer not in self.layers:
+            raise KeyError(f"layer {layer} was not cached")
+        v = _as_tensor(vec, self.model).reshape(-1)
+        out = None
+        with _blocks_from(self.model, layer):
+            for idx, _, mask, captured in self.batches:
+                hidden = captured[layer]
+                logits = self._forward(
+                    inputs_embeds=hidden + v.to(hidden.dtype), attention_mask=mask
+                )
+                if out is None:
+                    out = torch.empty(self.base.shape[0], logits.shape[-1])
+                out[idx] = logits
+        return out
+
+
 @dataclass
 class CarrierSearch:
     """Every candidate's scores and the chosen carrier (None if no candidate qualifies)."""
@@ -237,6 +352,7 @@ class CarrierSearch:
     carrier: tuple[int, int] | None
     candidates: list[dict[str, Any]] = field(default_factory=list)
     baseline: dict[str, float] = field(default_factory=dict)
+    reused_prefix: bool = False
 
 
 def select_carrier(
@@ -249,6 +365,7 @@ def select_carrier(
     max_layer_frac: float = 0.8,
     kl_max: float = 0.1,
     batch_size: int = 16,
+    reuse_prefix: bool = True,
 ) -> CarrierSearch:
     """Pick the refusal direction that carries refusal (Arditi et al. 2024, appendix C).
 
@@ -259,31 +376,54 @@ def select_carrier(
     candidates are finite, sit below ``max_layer_frac`` of the depth (later layers tend to
     act on the output vocabulary, not on the decision), keep ``kl <= kl_max`` and have
     ``induce > 0``; the carrier is the admissible one with the lowest ``bypass``.
-    Candidates at or above the layer cut are recorded but not evaluated.
+    Candidates at or above the layer cut are recorded but not evaluated. With
+    ``reuse_prefix`` the addition reruns only the blocks from its layer on, starting from
+    cached base activations (see :class:`PrefixCache`).
     """
     if not harmful or not harmless:
         raise RgeomError("carrier search needs both harmful and harmless validation prompts")
     n_layers = len(decoder_layers(model))
     refusal_ids = list(refusal_ids) if refusal_ids is not None else refusal_token_ids(tokenizer)
-    base_harmless = last_logits(model, tokenizer, harmless, batch_size)
+
+    def evaluable(layer: int, vec: np.ndarray) -> bool:
+        return layer < max_layer_frac * n_layers and np.isfinite(vec).all() and vec.any()
+
+    candidates = {
+        key: np.asarray(r, dtype=np.float64).reshape(-1) for key, r in sorted(directions.items())
+    }
+    for layer, _ in candidates:
+        if not 0 <= layer < n_layers:
+            raise RgeomError(f"candidate direction at layer {layer}: n_layers={n_layers}")
+    cache = None
+    if reuse_prefix:
+        layers = {layer for (layer, _), vec in candidates.items() if evaluable(layer, vec)}
+        cache = PrefixCache(model, tokenizer, harmless, sorted(layers), batch_size)
+        if not cache.usable:
+            cache = None
+    # The cache already ran the base model over the harmless prompts.
+    base_harmless = (
+        cache.base if cache is not None else last_logits(model, tokenizer, harmless, batch_size)
+    )
     base_harmful = last_logits(model, tokenizer, harmful, batch_size)
     baseline = {
         "harmful": float(refusal_score_from_logits(base_harmful, refusal_ids).mean()),
         "harmless": float(refusal_score_from_logits(base_harmless, refusal_ids).mean()),
     }
     rows = []
-    for (layer, pos), r in sorted(directions.items()):
+    for (layer, pos), vec in candidates.items():
         row: dict[str, Any] = {"layer": layer, "position": pos}
-        vec = np.asarray(r, dtype=np.float64)
-        if layer >= max_layer_frac * n_layers or not np.isfinite(vec).all() or not vec.any():
+        if not evaluable(layer, vec):
             row.update(bypass=math.nan, induce=math.nan, kl=math.nan, admissible=False)
             rows.append(row)
             continue
         with ablation(model, vec):
             abl_harmful = last_logits(model, tokenizer, harmful, batch_size)
             abl_harmless = last_logits(model, tokenizer, harmless, batch_size)
-        with addition(model, vec, layer, 1.0):
-            add_harmless = last_logits(model, tokenizer, harmless, batch_size)
+        if cache is not None:
+            add_harmless = cache.logits_with_addition(layer, vec)
+        else:
+            with addition(model, vec, layer, 1.0):
+                add_harmless = last_logits(model, tokenizer, harmless, batch_size)
         bypass = float(refusal_score_from_logits(abl_harmful, refusal_ids).mean())
         induce = float(refusal_score_from_logits(add_harmless, refusal_ids).mean())
         kl = float(kl_last_position(base_harmless, abl_harmless).mean())
@@ -295,8 +435,105 @@ def select_carrier(
             admissible=bool(finite and kl <= kl_max and induce > 0),
         )
         rows.append(row)
-        log.info("candidate L%d p%d: bypass %.3f induce %.3f kl %.4f", layer, pos, bypass, induce, kl)
+        log.info(
+            "candidate L%d p%d: bypass %.3f induce %.3f kl %.4f", layer, pos, bypass, induce, kl
+        )
     admissible = [row for row in rows if row["admissible"]]
     best = min(admissible, key=lambda row: row["bypass"]) if admissible else None
     carrier = (best["layer"], best["position"]) if best else None
-    return CarrierSearch(carrier=carrier, candidates=rows, baseline=baseline)
+    return CarrierSearch(
+        carrier=carrier, candidates=rows, baseline=baseline, reused_prefix=cache is not None
+    )
+
+
+CARRIER_SCHEMA = pa.schema(
+    [
+        pa.field("layer", pa.int16(), nullable=False),
+        pa.field("position", pa.int16(), nullable=False),
+        pa.field("bypass", pa.float64()),
+        pa.field("induce", pa.float64()),
+        pa.field("kl", pa.float64()),
+        pa.field("admissible", pa.bool_(), nullable=False),
+        pa.field("is_carrier", pa.bool_(), nullable=False),
+    ]
+)
+
+
+def _prompt_texts(key: str, path: str | Path) -> list[str]:
+    from rgeom.activations import load_prompt_set, prompt_text
+
+    table = load_prompt_set(key, path).to_pydict()
+    contexts = table.get("context") or [None] * len(table["text"])
+    return [prompt_text(t, c) for t, c in zip(table["text"], contexts, strict=True)]
+
+
+def carrier_search_table(
+    model,
+    tokenizer,
+    directions: str | Path,
+    harmful: str | Path,
+    harmless: str | Path,
+    out: str | Path,
+    params: Mapping[str, Any],
+    meta: Mapping[str, Any],
+) -> CarrierSearch:
+    """Run :func:`select_carrier` on a direction table and two validation prompt files and
+    write every candidate's scores to ``out``; the carrier (or null) goes in the metadata.
+
+    params: ``max_layer_frac`` (0.8), ``kl_max`` (0.1), ``batch_size`` (16),
+    ``reuse_prefix`` (true), ``refusal_prefixes`` (the opening words of refusals).
+    """
+    from rgeom.activations import template_hash, tokenizer_hash
+    from rgeom.geometry import load_directions
+    from rgeom.io import read_meta, write_table
+
+    params = dict(params or {})
+    source = read_meta(directions)
+    for key, fn in (("template_hash", template_hash), ("tokenizer_hash", tokenizer_hash)):
+        if key in source and source[key] != fn(tokenizer):
+            raise RgeomError(
+                f"{directions}: {key} differs from the model's tokenizer; the directions were "
+                "extracted with another chat template or vocabulary"
+            )
+    prefixes = params.get("refusal_prefixes") or REFUSAL_PREFIXES
+    refusal_ids = refusal_token_ids(tokenizer, prefixes)
+    result = select_carrier(
+        model,
+        tokenizer,
+        load_directions(directions),
+        _prompt_texts("val_harmful", harmful),
+        _prompt_texts("val_harmless", harmless),
+        refusal_ids=refusal_ids,
+        max_layer_frac=float(params.get("max_layer_frac", 0.8)),
+        kl_max=float(params.get("kl_max", 0.1)),
+        batch_size=int(params.get("batch_size", 16)),
+        reuse_prefix=bool(params.get("reuse_prefix", True)),
+    )
+    rows = result.candidates
+    table = pa.table(
+        {
+            "layer": [r["layer"] for r in rows],
+            "position": [r["position"] for r in rows],
+            "bypass": [r["bypass"] for r in rows],
+            "induce": [r["induce"] for r in rows],
+            "kl": [r["kl"] for r in rows],
+            "admissible": [r["admissible"] for r in rows],
+            "is_carrier": [(r["layer"], r["position"]) == result.carrier for r in rows],
+        }
+    )
+    record = dict(meta)
+    record.update({k: source[k] for k in ("d_model", "n_layers", "template_hash") if k in source})
+    record.update(
+        carrier=list(result.carrier) if result.carrier else None,
+        baseline_refusal_score=result.baseline,
+        refusal_token_ids=refusal_ids,
+        refusal_tokens=[tokenizer.decode([i]) for i in refusal_ids],
+        selection={
+            "max_layer_frac": float(params.get("max_layer_frac", 0.8)),
+            "kl_max": float(params.get("kl_max", 0.1)),
+        },
+    )
+    if result.carrier is None:
+        log.warning("no admissible carrier direction among %d candidates", len(rows))
+    write_table(out, table, CARRIER_SCHEMA, record)
+    return result

@@ -181,7 +181,8 @@ def prepare_model(
 
 
 def _looks_local(path: str) -> bool:
-    return path.startswith((".", "/", "~")) or os.sep in path.strip("/") and Path(path).exists()
+    # "org/name" is a hub id; only explicit filesystem paths are reported as missing.
+    return path.startswith((".", "/", "~"))
 
 
 def check_model_dir(path: str | os.PathLike) -> None:
@@ -194,16 +195,17 @@ def check_model_dir(path: str | os.PathLike) -> None:
     if not (p / "config.json").exists():
         raise RgeomError(f"model directory {p} has no config.json")
     if not any((p / name).exists() for name in WEIGHT_FILES):
-        raise RgeomError(f"model directory {p} has no safetensors weights ({' or '.join(WEIGHT_FILES)})")
+        raise RgeomError(
+            f"model directory {p} has no safetensors weights ({' or '.join(WEIGHT_FILES)})"
+        )
 
 
 def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     path = str(path)
-    if Path(path).exists() or _looks_local(path):
-        if not Path(path).exists():
-            raise RgeomError(f"model path does not exist: {path}")
+    if _looks_local(path) and not Path(path).exists():
+        raise RgeomError(f"model path does not exist: {path}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as exc:
@@ -304,7 +306,10 @@ def left_pad(
 def decoder_layers(model) -> Any:
     """The list of decoder blocks of a causal LM (Llama-, Qwen-, Mistral-, Gemma-style)."""
     inner = getattr(model, "model", None)
-    for candidate in (getattr(inner, "layers", None), getattr(getattr(model, "transformer", None), "h", None)):
+    for candidate in (
+        getattr(inner, "layers", None),
+        getattr(getattr(model, "transformer", None), "h", None),
+    ):
         if candidate is not None:
             return candidate
     raise RgeomError(f"cannot find the decoder layers of {type(model).__name__}")

@@ -9,6 +9,7 @@ canvas, so building a report never needs a display and never leaks figures.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -40,6 +41,7 @@ OKABE_ITO = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "
 ARM_COLOURS = {BASE_ARM: "#000000", "sft": OKABE_ITO[0], "r2d2": OKABE_ITO[1]}
 ARM_MARKERS = {BASE_ARM: "s", "sft": "o", "r2d2": "^"}
 _OTHER_MARKERS = ("D", "v", "P", "X", "*")
+FIGURE_FORMATS = ("png", "svg", "pdf")
 
 METRIC_COLUMNS = ("arm", "step", "benchmark", "metric", "value", "ci_low", "ci_high", "n", "judge")
 DIRECTION_COLUMNS = ("layer", "position", "norm")
@@ -263,11 +265,14 @@ def markdown_table(frame: pl.DataFrame) -> str:
 
 
 def _formats(params: Mapping[str, Any]) -> list[str]:
-    formats = list(params.get("figure_formats", ["png"]))
-    bad = [f for f in formats if f not in ("png", "svg")]
+    # The workflow nests report settings under "summary"; direct callers may pass them flat.
+    section = params.get("summary") or {}
+    formats = list(section.get("figure_formats", params.get("figure_formats", ["png"])))
+    bad = [f for f in formats if f not in FIGURE_FORMATS]
     if bad:
-        raise RgeomError(f"figure_formats: {bad} not supported (use png and/or svg)")
-    return formats or ["png"]
+        raise RgeomError(f"summary.figure_formats: {bad} not supported (use {FIGURE_FORMATS})")
+    # The workflow declares the PNGs as outputs, so they are always written.
+    return ["png", *(f for f in dict.fromkeys(formats) if f != "png")]
 
 
 def _save(fig, stem: Path, formats: Sequence[str]) -> list[Path]:
@@ -275,7 +280,11 @@ def _save(fig, stem: Path, formats: Sequence[str]) -> list[Path]:
     for fmt in formats:
         path = stem.with_suffix(f".{fmt}")
         # No timestamps or version strings in the files: reruns give identical bytes.
-        metadata = {"Software": None} if fmt == "png" else {"Date": None, "Creator": None}
+        metadata = {
+            "png": {"Software": None},
+            "svg": {"Date": None, "Creator": None},
+            "pdf": {"CreationDate": None, "Creator": None, "Producer": None},
+        }[fmt]
         with atomic_path(path, suffix=f".{fmt}") as tmp:
             fig.savefig(tmp, format=fmt, dpi=120, metadata=metadata, bbox_inches="tight")
         paths.append(path)
@@ -365,7 +374,13 @@ def plot_direction_heatmap(
     return _save(fig, stem, formats)
 
 
+def _is_loss(name: str) -> bool:
+    return name == "loss" or "loss" in name.split("_") or name.endswith("loss")
+
+
 def read_train_logs(paths: Sequence[str]) -> pl.DataFrame:
+    """(arm, step, loss, other loss terms) from training logs; loss terms logged in the
+    JSON ``extra`` column (R2D2's away/toward/utility losses) become columns of their own."""
     frames = []
     for path in paths:
         meta = read_meta(path)
@@ -376,16 +391,25 @@ def read_train_logs(paths: Sequence[str]) -> pl.DataFrame:
         arm = meta.get("arm")
         if arm is None:
             raise RgeomError(f"{path}: provenance lacks 'arm' (training log)")
-        df = pl.from_arrow(table)
-        losses = [
-            c for c in df.columns if c == "loss" or (c.endswith("loss") or c.startswith("loss_"))
-        ]
-        frames.append(
-            df.select(
-                pl.col("step").cast(pl.Int64), *(pl.col(c).cast(pl.Float64) for c in losses)
-            ).with_columns(pl.lit(str(arm)).alias("arm"))
-        )
-    return pl.concat(frames, how="diagonal") if frames else pl.DataFrame()
+        records = table.to_pylist()
+        rows = []
+        for i, rec in enumerate(records):
+            row = {"step": int(rec["step"])}
+            for key, value in rec.items():
+                if key != "step" and _is_loss(key) and isinstance(value, int | float):
+                    row[key] = float(value)
+            if rec.get("extra"):
+                try:
+                    extra = json.loads(rec["extra"])
+                except json.JSONDecodeError as exc:
+                    raise RgeomError(f"{path}: row {i}: column 'extra' is not JSON") from exc
+                for key, value in extra.items():
+                    if _is_loss(key) and isinstance(value, int | float) and key not in row:
+                        row[key] = float(value)
+            rows.append(row)
+        df = pl.DataFrame(rows, infer_schema_length=None)
+        frames.append(df.with_columns(pl.lit(str(arm)).alias("arm")))
+    return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
 
 
 def plot_train_loss(logs: pl.DataFrame, arms: list[str], stem: Path, formats) -> list[Path]:
@@ -397,7 +421,9 @@ def plot_train_loss(logs: pl.DataFrame, arms: list[str], stem: Path, formats) ->
     order = [a for a in arms if a in seen] + [a for a in seen if a not in arms]
     for ax, loss in zip(axes, losses, strict=True):
         for arm in order:
-            d = logs.filter((pl.col("arm") == arm) & pl.col(loss).is_not_null()).sort("step")
+            d = logs.filter(
+                (pl.col("arm") == arm) & pl.col(loss).is_not_null() & pl.col(loss).is_not_nan()
+            ).sort("step")
             if d.is_empty():
                 continue
             style = arm_style(arm, order)

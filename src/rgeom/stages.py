@@ -203,7 +203,9 @@ def directions(activations: str, out: str, params: dict[str, Any]) -> None:
     diff_in_means_table(
         activations=activations,
         out=out,
-        meta=_meta(params, model=source.get("model"), arm=source.get("arm"), step=source.get("step")),
+        meta=_meta(
+            params, model=source.get("model"), arm=source.get("arm"), step=source.get("step")
+        ),
     )
 
 
@@ -239,4 +241,3 @@ def provenance_cmd(file: str) -> None:
     if not path.exists():
         raise RgeomError(f"no such file: {path}")
     print(json.dumps(read_meta(path), indent=2, sort_keys=True))
-

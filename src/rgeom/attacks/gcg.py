@@ -367,7 +367,9 @@ def _gcg_one(
     initial_loss = current_loss
     losses: list[float] = []
     for _ in tqdm(range(steps), desc="gcg", leave=False, disable=not progress):
-        grad, _ = _token_gradient(model, kv, current.to(device), post, target_ids)
+        # enable_grad: callers (generation code, R2D2's refresh) may hold no_grad around us.
+        with torch.enable_grad():
+            grad, _ = _token_gradient(model, kv, current.to(device), post, target_ids)
         cands = sample_candidates(current, grad, allowed, search_width, topk, generator)
         cands = cands[roundtrip_mask(tokenizer, cands)]
         if cands.shape[0] > 0:

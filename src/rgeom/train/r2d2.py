@@ -21,23 +21,22 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
 from rgeom.attacks.gcg import build_prompt_ids, gcg
 from rgeom.errors import RgeomError
 from rgeom.models import encode_response
 
 log = logging.getLogger(__name__)
-
-POOL_FILE = "r2d2_pool.json"
 
 
 @dataclass
@@ -162,14 +161,20 @@ class R2D2Pool:
 
     def __init__(self, behaviours: Sequence[R2D2Behaviour], tokenizer, cfg: R2D2Config):
         cfg.validate()
-        for b in behaviours:
-            if not b.targets or not all(t.strip() for t in b.targets):
-                raise RgeomError(f"R2D2 behaviour {b.behaviour_id!r} has no (or an empty) target")
         # Contextual behaviours need their context in the prompt; HarmBench's R2D2 leaves them
         # out. Filtering once here is what keeps init and reset drawing from the same set.
         self.behaviours = [b for b in behaviours if not b.contextual]
         if not self.behaviours:
             raise RgeomError("R2D2 has no non-contextual behaviours to train on")
+        # Upstream target lists hold some empty strings (8 of HarmBench's 100 R2D2 behaviours);
+        # those are dropped, and only a behaviour left with no target at all is an error.
+        cleaned = []
+        for b in self.behaviours:
+            targets = tuple(t for t in b.targets if t.strip())
+            if not targets:
+                raise RgeomError(f"R2D2 behaviour {b.behaviour_id!r} has no non-empty target")
+            cleaned.append(replace(b, targets=targets))
+        self.behaviours = cleaned
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.rng = random.Random(cfg.seed)
@@ -387,8 +392,9 @@ class R2D2Trainer(Trainer):
     the unwrapped model in eval mode), then computes the combined loss.
 
     ``r2d2_history`` holds one dict per micro-step (loss terms, the refreshed entries' GCG
-    losses, indices reset) for the runner to write out; the means of the loss terms since
-    the last log are added to the Trainer's own logs.
+    losses, indices reset) for the runner to write out; the means of the loss terms and of
+    the GCG losses since the last log are added to the Trainer's own logs. The pool is saved
+    in every Trainer checkpoint and restored by ``train(resume_from_checkpoint=...)``.
     """
 
     # compute_loss returns per-micro-batch means, so the Trainer must divide by the
@@ -413,12 +419,13 @@ class R2D2Trainer(Trainer):
         batch = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels")}
         losses = compute_r2d2_losses(model, tokenizer, batch, entries, self.r2d2_config)
         terms = {f"r2d2_{k}": float(v.detach()) for k, v in losses.items()}
+        terms["r2d2_gcg_loss"] = sum(gcg_losses) / len(gcg_losses)
         self._since_log.append(terms)
         self.r2d2_history.append(
             {
                 "global_step": self.state.global_step,
                 "pool_step": self.pool.step,
-                **terms,
+                **{k: v for k, v in terms.items() if k != "r2d2_gcg_loss"},
                 "gcg_losses": gcg_losses,
                 "refreshed": [e.behaviour_id for e in entries],
                 "reset": reset,
@@ -427,6 +434,31 @@ class R2D2Trainer(Trainer):
         if return_outputs:
             return losses["total"], losses
         return losses["total"]
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # Written before the Trainer's own files: the runner treats trainer_state.json as the
+        # mark of a complete checkpoint, so a checkpoint that has it also has the pool.
+        folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / pool_file(self.args.process_index)
+        tmp = path.with_suffix(".partial")
+        self.pool.save(tmp)
+        os.replace(tmp, path)
+        super()._save_checkpoint(model, trial)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint:
+            folder = resume_from_checkpoint
+            if folder is True:
+                from transformers.trainer_utils import get_last_checkpoint
+
+                folder = get_last_checkpoint(self.args.output_dir)
+            path = Path(folder) / pool_file(self.args.process_index) if folder else None
+            if path is not None and path.exists():
+                self.pool.load(path)
+            else:
+                log.warning("resuming from %s without an R2D2 pool state: fresh pool", folder)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._since_log and "loss" in logs:
@@ -437,33 +469,75 @@ class R2D2Trainer(Trainer):
         super().log(logs, start_time)
 
 
-class R2D2PoolCheckpoint(TrainerCallback):
-    """Saves the pool beside each Trainer checkpoint, as ``checkpoint-N/r2d2_pool.json``.
+def pool_file(rank: int) -> str:
+    return f"r2d2_pool-rank{rank}.json"
 
-    On resume, load it with ``pool.load(Path(checkpoint) / POOL_FILE)`` before ``train()``.
+
+def config_from_params(params: dict[str, Any]) -> R2D2Config:
+    """``R2D2Config`` from the run's ``r2d2`` config section; the run seed is the default."""
+    section = dict(params.get("r2d2") or {})
+    known = set(R2D2Config.__dataclass_fields__)
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise RgeomError(f"config key r2d2.{unknown[0]} is unknown (known: {sorted(known)})")
+    section.setdefault("seed", params.get("seed", 0))
+    return R2D2Config(**section)
+
+
+def behaviours_from_prompt_table(path: str | Path) -> list[R2D2Behaviour]:
+    """Behaviours from a prompt table (``rgeom.data`` format) with its ``target`` column."""
+    from rgeom.data import read_prompts
+
+    table = read_prompts(path).to_pydict()
+    return [
+        R2D2Behaviour(pid, text, (target,) if target else (), context or "")
+        for pid, text, target, context in zip(
+            table["prompt_id"], table["text"], table["target"], table["context"], strict=True
+        )
+    ]
+
+
+def load_behaviours(extra: dict[str, str]) -> list[R2D2Behaviour]:
+    """R2D2 behaviours named by the train stage's extra inputs.
+
+    ``r2d2_behaviours``: a prompt table (.parquet, targets in its ``target`` column) or a
+    HarmBench behaviours CSV, which then needs ``r2d2_targets`` (the targets JSON).
     """
+    path = extra.get("r2d2_behaviours")
+    if not path:
+        raise RgeomError("the r2d2 arm needs the extra input r2d2_behaviours=PATH")
+    if str(path).endswith(".csv"):
+        targets = extra.get("r2d2_targets")
+        if not targets:
+            raise RgeomError(f"r2d2_behaviours={path} is a CSV: pass r2d2_targets=JSON too")
+        return load_harmbench_behaviours(path, targets)
+    return behaviours_from_prompt_table(path)
 
-    def __init__(self, pool: R2D2Pool):
-        self.pool = pool
 
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            ckpt.mkdir(parents=True, exist_ok=True)
-            self.pool.save(ckpt / POOL_FILE)
-        return control
+def make_r2d2_trainer(params: dict[str, Any], extra: dict[str, str], tokenizer):
+    """``(trainer_class, extra_trainer_kwargs)`` for the training runner's r2d2 arm.
+
+    Each process keeps its own pool of ``pool_size`` entries, seeded ``seed + rank`` so that
+    ranks attack different entries instead of repeating the same GCG.
+    """
+    cfg = config_from_params(params)
+    rank = int(os.environ.get("RANK", "0"))
+    pool_cfg = replace(cfg, seed=cfg.seed + rank)
+    pool = R2D2Pool(load_behaviours(extra), tokenizer, pool_cfg)
+    return R2D2Trainer, {"pool": pool, "r2d2_config": cfg}
 
 
 __all__ = [
-    "POOL_FILE",
     "PoolEntry",
     "R2D2Behaviour",
     "R2D2Config",
     "R2D2Pool",
-    "R2D2PoolCheckpoint",
     "R2D2Trainer",
     "away_loss_terms",
     "behaviours_from_pairs",
     "compute_r2d2_losses",
+    "config_from_params",
+    "load_behaviours",
+    "make_r2d2_trainer",
     "load_harmbench_behaviours",
 ]

@@ -279,7 +279,9 @@ class _Runner:
             self.tokenizer = load_tokenizer(self.model_dir, trust_remote_code=trust)
             model = load_model(self.model_dir, dtype="float32", trust_remote_code=trust)
             model.train()
-            dataset = ChatSFTDataset(self.data, self.tokenizer, self.train_cfg.get("max_length", 256))
+            dataset = ChatSFTDataset(
+                self.data, self.tokenizer, self.train_cfg.get("max_length", 256)
+            )
             self.collator = PadCollator(self.tokenizer.pad_token_id)
             args = self.training_args()
             # Stop at the last anchor: later steps would be computed and thrown away.
