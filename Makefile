@@ -10,7 +10,7 @@ STAMP := $(VENV)/.rgeom-installed
 
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test install lint report clean-results
+.PHONY: demo test install lint clean-results config-docs readme-figures
 
 install: $(STAMP)
 
@@ -40,3 +40,14 @@ lint: $(STAMP)
 
 clean-results:
 	rm -rf results .snakemake
+
+config-docs: $(STAMP)
+	$(BIN)/python -c "import re, pathlib; from rgeom.config import schema_markdown; \
+	p = pathlib.Path('config/README.md'); s = p.read_text(); \
+	p.write_text(re.sub(r'(?s)(<!-- keys:start -->\n).*(<!-- keys:end -->)', lambda m: m.group(1) + schema_markdown() + m.group(2), s))"
+
+# Refresh the README's figures from the current results/ (run after `make demo`).
+readme-figures:
+	mkdir -p docs
+	cp results/summary/figures/metrics_vs_step.png docs/demo_metrics_vs_step.png
+	cp results/summary/figures/direction_norm_heatmap.png docs/demo_direction_norm_heatmap.png

@@ -79,3 +79,10 @@ def test_load_names_the_file(tmp_path):
     bad.write_text(yaml.safe_dump([1, 2]))
     with pytest.raises(RgeomError, match="mapping"):
         load(bad)
+
+
+def test_config_readme_lists_every_key(repo_root):
+    from rgeom.config import schema_markdown
+
+    readme = (repo_root / "config" / "README.md").read_text()
+    assert schema_markdown() in readme, "config/README.md is stale: run `make config-docs`"

@@ -34,6 +34,18 @@ def snakemake(repo, workdir, *args, timeout=1800):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
+def job_counts(dry_run_output: str) -> dict[str, int]:
+    """The "Job stats" table of a dry run as {rule: count}."""
+    lines = dry_run_output[dry_run_output.index("Job stats:") :].splitlines()[3:]
+    counts = {}
+    for line in lines:
+        parts = line.split()
+        if len(parts) != 2 or parts[0] == "total":
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts
+
+
 @pytest.fixture(scope="module")
 def finished_run(repo_root, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("workflow")
@@ -115,14 +127,7 @@ def test_editing_the_judge_reruns_only_judging(finished_run, repo_root, tmp_path
         timeout=600,
     )
     assert res.returncode == 0, res.stderr
-    out = res.stdout
-    stats = out[out.index("Job stats:") :]
-    rules = {
-        line.split()[0]
-        for line in stats.splitlines()[3:]
-        if line.strip() and line.split()[0] not in ("total",)
-    }
-    assert rules == {"judge", "summary", "all"}, stats
+    assert job_counts(res.stdout) == {"judge": 9, "summary": 1, "all": 1}
 
 
 def test_bad_config_fails_before_any_job(repo_root, tmp_path):

@@ -152,6 +152,39 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
             (("--out-dir",), {"required": True}),
         ],
     ),
+    "carriers": (
+        "Causal carrier search: ablate/add each candidate direction on the validation sets.",
+        "rgeom carriers --model results/model/base \\\n"
+        "    --directions results/base/step-000000/directions.parquet \\\n"
+        "    --val-harmful results/data/val_harmful.parquet \\\n"
+        "    --val-harmless results/data/val_harmless.parquet \\\n"
+        "    --out results/base/step-000000/carriers.parquet \\\n"
+        '    --params \'{"carrier": {"layer_stride": 3, "positions": [-1]}}\'',
+        "rgeom.stages:carriers",
+        [
+            (("--model",), {"required": True}),
+            (("--directions",), {"required": True}),
+            (("--val-harmful",), {"required": True}),
+            (("--val-harmless",), {"required": True}),
+            (("--out",), {"required": True}),
+        ],
+    ),
+    "drift": (
+        "Carrier relocation, effective rank and principal angles across anchors and arms.",
+        "rgeom drift --directions results/*/step-*/directions.parquet \\\n"
+        "    --carriers results/*/step-*/carriers.parquet \\\n"
+        "    --activations results/*/step-*/activations.parquet --out-dir results/drift",
+        "rgeom.stages:drift",
+        [
+            (("--directions",), {"nargs": "+", "required": True}),
+            (("--carriers",), {"nargs": "+", "required": True}),
+            (
+                ("--activations",),
+                {"nargs": "*", "default": [], "help": "for the label-shuffled null"},
+            ),
+            (("--out-dir",), {"required": True}),
+        ],
+    ),
     "check-config": (
         "Validate a config file against the schema and print the resolved config.",
         "rgeom check-config config/config.yaml",

@@ -9,6 +9,7 @@ Errors are raised as one :class:`RgeomError` that names the file and the dotted 
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,19 @@ def _check_semantics(cfg: dict[str, Any], source: str) -> None:
             )
     if cfg["train"]["zero_stage"] not in (0, 2, 3):
         raise RgeomError(f"{source}: key train.zero_stage: must be 0, 2 or 3")
+    r2d2 = cfg["r2d2"]
+    if "r2d2" in cfg["arms"]:
+        if r2d2["pool_size"] < r2d2["updates_per_step"]:
+            raise RgeomError(
+                f"{source}: key r2d2.pool_size: {r2d2['pool_size']} is smaller than "
+                f"r2d2.updates_per_step={r2d2['updates_per_step']}"
+            )
+        if r2d2["suffix_min"] > r2d2["suffix_max"]:
+            raise RgeomError(f"{source}: key r2d2.suffix_min: larger than r2d2.suffix_max")
+        if bool(r2d2["behaviours"]) != bool(r2d2["targets"]):
+            raise RgeomError(
+                f"{source}: keys r2d2.behaviours and r2d2.targets go together (set both or neither)"
+            )
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -147,3 +161,32 @@ def anchor_steps(cfg: Mapping[str, Any]) -> list[int]:
 def trained_anchors(cfg: Mapping[str, Any]) -> list[int]:
     """Anchors that need a training run (step 0 is the base model, shared by all arms)."""
     return [a for a in cfg["anchors"] if a > 0]
+
+
+def _rows(schema: Mapping[str, Any], prefix: str = ""):
+    for key, sub in schema.get("properties", {}).items():
+        dotted = f"{prefix}{key}"
+        if sub.get("type") == "object" and "properties" in sub:
+            yield dotted, "object", sub["description"], None
+            yield from _rows(sub, f"{dotted}.")
+        else:
+            typ = sub.get("type")
+            typ = " or ".join(typ) if isinstance(typ, list) else typ
+            yield dotted, typ, " ".join(sub["description"].split()), sub.get("default")
+
+
+def schema_markdown(schema: Mapping[str, Any] | None = None) -> str:
+    """Every config key as a Markdown table, generated from the schema (config/README.md)."""
+    schema = schema or load_schema()
+
+    def table(rows) -> list[str]:
+        out = ["| key | type | default | meaning |", "|---|---|---|---|"]
+        for key, typ, desc, default in rows:
+            shown = "" if typ == "object" else f"`{json.dumps(default)}`"
+            out.append(f"| `{key}` | {typ} | {shown} | {desc.replace('|', '/')} |")
+        return out
+
+    lines = table(_rows(schema))
+    lines += ["", "Each entry of `data.sets` is a dataset spec:", ""]
+    lines += table(_rows(schema["definitions"]["dataset"], "data.sets.NAME."))
+    return "\n".join(lines) + "\n"

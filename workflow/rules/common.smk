@@ -24,7 +24,8 @@ wildcard_constraints:
     arm="[a-z0-9]+",
     step=r"\d{6}",
     benchmark="[A-Za-z0-9_]+",
-    dataset="[A-Za-z0-9_]+",
+    # Only configured set names, so results/data/sft_train.parquet is never a "set".
+    dataset="|".join(sorted(config["data"]["sets"])),
 
 
 BASE = "base"  # step 0 is the source model, measured once and shared by every arm
@@ -85,3 +86,26 @@ def summary_outputs():
         "results/summary/figures/metrics_vs_step.png",
         "results/summary/figures/direction_norm_heatmap.png",
     ]
+
+
+def shared_path(path):
+    path = Path(path)
+    return str(
+        path if path.is_absolute() else Path(config["data"]["shared_dir"]) / path
+    )
+
+
+def r2d2_inputs():
+    """The R2D2 pool's behaviours: a HarmBench CSV + targets JSON, or train_harmful's targets."""
+    r2d2 = config["r2d2"]
+    if r2d2["behaviours"]:
+        return {
+            "r2d2_behaviours": shared_path(r2d2["behaviours"]),
+            "r2d2_targets": shared_path(r2d2["targets"]),
+        }
+    return {"r2d2_behaviours": "results/data/train_harmful.parquet"}
+
+
+def deepspeed_config():
+    offload = "_offload" if config["train"]["offload"] else ""
+    return f"workflow/deepspeed/zero{config['train']['zero_stage']}{offload}.json"

@@ -113,7 +113,12 @@ def label_table(table: pa.Table, path: str, judge: str = JUDGE_NAME) -> pa.Table
     steps = _column(table, "step")
 
     verdicts = [JUDGES[judge](c) for c in _column(table, "completion")]
-    targets = _column(table, "target")
+    # A harmful prompt's target is the attack's affirmative target ("Sure, here is..."), not
+    # an answer to check: only safe/harmless rows with a target are utility questions.
+    targets = [
+        None if label in ("harmful", "contrast") else t
+        for label, t in zip(labels, _column(table, "target"), strict=True)
+    ]
     correct = [
         None if t is None else (not v.refused and check_answer(c or "", t))
         for v, c, t in zip(verdicts, _column(table, "completion"), targets, strict=True)
