@@ -5,6 +5,9 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
+report: "workflow/report/workflow.rst"
+
+
 if not workflow.overwrite_configfiles:
 
     configfile: "config/config.yaml"
@@ -16,6 +19,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/behaviour.smk"
 include: "workflow/rules/geometry.smk"
+include: "workflow/rules/carriers.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -23,3 +27,4 @@ rule all:
     default_target: True
     input:
         summary_outputs(),
+        drift_outputs(),

@@ -308,6 +308,9 @@ def test_carrier_search_table_end_to_end(tiny, tmp_path):
     extract_activations(model, tokenizer, sets, tmp_path / "a.parquet", {"layers": [0, 1]}, {})
     diff_in_means_table(tmp_path / "a.parquet", tmp_path / "d.parquet", {})
     out = tmp_path / "carrier.parquet"
+    suffix = read_meta(tmp_path / "a.parquet")["suffix_len"]
+    # Every captured position; the default searches only the last one.
+    positions = list(range(-suffix, 0))
     result = carrier_search_table(
         model,
         tokenizer,
@@ -315,11 +318,10 @@ def test_carrier_search_table_end_to_end(tiny, tmp_path):
         sets["dir_harmful"],
         sets["dir_harmless"],
         out,
-        {"kl_max": 1.0, "max_layer_frac": 1.0},
+        {"kl_max": 1.0, "max_layer_frac": 1.0, "positions": positions},
         {"arm": "base"},
     )
     table = read_table(out, schema=CARRIER_SCHEMA)
-    suffix = read_meta(tmp_path / "a.parquet")["suffix_len"]
     assert table.num_rows == 2 * suffix
     meta = read_meta(out)
     assert meta["arm"] == "base" and meta["refusal_tokens"][0] == "I"

@@ -127,7 +127,7 @@ def test_editing_the_judge_reruns_only_judging(finished_run, repo_root, tmp_path
         timeout=600,
     )
     assert res.returncode == 0, res.stderr
-    assert job_counts(res.stdout) == {"judge": 9, "summary": 1, "all": 1}
+    assert job_counts(res.stdout) == {"judge": 9, "record_config": 1, "summary": 1, "all": 1}
 
 
 def test_bad_config_fails_before_any_job(repo_root, tmp_path):

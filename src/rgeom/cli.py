@@ -197,6 +197,40 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
         "rgeom.stages:provenance_cmd",
         [(("file",), {"help": "Parquet file written by rgeom"})],
     ),
+    "record-config": (
+        "Write the validated config, defaults filled in, as JSON (for `rgeom compare`).",
+        "rgeom record-config --out results/config.json \\\n"
+        '    --params "$(rgeom check-config config/config.yaml)"',
+        "rgeom.stages:record_config",
+        [(("--out",), {"required": True, "help": "output JSON file"})],
+    ),
+    "status": (
+        "Show which cells of the configured grid are done, running, incomplete or missing.",
+        "rgeom status --config config/config.yaml --results results",
+        "rgeom.status:status_cmd",
+        [
+            (("--config",), {"default": "config/config.yaml", "help": "YAML config file"}),
+            (("--results",), {"default": "results", "help": "results folder of the run"}),
+        ],
+    ),
+    "compare": (
+        "Compare two runs' summaries: A, B and B-A per shared (arm, step) and metric.",
+        "rgeom compare results ../other-run/results --ignore data.shared_dir",
+        "rgeom.status:compare_cmd",
+        [
+            (("run_a",), {"metavar": "RUN_A", "help": "results folder (or workflow dir) A"}),
+            (("run_b",), {"metavar": "RUN_B", "help": "results folder (or workflow dir) B"}),
+            (
+                ("--ignore",),
+                {
+                    "action": "append",
+                    "default": [],
+                    "metavar": "KEY",
+                    "help": "dotted config key (or section) allowed to differ; repeatable",
+                },
+            ),
+        ],
+    ),
 }
 
 
@@ -218,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         for flags, kwargs in args:
             p.add_argument(*flags, **kwargs)
-        if name not in ("check-config", "provenance"):
+        if name not in ("check-config", "provenance", "status", "compare"):
             p.add_argument("--params", type=_json, default={}, help="stage parameters as JSON")
     return parser
 

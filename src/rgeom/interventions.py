@@ -467,6 +467,76 @@ def _prompt_texts(key: str, path: str | Path) -> list[str]:
     return [prompt_text(t, c) for t, c in zip(table["text"], contexts, strict=True)]
 
 
+def _int_list(value, key: str) -> list[int]:
+    if not isinstance(value, list | tuple) or not value:
+        raise RgeomError(f"carrier.{key} must be a non-empty list of integers, got {value!r}")
+    for v in value:
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise RgeomError(f"carrier.{key}: {v!r} is not an integer")
+    return sorted(set(value))
+
+
+def select_candidates(
+    directions: Mapping[tuple[int, int], Any],
+    n_layers: int,
+    params: Mapping[str, Any],
+    source: str | Path = "the direction table",
+) -> dict[tuple[int, int], Any]:
+    """The (layer, position) candidates the carrier search evaluates.
+
+    Every candidate costs three forward passes over the validation sets, so the search is
+    restricted to ``positions`` (default ``[-1]``, the last template token) and to
+    ``layers``: an explicit list, or (null) every layer below ``max_layer_frac * n_layers``
+    whose index is a multiple of ``layer_stride``. Striding on the absolute index, not on
+    the list of captured layers, keeps the same candidates in every (arm, step) cell.
+    """
+    raw_positions = params.get("positions")
+    positions = _int_list([-1] if raw_positions is None else raw_positions, "positions")
+    bad = [p for p in positions if p >= 0]
+    if bad:
+        raise RgeomError(
+            f"carrier.positions: {bad} are not negative; positions count back from the end "
+            "of the prompt (-1 is the last template token)"
+        )
+    stride = params.get("layer_stride")
+    stride = 1 if stride is None else stride
+    if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
+        raise RgeomError(f"carrier.layer_stride must be an integer >= 1, got {stride!r}")
+    have = {(int(layer), int(pos)) for layer, pos in directions}
+    for pos in positions:
+        if not any(p == pos for _, p in have):
+            held = sorted({p for _, p in have})
+            raise RgeomError(f"carrier.positions: position {pos} is not in {source} (has {held})")
+    if params.get("layers") is None:
+        cut = float(params.get("max_layer_frac", 0.8)) * n_layers
+        keys = [
+            (layer, pos)
+            for layer, pos in sorted(have)
+            if pos in positions and layer < cut and layer % stride == 0
+        ]
+        if not keys:
+            raise RgeomError(
+                f"carrier: no candidate in {source} below layer {cut:g} with layer_stride "
+                f"{stride} at positions {positions}"
+            )
+    else:
+        layers = _int_list(params["layers"], "layers")
+        outside = [layer for layer in layers if not 0 <= layer < n_layers]
+        if outside:
+            raise RgeomError(
+                f"carrier.layers: {outside} outside the model (n_layers={n_layers}, valid "
+                f"0..{n_layers - 1})"
+            )
+        keys = [(layer, pos) for layer in layers for pos in positions]
+        missing = [k for k in keys if k not in have]
+        if missing:
+            raise RgeomError(
+                f"carrier.layers: (layer, position) {missing[0]} is not in {source}; "
+                "capture it with activations.layers"
+            )
+    return {k: directions[k] for k in keys}
+
+
 def carrier_search_table(
     model,
     tokenizer,
@@ -481,7 +551,9 @@ def carrier_search_table(
     write every candidate's scores to ``out``; the carrier (or null) goes in the metadata.
 
     params: ``max_layer_frac`` (0.8), ``kl_max`` (0.1), ``batch_size`` (16),
-    ``reuse_prefix`` (true), ``refusal_prefixes`` (the opening words of refusals).
+    ``reuse_prefix`` (true), ``refusal_prefixes`` (the opening words of refusals), and the
+    candidate subset (see :func:`select_candidates`): ``layers`` (null), ``layer_stride``
+    (1), ``positions`` ([-1]).
     """
     from rgeom.activations import template_hash, tokenizer_hash
     from rgeom.geometry import load_directions
@@ -495,16 +567,24 @@ def carrier_search_table(
                 f"{directions}: {key} differs from the model's tokenizer; the directions were "
                 "extracted with another chat template or vocabulary"
             )
+    n_layers = len(decoder_layers(model))
+    if "n_layers" in source and int(source["n_layers"]) != n_layers:
+        raise RgeomError(
+            f"{directions}: written for a model with n_layers={source['n_layers']}, but the "
+            f"model has {n_layers}"
+        )
+    max_layer_frac = float(params.get("max_layer_frac", 0.8))
+    candidates = select_candidates(load_directions(directions), n_layers, params, directions)
     prefixes = params.get("refusal_prefixes") or REFUSAL_PREFIXES
     refusal_ids = refusal_token_ids(tokenizer, prefixes)
     result = select_carrier(
         model,
         tokenizer,
-        load_directions(directions),
+        candidates,
         _prompt_texts("val_harmful", harmful),
         _prompt_texts("val_harmless", harmless),
         refusal_ids=refusal_ids,
-        max_layer_frac=float(params.get("max_layer_frac", 0.8)),
+        max_layer_frac=max_layer_frac,
         kl_max=float(params.get("kl_max", 0.1)),
         batch_size=int(params.get("batch_size", 16)),
         reuse_prefix=bool(params.get("reuse_prefix", True)),
@@ -529,8 +609,11 @@ def carrier_search_table(
         refusal_token_ids=refusal_ids,
         refusal_tokens=[tokenizer.decode([i]) for i in refusal_ids],
         selection={
-            "max_layer_frac": float(params.get("max_layer_frac", 0.8)),
+            "max_layer_frac": max_layer_frac,
             "kl_max": float(params.get("kl_max", 0.1)),
+            "layers": sorted({layer for layer, _ in candidates}),
+            "positions": sorted({pos for _, pos in candidates}),
+            "layer_stride": int(params.get("layer_stride") or 1),
         },
     )
     if result.carrier is None:

@@ -79,6 +79,8 @@ def prepare_data(name: str, out: str, tokenizer: str | None, params: dict[str, A
     from rgeom.data import prepare_set
 
     seed_everything(params.get("seed", 0))
+    if not isinstance(params.get("spec"), dict):
+        raise RgeomError(f"--params: key 'spec' (the dataset spec of set {name!r}) is required")
     tok = None
     if tokenizer:
         from rgeom.models import load_tokenizer
@@ -241,3 +243,65 @@ def provenance_cmd(file: str) -> None:
     if not path.exists():
         raise RgeomError(f"no such file: {path}")
     print(json.dumps(read_meta(path), indent=2, sort_keys=True))
+
+
+def carriers(
+    model: str,
+    directions: str,
+    val_harmful: str,
+    val_harmless: str,
+    out: str,
+    params: dict[str, Any],
+) -> None:
+    from rgeom.interventions import carrier_search_table
+
+    seed_everything(params.get("seed", 0))
+    source = read_meta(directions)
+    lm, tokenizer = _load(model, params)
+    carrier_search_table(
+        model=lm,
+        tokenizer=tokenizer,
+        directions=directions,
+        harmful=val_harmful,
+        harmless=val_harmless,
+        out=out,
+        params=params.get("carrier", {}),
+        meta=_meta(
+            params,
+            model=model,
+            arm=params.get("arm", source.get("arm")),
+            step=params.get("step", source.get("step")),
+            directions=directions,
+        ),
+    )
+
+
+def drift(
+    directions: list[str],
+    carriers: list[str],
+    activations: list[str],
+    out_dir: str,
+    params: dict[str, Any],
+) -> None:
+    from rgeom.drift import build_drift
+
+    seed_everything(params.get("seed", 0))
+    tables = build_drift(
+        directions=directions,
+        carriers=carriers,
+        out_dir=out_dir,
+        params=params,
+        meta=_meta(params),
+        activations=activations or None,
+    )
+    for row in tables["verdict"].to_pylist():
+        print(f"{row['arm']}: {row['verdict']} ({row['detail']})")
+
+
+def record_config(out: str, params: dict[str, Any]) -> None:
+    from rgeom.config import validate
+    from rgeom.io import write_json
+
+    # Validated again so the record always has every default filled in: two runs whose
+    # configs differ only in spelling out a default then compare as equal.
+    write_json(out, validate(params, source="record-config --params"))

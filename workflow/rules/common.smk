@@ -80,11 +80,22 @@ def dataset_input(wildcards):
 
 def summary_outputs():
     return [
+        "results/config.json",
         "results/summary/summary.parquet",
         "results/summary/summary.csv",
         "results/summary/summary.md",
         "results/summary/figures/metrics_vs_step.png",
         "results/summary/figures/direction_norm_heatmap.png",
+    ]
+
+
+def drift_outputs():
+    return [
+        "results/drift/drift.parquet",
+        "results/drift/angles.parquet",
+        "results/drift/verdict.parquet",
+        "results/drift/figures/carrier_layer_vs_step.png",
+        "results/drift/figures/principal_angles.png",
     ]
 
 
@@ -108,4 +119,36 @@ def r2d2_inputs():
 
 def deepspeed_config():
     offload = "_offload" if config["train"]["offload"] else ""
-    return f"workflow/deepspeed/zero{config['train']['zero_stage']}{offload}.json"
+    # Relative to the Snakefile, so runs with --directory elsewhere still find it.
+    name = f"zero{config['train']['zero_stage']}{offload}.json"
+    return str(Path(workflow.basedir) / "workflow" / "deepspeed" / name)
+
+
+def train_inputs(wildcards):
+    inputs = {"model": "results/model/base", "data": "results/data/sft_train.parquet"}
+    if wildcards.arm == "r2d2":
+        inputs.update(r2d2_inputs())
+    if config["train"]["zero_stage"]:
+        inputs["deepspeed"] = deepspeed_config()
+    return inputs
+
+
+def train_params(wildcards):
+    sections = {
+        "model": model_params(),
+        "train": config["train"],
+        "anchors": config["anchors"],
+    }
+    if wildcards.arm == "r2d2":
+        # Only the r2d2 arm sees these, so tuning R2D2 never retrains the SFT arm.
+        sections["r2d2"] = {
+            k: v
+            for k, v in config["r2d2"].items()
+            if k not in ("behaviours", "targets")
+        }
+    return params_json(**sections)
+
+
+def extra_flags(wildcards, input):
+    names = ("r2d2_behaviours", "r2d2_targets", "deepspeed")
+    return " ".join(f"--extra {n}={input[n]}" for n in names if n in input.keys())

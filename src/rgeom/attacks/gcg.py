@@ -134,6 +134,30 @@ def _embedding_matrix(model) -> torch.Tensor:
     return model.get_input_embeddings().weight
 
 
+def _vocab_size(model) -> int:
+    # num_embeddings, not weight.shape[0]: under ZeRO-3 the weight is a partitioned
+    # placeholder whose shape says nothing about the vocabulary.
+    return int(model.get_input_embeddings().num_embeddings)
+
+
+def _full_embedding(model) -> torch.Tensor:
+    """The whole input-embedding matrix, detached, as a plain tensor.
+
+    The one-hot trick multiplies by the weight directly, outside any module forward, so
+    under DeepSpeed ZeRO-3 (R2D2 runs GCG on the partitioned training model) the weight is
+    an empty placeholder. It is gathered and copied: a tied LM head re-partitions the
+    shared parameter after its own forward, which would pull the storage out from under
+    the autograd graph before the gradient is taken.
+    """
+    weight = _embedding_matrix(model)
+    if not hasattr(weight, "ds_id"):
+        return weight.detach()
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
+        return weight.detach().clone()
+
+
 def _cache_kwarg(model) -> str:
     # transformers 5.2x renamed ``past_key_values`` to ``cache``; earlier 5.x only knows the
     # old name, and passing it to a newer release logs a deprecation warning on every call.
@@ -214,12 +238,11 @@ def _token_gradient(
     target: torch.Tensor,
 ) -> tuple[torch.Tensor, float]:
     """Gradient of the target CE w.r.t. the one-hot suffix, and the suffix's loss."""
-    embed = _embedding_matrix(model)
+    embed = _full_embedding(model)
     one_hot = torch.zeros(suffix.numel(), embed.shape[0], device=embed.device, dtype=embed.dtype)
     one_hot.scatter_(1, suffix.unsqueeze(1), 1.0)
     one_hot.requires_grad_(True)
-    emb_layer = model.get_input_embeddings()
-    rest = emb_layer(torch.cat([post, target])).detach()
+    rest = embed[torch.cat([post, target])]
     inputs = torch.cat([one_hot @ embed, rest], dim=0).unsqueeze(0)
     cache = _expand_cache(model, kv, 1)
     logits = _run_cached(model, cache, target.numel() + 1, inputs_embeds=inputs)
@@ -301,7 +324,7 @@ def gcg(
     if steps < 0 or search_width < 1 or topk < 1:
         raise RgeomError("GCG needs steps >= 0, search_width >= 1 and topk >= 1")
     device = _embedding_matrix(model).device
-    vocab = _embedding_matrix(model).shape[0]
+    vocab = _vocab_size(model)
     allowed = ascii_token_ids(tokenizer, vocab) if allowed_tokens is None else allowed_tokens
     allowed = allowed.cpu().long()
     generator = torch.Generator().manual_seed(seed)

@@ -299,10 +299,9 @@ def _parse_json(path: Path, text: str, what: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise RgeomError(
-            f"{path}: {what} does not parse as JSON (line {exc.lineno}, column {exc.colno}: "
-            f"{exc.msg})"
-        ) from None
+        # A JSONL line is one line: its own "line 1" would contradict the line in `what`.
+        at = f"line {exc.lineno}, column {exc.colno}" if "\n" in text else f"column {exc.colno}"
+        raise RgeomError(f"{path}: {what} does not parse as JSON ({at}: {exc.msg})") from None
 
 
 def _arditi(path: Path, spec: dict[str, Any]) -> list[dict[str, Any]]:

@@ -8,6 +8,10 @@ Layout under the arm's results folder::
     train_state/log.jsonl      per-step metrics, truncated to the resume point on restart
     train_log.parquet          the per-step metrics table (declared output)
 
+Resume state is saved at every anchor and every ``train.save_every`` steps. On SIGTERM (what
+SLURM sends at the time limit) the runner finishes the current step, saves resume state and
+exits with status 143; SIGKILL loses the steps since the last save.
+
 Snakemake deletes a job's declared outputs before rerunning it, so anchors are exported
 into ``train_state/anchors`` first and hard-linked into ``checkpoints`` at the end: a
 preempted or extended run resumes from its last state instead of retraining from zero.
@@ -19,7 +23,9 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +50,18 @@ TRAIN_LOG_SCHEMA = pa.schema(
     ]
 )
 KNOWN_LOG_KEYS = {"loss", "learning_rate", "grad_norm"}
+
+# Repository-relative: the workflow runs from the repository root and passes the path on.
+DEEPSPEED_DIR = "workflow/deepspeed"
+
+
+def deepspeed_config_path(zero_stage: int, offload: bool = False) -> str | None:
+    """The DeepSpeed config for ``train.zero_stage`` / ``train.offload``; None without ZeRO."""
+    if zero_stage == 0:
+        return None
+    if zero_stage not in (2, 3):
+        raise RgeomError(f"train.zero_stage must be 0, 2 or 3, got {zero_stage}")
+    return f"{DEEPSPEED_DIR}/zero{zero_stage}{'_offload' if offload else ''}.json"
 
 
 def anchor_name(step: int) -> str:
@@ -76,6 +94,40 @@ def _ensure_launcher_env() -> None:
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(_free_port()),
         )
+
+
+class _StopOnSignal:
+    """Turns SIGTERM into a request to save resume state and stop after the current step.
+
+    The handler only sets a flag: saving from inside a signal handler could interrupt a
+    collective or a half-written checkpoint. A second SIGTERM gets the previous handler, so
+    a stuck save can still be terminated.
+    """
+
+    signals = (signal.SIGTERM,)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        signal.signal(signum, self._previous[signum])
+
+    def __enter__(self) -> _StopOnSignal:
+        # Python only lets the main thread install handlers (a runner embedded in a worker
+        # thread keeps the default behaviour).
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                previous = signal.signal(sig, self._handle)
+                # None: a handler installed outside Python, which cannot be put back.
+                self._previous[sig] = signal.SIG_DFL if previous is None else previous
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
 
 
 def _latest_resume(resume_dir: Path, limit: int) -> Path | None:
@@ -112,6 +164,10 @@ def _make_callback(runner: _Runner):
                 control.should_save = True
             elif runner.save_every and step % runner.save_every == 0:
                 control.should_save = True
+            if runner.stop_requested(args.device):
+                log.warning("stop requested by signal: saving resume state at step %d", step)
+                control.should_save = True
+                control.should_training_stop = True
             return control
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -144,6 +200,17 @@ class _Runner:
         self.trainer = None
         self.collator = None
         self.tokenizer = None
+        self.stop = _StopOnSignal()
+
+    def stop_requested(self, device) -> bool:
+        flag = self.stop.signum is not None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Ranks see the signal at different steps; saving is collective, so they must
+            # agree on the step at which to save and stop.
+            t = torch.tensor([int(flag)], device=device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            flag = bool(t.item())
+        return flag
 
     # -- logging -----------------------------------------------------------------------
     def record(self, step: int, logs: dict[str, Any], tokens_seen: int) -> None:
@@ -168,7 +235,8 @@ class _Runner:
             fh.write(json.dumps(row) + "\n")
 
     def _truncate_log(self, resume_step: int) -> None:
-        if not self.log_path.exists():
+        # Rank 0 is the log's only writer.
+        if _rank() != 0 or not self.log_path.exists():
             return
         rows = [json.loads(line) for line in self.log_path.read_text().splitlines() if line]
         kept = [r for r in rows if r["step"] <= resume_step]
@@ -229,12 +297,13 @@ class _Runner:
         kwargs: dict[str, Any] = {}
         if cfg.get("gradient_checkpointing"):
             kwargs["gradient_checkpointing"] = True
-        if cfg.get("zero_stage", 0) in (2, 3):
-            deepspeed = self.extra.get("deepspeed")
-            if not deepspeed:
-                raise RgeomError("train.zero_stage is set but no DeepSpeed config was given")
+        stage = cfg.get("zero_stage", 0)
+        expected = deepspeed_config_path(stage, cfg.get("offload", False))
+        if expected is not None:
+            kwargs["deepspeed"] = _check_deepspeed_config(
+                self.extra.get("deepspeed"), stage, expected
+            )
             _ensure_launcher_env()
-            kwargs["deepspeed"] = deepspeed
         return TrainingArguments(
             output_dir=str(self.resume_dir),
             max_steps=cfg.get("max_steps", 20),
@@ -303,7 +372,20 @@ class _Runner:
                 self._truncate_log(step)
             else:
                 self._truncate_log(0)
-            self.trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            with self.stop:
+                self.trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            done = self.trainer.state.global_step
+            if self.stop.signum is not None and done < args.max_steps:
+                log.warning(
+                    "arm %s stopped by signal %d at step %d of %d; rerun to resume",
+                    self.arm,
+                    self.stop.signum,
+                    done,
+                    args.max_steps,
+                )
+                # The anchors are incomplete, so the job must fail; 128 + signal is how a
+                # shell (and SLURM, Snakemake) reports a process ended by that signal.
+                raise SystemExit(128 + self.stop.signum)
         if _rank() == 0:
             self.publish()
             self.write_log()
@@ -316,6 +398,31 @@ class _Runner:
 
             return make_r2d2_trainer(self.params, self.extra, self.tokenizer)
         raise RgeomError(f"unknown arm {self.arm!r} (known: sft, r2d2)")
+
+
+def _check_deepspeed_config(path: str | None, stage: int, expected: str) -> str:
+    if not path:
+        raise RgeomError(
+            f"train.zero_stage is {stage} but no DeepSpeed config was given "
+            f"(pass --extra deepspeed={expected})"
+        )
+    try:
+        ds = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RgeomError(f"cannot read the DeepSpeed config {path}: {exc}") from exc
+    zero = ds.get("zero_optimization", {})
+    if zero.get("stage") != stage:
+        raise RgeomError(
+            f"{path} sets ZeRO stage {zero.get('stage')} but train.zero_stage is {stage}"
+        )
+    if stage == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save"):
+        # Without it save_model writes DeepSpeed shards, not a model folder: the anchors
+        # would not load with from_pretrained.
+        raise RgeomError(
+            f"{path}: ZeRO-3 anchors need "
+            '"stage3_gather_16bit_weights_on_model_save": true in zero_optimization'
+        )
+    return path
 
 
 def train_arm(

@@ -1,0 +1,806 @@
+"""How the refusal geometry moves across training anchors and between arms (issue #5).
+
+Inputs are, per measured cell (arm, step), the direction table (``rgeom directions``), the
+carrier table (``rgeom carriers``) and optionally the activation table, used for the
+label-shuffled null. Step 0 is the base model, written once with arm ``base`` and treated as
+step 0 of every arm.
+
+Per cell the *reference* (layer, position) is the carrier found by the causal search, or,
+where no candidate was admissible, the layer with the largest direction norm at position -1.
+Around it sits a window of ``2 * window + 1`` adjacent layers (clipped to the captured
+layers) whose unit directions are stacked for the effective rank and the top-k subspace.
+
+Effective rank of the window stack
+----------------------------------
+Three variants come from :func:`rgeom.geometry.rank_measures`; all are 1 for parallel rows.
+For ``n`` unit rows with pairwise cosine ``c`` the squared singular values are
+``1 + (n - 1) c`` once and ``1 - c`` (n - 1 times), so for n = 5 and c = 0.95:
+
+* ``energy`` (exp entropy of sigma^2 / sum sigma^2, i.e. of the explained-variance
+  fractions) = 1.25,
+* ``participation`` ((sum sigma^2)^2 / sum sigma^4) = 1.09,
+* ``singular`` (Roy & Vetterli: exp entropy of sigma / sum sigma) = 2.73.
+
+The "erank ~ 1.24, just above 1" reading of nearly parallel directions across adjacent
+layers matches the ``energy`` variant (c ~ 0.95 over five layers): the noise directions
+each carry a variance share of order (1 - c) / n, and sigma^2-entropy weighs them by that
+share, so the value stays below 1.5 down to c = 0.9. ``singular`` weighs them by sigma, i.e. by
+sqrt(1 - c), and inflates quickly (3.23 at c = 0.9, still 1.89 at c = 0.99);
+``participation`` is the most forgiving (1.18 at c = 0.9). ``rank_kind`` (default
+``energy``) picks the variant the null baseline is computed for; all three observed values
+are written.
+
+Null baseline
+-------------
+``null_model: shuffle`` permutes the harmful/harmless labels of the per-prompt activations
+(``split == "dir"``) and recomputes the window's difference-in-means directions, so the null
+keeps the residual stream's own layer-to-layer correlation; only the label signal is gone.
+``null_model: gaussian`` stacks i.i.d. Gaussian unit vectors of the same shape, whose erank is
+close to the window size; it is the fallback when no activation tables are given.
+
+Outputs
+-------
+``drift.parquet``: one row per (arm, step), the base row repeated as step 0 of each arm.
+``angle_prev_deg`` / ``angle_step0_deg`` are principal angles (0..90, sign-blind) between
+the reference directions; ``cos_prev_same_layer`` is the signed cosine at this cell's
+reference (layer, position) against the previous anchor. ``*_ci_*`` are prompt-bootstrap
+percentile intervals (paired across cells; null without activation tables).
+``angles.parquet``: every pair of distinct cells (base once), ``basis`` carrier (k = 1) or
+window (top-k), one row per principal angle. ``verdict.parquet``: one row per arm, see
+:func:`verdict`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rgeom.errors import RgeomError
+from rgeom.geometry import (
+    DIRECTION_SPLIT,
+    HARMFUL,
+    HARMLESS,
+    cosine,
+    effective_rank,
+    load_directions,
+    principal_angles,
+    rank_measures,
+)
+from rgeom.io import read_meta, read_table, write_table
+
+log = logging.getLogger(__name__)
+
+BASE_ARM = "base"
+RANK_KINDS = ("singular", "energy", "participation")
+NULL_KINDS = ("auto", "shuffle", "gaussian")
+# Files combined here must describe the same model and tokenization.
+SHARED_META = ("d_model", "n_layers", "template_hash", "tokenizer_hash")
+
+DEFAULTS: dict[str, Any] = {
+    "window": 2,
+    "window_layers": None,
+    "subspace_k": 2,
+    "rank_kind": "energy",
+    "null_model": "auto",
+    "n_null": 100,
+    "relocation_layers": 3,
+    "rotation_deg": 30.0,
+    "n_boot": 200,
+    "ci": 0.95,
+}
+
+DRIFT_SCHEMA = pa.schema(
+    [
+        pa.field("arm", pa.string(), nullable=False),
+        pa.field("step", pa.int32(), nullable=False),
+        pa.field("carrier_layer", pa.int16()),
+        pa.field("carrier_position", pa.int16()),
+        pa.field("n_admissible", pa.int32(), nullable=False),
+        pa.field("ref_layer", pa.int16(), nullable=False),
+        pa.field("ref_position", pa.int16(), nullable=False),
+        pa.field("window_layers", pa.list_(pa.int16()), nullable=False),
+        pa.field("erank_singular", pa.float64()),
+        pa.field("erank_energy", pa.float64()),
+        pa.field("erank_participation", pa.float64()),
+        pa.field("erank_ci_low", pa.float64()),
+        pa.field("erank_ci_high", pa.float64()),
+        pa.field("erank_null_mean", pa.float64()),
+        pa.field("erank_null_sd", pa.float64()),
+        pa.field("null_kind", pa.string(), nullable=False),
+        pa.field("angle_prev_deg", pa.float64()),
+        pa.field("angle_step0_deg", pa.float64()),
+        pa.field("angle_prev_ci_low", pa.float64()),
+        pa.field("angle_prev_ci_high", pa.float64()),
+        pa.field("angle_step0_ci_low", pa.float64()),
+        pa.field("angle_step0_ci_high", pa.float64()),
+        pa.field("cos_prev_same_layer", pa.float64()),
+    ]
+)
+
+ANGLES_SCHEMA = pa.schema(
+    [
+        pa.field("arm_a", pa.string(), nullable=False),
+        pa.field("step_a", pa.int32(), nullable=False),
+        pa.field("arm_b", pa.string(), nullable=False),
+        pa.field("step_b", pa.int32(), nullable=False),
+        # prev: b is a's previous anchor; step0: b is the base; arm: same step, other arm.
+        pa.field("relation", pa.string(), nullable=False),
+        # carrier: the 1-D span of the reference direction; window: top-k SVD of the stack.
+        pa.field("basis", pa.string(), nullable=False),
+        pa.field("k", pa.int16(), nullable=False),
+        pa.field("index", pa.int16(), nullable=False),
+        pa.field("angle_deg", pa.float64()),
+    ]
+)
+
+VERDICT_SCHEMA = pa.schema(
+    [
+        pa.field("arm", pa.string(), nullable=False),
+        pa.field("verdict", pa.string(), nullable=False),
+        pa.field("statistic", pa.float64()),
+        pa.field("detail", pa.string(), nullable=False),
+    ]
+)
+
+
+@dataclass
+class Cell:
+    arm: str
+    step: int
+    directions_path: Path
+    raw: dict[tuple[int, int], np.ndarray]
+    carrier: tuple[int, int] | None = None
+    n_admissible: int = 0
+    activations: Path | None = None
+    ref: tuple[int, int] = (0, -1)
+    window: list[int] = field(default_factory=list)
+    stack: np.ndarray | None = None  # [w, d] non-zero unit directions of the window
+    basis: np.ndarray | None = None  # [d, k] top-k right singular vectors of the stack
+
+    @property
+    def label(self) -> str:
+        return f"{self.arm}@{self.step}"
+
+    def unit(self, key: tuple[int, int]) -> np.ndarray | None:
+        r = self.raw.get(key)
+        if r is None:
+            return None
+        norm = np.linalg.norm(r)
+        return r / norm if norm > 0 else None
+
+
+# --- reading ------------------------------------------------------------------------
+
+
+def _settings(params: Mapping[str, Any]) -> dict[str, Any]:
+    section = dict(params.get("drift") or {})
+    unknown = sorted(set(section) - set(DEFAULTS))
+    if unknown:
+        raise RgeomError(f"drift: unknown key(s) {', '.join(unknown)}")
+    s = {**DEFAULTS, **section}
+    if not isinstance(s["ci"], int | float) or not 0 < s["ci"] < 1:
+        raise RgeomError(f"drift.ci must be in (0, 1), got {s['ci']!r}")
+    for key in ("window", "n_null", "n_boot", "relocation_layers", "subspace_k"):
+        v, least = s[key], 1 if key == "subspace_k" else 0
+        if not isinstance(v, int) or isinstance(v, bool) or v < least:
+            raise RgeomError(f"drift.{key} must be an integer >= {least}, got {v!r}")
+    if not isinstance(s["rotation_deg"], int | float) or not 0 <= s["rotation_deg"] <= 90:
+        raise RgeomError(f"drift.rotation_deg must be in [0, 90], got {s['rotation_deg']!r}")
+    if s["rank_kind"] not in RANK_KINDS:
+        raise RgeomError(f"drift.rank_kind: {s['rank_kind']!r} is not one of {RANK_KINDS}")
+    if s["null_model"] not in NULL_KINDS:
+        raise RgeomError(f"drift.null_model: {s['null_model']!r} is not one of {NULL_KINDS}")
+    return s
+
+
+def _cell_key(path: Path, meta: Mapping[str, Any], kind: str) -> tuple[str, int]:
+    for key in ("arm", "step"):
+        if meta.get(key) is None:
+            raise RgeomError(f"{path}: provenance lacks {key!r} ({kind} table)")
+    return str(meta["arm"]), int(meta["step"])
+
+
+def read_cells(
+    directions: Sequence[str | Path],
+    carriers: Sequence[str | Path],
+    activations: Sequence[str | Path] | None = None,
+) -> tuple[list[Cell], dict[str, Any]]:
+    """One :class:`Cell` per direction table, matched to its carrier (and activation) table
+    by the (arm, step) in their provenance; also the model facts all files share."""
+    from rgeom.interventions import CARRIER_SCHEMA
+
+    if not directions:
+        raise RgeomError("drift: no direction tables given")
+    cells: dict[tuple[str, int], Cell] = {}
+    shared: dict[str, Any] = {}
+    shared_from: dict[str, Path] = {}
+    for p in map(Path, directions):
+        meta = read_meta(p)
+        key = _cell_key(p, meta, "direction")
+        if key in cells:
+            raise RgeomError(
+                f"arm {key[0]} step {key[1]} has two direction tables: "
+                f"{cells[key].directions_path} and {p}"
+            )
+        for name in SHARED_META:
+            if name not in meta:
+                continue
+            if name in shared and shared[name] != meta[name]:
+                raise RgeomError(
+                    f"{p}: {name} differs from {shared_from[name]}; the tables come from "
+                    "different models or tokenizers"
+                )
+            shared.setdefault(name, meta[name])
+            shared_from.setdefault(name, p)
+        cells[key] = Cell(arm=key[0], step=key[1], directions_path=p, raw=load_directions(p))
+
+    seen: dict[tuple[str, int], Path] = {}
+    for p in map(Path, carriers):
+        meta = read_meta(p)
+        key = _cell_key(p, meta, "carrier")
+        if key not in cells:
+            raise RgeomError(f"{p}: arm {key[0]} step {key[1]} has no direction table")
+        if key in seen:
+            raise RgeomError(f"arm {key[0]} step {key[1]} has two carrier tables: {seen[key]}, {p}")
+        seen[key] = p
+        cell = cells[key]
+        th = meta.get("template_hash")
+        if th is not None and shared.get("template_hash") not in (None, th):
+            raise RgeomError(f"{p}: template_hash differs from {cell.directions_path}")
+        table = read_table(p, schema=CARRIER_SCHEMA)
+        rows = table.select(["layer", "position", "admissible", "is_carrier"]).to_pylist()
+        chosen = [(r["layer"], r["position"]) for r in rows if r["is_carrier"]]
+        if len(chosen) > 1:
+            raise RgeomError(f"{p}: {len(chosen)} rows have is_carrier; at most one may")
+        stated = meta.get("carrier")
+        if "carrier" in meta and (tuple(stated) if stated else None) != (
+            tuple(chosen[0]) if chosen else None
+        ):
+            raise RgeomError(
+                f"{p}: provenance names carrier {stated} but the is_carrier rows say "
+                f"{list(chosen[0]) if chosen else None}"
+            )
+        cell.n_admissible = sum(bool(r["admissible"]) for r in rows)
+        if chosen:
+            cell.carrier = (int(chosen[0][0]), int(chosen[0][1]))
+            if cell.carrier not in cell.raw:
+                raise RgeomError(
+                    f"{p}: carrier layer {cell.carrier[0]} position {cell.carrier[1]} is not "
+                    f"in {cell.directions_path}"
+                )
+    missing = [c.label for k, c in sorted(cells.items()) if k not in seen]
+    if missing:
+        raise RgeomError(f"drift: no carrier table for {', '.join(missing)}")
+
+    for p in map(Path, activations or []):
+        meta = read_meta(p)
+        key = _cell_key(p, meta, "activation")
+        if key not in cells:
+            raise RgeomError(f"{p}: arm {key[0]} step {key[1]} has no direction table")
+        for name in SHARED_META:
+            if name in meta and name in shared and meta[name] != shared[name]:
+                raise RgeomError(f"{p}: {name} differs from {shared_from[name]}")
+        cells[key].activations = p
+    if "n_layers" not in shared:
+        shared["n_layers"] = 1 + max(layer for c in cells.values() for layer, _ in c.raw)
+    ordered = sorted(cells.values(), key=lambda c: (c.step, c.arm != BASE_ARM, c.arm))
+    return ordered, shared
+
+
+# --- per-cell geometry --------------------------------------------------------------
+
+
+def _reference(cell: Cell) -> tuple[int, int]:
+    if cell.carrier is not None:
+        return cell.carrier
+    positions = {pos for _, pos in cell.raw}
+    # -1 is the last template token; tables that count forward use their last index.
+    pos = -1 if -1 in positions else max(positions)
+    layers = [layer for layer, p in cell.raw if p == pos]
+    return max(layers, key=lambda layer: np.linalg.norm(cell.raw[(layer, pos)])), pos
+
+
+def _window(cell: Cell, settings: Mapping[str, Any], n_layers: int) -> list[int]:
+    layer, pos = cell.ref
+    have = sorted(lay for lay, p in cell.raw if p == pos)
+    if settings["window_layers"] is not None:
+        explicit = settings["window_layers"]
+        if not isinstance(explicit, list) or not explicit:
+            raise RgeomError(f"drift.window_layers must be null or a non-empty list: {explicit!r}")
+        outside = [x for x in explicit if not isinstance(x, int) or not 0 <= x < n_layers]
+        if outside:
+            raise RgeomError(
+                f"drift.window_layers: {outside} outside the model (n_layers={n_layers}, "
+                f"valid 0..{n_layers - 1})"
+            )
+        absent = [x for x in explicit if x not in have]
+        if absent:
+            raise RgeomError(
+                f"drift.window_layers: layer(s) {absent} at position {pos} are not in "
+                f"{cell.directions_path}"
+            )
+        return sorted(set(explicit))
+    h = settings["window"]
+    return [x for x in have if layer - h <= x <= layer + h]
+
+
+def _stack(cell: Cell, layers: Sequence[int]) -> np.ndarray | None:
+    pos = cell.ref[1]
+    units = [u for u in (cell.unit((layer, pos)) for layer in layers) if u is not None]
+    return np.stack(units) if units else None
+
+
+def _top_basis(stack: np.ndarray | None, k: int) -> np.ndarray | None:
+    if stack is None:
+        return None
+    _, s, vt = np.linalg.svd(stack, full_matrices=False)
+    keep = int(min(k, (s > 1e-10 * s[0]).sum()))
+    return vt[:keep].T if keep else None
+
+
+def _window_activations(cell: Cell, layers: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-prompt ``dir`` activations at the reference position: X [w, n, d] in ``layers``
+    order with prompts in one fixed order, and y [n] (True for harmful)."""
+    pos = cell.ref[1]
+    path = cell.activations
+    try:
+        table = pq.read_table(
+            path,
+            columns=["prompt_id", "label", "layer", "vector"],
+            filters=[
+                ("split", "=", DIRECTION_SPLIT),
+                ("position", "=", pos),
+                ("label", "in", [HARMFUL, HARMLESS]),
+                ("layer", "in", list(layers)),
+            ],
+        )
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise RgeomError(f"{path} is not a readable Parquet file") from exc
+    d = table.schema.field("vector").type.list_size
+    vec = table.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    vec = vec.astype(np.float64).reshape(-1, d)
+    labels = np.asarray(table.column("label").to_pylist())
+    # Harmful and harmless sets may reuse prompt ids; the label keeps them apart.
+    keys = np.char.add(np.char.add(labels, "\0"), np.asarray(table.column("prompt_id").to_pylist()))
+    layer_col = table.column("layer").to_numpy()
+    order = np.unique(keys)
+    per_layer = []
+    for layer in layers:
+        rows = np.flatnonzero(layer_col == layer)
+        rows = rows[np.argsort(keys[rows], kind="stable")]
+        if len(rows) != len(order) or not np.array_equal(keys[rows], order):
+            raise RgeomError(
+                f"{path}: layer {layer} position {pos} has {len(rows)} {DIRECTION_SPLIT!r} rows "
+                f"for {len(order)} prompts; expected exactly one per prompt"
+            )
+        per_layer.append(vec[rows])
+    y = np.char.startswith(order, HARMFUL + "\0")
+    if y.all() or not y.any():
+        raise RgeomError(f"{path}: needs both {HARMFUL} and {HARMLESS} {DIRECTION_SPLIT!r} rows")
+    return np.stack(per_layer), y
+
+
+def _units(r: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Unit rows of r, dropping rows that vanish relative to the activations' own ``scale``
+    (per row): with identical inputs (the template tokens at layer 0) a mean difference is
+    zero only up to rounding, and a rounding residue has a random direction."""
+    norms = np.linalg.norm(r, axis=1)
+    keep = norms > 1e-6 * scale
+    return r[keep] / norms[keep, None]
+
+
+def _shuffled_null(
+    X: np.ndarray, y: np.ndarray, kind: str, n: int, rng: np.random.Generator
+) -> list[float]:
+    """erank of the window stack with the harmful/harmless labels permuted across prompts."""
+    y = y.astype(np.float64)
+    n_h = int(y.sum())
+    scale = np.linalg.norm(X, axis=2).mean(axis=1)
+    out = []
+    for _ in range(n):
+        perm = rng.permutation(y)
+        w = perm / n_h - (1 - perm) / (len(y) - n_h)
+        r = _units(np.einsum("n,lnd->ld", w, X), scale)
+        if len(r):
+            out.append(effective_rank(r, kind))
+    return out
+
+
+def _bootstrap(
+    X: np.ndarray, y: np.ndarray, window_rows: list[int], ref_row: int, kind: str, n: int, seed: int
+) -> tuple[list[float], np.ndarray]:
+    """Prompt bootstrap, stratified by label: erank of each replicate's window stack (rows
+    ``window_rows`` of X) and each replicate's unit reference direction (row ``ref_row``),
+    [n, d], zero where it vanished.
+
+    Replicate b draws its indices from a generator seeded by (seed, b) alone, so cells with
+    the same prompt sets resample the same prompts: angles between cells are paired."""
+    harmful, harmless = np.flatnonzero(y), np.flatnonzero(~y)
+    scale = np.linalg.norm(X, axis=2).mean(axis=1)
+    eranks, refs = [], np.zeros((n, X.shape[2]))
+    for b in range(n):
+        rng = np.random.default_rng([seed, 1, b])
+        ih = rng.choice(harmful, size=len(harmful))
+        ib = rng.choice(harmless, size=len(harmless))
+        r = X[:, ih].mean(axis=1) - X[:, ib].mean(axis=1)
+        norm = np.linalg.norm(r[ref_row])
+        if norm > 1e-6 * scale[ref_row]:
+            refs[b] = r[ref_row] / norm
+        stack = _units(r[window_rows], scale[window_rows])
+        if len(stack):
+            eranks.append(effective_rank(stack, kind))
+    return eranks, refs
+
+
+def _interval(values: Sequence[float], level: float) -> tuple[float | None, float | None]:
+    """Percentile interval; None with fewer than 10 values, where it means nothing."""
+    finite = np.asarray([v for v in values if v is not None and math.isfinite(v)])
+    if len(finite) < 10:
+        return None, None
+    tail = 100 * (1 - level) / 2
+    lo, hi = np.percentile(finite, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def _paired_angles(a: np.ndarray | None, b: np.ndarray | None) -> list[float]:
+    """Angle between the lines of replicate i of ``a`` and of ``b``, for every replicate
+    where both directions exist."""
+    if a is None or b is None:
+        return []
+    ok = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) > 0
+    cos = np.abs((a[ok] * b[ok]).sum(axis=1)).clip(0, 1)
+    return np.degrees(np.arccos(cos)).tolist()
+
+
+def _gaussian_null(shape: tuple[int, int], kind: str, n: int, rng) -> list[float]:
+    out = []
+    for _ in range(n):
+        g = rng.standard_normal(shape)
+        out.append(effective_rank(g / np.linalg.norm(g, axis=1, keepdims=True), kind))
+    return out
+
+
+def _angle(a: np.ndarray | None, b: np.ndarray | None) -> float | None:
+    if a is None or b is None:
+        return None
+    return float(principal_angles(a, b)[0])
+
+
+# --- verdicts -----------------------------------------------------------------------
+
+
+def verdict(
+    steps: Sequence[int],
+    carrier_layers: Sequence[int | None],
+    angles_step0: Sequence[float | None],
+    relocation_layers: int,
+    rotation_deg: float,
+) -> tuple[str, float, str]:
+    """relocation / rotation / stable / undetermined for one arm's anchor sequence.
+
+    Relocation: the carrier layer differs by more than ``relocation_layers`` between any two
+    anchors that have a carrier. Rotation: it stays, but the reference direction of some
+    anchor is more than ``rotation_deg`` from step 0's. Undetermined: fewer than two
+    anchors have a carrier, so a relocation cannot be told from a missing search result.
+    """
+    found = [
+        (s, layer) for s, layer in zip(steps, carrier_layers, strict=True) if layer is not None
+    ]
+    trail = ", ".join(
+        f"{s}:{'-' if layer is None else layer}"
+        for s, layer in zip(steps, carrier_layers, strict=True)
+    )
+    if len(found) < 2:
+        return (
+            "undetermined",
+            math.nan,
+            f"carrier found at {len(found)} of {len(steps)} anchors (step:layer {trail})",
+        )
+    layers = [layer for _, layer in found]
+    shift = max(layers) - min(layers)
+    if shift > relocation_layers:
+        return (
+            "relocation",
+            float(shift),
+            f"carrier layer moved by {shift} > {relocation_layers} (step:layer {trail})",
+        )
+    finite = [a for a in angles_step0 if a is not None and math.isfinite(a)]
+    worst = max(finite) if finite else math.nan
+    if finite and worst > rotation_deg:
+        return (
+            "rotation",
+            worst,
+            f"max angle to step 0 {worst:.1f} deg > {rotation_deg:g} (step:layer {trail})",
+        )
+    return (
+        "stable",
+        worst,
+        f"shift {shift} <= {relocation_layers} layers, max angle to step 0 {worst:.1f} deg "
+        f"(step:layer {trail})",
+    )
+
+
+# --- entry point --------------------------------------------------------------------
+
+
+def _arms(params: Mapping[str, Any], cells: Sequence[Cell]) -> list[str]:
+    arms = list(params.get("arms") or [])
+    seen = sorted({c.arm for c in cells if c.arm != BASE_ARM})
+    if not arms:
+        arms = seen
+    unknown = [a for a in seen if a not in arms]
+    if unknown:
+        raise RgeomError(f"drift: tables for arm(s) {unknown} that are not in arms {arms}")
+    return arms or [BASE_ARM]
+
+
+def _sequence(arm: str, cells: Sequence[Cell]) -> list[Cell]:
+    """The arm's anchors in step order, the shared base first."""
+    return sorted(
+        (c for c in cells if c.arm in (arm, BASE_ARM)), key=lambda c: (c.step, c.arm != BASE_ARM)
+    )
+
+
+def build_drift(
+    directions: Sequence[str | Path],
+    carriers: Sequence[str | Path],
+    out_dir: str | Path,
+    params: Mapping[str, Any],
+    meta: Mapping[str, Any],
+    activations: Sequence[str | Path] | None = None,
+) -> dict[str, pa.Table]:
+    """Write drift.parquet, angles.parquet, verdict.parquet and figures/ under ``out_dir``."""
+    settings = _settings(params)
+    cells, shared = read_cells(directions, carriers, activations)
+    n_layers = int(shared["n_layers"])
+    arms = _arms(params, cells)
+    null = settings["null_model"]
+    if null == "auto":
+        null = "shuffle" if all(c.activations is not None for c in cells) else "gaussian"
+    if null == "shuffle":
+        lacking = [c.label for c in cells if c.activations is None]
+        if lacking:
+            raise RgeomError(f"drift.null_model is 'shuffle' but no activation table for {lacking}")
+    if settings["n_null"] == 0:
+        null = "none"
+    seed = int(params.get("seed", 0))
+    kind = settings["rank_kind"]
+    n_boot, level = settings["n_boot"], float(settings["ci"])
+    # Unit reference directions of every bootstrap replicate, per cell with activations.
+    boot_refs: dict[str, np.ndarray] = {}
+
+    stats: dict[str, dict[str, Any]] = {}
+    for cell in cells:
+        cell.ref = _reference(cell)
+        if not 0 <= cell.ref[0] < n_layers:
+            raise RgeomError(
+                f"{cell.directions_path}: reference layer {cell.ref[0]} outside the model "
+                f"(n_layers={n_layers})"
+            )
+        cell.window = _window(cell, settings, n_layers)
+        cell.stack = _stack(cell, cell.window)
+        cell.basis = _top_basis(cell.stack, settings["subspace_k"])
+        ranks = (
+            rank_measures(cell.stack)
+            if cell.stack is not None
+            else dict.fromkeys(RANK_KINDS, math.nan)
+        )
+        # Seeded by the cell's name, so adding a cell never changes another cell's null.
+        rng = np.random.default_rng([seed, zlib.crc32(cell.label.encode())])
+        X = y = None
+        if cell.activations is not None and (null == "shuffle" or n_boot):
+            layers = sorted({*cell.window, cell.ref[0]})
+            X, y = _window_activations(cell, layers)
+            window_rows = [layers.index(layer) for layer in cell.window]
+        if null == "none" or cell.stack is None:
+            draws: list[float] = []
+        elif null == "shuffle":
+            draws = _shuffled_null(X[window_rows], y, kind, settings["n_null"], rng)
+        else:
+            draws = _gaussian_null(cell.stack.shape, kind, settings["n_null"], rng)
+        boot: list[float] = []
+        if X is not None and n_boot:
+            boot, boot_refs[cell.label] = _bootstrap(
+                X, y, window_rows, layers.index(cell.ref[0]), kind, n_boot, seed
+            )
+        del X
+        stats[cell.label] = {
+            **{f"erank_{k}": v for k, v in ranks.items()},
+            "erank_null_mean": float(np.mean(draws)) if draws else None,
+            "erank_null_sd": float(np.std(draws, ddof=1)) if len(draws) > 1 else None,
+            **dict(zip(("erank_ci_low", "erank_ci_high"), _interval(boot, level), strict=True)),
+        }
+        log.info(
+            "%s: reference L%d p%d, window %s, erank_%s %.3f (null %s)",
+            cell.label,
+            cell.ref[0],
+            cell.ref[1],
+            cell.window,
+            kind,
+            ranks[kind],
+            stats[cell.label]["erank_null_mean"],
+        )
+
+    ref_unit = {c.label: c.unit(c.ref) for c in cells}
+    prev: dict[str, Cell] = {}
+    first: dict[str, Cell] = {}
+    for arm in arms:
+        seq = _sequence(arm, cells)
+        for a, b in zip(seq[1:], seq[:-1], strict=True):
+            prev[a.label] = b
+        for c in seq[1:]:
+            first[c.label] = seq[0]
+
+    angle_rows: dict[str, list] = {name: [] for name in ANGLES_SCHEMA.names}
+    carrier_angle: dict[tuple[str, str], float | None] = {}
+
+    def add(a: Cell, b: Cell, relation: str, basis: str, angles: Sequence[float | None]):
+        for j, angle in enumerate(angles, start=1):
+            for name, value in zip(
+                ANGLES_SCHEMA.names,
+                (a.arm, a.step, b.arm, b.step, relation, basis, len(angles), j, angle),
+                strict=True,
+            ):
+                angle_rows[name].append(value)
+
+    for ia, a in enumerate(cells):
+        for b in cells[:ia]:
+            if prev.get(a.label) is b:
+                relation = "prev"
+            elif first.get(a.label) is b:
+                relation = "step0"
+            elif a.step == b.step:
+                relation = "arm"
+            else:
+                relation = "other"
+            theta = _angle(ref_unit[a.label], ref_unit[b.label])
+            carrier_angle[(a.label, b.label)] = carrier_angle[(b.label, a.label)] = theta
+            add(a, b, relation, "carrier", [theta])
+            if a.basis is not None and b.basis is not None:
+                k = min(a.basis.shape[1], b.basis.shape[1])
+                add(a, b, relation, "window", principal_angles(a.basis[:, :k], b.basis[:, :k]))
+
+    drift_rows: dict[str, list] = {name: [] for name in DRIFT_SCHEMA.names}
+    verdict_rows: dict[str, list] = {name: [] for name in VERDICT_SCHEMA.names}
+    for arm in arms:
+        seq = _sequence(arm, cells)
+        step0_angles = []
+        for c in seq:
+            p = prev.get(c.label)
+            f = first.get(c.label)
+            same = p.raw.get(c.ref) if p is not None else None
+            step0 = 0.0 if f is None and ref_unit[c.label] is not None else None
+            if f is not None:
+                step0 = carrier_angle[(c.label, f.label)]
+            step0_angles.append(step0)
+            row = {
+                "arm": arm,
+                "step": c.step,
+                "carrier_layer": c.carrier[0] if c.carrier else None,
+                "carrier_position": c.carrier[1] if c.carrier else None,
+                "n_admissible": c.n_admissible,
+                "ref_layer": c.ref[0],
+                "ref_position": c.ref[1],
+                "window_layers": c.window,
+                **stats[c.label],
+                "null_kind": null,
+                "angle_prev_deg": carrier_angle[(c.label, p.label)] if p is not None else None,
+                "angle_step0_deg": step0,
+                "cos_prev_same_layer": cosine(c.raw[c.ref], same) if same is not None else None,
+            }
+            for name, other in (("prev", p), ("step0", f)):
+                reps = (
+                    _paired_angles(boot_refs.get(c.label), boot_refs.get(other.label))
+                    if other is not None
+                    else []
+                )
+                low, high = _interval(reps, level)
+                row[f"angle_{name}_ci_low"], row[f"angle_{name}_ci_high"] = low, high
+            for name in DRIFT_SCHEMA.names:
+                drift_rows[name].append(row[name])
+        v, statistic, detail = verdict(
+            [c.step for c in seq],
+            [c.carrier[0] if c.carrier else None for c in seq],
+            step0_angles,
+            settings["relocation_layers"],
+            float(settings["rotation_deg"]),
+        )
+        for name, value in zip(VERDICT_SCHEMA.names, (arm, v, statistic, detail), strict=True):
+            verdict_rows[name].append(value)
+
+    out = Path(out_dir)
+    record = {
+        **meta,
+        "arms": arms,
+        "drift": settings,
+        "null_kind": null,
+        **{k: shared[k] for k in SHARED_META if k in shared},
+        "inputs": {
+            "directions": [str(c.directions_path) for c in cells],
+            "carriers": [str(p) for p in carriers],
+            "activations": [str(p) for p in activations or []],
+        },
+    }
+    tables = {
+        "drift": pa.table(drift_rows, schema=DRIFT_SCHEMA),
+        "angles": pa.table(angle_rows, schema=ANGLES_SCHEMA),
+        "verdict": pa.table(verdict_rows, schema=VERDICT_SCHEMA),
+    }
+    for name, schema in (
+        ("drift", DRIFT_SCHEMA),
+        ("angles", ANGLES_SCHEMA),
+        ("verdict", VERDICT_SCHEMA),
+    ):
+        write_table(out / f"{name}.parquet", tables[name], schema, record)
+
+    from rgeom.report import _formats
+
+    formats = _formats(params)
+    figs = out / "figures"
+    plot_carrier_layers(tables["drift"], arms, n_layers, figs / "carrier_layer_vs_step", formats)
+    # Blocks per arm (base first, then each arm's anchors) read more easily than step order.
+    rank = {arm: i for i, arm in enumerate([BASE_ARM, *arms])}
+    by_arm = sorted(cells, key=lambda c: (rank.get(c.arm, len(rank)), c.step))
+    plot_angle_matrix(by_arm, carrier_angle, figs / "principal_angles", formats)
+    return tables
+
+
+# --- figures ------------------------------------------------------------------------
+
+
+def plot_carrier_layers(drift: pa.Table, arms: list[str], n_layers: int, stem: Path, formats):
+    """Carrier layer per anchor; hollow markers where no carrier was admissible and the
+    max-norm layer stands in."""
+    from rgeom.report import _figure, _save, arm_style
+
+    fig, (ax,) = _figure(1, width=5.0, height=3.4)
+    rows = drift.to_pylist()
+    for arm in arms:
+        d = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["step"])
+        style = arm_style(arm, arms)
+        x = [r["step"] for r in d]
+        y = [r["carrier_layer"] if r["carrier_layer"] is not None else math.nan for r in d]
+        ax.plot(x, y, label=arm, color=style["color"], marker=style["marker"], markersize=5)
+        fx = [r["step"] for r in d if r["carrier_layer"] is None]
+        fy = [r["ref_layer"] for r in d if r["carrier_layer"] is None]
+        if fx:
+            ax.scatter(fx, fy, facecolors="none", edgecolors=style["color"], marker=style["marker"])
+    ax.set_ylim(-0.5, n_layers - 0.5)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("carrier layer")
+    ax.set_title("carrier layer (hollow: no admissible carrier, max-norm layer)")
+    ax.grid(alpha=0.3)
+    ax.legend(title="arm", fontsize="small")
+    return _save(fig, stem, formats)
+
+
+def plot_angle_matrix(
+    cells: Sequence[Cell], angle: Mapping[tuple[str, str], float | None], stem: Path, formats
+):
+    """Principal angle (degrees) between the reference directions of every pair of cells."""
+    from rgeom.report import _figure, _save
+
+    labels = [c.label for c in cells]
+    n = len(labels)
+    grid = np.zeros((n, n))
+    for i, a in enumerate(labels):
+        for j, b in enumerate(labels):
+            if i != j:
+                v = angle.get((a, b))
+                grid[i, j] = math.nan if v is None else v
+    fig, (ax,) = _figure(1, width=max(3.6, 0.5 * n + 2), height=max(3.0, 0.5 * n + 1.5))
+    image = ax.imshow(grid, cmap="magma", vmin=0, vmax=90, interpolation="nearest")
+    ax.set_xticks(range(n), labels, rotation=60, ha="right")
+    ax.set_yticks(range(n), labels)
+    ax.set_title("angle between reference directions")
+    fig.colorbar(image, ax=ax, label="principal angle (deg)")
+    return _save(fig, stem, formats)

@@ -1,0 +1,69 @@
+# Issue #5: the causal carrier search per cell, then one drift job over all cells.
+
+
+rule carriers:
+    input:
+        model=model_dir,
+        directions="results/{arm}/step-{step}/directions.parquet",
+        val_harmful="results/data/val_harmful.parquet",
+        val_harmless="results/data/val_harmless.parquet",
+    output:
+        table="results/{arm}/step-{step}/carriers.parquet",
+    log:
+        "results/logs/carriers/{arm}-{step}.log",
+    benchmark:
+        "results/benchmarks/carriers/{arm}-{step}.tsv"
+    conda:
+        "../envs/train.yaml"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=120,
+        gpu=GPU,
+    params:
+        # .get: the config section is optional; the stage has the defaults.
+        json=lambda w: params_json(
+            model=model_params(),
+            carrier=config.get("carrier", {}),
+            arm=w.arm,
+            step=int(w.step),
+        ),
+    shell:
+        "rgeom carriers --model {input.model} --directions {input.directions}"
+        " --val-harmful {input.val_harmful} --val-harmless {input.val_harmless}"
+        " --out {output.table} --params {params.json:q} > {log} 2>&1"
+
+
+rule drift:
+    input:
+        directions=cell_paths("results/{arm}/step-{step}/directions.parquet"),
+        carriers=cell_paths("results/{arm}/step-{step}/carriers.parquet"),
+        # Per-prompt activations give the label-shuffled null of the effective rank.
+        activations=cell_paths("results/{arm}/step-{step}/activations.parquet"),
+    output:
+        drift="results/drift/drift.parquet",
+        angles="results/drift/angles.parquet",
+        verdict="results/drift/verdict.parquet",
+        layer_figure="results/drift/figures/carrier_layer_vs_step.png",
+        angle_figure="results/drift/figures/principal_angles.png",
+    log:
+        "results/logs/drift.log",
+    benchmark:
+        "results/benchmarks/drift.tsv"
+    conda:
+        "../envs/analysis.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=20,
+    params:
+        json=params_json(
+            arms=config["arms"],
+            anchors=config["anchors"],
+            drift=config.get("drift", {}),
+            summary=config["summary"],
+        ),
+    shell:
+        "rgeom drift --directions {input.directions} --carriers {input.carriers}"
+        " --activations {input.activations} --out-dir results/drift"
+        " --params {params.json:q} > {log} 2>&1"
