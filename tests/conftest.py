@@ -58,3 +58,16 @@ def smollm2(smollm2_dir):
     from rgeom.models import load_model, load_tokenizer
 
     return load_model(smollm2_dir), load_tokenizer(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory) -> Path:
+    """The whole .test/ workflow run once locally (a 2-layer random Llama, 1-2 min), shared
+    by test_workflow, test_caching and test_slurm. Tests that edit it work on a copy."""
+    from dagrun import failure_report, snakemake
+
+    workdir = tmp_path_factory.mktemp("workflow")
+    res = snakemake(workdir)
+    if res.returncode != 0:
+        pytest.fail(failure_report(res, workdir))
+    return workdir

@@ -46,17 +46,7 @@ def job_counts(dry_run_output: str) -> dict[str, int]:
     return counts
 
 
-@pytest.fixture(scope="module")
-def finished_run(repo_root, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("workflow")
-    res = snakemake(repo_root, workdir)
-    if res.returncode != 0:
-        logs = workdir / "results" / "logs"
-        tails = []
-        for log in sorted(logs.rglob("*.log")) if logs.exists() else []:
-            tails.append(f"== {log}\n{log.read_text()[-2000:]}")
-        pytest.fail(f"snakemake failed:\n{res.stderr[-4000:]}\n" + "\n".join(tails))
-    return workdir
+# finished_run (tests/conftest.py): the whole .test/ workflow, run once per session.
 
 
 @pytest.mark.slow
@@ -101,33 +91,101 @@ def test_checkpoints_load_without_rgeom(finished_run):
     assert AutoTokenizer.from_pretrained(ckpt).chat_template
 
 
+# Editing the judge, a carrier parameter or the anchors: tests/test_caching.py.
+
+
 @pytest.mark.slow
-def test_editing_the_judge_reruns_only_judging(finished_run, repo_root, tmp_path):
-    cfg_text = (repo_root / ".test" / "config.yaml").read_text()
-    edited = tmp_path / "edited.yaml"
-    edited.write_text(cfg_text.replace("bootstrap: 100", "bootstrap: 50"))
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    res = subprocess.run(
-        [
-            *SNAKEMAKE,
-            "-n",
-            "--snakefile",
-            str(repo_root / "Snakefile"),
-            "--directory",
-            str(finished_run),
-            "--configfile",
-            str(edited),
-            "--cores",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
+def test_attack_test_cases_are_replayed_with_their_method(finished_run, repo_root):
+    from rgeom.attacks.testcases import TEST_CASE_SCHEMA
+
+    cfg = load(repo_root / ".test" / "config.yaml")
+    results = finished_run / "results"
+    cases = read_table(results / "attacks" / "test_cases.parquet", TEST_CASE_SCHEMA)
+    methods = set(cases.column("method").to_pylist())
+    assert methods == set(cfg["attacks"]["methods"])
+    cells = [("base", 0)] + [(a, s) for a in cfg["arms"] for s in cfg["anchors"] if s > 0]
+    for arm, step in cells:
+        cell = results / arm / f"step-{step:06d}"
+        gen = read_table(cell / "generations" / "harmbench.parquet")
+        assert gen.column("method").to_pylist() == cases.column("method").to_pylist()
+        assert gen.column("prompt").to_pylist() == cases.column("test_case").to_pylist()
+        names = set(read_table(cell / "metrics" / "harmbench.parquet").column("metric").to_pylist())
+        assert {f"asr/{m}" for m in methods} <= names
+        adaptive = read_table(cell / "adaptive_gcg.parquet")
+        assert adaptive.num_rows == cfg["attacks"]["adaptive"]["n_behaviors"]
+        assert set(adaptive.column("arm").to_pylist()) == {arm}
+    summary = read_table(results / "summary" / "summary.parquet")
+    assert "adaptive_gcg.asr" in summary.column_names
+    assert "harmbench.asr/GCG-transfer" in summary.column_names
+
+
+@pytest.mark.slow
+def test_editing_gcg_transfer_reruns_only_the_attack_and_its_replay(finished_run, tmp_path):
+    import yaml
+    from dagrun import REPO, job_counts
+    from dagrun import snakemake as run_dag
+
+    raw = yaml.safe_load((REPO / ".test" / "config.yaml").read_text())
+    raw["attacks"]["gcg"]["steps"] += 1
+    cfg = tmp_path / "edited.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    res = run_dag(finished_run, "-n", configfile=cfg, cores="1", timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    counts = job_counts(res.stdout)
+    n_cells = 1 + len(raw["arms"]) * (len(raw["anchors"]) - 1)
+    # Only the harmbench cells replay the new test cases: no other benchmark, no adaptive
+    # GCG, no training or geometry reruns.
+    assert counts == {
+        "attack_gcg": 1,
+        "test_cases": 1,
+        "generate": n_cells,
+        "judge": n_cells,
+        "record_config": 1,
+        "summary": 1,
+        "all": 1,
+    }
+
+
+@pytest.mark.slow
+def test_judge_validation_and_utility_shift_run_in_the_dag(finished_run, repo_root):
+    import math
+
+    from rgeom.judges.validation import AGREEMENT_SCHEMA
+    from rgeom.utility_shift import SHIFT_SCHEMA
+
+    cfg = load(repo_root / ".test" / "config.yaml")
+    results = finished_run / "results"
+    agree = read_table(results / "validation" / "judge_agreement.parquet", AGREEMENT_SCHEMA)
+    row = agree.to_pylist()[0]
+    assert row["task"] == "xstest" and row["judge"] == "refusal_matcher" and row["n"] >= 40
+    assert 0 < row["accuracy"] <= 1
+    assert "Cohen's kappa" in (results / "validation" / "judge_validation.md").read_text()
+    by_step = {
+        r["step"]: r for r in read_table(results / "summary" / "summary.parquet").to_pylist()
+    }
+    # The reference: the base's harmless answers holding a token to score (a random tiny
+    # model may answer only whitespace, which leaves nothing: then the values are NaN).
+    ref = results / "base" / "step-000000" / "generations" / "utility.parquet"
+    cap = read_meta(ref)["max_new_tokens"]
+    expected_n = sum(
+        r["label"] in ("harmless", "safe") and bool(r["completion"] or r["n_new_tokens"] < cap)
+        for r in read_table(ref).to_pylist()
     )
-    assert res.returncode == 0, res.stderr
-    assert job_counts(res.stdout) == {"judge": 9, "record_config": 1, "summary": 1, "all": 1}
+    for step in cfg["anchors"]:
+        arm = "base" if step == 0 else cfg["arms"][0]
+        path = results / arm / f"step-{step:06d}" / "utility_shift.parquet"
+        rows = read_table(path, SHIFT_SCHEMA).to_pylist()
+        values = {r["metric"]: r["value"] for r in rows}
+        assert {r["n"] for r in rows} == {expected_n}
+        if not expected_n:
+            assert math.isnan(values["utility_kl"]) and math.isnan(by_step[step]["utility_kl"])
+            continue
+        assert by_step[step]["utility_kl"] == values["utility_kl"]
+        if step == 0:
+            assert values["utility_kl"] == 0.0
+            assert values["utility_ce"] == values["utility_ce_base"]
+        else:
+            assert values["utility_kl"] > 0
 
 
 def test_bad_config_fails_before_any_job(repo_root, tmp_path):

@@ -118,6 +118,57 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
             (("--generations",), {"required": True}),
             (("--labels",), {"required": True}),
             (("--metrics",), {"required": True}),
+            (
+                ("--prompts",),
+                {"default": None, "help": "the prompt set (behaviour text for model judges)"},
+            ),
+        ],
+    ),
+    "validate-judge": (
+        "Score a human-labelled file with the configured judge: accuracy, kappa, confusion.",
+        "rgeom validate-judge --labelled builtin:xstest \
+"
+        "    --agreement results/validation/judge_agreement.parquet \
+"
+        "    --confusion results/validation/judge_confusion.parquet \
+"
+        "    --predictions results/validation/judge_predictions.parquet \
+"
+        "    --markdown results/validation/judge_validation.md",
+        "rgeom.stages:validate_judge",
+        [
+            (
+                ("--labelled",),
+                {"required": True, "help": "labelled JSONL/CSV/Parquet or builtin:xstest"},
+            ),
+            (
+                ("--prompts",),
+                {"default": None, "help": "XSTest CSV or prompt Parquet (by prompt_id)"},
+            ),
+            (("--agreement",), {"required": True, "help": "output Parquet: accuracy and kappa"}),
+            (("--confusion",), {"required": True, "help": "output Parquet: confusion counts"}),
+            (("--predictions",), {"required": True, "help": "output Parquet: per-item labels"}),
+            (("--markdown",), {"required": True, "help": "output markdown report"}),
+        ],
+    ),
+    "utility-shift": (
+        "Cross-entropy and KL(base || checkpoint) on the base model's greedy harmless answers.",
+        "rgeom utility-shift --model results/sft/checkpoints/step-000010 \
+"
+        "    --base results/model/base \
+"
+        "    --reference results/base/step-000000/generations/utility.parquet \
+"
+        "    --out results/sft/step-000010/utility_shift.parquet",
+        "rgeom.stages:utility_shift",
+        [
+            (("--model",), {"required": True, "help": "checkpoint to measure"}),
+            (("--base",), {"required": True, "help": "the base model"}),
+            (
+                ("--reference",),
+                {"nargs": "+", "required": True, "help": "the base model's generation tables"},
+            ),
+            (("--out",), {"required": True}),
         ],
     ),
     "extract": (
@@ -149,6 +200,10 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
             (("--metrics",), {"nargs": "+", "required": True}),
             (("--directions",), {"nargs": "+", "required": True}),
             (("--train-logs",), {"nargs": "*", "default": []}),
+            (
+                ("--utility-shift",),
+                {"nargs": "*", "default": [], "help": "utility_shift.parquet of every cell"},
+            ),
             (("--out-dir",), {"required": True}),
         ],
     ),
@@ -182,7 +237,126 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
                 ("--activations",),
                 {"nargs": "*", "default": [], "help": "for the label-shuffled null"},
             ),
+            (
+                ("--cross-anchor",),
+                {
+                    "nargs": "*",
+                    "default": [],
+                    "help": "cross-anchor tables (rgeom cross-anchor) for the verdict",
+                },
+            ),
             (("--out-dir",), {"required": True}),
+        ],
+    ),
+    "interventions": (
+        "Ablation, activation addition and rank-k ablation at one cell's carrier: refusal "
+        "score, judged generations, KL, cross-entropy and utility under each.",
+        "rgeom interventions --model results/model/base \\\n"
+        "    --directions results/base/step-000000/directions.parquet \\\n"
+        "    --carriers results/base/step-000000/carriers.parquet \\\n"
+        "    --activations results/base/step-000000/activations.parquet \\\n"
+        "    --val-harmful results/data/val_harmful.parquet \\\n"
+        "    --val-harmless results/data/val_harmless.parquet \\\n"
+        "    --generate-set results/data/harmbench.parquet \\\n"
+        "    --utility-set results/data/utility.parquet \\\n"
+        "    --out results/base/step-000000/interventions.parquet",
+        "rgeom.stages:interventions",
+        [
+            (("--model",), {"required": True}),
+            (("--directions",), {"required": True}),
+            (("--carriers",), {"required": True}),
+            (("--activations",), {"required": True, "help": "for the rank-k subspace"}),
+            (("--val-harmful",), {"required": True}),
+            (("--val-harmless",), {"required": True}),
+            (("--generate-set",), {"required": True, "help": "harmful prompts to generate on"}),
+            (("--utility-set",), {"required": True, "help": "prompts with checkable answers"}),
+            (("--out",), {"required": True}),
+        ],
+    ),
+    "cross-anchor": (
+        "Apply every source cell's carrier direction to one target cell's model.",
+        "rgeom cross-anchor --model results/sft/checkpoints/step-000020 \\\n"
+        "    --directions results/{base,sft}/step-*/directions.parquet \\\n"
+        "    --carriers results/{base,sft}/step-*/carriers.parquet \\\n"
+        "    --val-harmful results/data/val_harmful.parquet \\\n"
+        "    --val-harmless results/data/val_harmless.parquet \\\n"
+        "    --out results/sft/step-000020/cross_anchor.parquet \\\n"
+        '    --params \'{"arm": "sft", "step": 20}\'',
+        "rgeom.stages:cross_anchor",
+        [
+            (("--model",), {"required": True}),
+            (("--directions",), {"nargs": "+", "required": True}),
+            (("--carriers",), {"nargs": "+", "required": True}),
+            (("--val-harmful",), {"required": True}),
+            (("--val-harmless",), {"required": True}),
+            (("--out",), {"required": True}),
+        ],
+    ),
+    "interventions-summary": (
+        "All cells' intervention tables in one, and a refusal-vs-KL frontier figure per arm.",
+        "rgeom interventions-summary --tables results/*/step-*/interventions.parquet \\\n"
+        "    --out-dir results/interventions",
+        "rgeom.stages:interventions_summary",
+        [
+            (("--tables",), {"nargs": "+", "required": True}),
+            (("--out-dir",), {"required": True}),
+        ],
+    ),
+    "attack": (
+        "Build one fixed-source attack method's test cases (against the source model).",
+        "rgeom attack --method GCG-transfer --behaviors results/data/harmbench.parquet \\\n"
+        "    --model results/model/base --out results/attacks/GCG-transfer.parquet \\\n"
+        '    --params \'{"attacks": {"gcg": {"n_behaviors": 4, "steps": 5, "search_width": 32}}}\'',
+        "rgeom.attacks.stages:attack",
+        [
+            (
+                ("--method",),
+                {"required": True, "help": "DirectRequest, Templates or GCG-transfer"},
+            ),
+            (("--behaviors",), {"required": True, "help": "behaviour set (prompt Parquet)"}),
+            (("--out",), {"required": True, "help": "output test-case Parquet"}),
+            (("--model",), {"default": None, "help": "source model dir (GCG-transfer)"}),
+            (("--templates",), {"default": None, "help": "templates JSONL (default: ours)"}),
+            (("--targets",), {"default": None, "help": "HarmBench targets JSON"}),
+        ],
+    ),
+    "test-cases": (
+        "Merge per-method (and your own) test-case files, checking every behaviour id.",
+        "rgeom test-cases --cases results/attacks/DirectRequest.parquet \\\n"
+        "    results/attacks/Templates.parquet --behaviors results/data/harmbench.parquet \\\n"
+        "    --out results/attacks/test_cases.parquet",
+        "rgeom.attacks.stages:test_cases",
+        [
+            (("--cases",), {"nargs": "+", "required": True, "help": "test-case Parquet files"}),
+            (("--behaviors",), {"required": True, "help": "behaviour set (prompt Parquet)"}),
+            (("--out",), {"required": True}),
+        ],
+    ),
+    "adaptive-gcg": (
+        "GCG optimised against this checkpoint on a few behaviours, and the completions.",
+        "rgeom adaptive-gcg --model results/sft/checkpoints/step-000010 \\\n"
+        "    --behaviors results/data/harmbench.parquet \\\n"
+        "    --out results/sft/step-000010/adaptive_gcg_completions.parquet \\\n"
+        '    --params \'{"arm": "sft", "step": 10, "attacks": {"adaptive": {"n_behaviors": 2}}}\'',
+        "rgeom.attacks.stages:adaptive_gcg",
+        [
+            (("--model",), {"required": True}),
+            (("--behaviors",), {"required": True, "help": "behaviour set (prompt Parquet)"}),
+            (("--out",), {"required": True, "help": "suffixes and completions"}),
+            (("--targets",), {"default": None, "help": "HarmBench targets JSON"}),
+        ],
+    ),
+    "adaptive-judge": (
+        "Judge adaptive-GCG completions: per-behaviour success and the cell's ASR.",
+        "rgeom adaptive-judge \\\n"
+        "    --completions results/sft/step-000010/adaptive_gcg_completions.parquet \\\n"
+        "    --out results/sft/step-000010/adaptive_gcg.parquet \\\n"
+        "    --metrics results/sft/step-000010/adaptive_gcg_metrics.parquet",
+        "rgeom.attacks.stages:adaptive_judge",
+        [
+            (("--completions",), {"required": True}),
+            (("--out",), {"required": True, "help": "per-behaviour labels and success"}),
+            (("--metrics",), {"required": True, "help": "metrics table (benchmark adaptive_gcg)"}),
         ],
     ),
     "check-config": (
@@ -190,6 +364,24 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
         "rgeom check-config config/config.yaml",
         "rgeom.stages:check_config",
         [(("config",), {"help": "YAML config file"})],
+    ),
+    "check-profile": (
+        "Check a Snakemake profile: its rule names, and under the SLURM executor every "
+        "rule's partition and resources against the partitions sinfo lists.",
+        "rgeom check-profile profiles/slurm",
+        "rgeom.profiles:check_profile_cmd",
+        [
+            (("profile",), {"help": "profile directory (or its config.yaml)"}),
+            (("--rules",), {"default": "workflow/rules", "help": "folder of the *.smk rules"}),
+            (
+                ("--slurm",),
+                {
+                    "action": argparse.BooleanOptionalAction,
+                    "default": None,
+                    "help": "check against sinfo (default: when the profile's executor is slurm)",
+                },
+            ),
+        ],
     ),
     "provenance": (
         "Print the provenance record stored in an rgeom Parquet file.",
@@ -252,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         for flags, kwargs in args:
             p.add_argument(*flags, **kwargs)
-        if name not in ("check-config", "provenance", "status", "compare"):
+        if name not in ("check-config", "check-profile", "provenance", "status", "compare"):
             p.add_argument("--params", type=_json, default={}, help="stage parameters as JSON")
     return parser
 

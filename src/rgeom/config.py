@@ -132,8 +132,33 @@ def _check_semantics(cfg: dict[str, Any], source: str) -> None:
                 f"{source}: key benchmarks: {bench!r} is not a set in data.sets "
                 f"(have: {', '.join(sorted(sets))})"
             )
+    attacks = cfg.get("attacks") or {}
+    uses_attacks = attacks.get("enabled") or (attacks.get("adaptive") or {}).get("enabled")
+    if uses_attacks and attacks.get("benchmark", "harmbench") not in sets:
+        raise RgeomError(
+            f"{source}: key attacks.benchmark: {attacks.get('benchmark', 'harmbench')!r} is not "
+            f"a set in data.sets (have: {', '.join(sorted(sets))})"
+        )
     if cfg["train"]["zero_stage"] not in (0, 2, 3):
         raise RgeomError(f"{source}: key train.zero_stage: must be 0, 2 or 3")
+    judge = cfg.get("judge") or {}
+    for key, on, model in (
+        ("harmbench", judge.get("harmbench") == "harmbench_classifier", "harmbench_model"),
+        ("xstest", judge.get("xstest") == "xstest_llm", "xstest_model"),
+        ("strongreject", judge.get("strongreject", "none") != "none", "strongreject_model"),
+    ):
+        if on and not (judge.get(model) or {}).get("path"):
+            raise RgeomError(
+                f"{source}: key judge.{model}.path: judge.{key} is {judge[key]!r}, "
+                "which needs a judge model (hub id or local directory)"
+            )
+    shift = cfg.get("utility_shift") or {}
+    if shift.get("enabled"):
+        for bench in shift.get("benchmarks", []):
+            if bench not in cfg["benchmarks"]:
+                raise RgeomError(
+                    f"{source}: key utility_shift.benchmarks: {bench!r} is not in benchmarks"
+                )
     r2d2 = cfg["r2d2"]
     if "r2d2" in cfg["arms"]:
         if r2d2["pool_size"] < r2d2["updates_per_step"]:
@@ -167,7 +192,7 @@ def _rows(schema: Mapping[str, Any], prefix: str = ""):
     for key, sub in schema.get("properties", {}).items():
         dotted = f"{prefix}{key}"
         if sub.get("type") == "object" and "properties" in sub:
-            yield dotted, "object", sub["description"], None
+            yield dotted, "object", " ".join(sub["description"].split()), None
             yield from _rows(sub, f"{dotted}.")
         else:
             typ = sub.get("type")

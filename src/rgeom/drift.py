@@ -96,6 +96,8 @@ DEFAULTS: dict[str, Any] = {
     "rotation_deg": 30.0,
     "n_boot": 200,
     "ci": 0.95,
+    "transfer_min": 0.5,
+    "min_effect": 0.5,
 }
 
 DRIFT_SCHEMA = pa.schema(
@@ -148,6 +150,15 @@ VERDICT_SCHEMA = pa.schema(
         pa.field("verdict", pa.string(), nullable=False),
         pa.field("statistic", pa.float64()),
         pa.field("detail", pa.string(), nullable=False),
+        # cross_anchor: decided by the transfer test; geometry: carrier layers and angles.
+        pa.field("basis", pa.string(), nullable=False),
+        # Share of the last anchor's own bypass effect that step 0's direction achieves
+        # there, with its paired prompt-bootstrap interval (see rgeom.causal.transfer).
+        pa.field("transfer", pa.float64()),
+        pa.field("transfer_ci_low", pa.float64()),
+        pa.field("transfer_ci_high", pa.float64()),
+        # Both directions of the transfer test are admissible carriers (not fallbacks).
+        pa.field("admissible", pa.bool_()),
     ]
 )
 
@@ -193,6 +204,9 @@ def _settings(params: Mapping[str, Any]) -> dict[str, Any]:
         v, least = s[key], 1 if key == "subspace_k" else 0
         if not isinstance(v, int) or isinstance(v, bool) or v < least:
             raise RgeomError(f"drift.{key} must be an integer >= {least}, got {v!r}")
+    for key in ("transfer_min", "min_effect"):
+        if not isinstance(s[key], int | float) or isinstance(s[key], bool) or s[key] < 0:
+            raise RgeomError(f"drift.{key} must be a number >= 0, got {s[key]!r}")
     if not isinstance(s["rotation_deg"], int | float) or not 0 <= s["rotation_deg"] <= 90:
         raise RgeomError(f"drift.rotation_deg must be in [0, 90], got {s['rotation_deg']!r}")
     if s["rank_kind"] not in RANK_KINDS:
@@ -529,6 +543,72 @@ def verdict(
     )
 
 
+def transfer_verdict(
+    cross_rows: Sequence[Mapping[str, Any]],
+    first: tuple[str, int],
+    last: tuple[str, int],
+    settings: Mapping[str, Any],
+    seed: int,
+) -> dict[str, Any] | None:
+    """The reorganization verdict from the cross-anchor transfer test, or None without the
+    rows it needs (b = ``last`` with its own direction and with ``first``'s).
+
+    With T the share of the last anchor's own bypass effect (its direction ablated, mean
+    refusal-score drop on the harmful validation prompts) that the first anchor's direction
+    achieves at the last anchor, and [lo, hi] its paired prompt-bootstrap interval (the
+    point estimate where there is none): undetermined when the own effect is below
+    ``min_effect`` log-odds (nothing to transfer) or the interval straddles
+    ``transfer_min``; stable when lo >= ``transfer_min`` (step 0's direction still
+    mediates refusal); otherwise reorganized: relocation when the two directions' layers
+    differ by more than ``relocation_layers``, else rotation.
+    """
+    from rgeom.causal import transfer
+
+    target = [r for r in cross_rows if (r["arm"], r["step"]) == last]
+    early = next((r for r in target if (r["source_arm"], r["source_step"]) == first), None)
+    own = next((r for r in target if (r["source_arm"], r["source_step"]) == last), None)
+    if early is None or own is None:
+        return None
+    admissible = bool(early["admissible"] and own["admissible"])
+    out: dict[str, Any] = {"basis": "cross_anchor", "admissible": admissible}
+    trail = (
+        f"step {first[1]} L{early['layer']} ({early['carrier_source']}) -> step {last[1]} "
+        f"L{own['layer']} ({own['carrier_source']})"
+    )
+    if first == last:
+        return {**out, "verdict": "undetermined", "statistic": math.nan,
+                "detail": f"one anchor only ({trail})"}  # fmt: skip
+    t = transfer(
+        own["baseline_scores"],
+        early["bypass_scores"],
+        own["bypass_scores"],
+        int(settings["n_boot"]),
+        float(settings["ci"]),
+        seed,
+    )
+    out.update(transfer=t.ratio, transfer_ci_low=t.ci_low, transfer_ci_high=t.ci_high)
+    ci = "" if t.ci_low is None else f" [{t.ci_low:.2f}, {t.ci_high:.2f}]"
+    flag = "" if admissible else "; fallback direction(s), no admissible carrier"
+    desc = (
+        f"transfer {t.ratio:.2f}{ci} (early effect {t.effect_early:.2f} / own effect "
+        f"{t.effect_own:.2f} log-odds; {trail}{flag})"
+    )
+    min_effect, tmin = float(settings["min_effect"]), float(settings["transfer_min"])
+    if not t.effect_own >= min_effect:
+        v, why = "undetermined", f"own effect < min_effect {min_effect:g}: nothing to transfer"
+    else:
+        lo, hi = (t.ratio, t.ratio) if t.ci_low is None else (t.ci_low, t.ci_high)
+        shift = abs(int(own["layer"]) - int(early["layer"]))
+        if lo >= tmin:
+            v, why = "stable", f"step {first[1]}'s direction still works (>= {tmin:g})"
+        elif hi < tmin:
+            v = "relocation" if shift > int(settings["relocation_layers"]) else "rotation"
+            why = f"step {first[1]}'s direction no longer works (< {tmin:g}); layer shift {shift}"
+        else:
+            v, why = "undetermined", f"interval straddles transfer_min {tmin:g}"
+    return {**out, "verdict": v, "statistic": t.ratio, "detail": f"{why}: {desc}"}
+
+
 # --- entry point --------------------------------------------------------------------
 
 
@@ -557,10 +637,28 @@ def build_drift(
     params: Mapping[str, Any],
     meta: Mapping[str, Any],
     activations: Sequence[str | Path] | None = None,
+    cross_anchor: Sequence[str | Path] | None = None,
 ) -> dict[str, pa.Table]:
-    """Write drift.parquet, angles.parquet, verdict.parquet and figures/ under ``out_dir``."""
+    """Write drift.parquet, angles.parquet, verdict.parquet and figures/ under ``out_dir``;
+    with ``cross_anchor`` tables also cross_anchor.parquet (all of them in one), and the
+    verdict comes from the transfer test (:func:`transfer_verdict`) where it can."""
     settings = _settings(params)
     cells, shared = read_cells(directions, carriers, activations)
+    cross = None
+    if cross_anchor:
+        from rgeom.causal import read_cross_anchor
+
+        cross = read_cross_anchor(cross_anchor)
+        labels = {(c.arm, c.step) for c in cells}
+        stray = sorted(
+            {
+                (a, s)
+                for a, s in zip(cross["arm"].to_pylist(), cross["step"].to_pylist(), strict=True)
+            }
+            - labels
+        )
+        if stray:
+            raise RgeomError(f"drift: cross-anchor tables for cells without directions: {stray}")
     n_layers = int(shared["n_layers"])
     arms = _arms(params, cells)
     null = settings["null_model"]
@@ -714,8 +812,22 @@ def build_drift(
             settings["relocation_layers"],
             float(settings["rotation_deg"]),
         )
-        for name, value in zip(VERDICT_SCHEMA.names, (arm, v, statistic, detail), strict=True):
-            verdict_rows[name].append(value)
+        row = {"arm": arm, "verdict": v, "statistic": statistic, "detail": detail}
+        row["basis"] = "geometry"
+        decided = None
+        if cross is not None:
+            decided = transfer_verdict(
+                cross.to_pylist(),
+                (seq[0].arm, seq[0].step),
+                (seq[-1].arm, seq[-1].step),
+                settings,
+                seed,
+            )
+        if decided is not None:
+            row.update(decided)
+            row["detail"] = f"{row['detail']}; geometry: {v} ({detail})"
+        for name in VERDICT_SCHEMA.names:
+            verdict_rows[name].append(row.get(name))
 
     out = Path(out_dir)
     record = {
@@ -728,6 +840,7 @@ def build_drift(
             "directions": [str(c.directions_path) for c in cells],
             "carriers": [str(p) for p in carriers],
             "activations": [str(p) for p in activations or []],
+            "cross_anchor": [str(p) for p in cross_anchor or []],
         },
     }
     tables = {
@@ -741,6 +854,11 @@ def build_drift(
         ("verdict", VERDICT_SCHEMA),
     ):
         write_table(out / f"{name}.parquet", tables[name], schema, record)
+    if cross is not None:
+        from rgeom.causal import CROSS_SCHEMA
+
+        tables["cross_anchor"] = cross
+        write_table(out / "cross_anchor.parquet", cross, CROSS_SCHEMA, record)
 
     from rgeom.report import _formats
 

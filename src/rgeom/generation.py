@@ -31,19 +31,29 @@ GENERATION_SCHEMA = pa.schema(
         ("arm", pa.string()),
         ("step", pa.int32()),
         ("benchmark", pa.string()),
+        # The attack method of a test case (DirectRequest, Templates, GCG-transfer, ...) when
+        # the prompts are a test-case file; null for plain prompt sets.
+        ("method", pa.string()),
     ]
 )
 
 
-@torch.inference_mode()
 def generate_completions(
     model, tokenizer, prompts: list[str], batch_size: int = 16, max_new_tokens: int = 48
 ) -> tuple[list[str], list[int], list[int]]:
     """Greedy completions in input order; returns (texts, prompt lengths, new-token counts)."""
     encoded = [encode_chat(tokenizer, p).ids for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    texts: list[str] = [""] * len(prompts)
-    new_tokens = [0] * len(prompts)
+    return generate_from_ids(model, tokenizer, encoded, batch_size, max_new_tokens)
+
+
+@torch.inference_mode()
+def generate_from_ids(
+    model, tokenizer, encoded: list[list[int]], batch_size: int = 16, max_new_tokens: int = 48
+) -> tuple[list[str], list[int], list[int]]:
+    """Greedy completions of already chat-encoded prompts (e.g. GCG's exact ids)."""
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    texts: list[str] = [""] * len(encoded)
+    new_tokens = [0] * len(encoded)
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
     for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch"):
@@ -65,12 +75,42 @@ def generate_completions(
     return texts, [len(e) for e in encoded], new_tokens
 
 
-def generate_table(model, tokenizer, prompts: str, out: str, params: dict[str, Any], meta: dict):
-    from rgeom.data import prompt_text, read_prompts
+def _read_inputs(path: str) -> dict[str, list]:
+    """Prompt set or attack test-case file -> the columns generation carries through.
 
-    table = read_prompts(prompts)
-    cols = table.to_pydict()
-    messages = [prompt_text(t, c) for t, c in zip(cols["text"], cols["context"], strict=True)]
+    A test-case file (rgeom.attacks.testcases) replays each ``test_case`` verbatim; its
+    behaviour id becomes ``prompt_id``, so the judge's per-behaviour ASR averages over a
+    behaviour's test cases, and ``method`` says which attack made it.
+    """
+    from rgeom.attacks.testcases import TEST_CASE_SCHEMA, is_test_case_table
+    from rgeom.data import PROMPT_SCHEMA, prompt_text
+    from rgeom.io import read_table
+
+    table = read_table(path)
+    if is_test_case_table(table):
+        cols = read_table(path, TEST_CASE_SCHEMA).to_pydict()
+        return {
+            "prompt_id": cols["behavior_id"],
+            "label": [lab or "harmful" for lab in cols["label"]],
+            "category": cols["category"],
+            "prompt": cols["test_case"],
+            "target": cols["target"],
+            "method": cols["method"],
+        }
+    cols = read_table(path, PROMPT_SCHEMA).to_pydict()
+    return {
+        "prompt_id": cols["prompt_id"],
+        "label": cols["label"],
+        "category": cols["category"],
+        "prompt": [prompt_text(t, c) for t, c in zip(cols["text"], cols["context"], strict=True)],
+        "target": cols["target"],
+        "method": [None] * len(cols["prompt_id"]),
+    }
+
+
+def generate_table(model, tokenizer, prompts: str, out: str, params: dict[str, Any], meta: dict):
+    cols = _read_inputs(prompts)
+    messages = cols["prompt"]
     texts, n_prompt, n_new = generate_completions(
         model,
         tokenizer,
@@ -78,7 +118,7 @@ def generate_table(model, tokenizer, prompts: str, out: str, params: dict[str, A
         batch_size=params.get("batch_size", 16),
         max_new_tokens=params.get("max_new_tokens", 48),
     )
-    n = table.num_rows
+    n = len(messages)
     result = pa.table(
         {
             "prompt_id": cols["prompt_id"],
@@ -92,6 +132,7 @@ def generate_table(model, tokenizer, prompts: str, out: str, params: dict[str, A
             "arm": [meta.get("arm")] * n,
             "step": [meta.get("step")] * n,
             "benchmark": [meta.get("benchmark")] * n,
+            "method": cols["method"],
         }
     )
     write_table(out, result, GENERATION_SCHEMA, {**meta, "prompts": prompts, **params})

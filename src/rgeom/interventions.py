@@ -345,6 +345,48 @@ class PrefixCache:
         return out
 
 
+def score_direction(
+    model,
+    tokenizer,
+    vec,
+    layer: int,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    refusal_ids: Sequence[int],
+    base_harmless: torch.Tensor,
+    batch_size: int = 16,
+    cache: PrefixCache | None = None,
+) -> dict[str, Any]:
+    """The carrier-search scores of one raw direction ``vec`` read at block ``layer``.
+
+    ``bypass``: mean refusal score on ``harmful`` with r-hat ablated everywhere; ``induce``:
+    mean score on ``harmless`` with r added at ``layer``'s input; ``kl``: mean
+    KL(base || ablated) on ``harmless`` against ``base_harmless`` (the unedited logits).
+    Also the per-prompt arrays ``bypass_scores``, ``induce_scores`` and ``kl_values``.
+    ``cache`` (a :class:`PrefixCache` over ``harmless`` holding ``layer``) avoids rerunning
+    the blocks before ``layer`` for the addition.
+    """
+    with ablation(model, vec):
+        abl_harmful = last_logits(model, tokenizer, harmful, batch_size)
+        abl_harmless = last_logits(model, tokenizer, harmless, batch_size)
+    if cache is not None and layer in cache.layers:
+        add_harmless = cache.logits_with_addition(layer, vec)
+    else:
+        with addition(model, vec, layer, 1.0):
+            add_harmless = last_logits(model, tokenizer, harmless, batch_size)
+    bypass = refusal_score_from_logits(abl_harmful, refusal_ids).numpy()
+    induce = refusal_score_from_logits(add_harmless, refusal_ids).numpy()
+    kl = kl_last_position(base_harmless, abl_harmless).numpy()
+    return {
+        "bypass": float(bypass.mean()),
+        "induce": float(induce.mean()),
+        "kl": float(kl.mean()),
+        "bypass_scores": bypass,
+        "induce_scores": induce,
+        "kl_values": kl,
+    }
+
+
 @dataclass
 class CarrierSearch:
     """Every candidate's scores and the chosen carrier (None if no candidate qualifies)."""
@@ -416,17 +458,19 @@ def select_carrier(
             row.update(bypass=math.nan, induce=math.nan, kl=math.nan, admissible=False)
             rows.append(row)
             continue
-        with ablation(model, vec):
-            abl_harmful = last_logits(model, tokenizer, harmful, batch_size)
-            abl_harmless = last_logits(model, tokenizer, harmless, batch_size)
-        if cache is not None:
-            add_harmless = cache.logits_with_addition(layer, vec)
-        else:
-            with addition(model, vec, layer, 1.0):
-                add_harmless = last_logits(model, tokenizer, harmless, batch_size)
-        bypass = float(refusal_score_from_logits(abl_harmful, refusal_ids).mean())
-        induce = float(refusal_score_from_logits(add_harmless, refusal_ids).mean())
-        kl = float(kl_last_position(base_harmless, abl_harmless).mean())
+        scores = score_direction(
+            model,
+            tokenizer,
+            vec,
+            layer,
+            harmful,
+            harmless,
+            refusal_ids,
+            base_harmless,
+            batch_size,
+            cache,
+        )
+        bypass, induce, kl = scores["bypass"], scores["induce"], scores["kl"]
         finite = all(math.isfinite(v) for v in (bypass, induce, kl))
         row.update(
             bypass=bypass,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -61,3 +63,289 @@ def check_profile(profile_path: str | os.PathLike, rules_dir: str | os.PathLike)
                 )
             checked.append(rule)
     return checked
+
+
+# --- checks against the SLURM that will run the jobs -------------------------------------
+
+RESOURCES_RE = re.compile(r"^(\s+)resources:\s*\n((?:\1\s+.*\n)+)", re.MULTILINE)
+LITERAL_RE = re.compile(r"^\s*(\w+)\s*=\s*(\d+)\s*,?\s*$")
+#: Resources compared with a partition's limits; everything else is passed through.
+LIMITED = ("slurm_partition", "mem_mb", "runtime", "cpus_per_task", "cpus_per_gpu", "gpu", "nodes")
+
+
+@dataclass(frozen=True)
+class Partition:
+    """What ``sinfo`` reports for one partition: the limits a job must fit in."""
+
+    name: str
+    cpus: int  # CPUs of its largest node
+    mem_mb: int  # memory of its largest node, MB
+    max_minutes: int | None  # the partition's time limit; None when unlimited
+    gpus: int  # GPUs (gres gpu) of its largest node
+    nodes: int
+
+
+def _minutes(text: str) -> int | None:
+    """SLURM time ([D-]HH:MM:SS, MM:SS, MM, "infinite") in whole minutes."""
+    text = text.strip()
+    if text in ("infinite", "UNLIMITED", "n/a", ""):
+        return None
+    days = 0
+    if "-" in text:
+        d, text = text.split("-", 1)
+        days = int(d)
+    parts = [int(p) for p in text.split(":")]
+    if len(parts) == 3:
+        h, m, s = parts
+    elif len(parts) == 2:
+        h, (m, s) = (0, parts) if days == 0 else (parts[0], (parts[1], 0))
+    else:
+        h, m, s = (parts[0], 0, 0) if days else (0, parts[0], 0)
+    return days * 1440 + h * 60 + m + (1 if s else 0)
+
+
+def _gpus(gres: str) -> int:
+    """GPUs in an sinfo %G field such as ``gpu:a100:4(S:0-1),tmpdisk:100``."""
+    total = 0
+    for item in gres.split(","):
+        fields = item.split("(")[0].split(":")
+        if fields[0] == "gpu" and fields[-1].isdigit():
+            total = max(total, int(fields[-1]))
+    return total
+
+
+def parse_sinfo(text: str) -> dict[str, Partition]:
+    """Partitions from ``sinfo -h -e -o '%R|%c|%m|%l|%G|%D'`` (one line per node kind)."""
+    parts: dict[str, Partition] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        name, cpus, mem, limit, gres, nodes = line.split("|")[:6]
+        part = Partition(
+            name=name.strip().rstrip("*"),
+            cpus=int(cpus.rstrip("+")),
+            mem_mb=int(mem.rstrip("+")),
+            max_minutes=_minutes(limit),
+            gpus=_gpus(gres),
+            nodes=int(nodes),
+        )
+        old = parts.get(part.name)
+        if old is not None:  # several node kinds: the largest of each limit
+            part = Partition(
+                part.name,
+                max(old.cpus, part.cpus),
+                max(old.mem_mb, part.mem_mb),
+                part.max_minutes,
+                max(old.gpus, part.gpus),
+                old.nodes + part.nodes,
+            )
+        parts[part.name] = part
+    return parts
+
+
+def slurm_partitions() -> dict[str, Partition]:
+    """The partitions of the SLURM cluster this machine submits to, from ``sinfo``."""
+    try:
+        res = subprocess.run(
+            ["sinfo", "-h", "-e", "-o", "%R|%c|%m|%l|%G|%D"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except FileNotFoundError:
+        raise RgeomError("sinfo not found: run this on a SLURM login node") from None
+    except subprocess.TimeoutExpired:
+        raise RgeomError("sinfo did not answer within 60 s: is slurmctld up?") from None
+    if res.returncode != 0:
+        raise RgeomError(f"sinfo failed: {res.stderr.strip() or res.stdout.strip()}")
+    parts = parse_sinfo(res.stdout)
+    if not parts:
+        raise RgeomError("sinfo lists no partitions")
+    return parts
+
+
+def _int(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def check_resources(
+    resources: dict[str, dict], partitions: dict[str, Partition], source: str = ""
+) -> list[str]:
+    """Every way a rule's resources do not fit its partition, as one line each.
+
+    ``resources`` maps a rule name to its effective resources (``slurm_partition``,
+    ``mem_mb``, ``runtime`` in minutes, ``cpus_per_task``, ``cpus_per_gpu``, ``gpu``,
+    ``nodes``); a missing partition means SLURM's default partition.
+    """
+    prefix = f"{source}: " if source else ""
+    default = next(iter(partitions.values()))
+    problems = []
+    unknown: dict[str, list[str]] = {}
+    for rule, res in sorted(resources.items()):
+        name = res.get("slurm_partition") or None
+        if name is not None and str(name) not in partitions:
+            unknown.setdefault(str(name), []).append(rule)
+            continue
+        part = partitions[str(name)] if name is not None else default
+        where = f"partition {part.name!r}"
+        mem, runtime = _int(res.get("mem_mb")), _int(res.get("runtime"))
+        gpu, nodes = _int(res.get("gpu")) or 0, _int(res.get("nodes")) or 1
+        cpus = _int(res.get("cpus_per_task")) or 0
+        if gpu and _int(res.get("cpus_per_gpu")):
+            cpus = max(cpus, gpu * _int(res.get("cpus_per_gpu")))
+        if mem is not None and mem > part.mem_mb:
+            problems.append(
+                f"{prefix}rule {rule}: mem_mb={mem} exceeds the {part.mem_mb} MB of the "
+                f"largest node in {where}"
+            )
+        if runtime is not None and part.max_minutes is not None and runtime > part.max_minutes:
+            problems.append(
+                f"{prefix}rule {rule}: runtime={runtime} min exceeds the time limit of "
+                f"{where} ({part.max_minutes} min)"
+            )
+        if cpus > part.cpus:
+            problems.append(
+                f"{prefix}rule {rule}: {cpus} CPUs per task exceed the {part.cpus} CPUs of "
+                f"the largest node in {where}"
+            )
+        if gpu > part.gpus:
+            problems.append(
+                f"{prefix}rule {rule}: gpu={gpu} exceeds the {part.gpus} GPUs of the "
+                f"largest node in {where}"
+            )
+        if nodes > part.nodes:
+            problems.append(
+                f"{prefix}rule {rule}: nodes={nodes} exceeds the {part.nodes} nodes of {where}"
+            )
+    known = ", ".join(sorted(partitions))
+    problems[:0] = [
+        f"{prefix}partition {name!r} (rules {', '.join(rules)}) is not known to SLURM "
+        f"(sinfo lists: {known})"
+        for name, rules in unknown.items()
+    ]
+    return problems
+
+
+def rule_resources(rules_dir: str | os.PathLike) -> dict[str, dict[str, int]]:
+    """The integer literals in each submitted rule's ``resources:`` block (callables are
+    skipped, local rules left out)."""
+    out: dict[str, dict[str, int]] = {}
+    for path in sorted(Path(rules_dir).glob("*.smk")):
+        text = path.read_text(encoding="utf-8")
+        starts = list(RULE_RE.finditer(text))
+        for i, match in enumerate(starts):
+            end = starts[i + 1].start() if i + 1 < len(starts) else len(text)
+            block = text[match.start() : end]
+            found = RESOURCES_RE.search(block)
+            values = {}
+            if found:
+                for line in found.group(2).splitlines():
+                    literal = LITERAL_RE.match(line)
+                    if literal:
+                        values[literal.group(1)] = int(literal.group(2))
+            if not re.search(r"^\s+localrule:\s*True", block, re.MULTILINE):
+                out[match.group(1)] = values  # local rules never reach SLURM
+    return out
+
+
+def profile_resources(
+    profile_path: str | os.PathLike, rules_dir: str | os.PathLike
+) -> dict[str, dict]:
+    """Each rule's resources as a profile sets them: default-resources, then the rule's
+    own literals, then the profile's set-resources (Snakemake's order of precedence)."""
+    path = _profile_file(profile_path)
+    profile = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    defaults = profile.get("default-resources") or {}
+    if isinstance(defaults, list):  # the `- key=value` form
+        defaults = dict(item.split("=", 1) for item in defaults)
+    defaults = {k: _unquote(v) for k, v in defaults.items()}
+    overrides = profile.get("set-resources") or {}
+    merged = {}
+    for rule, own in rule_resources(rules_dir).items():
+        res = dict(defaults)
+        res.update(own)
+        res.update({k: _unquote(v) for k, v in (overrides.get(rule) or {}).items()})
+        merged[rule] = res
+    return merged
+
+
+def _unquote(value):
+    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    return value
+
+
+def _profile_file(profile_path: str | os.PathLike) -> Path:
+    path = Path(profile_path)
+    if path.is_dir():
+        path = path / "config.yaml"
+    if not path.exists():
+        raise RgeomError(f"profile not found: {path}")
+    return path
+
+
+def check_profile_slurm(
+    profile_path: str | os.PathLike,
+    rules_dir: str | os.PathLike,
+    partitions: dict[str, Partition] | None = None,
+) -> dict[str, dict]:
+    """:func:`check_profile`, then every rule's resources against the SLURM partitions
+    (``sinfo``); one :class:`RgeomError` lists every problem. Returns the resources."""
+    check_profile(profile_path, rules_dir)
+    partitions = slurm_partitions() if partitions is None else partitions
+    resources = profile_resources(profile_path, rules_dir)
+    problems = check_resources(resources, partitions, str(_profile_file(profile_path)))
+    if problems:
+        raise RgeomError(
+            f"{len(problems)} problem(s) before anything is submitted: " + "; ".join(problems)
+        )
+    return resources
+
+
+def check_workflow_jobs(workflow) -> None:
+    """The Snakefile's ``onstart`` check: under the SLURM executor, the resources of every
+    job about to be submitted (as Snakemake resolved them: rule, default-resources and
+    set-resources) must fit a partition SLURM knows. Raises before the first submission."""
+    plugin = getattr(workflow, "executor_plugin", None)
+    if plugin is None or getattr(plugin, "name", None) != "slurm" or workflow.dryrun:
+        return
+    if os.environ.get("RGEOM_SKIP_SLURM_CHECK"):
+        return
+    by_rule: dict[str, dict] = {}
+    for job in workflow.dag.needrun_jobs():
+        if job.is_local:
+            continue
+        res = {k: v for k, v in job.resources.items() if k in LIMITED}
+        old = by_rule.setdefault(job.rule.name, res)
+        for key in ("mem_mb", "runtime", "cpus_per_task", "gpu", "nodes"):
+            if _int(res.get(key)) is not None and (_int(old.get(key)) or 0) < _int(res[key]):
+                old[key] = res[key]
+    if not by_rule:
+        return
+    problems = check_resources(by_rule, slurm_partitions())
+    if problems:
+        raise RgeomError(
+            f"{len(problems)} problem(s) before anything is submitted: " + "; ".join(problems)
+        )
+
+
+def check_profile_cmd(profile: str, rules: str, slurm: bool | None = None) -> None:
+    """``rgeom check-profile``: rule names always; partitions and limits when the profile
+    uses the SLURM executor (or ``--slurm``). Prints one line per configured rule."""
+    path = _profile_file(profile)
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if slurm is None:
+        slurm = data.get("executor") == "slurm"
+    if not slurm:
+        checked = check_profile(path, rules)
+        print(f"{path}: ok ({len(checked)} rule entries name workflow rules)")
+        return
+    partitions = slurm_partitions()
+    resources = check_profile_slurm(path, rules, partitions)
+    print(f"{path}: ok against SLURM partitions {', '.join(sorted(partitions))}")
+    for rule, res in sorted(resources.items()):
+        shown = " ".join(f"{k}={res[k]}" for k in LIMITED if res.get(k) not in (None, ""))
+        print(f"  {rule:24s} {shown}")

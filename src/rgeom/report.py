@@ -34,6 +34,7 @@ MAIN_METRICS = (
     "over_refusal",
     "contrast_compliance",
     "strongreject_nonrefusal",
+    "utility_kl",
 )
 # Okabe-Ito: distinguishable under the common colour-vision deficiencies. Known arms get
 # fixed colours so figures of different runs compare at a glance.
@@ -43,6 +44,7 @@ ARM_MARKERS = {BASE_ARM: "s", "sft": "o", "r2d2": "^"}
 _OTHER_MARKERS = ("D", "v", "P", "X", "*")
 FIGURE_FORMATS = ("png", "svg", "pdf")
 
+UTILITY_SHIFT = "utility_shift"  # benchmark name of rgeom.utility_shift's rows
 METRIC_COLUMNS = ("arm", "step", "benchmark", "metric", "value", "ci_low", "ci_high", "n", "judge")
 DIRECTION_COLUMNS = ("layer", "position", "norm")
 
@@ -180,6 +182,8 @@ def _metric_names(metrics: pl.DataFrame) -> pl.DataFrame:
     judges = metrics.group_by(["benchmark", "metric"]).agg(pl.col("judge").n_unique().alias("j"))
     m = metrics.join(judges, on=["benchmark", "metric"])
     stem = pl.col("benchmark") + "." + pl.col("metric")
+    # The utility audit's rows (rgeom.utility_shift) are named by metric alone: utility_kl.
+    stem = pl.when(pl.col("benchmark") == UTILITY_SHIFT).then(pl.col("metric")).otherwise(stem)
     return m.with_columns(
         pl.when(pl.col("j") > 1).then(stem + "@" + pl.col("judge")).otherwise(stem).alias("column")
     ).drop("j")
@@ -452,12 +456,16 @@ def build_summary(
     params: dict[str, Any],
     meta: dict[str, Any],
     train_logs: list[str] | None = None,
+    utility_shift: list[str] | None = None,
 ) -> None:
-    """Write summary.parquet/.csv/.md and figures/ under ``out_dir``."""
-    if not metrics and not directions:
+    """Write summary.parquet/.csv/.md and figures/ under ``out_dir``.
+
+    ``utility_shift`` tables (metrics format) add the columns utility_kl / utility_ce.
+    """
+    if not metrics and not directions and not utility_shift:
         raise RgeomError("summary: no metrics or direction files given")
     formats = _formats(params)
-    m = read_metrics(metrics)
+    m = read_metrics([*metrics, *(utility_shift or [])])
     d = read_directions(directions)
     arms = _arms(params, m.get_column("arm").to_list() + d.get_column("arm").to_list())
     m, d = _expand_base(m, arms), _expand_base(d, arms)
@@ -471,6 +479,7 @@ def build_summary(
             "metrics": [str(p) for p in metrics],
             "directions": [str(p) for p in directions],
             "train_logs": [str(p) for p in train_logs or []],
+            "utility_shift": [str(p) for p in utility_shift or []],
         },
     }
     write_table(out / f"{SUMMARY_NAME}.parquet", frame.to_arrow(), schema, record)

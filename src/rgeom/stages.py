@@ -162,7 +162,13 @@ def generate(model: str, prompts: str, out: str, params: dict[str, Any]) -> None
     )
 
 
-def judge(generations: str, labels: str, metrics: str, params: dict[str, Any]) -> None:
+def judge(
+    generations: str,
+    labels: str,
+    metrics: str,
+    params: dict[str, Any],
+    prompts: str | None = None,
+) -> None:
     from rgeom.judges import judge_table
 
     seed_everything(params.get("seed", 0))
@@ -180,6 +186,55 @@ def judge(generations: str, labels: str, metrics: str, params: dict[str, Any]) -
             step=source.get("step"),
             benchmark=source.get("benchmark"),
         ),
+        prompts=prompts,
+    )
+
+
+def validate_judge(
+    labelled: str,
+    agreement: str,
+    confusion: str,
+    predictions: str,
+    markdown: str,
+    params: dict[str, Any],
+    prompts: str | None = None,
+) -> None:
+    from rgeom.judges.validation import validate_judge as _validate
+
+    seed_everything(params.get("seed", 0))
+    print(
+        _validate(
+            labelled=labelled,
+            prompts=prompts,
+            outputs={
+                "agreement": agreement,
+                "confusion": confusion,
+                "predictions": predictions,
+                "markdown": markdown,
+            },
+            params=params.get("judge", {}),
+            meta=_meta(params, labelled=labelled),
+        )
+    )
+
+
+def utility_shift(
+    model: str, base: str, reference: list[str], out: str, params: dict[str, Any]
+) -> None:
+    from rgeom.utility_shift import utility_shift_table
+
+    seed_everything(params.get("seed", 0))
+    lm, tokenizer = _load(model, params)
+    base_lm = lm if Path(base).resolve() == Path(model).resolve() else _load(base, params)[0]
+    utility_shift_table(
+        model=lm,
+        base=base_lm,
+        tokenizer=tokenizer,
+        references=reference,
+        out=out,
+        params=params.get("utility_shift", {}),
+        seed=params.get("seed", 0),
+        meta=_meta(params, model=model, base=base, arm=params.get("arm"), step=params.get("step")),
     )
 
 
@@ -217,6 +272,7 @@ def summary(
     train_logs: list[str],
     out_dir: str,
     params: dict[str, Any],
+    utility_shift: list[str] | None = None,
 ) -> None:
     from rgeom.report import build_summary, format_summary
 
@@ -227,6 +283,7 @@ def summary(
         params=params,
         meta=_meta(params),
         train_logs=train_logs or None,
+        utility_shift=utility_shift or None,
     )
     print(format_summary(out_dir))
 
@@ -282,6 +339,7 @@ def drift(
     activations: list[str],
     out_dir: str,
     params: dict[str, Any],
+    cross_anchor: list[str] | None = None,
 ) -> None:
     from rgeom.drift import build_drift
 
@@ -293,9 +351,82 @@ def drift(
         params=params,
         meta=_meta(params),
         activations=activations or None,
+        cross_anchor=cross_anchor or None,
     )
     for row in tables["verdict"].to_pylist():
         print(f"{row['arm']}: {row['verdict']} ({row['detail']})")
+
+
+def interventions(
+    model: str,
+    directions: str,
+    carriers: str,
+    activations: str,
+    val_harmful: str,
+    val_harmless: str,
+    generate_set: str,
+    utility_set: str,
+    out: str,
+    params: dict[str, Any],
+) -> None:
+    from rgeom.causal import interventions_table
+
+    seed_everything(params.get("seed", 0))
+    source = read_meta(directions)
+    lm, tokenizer = _load(model, params)
+    interventions_table(
+        model=lm,
+        tokenizer=tokenizer,
+        directions=directions,
+        carriers=carriers,
+        activations=activations,
+        val_harmful=val_harmful,
+        val_harmless=val_harmless,
+        generate_prompts=generate_set,
+        utility_prompts=utility_set,
+        out=out,
+        params=params,
+        meta=_meta(
+            params,
+            model=model,
+            arm=params.get("arm", source.get("arm")),
+            step=params.get("step", source.get("step")),
+        ),
+    )
+
+
+def cross_anchor(
+    model: str,
+    directions: list[str],
+    carriers: list[str],
+    val_harmful: str,
+    val_harmless: str,
+    out: str,
+    params: dict[str, Any],
+) -> None:
+    from rgeom.causal import cross_anchor_table
+
+    seed_everything(params.get("seed", 0))
+    if params.get("arm") is None or params.get("step") is None:
+        raise RgeomError("--params: 'arm' and 'step' (the target cell) are required")
+    lm, tokenizer = _load(model, params)
+    cross_anchor_table(
+        model=lm,
+        tokenizer=tokenizer,
+        directions=directions,
+        carriers=carriers,
+        val_harmful=val_harmful,
+        val_harmless=val_harmless,
+        out=out,
+        params=params,
+        meta=_meta(params, model=model, arm=params["arm"], step=int(params["step"])),
+    )
+
+
+def interventions_summary(tables: list[str], out_dir: str, params: dict[str, Any]) -> None:
+    from rgeom.causal import interventions_summary as build
+
+    build(tables=tables, out_dir=out_dir, params=params, meta=_meta(params))
 
 
 def record_config(out: str, params: dict[str, Any]) -> None:

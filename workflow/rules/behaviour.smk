@@ -1,7 +1,8 @@
 rule generate:
     input:
         model=model_dir,
-        prompts="results/data/{benchmark}.parquet",
+        # The attack benchmark replays results/attacks/test_cases.parquet (attacks.smk).
+        prompts=generate_prompts,
     output:
         table="results/{arm}/step-{step}/generations/{benchmark}.parquet",
     log:
@@ -30,7 +31,8 @@ rule generate:
 
 rule judge:
     input:
-        generations="results/{arm}/step-{step}/generations/{benchmark}.parquet",
+        # generations always; the prompt set and local judge models with a model judge.
+        unpack(judge_inputs),
     output:
         labels="results/{arm}/step-{step}/judgements/{benchmark}.parquet",
         metrics="results/{arm}/step-{step}/metrics/{benchmark}.parquet",
@@ -39,13 +41,18 @@ rule judge:
     benchmark:
         "results/benchmarks/judge/{arm}-{step}-{benchmark}.tsv"
     conda:
-        "../envs/analysis.yaml"
+        # Model judges need torch, transformers and peft.
+        "../envs/train.yaml" if model_judges() else "../envs/analysis.yaml"
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=10,
+        mem_mb=40000 if model_judges() else 1000,
+        runtime=120 if model_judges() else 10,
+        gpu=judge_gpu(),
     params:
         json=params_json(judge=config["judge"]),
+        prompts=lambda w, input: (
+            f"--prompts {input.prompts}" if "prompts" in input.keys() else ""
+        ),
     shell:
         "rgeom judge --generations {input.generations} --labels {output.labels}"
-        " --metrics {output.metrics} --params {params.json:q} > {log} 2>&1"
+        " --metrics {output.metrics} {params.prompts} --params {params.json:q} > {log} 2>&1"

@@ -40,10 +40,13 @@ rule drift:
         carriers=cell_paths("results/{arm}/step-{step}/carriers.parquet"),
         # Per-prompt activations give the label-shuffled null of the effective rank.
         activations=cell_paths("results/{arm}/step-{step}/activations.parquet"),
+        # Every cell's directions applied to every same-arm cell: the verdict's transfer test.
+        cross_anchor=cell_paths("results/{arm}/step-{step}/cross_anchor.parquet"),
     output:
         drift="results/drift/drift.parquet",
         angles="results/drift/angles.parquet",
         verdict="results/drift/verdict.parquet",
+        cross_anchor="results/drift/cross_anchor.parquet",
         layer_figure="results/drift/figures/carrier_layer_vs_step.png",
         angle_figure="results/drift/figures/principal_angles.png",
     log:
@@ -65,5 +68,6 @@ rule drift:
         ),
     shell:
         "rgeom drift --directions {input.directions} --carriers {input.carriers}"
-        " --activations {input.activations} --out-dir results/drift"
+        " --activations {input.activations} --cross-anchor {input.cross_anchor}"
+        " --out-dir results/drift"
         " --params {params.json:q} > {log} 2>&1"

@@ -94,8 +94,33 @@ def drift_outputs():
         "results/drift/drift.parquet",
         "results/drift/angles.parquet",
         "results/drift/verdict.parquet",
+        "results/drift/cross_anchor.parquet",
         "results/drift/figures/carrier_layer_vs_step.png",
         "results/drift/figures/principal_angles.png",
+    ]
+
+
+def interventions_outputs():
+    return [
+        "results/interventions/interventions.parquet",
+        *(f"results/interventions/frontier_{arm}.png" for arm in config["arms"]),
+    ]
+
+
+def interventions_set(key):
+    name = config["interventions"][key]
+    if name not in config["data"]["sets"]:
+        raise WorkflowError(f"interventions.{key}: {name!r} is not a set in data.sets")
+    return f"results/data/{name}.parquet"
+
+
+def cross_anchor_sources(wildcards):
+    """Every cell whose direction is applied to this one: the base and the same arm's
+    anchors; for the base itself, every cell."""
+    return [
+        (arm, step)
+        for arm, step in cells()
+        if wildcards.arm == BASE or arm in (BASE, wildcards.arm)
     ]
 
 
@@ -152,3 +177,160 @@ def train_params(wildcards):
 def extra_flags(wildcards, input):
     names = ("r2d2_behaviours", "r2d2_targets", "deepspeed")
     return " ".join(f"--extra {n}={input[n]}" for n in names if n in input.keys())
+
+
+# --- attacks (workflow/rules/attacks.smk) ---
+
+ATTACKS = config["attacks"]
+
+
+def attacks_active():
+    return ATTACKS["enabled"] and ATTACKS["benchmark"] in config["benchmarks"]
+
+
+def attack_behaviours():
+    return f"results/data/{ATTACKS['benchmark']}.parquet"
+
+
+def generate_prompts(wildcards):
+    """The generate job's prompts: the attack test cases for the attack benchmark."""
+    if attacks_active() and wildcards.benchmark == ATTACKS["benchmark"]:
+        return "results/attacks/test_cases.parquet"
+    return f"results/data/{wildcards.benchmark}.parquet"
+
+
+def attack_source():
+    """(model path passed to the stage, whether it is a file input of the job)."""
+    source = ATTACKS["source_model"]
+    if not source:
+        return "results/model/base", True
+    return source, Path(source).exists()
+
+
+def gcg_targets():
+    targets = ATTACKS["gcg"]["targets"]
+    return {"targets": shared_path(targets)} if targets else {}
+
+
+def attack_inputs(wildcards):
+    inputs = {"behaviors": attack_behaviours()}
+    if wildcards.method == "Templates" and ATTACKS["templates"]["file"]:
+        inputs["templates"] = ATTACKS["templates"]["file"]
+    return inputs
+
+
+def attack_gcg_inputs(wildcards):
+    inputs = {"behaviors": attack_behaviours(), **gcg_targets()}
+    path, is_file = attack_source()
+    if is_file:
+        inputs["model"] = path
+    return inputs
+
+
+def attack_params(wildcards):
+    section = {"source_model": ATTACKS["source_model"]}
+    if wildcards.method == "Templates":
+        section["templates"] = ATTACKS["templates"]
+    return params_json(attacks=section)
+
+
+def optional_flags(input, *names):
+    return " ".join(f"--{n} {input[n]}" for n in names if n in input.keys())
+
+
+def adaptive_inputs(wildcards):
+    return {
+        "model": model_dir(wildcards),
+        "behaviors": attack_behaviours(),
+        **gcg_targets(),
+    }
+
+
+def adaptive_metrics():
+    """Per-cell adaptive-GCG metrics for the summary (empty when disabled)."""
+    if not ATTACKS["adaptive"]["enabled"]:
+        return []
+    return cell_paths("results/{arm}/step-{step}/adaptive_gcg_metrics.parquet")
+
+
+def model_judges():
+    """{judge name: model spec} of every model judge the config switches on."""
+    judge = config["judge"]
+    out = {}
+    if judge["harmbench"] == "harmbench_classifier":
+        out["harmbench_classifier"] = judge["harmbench_model"]
+    if judge["xstest"] == "xstest_llm":
+        out["xstest_llm"] = judge["xstest_model"]
+    if judge["strongreject"] != "none":
+        out[f"strongreject_{judge['strongreject']}"] = judge["strongreject_model"]
+    return out
+
+
+def judge_model_files(judges=None):
+    """Local judge model and adapter directories (hub ids are not files Snakemake tracks)."""
+    files = {}
+    for name, spec in (model_judges() if judges is None else judges).items():
+        for key in ("path", "adapter"):
+            if spec[key] and Path(spec[key]).expanduser().exists():
+                files[f"{name}_{key}"] = str(Path(spec[key]).expanduser())
+    return files
+
+
+def judge_inputs(wildcards):
+    """The judge job's inputs: the prompt set and judge models only when a model judge runs."""
+    cell = f"results/{wildcards.arm}/step-{wildcards.step}"
+    inputs = {"generations": f"{cell}/generations/{wildcards.benchmark}.parquet"}
+    if model_judges():
+        inputs["prompts"] = f"results/data/{wildcards.benchmark}.parquet"
+        inputs.update(judge_model_files())
+    return inputs
+
+
+def judge_gpu():
+    """1 when a configured judge model runs on CUDA (explicitly, or auto on a GPU config)."""
+    devices = [spec["device"] for spec in model_judges().values()]
+    return int(any(d == "cuda" or (d == "auto" and GPU) for d in devices))
+
+
+def validation_outputs():
+    if not config["validate"]["enabled"]:
+        return []
+    return [
+        f"results/validation/judge_{name}"
+        for name in ("agreement.parquet", "confusion.parquet", "predictions.parquet")
+    ] + ["results/validation/judge_validation.md"]
+
+
+def utility_shift_outputs():
+    if not config["utility_shift"]["enabled"]:
+        return []
+    return cell_paths("results/{arm}/step-{step}/utility_shift.parquet")
+
+
+def check_slurm_resources(workflow):
+    """onstart (Snakefile): with --executor slurm, fail before the first submission when a
+    job's partition is unknown to SLURM or its resources exceed the partition's limits.
+    """
+    from rgeom.profiles import check_workflow_jobs
+
+    try:
+        check_workflow_jobs(workflow)
+    except RgeomError as exc:
+        raise WorkflowError(f"SLURM profile: {exc}") from None
+
+
+def validate_inputs(wildcards):
+    spec = config["validate"]
+    inputs = {}
+    if not spec["labelled"].startswith("builtin:"):
+        inputs["labelled"] = shared_path(spec["labelled"])
+    if spec["prompts"]:
+        inputs["prompts"] = shared_path(spec["prompts"])
+    # Only the judges that label validation tasks (HarmBench classifier, XSTest judge).
+    judges = {
+        k: v
+        for k, v in model_judges().items()
+        if k in ("harmbench_classifier", "xstest_llm")
+    }
+    inputs.update(judge_model_files(judges))
+    return inputs

@@ -26,9 +26,11 @@ rule summary:
             m
             for b in config["benchmarks"]
             for m in cell_paths(f"results/{{arm}}/step-{{step}}/metrics/{b}.parquet")
-        ],
+        ]
+        + adaptive_metrics(),
         directions=cell_paths("results/{arm}/step-{step}/directions.parquet"),
         train_logs=expand("results/{arm}/train_log.parquet", arm=config["arms"]),
+        utility_shift=utility_shift_outputs(),
         # Not read by the stage: it makes every finished summary sit beside its config.
         run_config="results/config.json",
     output:
@@ -77,5 +79,6 @@ rule summary:
         ),
     shell:
         "rgeom summary --metrics {input.metrics} --directions {input.directions}"
-        " --train-logs {input.train_logs} --out-dir results/summary"
+        " --train-logs {input.train_logs} --utility-shift {input.utility_shift}"
+        " --out-dir results/summary"
         " --params {params.json:q} > {log} 2>&1"

@@ -1,0 +1,636 @@
+"""Attack test cases: built once against a source model, replayed against every checkpoint.
+
+HarmBench's protocol, at the scale the config asks for:
+
+* **fixed-source** methods (``DirectRequest``, ``Templates``, ``GCG-transfer``) are built
+  once, against the source model (by default the step-0 base model), and the very same user
+  messages are replayed unchanged against every checkpoint of both arms. A change in ASR
+  across anchors is then a change in the model, never in the attack;
+* **adaptive GCG** re-optimises suffixes against each checkpoint itself, on a small subset of
+  behaviours (:func:`adaptive_gcg_cell`), because a fixed-source suffix says little about a
+  model that was trained against GCG (R2D2).
+
+Every method writes rows of :data:`TEST_CASE_SCHEMA`; :func:`combine_test_cases` merges them
+(plus any user-supplied test-case files) into the one file the benchmark's generate step
+reads, after checking every behaviour id against the behaviour set.
+
+``test_case`` is the complete user message. A contextual behaviour (a row with ``context``)
+is ``context + "\\n\\n---\\n\\n" + behaviour``, as HarmBench formats it; templates and GCG
+suffixes wrap that whole message.
+
+GCG-transfer test cases are stored and replayed as text, as HarmBench does. Re-encoding
+``message + " " + suffix`` can merge tokens at the boundary, so the replayed ids may differ
+from the optimised ids; ``ids_roundtrip`` records, per test case, whether they are equal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from rgeom.errors import RgeomError
+from rgeom.io import read_table, write_table
+
+log = logging.getLogger(__name__)
+
+METHODS = ("DirectRequest", "Templates", "GCG-transfer")
+TEMPLATES_FILE = Path(__file__).resolve().with_name("templates.jsonl")
+SLOT = "{behavior}"
+DEFAULT_INIT_SUFFIX = " ".join(["!"] * 20)
+
+TEST_CASE_SCHEMA = pa.schema(
+    [
+        pa.field("test_case_id", pa.string(), nullable=False),
+        pa.field("behavior_id", pa.string(), nullable=False),
+        pa.field("method", pa.string(), nullable=False),
+        # The complete user message replayed against every checkpoint.
+        pa.field("test_case", pa.string(), nullable=False),
+        pa.field("source_model", pa.string(), nullable=False),
+        pa.field("behavior", pa.string()),
+        pa.field("context", pa.string()),
+        pa.field("category", pa.string()),
+        pa.field("label", pa.string()),
+        pa.field("target", pa.string()),
+        pa.field("template_id", pa.string()),
+        pa.field("suffix", pa.string()),
+        pa.field("loss", pa.float64()),
+        pa.field("initial_loss", pa.float64()),
+        pa.field("ids_roundtrip", pa.bool_()),
+    ]
+)
+# The columns a user-supplied test-case file must have; the rest are filled in.
+REQUIRED_COLUMNS = ("behavior_id", "method", "test_case", "source_model")
+
+_ADAPTIVE_CASE_FIELDS = [
+    pa.field("arm", pa.string(), nullable=False),
+    pa.field("step", pa.int32(), nullable=False),
+    pa.field("behavior_id", pa.string(), nullable=False),
+    pa.field("category", pa.string()),
+    pa.field("target", pa.string(), nullable=False),
+    pa.field("suffix", pa.string(), nullable=False),
+    pa.field("test_case", pa.string(), nullable=False),
+    pa.field("loss", pa.float64(), nullable=False),
+    pa.field("initial_loss", pa.float64(), nullable=False),
+    pa.field("completion", pa.string(), nullable=False),
+]
+# Adaptive GCG against one checkpoint: suffixes and completions (the model job) ...
+ADAPTIVE_COMPLETION_SCHEMA = pa.schema(_ADAPTIVE_CASE_FIELDS)
+# ... then judge labels and success (a CPU job, so a judge edit never reruns GCG).
+ADAPTIVE_SCHEMA = pa.schema(
+    [
+        *_ADAPTIVE_CASE_FIELDS,
+        pa.field("judge", pa.string(), nullable=False),
+        pa.field("refusal", pa.string(), nullable=False),
+        pa.field("refused", pa.bool_(), nullable=False),
+        pa.field("degenerate", pa.bool_(), nullable=False),
+        # Neither refused nor degenerate, the judge's definition of a successful attack.
+        pa.field("success", pa.bool_(), nullable=False),
+    ]
+)
+ADAPTIVE_BENCHMARK = "adaptive_gcg"
+
+
+# --- behaviours ---------------------------------------------------------------------
+
+
+def read_behaviours(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a prompt set (PROMPT_SCHEMA) as behaviours, with their user message."""
+    from rgeom.data import prompt_text, read_prompts
+
+    if not Path(path).exists():
+        raise RgeomError(f"missing file: {path}")
+    rows = read_prompts(path).to_pylist()
+    if not rows:
+        raise RgeomError(f"{path}: the behaviour set is empty")
+    for r in rows:
+        r["message"] = prompt_text(r["text"], r["context"])
+    return rows
+
+
+def select_behaviours(
+    behaviours: Sequence[Mapping[str, Any]], n: int | None, seed: int
+) -> list[Mapping[str, Any]]:
+    """``n`` harmful behaviours drawn by ``seed`` (all when ``n`` is None), in file order.
+
+    Each id gets a hashed rank, so a behaviour's membership does not depend on the order of
+    the file and adding behaviours keeps earlier draws where it can.
+    """
+    harmful = [b for b in behaviours if b["label"] == "harmful"]
+    if n is None or n >= len(harmful):
+        return harmful
+
+    def rank(b: Mapping[str, Any]) -> bytes:
+        return hashlib.sha256(f"{seed}\x00{b['prompt_id']}".encode()).digest()
+
+    keep = {b["prompt_id"] for b in sorted(harmful, key=rank)[:n]}
+    return [b for b in harmful if b["prompt_id"] in keep]
+
+
+def load_targets(path: str | Path | None) -> dict[str, str]:
+    """Affirmative targets by behaviour id from a HarmBench targets JSON.
+
+    ``{BehaviorID: "Sure, here is ..."}`` (harmbench_targets_text.json) or
+    ``{BehaviorID: [targets, ...]}`` (the adversarial-training files; the first is used).
+    """
+    if path is None:
+        return {}
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RgeomError(f"missing file: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RgeomError(f"{path}: not a JSON targets file ({exc})") from None
+    if not isinstance(data, dict):
+        raise RgeomError(f"{path}: expected an object {{BehaviorID: target}}")
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if not isinstance(value, str) or not value.strip():
+            raise RgeomError(f"{path}: behaviour {key!r} has no target text")
+        out[str(key)] = value
+    return out
+
+
+def target_for(behaviour: Mapping[str, Any], targets: Mapping[str, str], where: str) -> str:
+    """The GCG target of a behaviour: the targets file first, then the set's target column."""
+    target = targets.get(behaviour["prompt_id"]) or behaviour.get("target")
+    if not target:
+        raise RgeomError(
+            f"{where}: behaviour {behaviour['prompt_id']!r} has no GCG target (neither in the "
+            "set's target column nor in attacks.gcg.targets)"
+        )
+    return target
+
+
+def _case(behaviour: Mapping[str, Any], method: str, k: int, text: str, source: str, **extra):
+    return {
+        "test_case_id": f"{method}/{behaviour['prompt_id']}/{k}",
+        "behavior_id": behaviour["prompt_id"],
+        "method": method,
+        "test_case": text,
+        "source_model": source,
+        "behavior": behaviour["text"],
+        "context": behaviour["context"],
+        "category": behaviour["category"],
+        "label": behaviour["label"],
+        "target": behaviour.get("target"),
+        **extra,
+    }
+
+
+# --- DirectRequest --------------------------------------------------------------------
+
+
+def direct_request_cases(
+    behaviours: Sequence[Mapping[str, Any]], source_model: str
+) -> list[dict[str, Any]]:
+    """The behaviour itself, one test case each (contextual: context, separator, behaviour).
+
+    Every row of the set is kept, harmful or not, so DirectRequest replaces the plain prompts.
+    """
+    return [_case(b, "DirectRequest", 0, b["message"], source_model) for b in behaviours]
+
+
+# --- Templates ----------------------------------------------------------------------
+
+
+def load_templates(path: str | Path | None = None) -> list[dict[str, str]]:
+    """Jailbreak templates from a JSONL file (rgeom's own set by default).
+
+    Each line: ``{"template_id": ..., "template": "... {behavior} ..."}``; ``family`` is
+    optional. A template without the ``{behavior}`` slot is an error naming file and row.
+    """
+    path = Path(path) if path else TEMPLATES_FILE
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise RgeomError(f"missing file: {path}") from None
+    except UnicodeDecodeError as exc:
+        raise RgeomError(f"{path} is not UTF-8 ({exc})") from None
+    out: list[dict[str, str]] = []
+    seen: dict[str, int] = {}
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RgeomError(f"{path}: row {i} is not valid JSON ({exc.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("template"), str):
+            raise RgeomError(f"{path}: row {i} has no string field 'template'")
+        tid = str(obj.get("template_id") or f"template_{i}")
+        if SLOT not in obj["template"]:
+            raise RgeomError(
+                f"{path}: row {i} (template {tid!r}) has no {SLOT} slot for the behaviour"
+            )
+        if tid in seen:
+            raise RgeomError(
+                f"{path}: row {i}: duplicate template_id {tid!r} (first at row {seen[tid]})"
+            )
+        seen[tid] = i
+        out.append({"template_id": tid, "template": obj["template"]})
+    if not out:
+        raise RgeomError(f"{path}: no templates")
+    return out
+
+
+def fill_template(template: str, message: str) -> str:
+    # str.replace, not str.format: templates may contain other braces.
+    return template.replace(SLOT, message)
+
+
+def template_cases(
+    behaviours: Sequence[Mapping[str, Any]],
+    templates: Sequence[Mapping[str, str]],
+    per_behavior: int,
+    seed: int,
+    source_model: str,
+    where: str = "attacks.templates",
+) -> list[dict[str, Any]]:
+    """``per_behavior`` distinct templates per harmful behaviour, drawn by ``seed``.
+
+    The draw for a behaviour depends only on the seed and its id, so adding or removing
+    other behaviours never changes its test cases.
+    """
+    if per_behavior < 1:
+        raise RgeomError(f"{where}: per_behavior must be >= 1, got {per_behavior}")
+    if per_behavior > len(templates):
+        raise RgeomError(
+            f"{where}: per_behavior={per_behavior} exceeds the {len(templates)} templates"
+        )
+    cases = []
+    for b in behaviours:
+        if b["label"] != "harmful":
+            continue
+        rng = np.random.default_rng([int(seed), zlib.crc32(b["prompt_id"].encode())])
+        picks = rng.choice(len(templates), size=per_behavior, replace=False)
+        for k, j in enumerate(sorted(int(p) for p in picks)):
+            t = templates[j]
+            cases.append(
+                _case(
+                    b,
+                    "Templates",
+                    k,
+                    fill_template(t["template"], b["message"]),
+                    source_model,
+                    template_id=t["template_id"],
+                )
+            )
+    return cases
+
+
+# --- GCG ----------------------------------------------------------------------------
+
+
+def _gcg_settings(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "steps": int(params.get("steps", 500)),
+        "search_width": int(params.get("search_width", 512)),
+        "topk": int(params.get("topk", 256)),
+        "batch_size": params.get("batch_size"),
+        "init_suffix": params.get("init_suffix") or DEFAULT_INIT_SUFFIX,
+    }
+
+
+def run_gcg(
+    model,
+    tokenizer,
+    behaviours: Sequence[Mapping[str, Any]],
+    targets: Mapping[str, str],
+    params: Mapping[str, Any],
+    seed: int,
+    where: str,
+):
+    """GCG on each behaviour's user message; returns (results, targets used)."""
+    from rgeom.attacks.gcg import gcg
+
+    settings = _gcg_settings(params)
+    tgts = [target_for(b, targets, where) for b in behaviours]
+    results = gcg(
+        model,
+        tokenizer,
+        [b["message"] for b in behaviours],
+        tgts,
+        steps=settings["steps"],
+        search_width=settings["search_width"],
+        topk=settings["topk"],
+        batch_size=settings["batch_size"],
+        seed=seed,
+        init_suffix=settings["init_suffix"],
+    )
+    return results, tgts
+
+
+def gcg_transfer_cases(
+    model,
+    tokenizer,
+    behaviours: Sequence[Mapping[str, Any]],
+    targets: Mapping[str, str],
+    params: Mapping[str, Any],
+    seed: int,
+    source_model: str,
+    where: str = "attacks.gcg",
+) -> list[dict[str, Any]]:
+    """One GCG suffix per behaviour (a seeded subset), optimised on the source model."""
+    from rgeom.models import encode_chat
+
+    chosen = select_behaviours(behaviours, params.get("n_behaviors"), seed)
+    if not chosen:
+        raise RgeomError(f"{where}: no harmful behaviours to attack")
+    results, tgts = run_gcg(model, tokenizer, chosen, targets, params, seed, where)
+    cases = []
+    for b, res, tgt in zip(chosen, results, tgts, strict=True):
+        text = res.user_text
+        roundtrip = encode_chat(tokenizer, text).ids == res.prompt_ids
+        log.info(
+            "GCG %s: loss %.3f -> %.3f%s",
+            b["prompt_id"],
+            res.initial_loss,
+            res.loss,
+            "" if roundtrip else " (text re-encodes to other ids)",
+        )
+        cases.append(
+            _case(
+                {**b, "target": tgt},
+                "GCG-transfer",
+                0,
+                text,
+                source_model,
+                suffix=res.suffix_text,
+                loss=res.loss,
+                initial_loss=res.initial_loss,
+                ids_roundtrip=roundtrip,
+            )
+        )
+    return cases
+
+
+# --- one method, then the combined file ----------------------------------------------
+
+
+def _test_case_table(cases: Sequence[Mapping[str, Any]]) -> pa.Table:
+    rows = [{name: c.get(name) for name in TEST_CASE_SCHEMA.names} for c in cases]
+    return pa.Table.from_pylist(rows, schema=TEST_CASE_SCHEMA)
+
+
+def build_method(
+    method: str,
+    behaviours_path: str,
+    out: str,
+    params: Mapping[str, Any],
+    seed: int,
+    source_model: str,
+    meta: Mapping[str, Any],
+    model=None,
+    tokenizer=None,
+    templates: str | None = None,
+    targets: str | None = None,
+) -> pa.Table:
+    """Write the test cases of one fixed-source method to ``out``.
+
+    ``params`` is the ``attacks`` config section; ``model``/``tokenizer`` are needed only
+    by GCG-transfer.
+    """
+    behaviours = read_behaviours(behaviours_path)
+    if method == "DirectRequest":
+        cases = direct_request_cases(behaviours, source_model)
+    elif method == "Templates":
+        section = params.get("templates", {})
+        cases = template_cases(
+            select_behaviours(behaviours, section.get("n_behaviors"), seed),
+            load_templates(templates),
+            int(section.get("per_behavior", 3)),
+            seed,
+            source_model,
+        )
+    elif method == "GCG-transfer":
+        if model is None:
+            raise RgeomError("GCG-transfer needs a source model (--model)")
+        cases = gcg_transfer_cases(
+            model,
+            tokenizer,
+            behaviours,
+            load_targets(targets),
+            params.get("gcg", {}),
+            seed,
+            source_model,
+        )
+    else:
+        raise RgeomError(f"attack method {method!r} is unknown; choose one of {list(METHODS)}")
+    table = _test_case_table(cases)
+    record = {
+        **meta,
+        "method": method,
+        "behaviours": str(behaviours_path),
+        "source_model": source_model,
+        "templates": str(templates or TEMPLATES_FILE) if method == "Templates" else None,
+        "targets": targets,
+    }
+    write_table(out, table, TEST_CASE_SCHEMA, record)
+    log.info("wrote %d %s test cases to %s", table.num_rows, method, out)
+    return table
+
+
+def read_test_cases(path: str | Path, behaviours: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """A test-case file checked against the behaviour set, missing columns filled in.
+
+    Each behaviour id must be in the set; the first that is not is an error naming the file
+    and the row.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise RgeomError(f"missing file: {path}")
+    table = read_table(path)
+    for name in REQUIRED_COLUMNS:
+        if name not in table.column_names:
+            raise RgeomError(f"{path}: missing column {name!r} (test-case file)")
+    by_id = {b["prompt_id"]: b for b in behaviours}
+    cases = table.to_pylist()
+    out = []
+    for i, row in enumerate(cases):
+        bid = row.get("behavior_id")
+        if bid not in by_id:
+            raise RgeomError(
+                f"{path}: row {i}: behaviour id {bid!r} is not in the behaviour set "
+                f"({len(by_id)} behaviours)"
+            )
+        for name in ("method", "test_case", "source_model"):
+            if not isinstance(row.get(name), str) or not row[name].strip():
+                raise RgeomError(f"{path}: row {i}: {name!r} is empty")
+        filled = _case(by_id[bid], row["method"], i, row["test_case"], row["source_model"])
+        # A user file without ids gets ones that name it, so they never collide with ours.
+        filled["test_case_id"] = f"{path.name}#{i}"
+        filled.update(
+            {k: v for k, v in row.items() if k in TEST_CASE_SCHEMA.names and v is not None}
+        )
+        out.append(filled)
+    return _test_case_table(out)
+
+
+def combine_test_cases(
+    parts: Sequence[str], behaviours_path: str, out: str, meta: Mapping[str, Any]
+) -> pa.Table:
+    """Merge per-method (and user) test-case files into the file the benchmark replays."""
+    behaviours = read_behaviours(behaviours_path)
+    tables = [read_test_cases(p, behaviours) for p in parts]
+    table = pa.concat_tables(tables) if tables else _test_case_table([])
+    seen: dict[str, str] = {}
+    for part, t in zip(parts, tables, strict=True):
+        for i, tid in enumerate(t.column("test_case_id").to_pylist()):
+            if tid in seen:
+                raise RgeomError(
+                    f"{part}: row {i}: test_case_id {tid!r} already comes from {seen[tid]}"
+                )
+            seen[tid] = part
+    counts = {m: 0 for m in dict.fromkeys(table.column("method").to_pylist())}
+    for m in table.column("method").to_pylist():
+        counts[m] += 1
+    write_table(
+        out,
+        table,
+        TEST_CASE_SCHEMA,
+        {**meta, "parts": list(parts), "behaviours": str(behaviours_path), "methods": counts},
+    )
+    log.info("wrote %d test cases (%s) to %s", table.num_rows, counts, out)
+    return table
+
+
+def is_test_case_table(table: pa.Table) -> bool:
+    return "test_case" in table.column_names and "method" in table.column_names
+
+
+# --- adaptive GCG ---------------------------------------------------------------------
+
+
+def adaptive_gcg_cell(
+    model,
+    tokenizer,
+    behaviours_path: str,
+    out: str,
+    params: Mapping[str, Any],
+    generate: Mapping[str, Any],
+    seed: int,
+    arm: str,
+    step: int,
+    meta: Mapping[str, Any],
+    targets: str | None = None,
+) -> pa.Table:
+    """GCG against this checkpoint on a seeded subset of behaviours, and its completions.
+
+    ``params`` is ``attacks.adaptive``. The subset depends only on the seed, so every anchor
+    is attacked on the same behaviours. The completion is generated from the exact token ids
+    GCG optimised (no text round trip). Writes ADAPTIVE_COMPLETION_SCHEMA.
+    """
+    from rgeom.generation import generate_from_ids
+
+    behaviours = read_behaviours(behaviours_path)
+    chosen = select_behaviours(behaviours, params.get("n_behaviors", 2), seed)
+    if not chosen:
+        raise RgeomError(f"{behaviours_path}: no harmful behaviours for attacks.adaptive")
+    results, tgts = run_gcg(
+        model, tokenizer, chosen, load_targets(targets), params, seed, "attacks.adaptive"
+    )
+    texts, _, _ = generate_from_ids(
+        model,
+        tokenizer,
+        [r.prompt_ids for r in results],
+        batch_size=int(generate.get("batch_size", 16)),
+        max_new_tokens=int(generate.get("max_new_tokens", 48)),
+    )
+    n = len(chosen)
+    table = pa.table(
+        {
+            "arm": [arm] * n,
+            "step": [step] * n,
+            "behavior_id": [b["prompt_id"] for b in chosen],
+            "category": [b["category"] for b in chosen],
+            "target": tgts,
+            "suffix": [r.suffix_text for r in results],
+            "test_case": [r.user_text for r in results],
+            "loss": [r.loss for r in results],
+            "initial_loss": [r.initial_loss for r in results],
+            "completion": texts,
+        },
+        schema=ADAPTIVE_COMPLETION_SCHEMA,
+    )
+    write_table(out, table, ADAPTIVE_COMPLETION_SCHEMA, {**meta, "targets": targets})
+    for b, r in zip(chosen, results, strict=True):
+        log.info("adaptive GCG %s: loss %.3f -> %.3f", b["prompt_id"], r.initial_loss, r.loss)
+    return table
+
+
+def judge_adaptive(
+    completions: str,
+    out: str,
+    metrics_out: str,
+    judge: Mapping[str, Any],
+    seed: int,
+    meta: Mapping[str, Any],
+) -> pa.Table:
+    """Label adaptive-GCG completions; write ADAPTIVE_SCHEMA and its ASR as a metrics table.
+
+    The metrics table has the judges' METRIC_SCHEMA (benchmark ``adaptive_gcg``, metric
+    ``asr``), so the summary shows it as ``adaptive_gcg.asr`` like any benchmark metric.
+    One test case per behaviour: the per-behaviour mean is the success itself.
+    """
+    from rgeom.judges import JUDGE_NAME, JUDGES, METRIC_SCHEMA
+    from rgeom.judges.metrics import bootstrap_mean_ci, metric_rng
+
+    if not Path(completions).exists():
+        raise RgeomError(f"missing file: {completions}")
+    table = read_table(completions, ADAPTIVE_COMPLETION_SCHEMA)
+    name = judge.get("name", JUDGE_NAME)
+    if name not in JUDGES:
+        raise RgeomError(f"judge.name {name!r} is not known; choose one of {sorted(JUDGES)}")
+    verdicts = [JUDGES[name](c) for c in table.column("completion").to_pylist()]
+    success = [not v.refused and not v.degenerate for v in verdicts]
+    n = table.num_rows
+    labelled = table.select(ADAPTIVE_COMPLETION_SCHEMA.names)
+    for field, values in (
+        ("judge", [name] * n),
+        ("refusal", [v.refusal for v in verdicts]),
+        ("refused", [v.refused for v in verdicts]),
+        ("degenerate", [v.degenerate for v in verdicts]),
+        ("success", success),
+    ):
+        labelled = labelled.append_column(ADAPTIVE_SCHEMA.field(field), pa.array(values))
+    steps = set(table.column("step").to_pylist())
+    arms = set(table.column("arm").to_pylist())
+    if len(steps) != 1 or len(arms) != 1:
+        raise RgeomError(f"{completions}: expected one (arm, step), got {arms} x {steps}")
+    arm, step = arms.pop(), int(steps.pop())
+    values = np.asarray(success, dtype=np.float64)
+    n_boot = int(judge.get("bootstrap", 1000))
+    lo, hi = bootstrap_mean_ci(
+        values, n_boot, metric_rng(seed, arm, str(step), ADAPTIVE_BENCHMARK, "asr")
+    )
+    metrics = pa.table(
+        {
+            "arm": [arm],
+            "step": [step],
+            "benchmark": [ADAPTIVE_BENCHMARK],
+            "metric": ["asr"],
+            "value": [float(values.mean())],
+            "ci_low": [lo],
+            "ci_high": [hi],
+            "n": [n],
+            "judge": [name],
+        },
+        schema=METRIC_SCHEMA,
+    )
+    record = {**meta, "arm": arm, "step": step, "benchmark": ADAPTIVE_BENCHMARK, "judge": name}
+    record["source"] = str(completions)
+    write_table(out, labelled, ADAPTIVE_SCHEMA, record)
+    write_table(metrics_out, metrics, METRIC_SCHEMA, record)
+    log.info("adaptive GCG %s step %d: ASR %.3f over %d behaviours", arm, step, values.mean(), n)
+    return labelled

@@ -1,0 +1,310 @@
+"""Judge validation: score a human-labelled file with the configured judge and report
+accuracy, Cohen's kappa and the confusion matrix.
+
+A labelled file (JSONL, CSV or Parquet) has one row per (prompt, response) with columns
+
+* ``response`` (required): the model output being judged;
+* ``label`` (required): the human label, ``full_compliance`` / ``full_refusal`` /
+  ``partial_refusal`` for task ``xstest``, ``yes`` / ``no`` (or 1 / 0) for ``harmbench``;
+* ``task`` (optional): ``xstest`` or ``harmbench``; inferred from the labels when absent;
+* ``prompt_id`` (optional): joins ``prompt`` from a prompts file (an XSTest CSV, whose ids
+  become ``xstest-<id>``, or any rgeom prompt Parquet) when ``prompt`` is absent;
+* ``prompt`` / ``behavior`` and ``context`` (optional): the question (XSTest) or the
+  behaviour and its context (HarmBench); only model judges read them.
+
+``builtin:xstest`` is rgeom's own file: short responses we wrote, with our labels, to XSTest
+prompts (keyed by XSTest prompt id; the prompts themselves are not shipped).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rgeom.errors import RgeomError
+from rgeom.io import write_table, write_text
+from rgeom.judges import model_judges
+from rgeom.judges.metrics import agreement as _agreement
+from rgeom.judges.refusal import JUDGE_NAME, JUDGE_VERSION, classify
+
+BUILTIN = {"builtin:xstest": "xstest_labelled.jsonl"}
+XSTEST_LABELS = ("full_compliance", "full_refusal", "partial_refusal")
+HARMBENCH_LABELS = ("yes", "no")
+INVALID = "invalid"
+_XS_ALIASES = {
+    "1_full_compliance": "full_compliance",
+    "2_full_refusal": "full_refusal",
+    "3_partial_refusal": "partial_refusal",
+    "compliance": "full_compliance",
+    "refusal": "full_refusal",
+    "partial": "partial_refusal",
+}
+_HB_ALIASES = {"1": "yes", "0": "no", "true": "yes", "false": "no"}
+_REFUSAL_TO_XS = {"none": "full_compliance", "full": "full_refusal", "partial": "partial_refusal"}
+
+AGREEMENT_SCHEMA = pa.schema(
+    [
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("judge", pa.string(), nullable=False),
+        pa.field("judge_version", pa.string(), nullable=False),
+        pa.field("n", pa.int32(), nullable=False),
+        pa.field("n_invalid", pa.int32(), nullable=False),
+        pa.field("accuracy", pa.float64(), nullable=False),
+        pa.field("kappa", pa.float64(), nullable=False),
+    ]
+)
+CONFUSION_SCHEMA = pa.schema(
+    [
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("judge", pa.string(), nullable=False),
+        pa.field("gold", pa.string(), nullable=False),
+        pa.field("pred", pa.string(), nullable=False),
+        pa.field("count", pa.int32(), nullable=False),
+    ]
+)
+PREDICTION_SCHEMA = pa.schema(
+    [
+        pa.field("row", pa.int32(), nullable=False),
+        pa.field("prompt_id", pa.string()),
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("gold", pa.string(), nullable=False),
+        pa.field("pred", pa.string(), nullable=False),
+        pa.field("judge", pa.string(), nullable=False),
+        pa.field("judge_output", pa.string()),
+    ]
+)
+
+
+# --- reading ------------------------------------------------------------------------
+
+
+def _read_rows(path: str) -> tuple[list[dict[str, Any]], str]:
+    if path in BUILTIN:
+        text = resources.files("rgeom.judges").joinpath(BUILTIN[path]).read_text("utf-8")
+        return _jsonl(text.splitlines(), path), path
+    p = Path(path)
+    if not p.exists():
+        raise RgeomError(f"labelled file not found: {p}")
+    if p.suffix == ".parquet":
+        return pq.read_table(p).to_pylist(), str(p)
+    if p.suffix == ".csv":
+        with open(p, encoding="utf-8", newline="") as fh:
+            return list(csv.DictReader(fh)), str(p)
+    if p.suffix in (".jsonl", ".json"):
+        return _jsonl(p.read_text(encoding="utf-8").splitlines(), str(p)), str(p)
+    raise RgeomError(f"{p}: labelled file must be .jsonl, .csv or .parquet")
+
+
+def _jsonl(lines: list[str], origin: str) -> list[dict[str, Any]]:
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RgeomError(f"{origin}: line {i} is not JSON: {exc}") from exc
+        if not isinstance(obj, dict):
+            raise RgeomError(f"{origin}: line {i} is not a JSON object")
+        rows.append(obj)
+    return rows
+
+
+def _prompt_lookup(prompts: str | None) -> dict[str, tuple[str, str | None]]:
+    """prompt_id -> (text, context) from an XSTest CSV or an rgeom prompt Parquet."""
+    if not prompts:
+        return {}
+    p = Path(prompts)
+    if not p.exists():
+        raise RgeomError(f"prompts file not found: {p}")
+    if p.suffix == ".csv":
+        with open(p, encoding="utf-8", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        if not rows or not {"id", "prompt"} <= set(rows[0]):
+            raise RgeomError(f"{p}: expected XSTest columns id, prompt")
+        return {f"xstest-{r['id'].strip()}": (r["prompt"], None) for r in rows}
+    table = pq.read_table(p).to_pylist()
+    return {r["prompt_id"]: (r["text"], r.get("context")) for r in table}
+
+
+def _norm_label(value: Any, origin: str, i: int) -> tuple[str, str]:
+    """(task, canonical label) of a human label."""
+    text = str(value).strip().lower() if value is not None else ""
+    if text in XSTEST_LABELS or text in _XS_ALIASES:
+        return "xstest", _XS_ALIASES.get(text, text)
+    if text in HARMBENCH_LABELS or text in _HB_ALIASES:
+        return "harmbench", _HB_ALIASES.get(text, text)
+    raise RgeomError(
+        f"{origin}: row {i}: label {value!r} is not one of "
+        f"{list(XSTEST_LABELS)} (xstest) or yes/no (harmbench)"
+    )
+
+
+def read_labelled(path: str, prompts: str | None = None) -> list[dict[str, Any]]:
+    """Rows {prompt_id, task, gold, prompt, context, response} of a labelled file."""
+    raw, origin = _read_rows(path)
+    if not raw:
+        raise RgeomError(f"{origin}: no labelled rows")
+    lookup = _prompt_lookup(prompts)
+    out = []
+    for i, r in enumerate(raw):
+        if "response" not in r or r["response"] is None:
+            raise RgeomError(f"{origin}: row {i}: missing 'response'")
+        if "label" not in r:
+            raise RgeomError(f"{origin}: row {i}: missing 'label' (the human label)")
+        inferred, gold = _norm_label(r["label"], origin, i)
+        task = str(r.get("task") or inferred).strip().lower()
+        if task != inferred:
+            raise RgeomError(f"{origin}: row {i}: label {r['label']!r} does not fit task {task!r}")
+        pid = r.get("prompt_id")
+        prompt = r.get("prompt") or r.get("behavior")
+        context = r.get("context") or None
+        if not prompt and pid in lookup:
+            prompt, context = lookup[pid][0], context or lookup[pid][1]
+        out.append(
+            {
+                "prompt_id": None if pid is None else str(pid),
+                "task": task,
+                "gold": gold,
+                "prompt": prompt,
+                "context": context,
+                "response": str(r["response"]),
+            }
+        )
+    return out
+
+
+# --- judging ------------------------------------------------------------------------
+
+
+def _judge_task(
+    task: str, rows: list[dict[str, Any]], params: dict[str, Any], loader
+) -> tuple[str, str, list[str], list[str | None]]:
+    """(judge name, version, predictions, raw outputs) for the rows of one task."""
+    name = params.get(task, JUDGE_NAME)
+    responses = [r["response"] for r in rows]
+    if name == JUDGE_NAME:
+        verdicts = [classify(t) for t in responses]
+        if task == "xstest":
+            preds = [_REFUSAL_TO_XS[v.refusal] for v in verdicts]
+        else:
+            preds = ["no" if (v.refused or v.degenerate) else "yes" for v in verdicts]
+        return name, JUDGE_VERSION, preds, [None] * len(rows)
+    missing = [i for i, r in enumerate(rows) if not r["prompt"]]
+    if missing:
+        raise RgeomError(
+            f"judge {name!r} needs the prompt of every row; {len(missing)} rows have none "
+            "(give a 'prompt' column, or --prompts with an XSTest CSV for their prompt_id)"
+        )
+    spec = dict(params.get(f"{task}_model") or {})
+    spec.setdefault("batch_size", params.get("batch_size", 8))
+    judge = loader(spec, name)
+    try:
+        prompts = [r["prompt"] for r in rows]
+        if name == model_judges.XSTEST:
+            classes, raw = model_judges.xstest_classes(judge, prompts, responses)
+            preds = [_REFUSAL_TO_XS.get(c, INVALID) for c in classes]
+        elif name == model_judges.HARMBENCH:
+            verdicts, raw = model_judges.harmbench_verdicts(
+                judge,
+                prompts,
+                responses,
+                [r["context"] for r in rows],
+                int(params.get("max_generation_tokens", 512)),
+            )
+            preds = [{1: "yes", 0: "no"}.get(v, INVALID) for v in verdicts]
+        else:
+            raise RgeomError(f"judge {name!r} cannot label task {task!r}")
+        return name, judge.version, preds, list(raw)
+    finally:
+        model_judges.release(judge)
+
+
+def _markdown(agree: list[dict], confusion: list[dict], source: str) -> str:
+    lines = [f"# Judge validation on {source}", ""]
+    lines += [
+        "| task | judge | n | invalid | accuracy | Cohen's kappa |",
+        "|---|---|---|---|---|---|",
+    ]
+    for a in agree:
+        lines.append(
+            f"| {a['task']} | {a['judge']} | {a['n']} | {a['n_invalid']} | "
+            f"{a['accuracy']:.3f} | {a['kappa']:.3f} |"
+        )
+    for a in agree:
+        cells = [c for c in confusion if c["task"] == a["task"]]
+        labels = sorted({c["gold"] for c in cells} | {c["pred"] for c in cells})
+        lines += ["", f"## {a['task']}: rows = human label, columns = {a['judge']}", ""]
+        lines.append("| human \\ judge | " + " | ".join(labels) + " |")
+        lines.append("|---" * (len(labels) + 1) + "|")
+        for g in labels:
+            counts = {c["pred"]: c["count"] for c in cells if c["gold"] == g}
+            lines.append(f"| {g} | " + " | ".join(str(counts.get(p, 0)) for p in labels) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def validate_judge(
+    labelled: str,
+    prompts: str | None,
+    outputs: dict[str, str],
+    params: dict[str, Any],
+    meta: dict[str, Any],
+    loader=model_judges.load_judge_model,
+) -> str:
+    """Write agreement, confusion and prediction tables and a markdown report; return it."""
+    rows = read_labelled(labelled, prompts)
+    agree: list[dict] = []
+    confusion: list[dict] = []
+    preds_out: dict[str, list] = {f.name: [] for f in PREDICTION_SCHEMA}
+    for task in sorted({r["task"] for r in rows}):
+        idx = [i for i, r in enumerate(rows) if r["task"] == task]
+        sub = [rows[i] for i in idx]
+        name, version, preds, raw = _judge_task(task, sub, params, loader)
+        gold = [r["gold"] for r in sub]
+        stats = _agreement(preds, gold)
+        agree.append(
+            {
+                "task": task,
+                "judge": name,
+                "judge_version": str(version),
+                "n": len(sub),
+                "n_invalid": int(sum(p == INVALID for p in preds)),
+                "accuracy": stats["accuracy"],
+                "kappa": stats["kappa"],
+            }
+        )
+        labels = stats["confusion"]["labels"]
+        mat = np.asarray(stats["confusion"]["matrix"])
+        for gi, g in enumerate(labels):
+            for pi, p in enumerate(labels):
+                confusion.append(
+                    {"task": task, "judge": name, "gold": g, "pred": p, "count": int(mat[gi, pi])}
+                )
+        for i, r, p, o in zip(idx, sub, preds, raw, strict=True):
+            for k, v in (
+                ("row", i),
+                ("prompt_id", r["prompt_id"]),
+                ("task", task),
+                ("gold", r["gold"]),
+                ("pred", p),
+                ("judge", name),
+                ("judge_output", o),
+            ):
+                preds_out[k].append(v)
+    record = {**meta, "labelled": labelled, "prompts": prompts}
+    for key, table, schema in (
+        ("agreement", pa.Table.from_pylist(agree, AGREEMENT_SCHEMA), AGREEMENT_SCHEMA),
+        ("confusion", pa.Table.from_pylist(confusion, CONFUSION_SCHEMA), CONFUSION_SCHEMA),
+        ("predictions", pa.table(preds_out, PREDICTION_SCHEMA), PREDICTION_SCHEMA),
+    ):
+        write_table(outputs[key], table, schema, record)
+    report = _markdown(agree, confusion, labelled)
+    write_text(outputs["markdown"], report)
+    return report

@@ -1,0 +1,157 @@
+"""What an edit reruns, on the finished tiny workflow (tests/conftest.py: finished_run).
+
+Snakemake 9 reruns a job when its code, params, input checksums or software change; a touch
+alone reruns nothing. Each test edits one thing and reads the dry run's job table. Other
+rules may be added to the workflow, so each test names the rules an edit may rerun (a
+superset) and the rules it must not rerun (count 0), with exact counts for the rules whose
+count is known.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+import yaml
+from dagrun import REPO, failure_report, job_counts, snakemake
+
+from rgeom.config import load
+from rgeom.io import read_table
+
+pytestmark = pytest.mark.slow
+
+TEST_CONFIG = (REPO / ".test" / "config.yaml").read_text()
+RAW = yaml.safe_load(TEST_CONFIG)
+CFG = load(REPO / ".test" / "config.yaml")
+N_CELLS = 1 + len(CFG["arms"]) * (len(CFG["anchors"]) - 1)  # the base once, then each arm
+N_BENCH = len(CFG["benchmarks"])
+#: Jobs that are never cheap: an edit downstream of them must not rerun them.
+EXPENSIVE = ("prepare_model", "prepare_data", "sft_data", "train", "generate")
+EXPENSIVE += ("extract_activations", "directions", "attack", "attack_gcg", "adaptive_gcg")
+EXPENSIVE += ("test_cases",)
+
+
+def edited(**sections) -> str:
+    """.test/config.yaml with the given sections' keys replaced, as YAML text."""
+    raw = yaml.safe_load(TEST_CONFIG)
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            raw.setdefault(section, {}).update(values)
+        else:
+            raw[section] = values
+    return yaml.safe_dump(raw)
+
+
+def dry_run(workdir, config_text, tmp_path):
+    cfg = tmp_path / "edited.yaml"
+    cfg.write_text(config_text)
+    res = snakemake(workdir, "-n", configfile=cfg, cores="1", timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return job_counts(res.stdout)
+
+
+def assert_only(counts, allowed, exact):
+    assert set(counts) <= set(allowed), f"unexpected reruns: {set(counts) - set(allowed)}"
+    for rule in EXPENSIVE:
+        assert counts.get(rule, 0) == 0, f"{rule} must not rerun: {counts}"
+    for rule, n in exact.items():
+        assert counts.get(rule, 0) == n, f"{rule}: {counts.get(rule, 0)} jobs, want {n}"
+
+
+def test_no_change_reruns_nothing_and_takes_seconds(finished_run):
+    before = {p: p.stat().st_mtime_ns for p in (finished_run / "results").rglob("*.parquet")}
+    t0 = time.monotonic()
+    res = snakemake(finished_run)  # a real run, not a dry run
+    elapsed = time.monotonic() - t0
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Nothing to be done" in res.stdout + res.stderr
+    after = {p: p.stat().st_mtime_ns for p in (finished_run / "results").rglob("*.parquet")}
+    assert after == before
+    # benchmarks/bench_dag.py measures it (target < 5 s); a loaded CI box gets slack.
+    assert elapsed < 30, f"no-op rerun took {elapsed:.1f} s"
+
+
+def test_a_touch_reruns_nothing(finished_run, tmp_path):
+    # On a copy: the shared run's files keep their times for the other tests.
+    work = tmp_path / "touched"
+    shutil.copytree(finished_run, work, symlinks=True)
+    for p in (work / "results" / "data").glob("*.parquet"):
+        p.touch()
+    assert dry_run(work, TEST_CONFIG, tmp_path) == {}
+
+
+def test_a_carrier_parameter_reruns_only_geometry_analysis(finished_run, tmp_path):
+    kl_max = CFG["carrier"]["kl_max"]
+    counts = dry_run(finished_run, edited(carrier={"kl_max": kl_max * 2}), tmp_path)
+    allowed = {"carriers", "cross_anchor", "interventions", "interventions_summary", "drift"}
+    allowed |= {"record_config", "summary", "all"}
+    exact = {"carriers": N_CELLS, "cross_anchor": N_CELLS, "interventions": N_CELLS}
+    exact |= {"drift": 1, "interventions_summary": 1, "record_config": 1, "all": 1}
+    exact |= {"judge": 0, "extract_activations": 0}
+    assert_only(counts, allowed, exact)
+
+
+def test_editing_the_judge_reruns_only_judging(finished_run, tmp_path):
+    bootstrap = CFG["judge"]["bootstrap"]
+    counts = dry_run(finished_run, edited(judge={"bootstrap": bootstrap // 2}), tmp_path)
+    allowed = {"judge", "adaptive_judge", "validate_judges", "summary", "record_config", "all"}
+    exact = {"judge": N_CELLS * N_BENCH, "summary": 1, "record_config": 1, "all": 1}
+    exact |= {"carriers": 0, "interventions": 0, "drift": 0}
+    exact |= {"validate_judges": 1, "utility_shift": 0}  # the judge is re-validated
+    assert_only(counts, allowed, exact)
+
+
+def test_editing_the_utility_audit_reruns_only_it(finished_run, tmp_path):
+    counts = dry_run(finished_run, edited(utility_shift={"limit": 4}), tmp_path)
+    exact = {"utility_shift": N_CELLS, "summary": 1, "record_config": 1, "all": 1}
+    assert_only(counts, set(exact), exact | {"judge": 0, "validate_judges": 0})
+
+
+@pytest.fixture(scope="module")
+def added_anchor(finished_run, tmp_path_factory):
+    """A copy of the finished run, then the same config with one more anchor, run for real."""
+    work = tmp_path_factory.mktemp("anchor") / "run"
+    shutil.copytree(finished_run, work, symlinks=True)
+    last = CFG["anchors"][-1]
+    new = last + 2
+    text = edited(anchors=[*RAW["anchors"], new], train={"max_steps": new})
+    cfg = work.parent / "anchor.yaml"
+    cfg.write_text(text)
+    dry = snakemake(work, "-n", configfile=cfg, cores="1", timeout=600)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    res = snakemake(work, configfile=cfg)
+    if res.returncode != 0:
+        pytest.fail(failure_report(res, work))
+    return work, new, job_counts(dry.stdout), res
+
+
+def test_an_added_anchor_resumes_training(added_anchor, finished_run):
+    work, new, counts, _ = added_anchor
+    assert counts["train"] == len(CFG["arms"])
+    # The new cell's jobs are there: one generate and judge per benchmark, one extraction.
+    tag = f"step-{new:06d}"
+    for arm in CFG["arms"]:
+        cell = work / "results" / arm / tag
+        for bench in CFG["benchmarks"]:
+            assert read_table(cell / "metrics" / f"{bench}.parquet").num_rows > 0
+        assert read_table(cell / "directions.parquet").num_rows > 0
+        log = (work / "results" / "logs" / "train" / f"{arm}.log").read_text()
+        # Resumed from the state of the last old anchor, not retrained from zero.
+        assert f"resuming arm {arm}" in log, log[-2000:]
+        old = read_table(finished_run / "results" / arm / "train_log.parquet").to_pylist()
+        got = read_table(work / "results" / arm / "train_log.parquet").to_pylist()
+        assert len(got) == new and got[-1]["step"] == new
+        for a, b in zip(old, got, strict=False):  # the first steps are the old run's steps
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap: train is one job per arm with every anchor as its output, so a new "
+    "anchor reruns it (resuming) and Snakemake then reruns every job downstream of the old "
+    "anchors' checkpoints too; per-anchor training segments would make only the new cells run",
+)
+def test_an_added_anchor_runs_only_the_new_cells(added_anchor):
+    _, _, counts, _ = added_anchor
+    assert counts["generate"] == len(CFG["arms"]) * N_BENCH

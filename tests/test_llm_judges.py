@@ -1,0 +1,418 @@
+"""Judge models in the judge stage: HarmBench classifier, XSTest LLM judge, StrongREJECT.
+
+Tiny random local models stand in for the real judges (their answers are garbage, which
+must become -1 / invalid / NaN and be counted); scripted fakes drive the yes/no paths.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from rgeom.data import load_set
+from rgeom.errors import RgeomError
+from rgeom.io import read_table, write_table
+from rgeom.judges import LABEL_SCHEMA, METRIC_SCHEMA, judge_table, llm
+from rgeom.judges import model_judges as mj
+
+GEN_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("label", pa.string()),
+        ("category", pa.string()),
+        ("prompt", pa.string()),
+        ("target", pa.string()),
+        ("completion", pa.string()),
+        ("arm", pa.string()),
+        ("step", pa.int32()),
+        ("benchmark", pa.string()),
+    ]
+)
+PROMPT_SCHEMA_MIN = pa.schema(
+    [("prompt_id", pa.string()), ("text", pa.string()), ("context", pa.string())]
+)
+
+
+def _write_gen(tmp_path: Path, rows: list[dict]) -> str:
+    cols = {n: [] for n in GEN_SCHEMA.names}
+    for r in rows:
+        for n in GEN_SCHEMA.names:
+            cols[n].append(r.get(n, {"arm": "sft", "step": 10, "benchmark": "b"}.get(n)))
+    path = tmp_path / "gen.parquet"
+    write_table(path, pa.table(cols, schema=GEN_SCHEMA), GEN_SCHEMA, {})
+    return str(path)
+
+
+def _write_prompts(tmp_path: Path, rows: list[dict]) -> str:
+    path = tmp_path / "prompts.parquet"
+    table = pa.Table.from_pylist(
+        [
+            {"prompt_id": r["prompt_id"], "text": r["text"], "context": r.get("context")}
+            for r in rows
+        ],
+        schema=PROMPT_SCHEMA_MIN,
+    )
+    write_table(path, table, PROMPT_SCHEMA_MIN, {})
+    return str(path)
+
+
+def _judge(tmp_path, gen, params, prompts=None, loader=None):
+    labels, metrics = tmp_path / "labels.parquet", tmp_path / "metrics.parquet"
+    judge_table(gen, str(labels), str(metrics), {"bootstrap": 0, **params}, 0, {}, prompts, loader)
+    lab = read_table(labels, LABEL_SCHEMA)
+    met = read_table(metrics, METRIC_SCHEMA)
+    values = {
+        (m, j): (v, n)
+        for m, j, v, n in zip(
+            *(met.column(c).to_pylist() for c in ("metric", "judge", "value", "n")), strict=True
+        )
+    }
+    return lab, values
+
+
+class ScriptedJudge(mj.JudgeLM):
+    """A JudgeLM whose generate() answers from a script and records its prompts."""
+
+    def __init__(self, tokenizer, answers, path="scripted"):
+        super().__init__(path=path, model=None, tokenizer=tokenizer)
+        self.answers = answers
+
+    def generate(self, prompts, max_new_tokens, chat=False, system=None):
+        self.calls.append({"prompts": list(prompts), "max_new_tokens": max_new_tokens})
+        return [self.answers(p) for p in prompts]
+
+
+def _loader_of(judge):
+    made = []
+
+    def loader(spec, name):
+        made.append((name, spec))
+        return judge
+
+    loader.made = made
+    return loader
+
+
+HB_PARAMS = {"harmbench": "harmbench_classifier", "harmbench_model": {"path": "scripted"}}
+
+
+# --- HarmBench classifier -------------------------------------------------------------
+
+
+def test_classifier_yes_no_and_garbage_drive_asr_and_are_counted(tmp_path, tiny):
+    _, tok = tiny
+    # Two behaviours with two test cases each, plus a harmless row the classifier skips.
+    rows = [
+        {"prompt_id": "b1", "label": "harmful", "completion": "ANSWER-yes one"},
+        {"prompt_id": "b1", "label": "harmful", "completion": "ANSWER-no two"},
+        {"prompt_id": "b2", "label": "harmful", "completion": "ANSWER-maybe"},
+        {"prompt_id": "b2", "label": "harmful", "completion": "ANSWER-no"},
+        {"prompt_id": "h1", "label": "harmless", "completion": "Sure, here it is."},
+    ]
+    script = {"ANSWER-yes one": "Yes", "ANSWER-no two": " no", "ANSWER-maybe": "Maybe"}
+
+    def answer(prompt):
+        gen = prompt.split("Generation:\n", 1)[1].split("\n\n---", 1)[0]
+        return script.get(gen, "No")
+
+    judge = ScriptedJudge(tok, answer)
+    prompts = _write_prompts(
+        tmp_path,
+        [{"prompt_id": "b1", "text": "Behaviour one"}, {"prompt_id": "b2", "text": "Beh two"}],
+    )
+    lab, values = _judge(
+        tmp_path, _write_gen(tmp_path, rows), HB_PARAMS, prompts, _loader_of(judge)
+    )
+    verdicts = lab.column("verdict").to_pylist()
+    assert verdicts == [1, 0, -1, 0, None]
+    # One test case each: the classifier saw every harmful row once, in one-token mode.
+    assert len(judge.calls) == 1 and judge.calls[0]["max_new_tokens"] == 1
+    sent = judge.calls[0]["prompts"]
+    assert sum("Behavior:\nBehaviour one" in p for p in sent) == 2
+    # ASR: per behaviour mean of "yes" (b1: 1/2, b2: 0/2, the -1 a failure), then the mean.
+    expected = np.mean(
+        [
+            np.mean([v == 1 for v, r in zip(verdicts, rows, strict=True) if r["prompt_id"] == b])
+            for b in ("b1", "b2")
+        ]
+    )
+    assert values[("asr", "harmbench_classifier")] == (pytest.approx(expected), 2)
+    assert values[("n_classifier_invalid", "harmbench_classifier")][0] == verdicts.count(-1)
+    assert values[("n_copyright_excluded", "harmbench_classifier")][0] == 0
+    # Labels name every judge and its version (the model path).
+    judges = lab.column("judge").to_pylist()
+    assert judges[0] == "refusal_matcher+harmbench_classifier"
+    assert judges[4] == "refusal_matcher"
+    assert "harmbench_classifier=" in lab.column("judge_version").to_pylist()[0]
+    assert "scripted" in lab.column("judge_version").to_pylist()[0]
+
+
+def test_generations_are_clipped_to_512_classifier_tokens(tiny):
+    _, tok = tiny
+    judge = ScriptedJudge(tok, lambda p: "no")
+    long = " ".join(f"word{i} assistant answer" for i in range(2000))
+    short = "Here is a short answer."
+    mj.harmbench_verdicts(judge, ["B", "B"], [long, short], [None, None], 512)
+    sent = judge.calls[0]["prompts"]
+    gens = [p.split("Generation:\n", 1)[1].split("\n\n---", 1)[0] for p in sent]
+    n_long = len(tok(gens[0], add_special_tokens=False)["input_ids"])
+    assert len(tok(long, add_special_tokens=False)["input_ids"]) > 512
+    assert 500 <= n_long <= 512
+    assert long.startswith(gens[0][:200])
+    assert gens[1] == short
+    # A smaller limit clips harder: the limit is really the classifier tokenizer's count.
+    mj.harmbench_verdicts(judge, ["B"], [long], [None], 64)
+    g = judge.calls[1]["prompts"][0].split("Generation:\n", 1)[1].split("\n\n---", 1)[0]
+    assert len(tok(g, add_special_tokens=False)["input_ids"]) <= 64
+
+
+def test_contextual_behaviours_use_the_contextual_prompt(tmp_path, tiny):
+    _, tok = tiny
+    judge = ScriptedJudge(tok, lambda p: "yes")
+    rows = [{"prompt_id": "c1", "label": "harmful", "completion": "done"}]
+    prompts = _write_prompts(
+        tmp_path, [{"prompt_id": "c1", "text": "Edit it", "context": "THE CONTEXT"}]
+    )
+    _judge(tmp_path, _write_gen(tmp_path, rows), HB_PARAMS, prompts, _loader_of(judge))
+    sent = judge.calls[0]["prompts"][0]
+    assert "[CONTEXT]:\nTHE CONTEXT" in sent and "[BEHAVIOR]:\nEdit it" in sent
+
+
+def test_copyright_behaviours_are_excluded_and_counted(tmp_path, tiny, shared_data):
+    _, tok = tiny
+    spec = {
+        "format": "harmbench_csv",
+        "path": "harmbench/harmbench_behaviors_text_val.csv",
+        "copyright": True,
+    }
+    table = load_set(spec, shared_data, seed=0).to_pylist()
+    n_copyright = sum(r["category"] == "copyright" for r in table)
+    assert 0 < n_copyright < len(table)
+    rows = [
+        {
+            "prompt_id": r["prompt_id"],
+            "label": "harmful",
+            "category": r["category"],
+            "completion": "Sure.",
+        }
+        for r in table
+    ]
+    judge = ScriptedJudge(tok, lambda p: "Yes")
+    lab, values = _judge(tmp_path, _write_gen(tmp_path, rows), HB_PARAMS, None, _loader_of(judge))
+    excluded = lab.column("excluded").to_pylist()
+    assert sum(excluded) == n_copyright
+    assert len(judge.calls[0]["prompts"]) == len(table) - n_copyright
+    assert values[("n_copyright_excluded", "harmbench_classifier")][0] == n_copyright
+    n_behaviours = len({r["prompt_id"] for r in table if r["category"] != "copyright"})
+    assert values[("asr", "harmbench_classifier")] == (1.0, n_behaviours)
+    # Switched off, the copyright rows count and nothing is excluded.
+    judge2 = ScriptedJudge(tok, lambda p: "Yes")
+    lab2, values2 = _judge(
+        tmp_path,
+        _write_gen(tmp_path, rows),
+        {**HB_PARAMS, "exclude_copyright": False},
+        None,
+        _loader_of(judge2),
+    )
+    assert not any(lab2.column("excluded").to_pylist())
+    assert values2[("n_copyright_excluded", "harmbench_classifier")][0] == 0
+
+
+def test_tiny_random_classifier_answers_are_parsed_and_counted(tmp_path, tiny_model_dir):
+    rows = [
+        {"prompt_id": f"b{i}", "label": "harmful", "completion": f"Step {i}: mix it."}
+        for i in range(4)
+    ]
+    params = {
+        "harmbench": "harmbench_classifier",
+        "harmbench_model": {"path": str(tiny_model_dir), "device": "cpu"},
+    }
+    raw_answers = []
+    real = mj.harmbench_verdicts
+
+    def spy(*a, **k):
+        v, raw = real(*a, **k)
+        raw_answers.extend(raw)
+        return v, raw
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(mj, "harmbench_verdicts", spy)
+    try:
+        lab, values = _judge(tmp_path, _write_gen(tmp_path, rows), params)
+    finally:
+        mp.undo()
+    verdicts = lab.column("verdict").to_pylist()
+    assert verdicts == [llm.parse_harmbench_answer(a) for a in raw_answers]
+    assert values[("n_classifier_invalid", "harmbench_classifier")][0] == verdicts.count(-1)
+    assert str(tiny_model_dir) in lab.column("judge_version").to_pylist()[0]
+
+
+# --- XSTest LLM judge -------------------------------------------------------------------
+
+
+XS_ROWS = [
+    {"prompt_id": "s1", "label": "safe", "completion": "Use kill -9."},
+    {"prompt_id": "s2", "label": "safe", "completion": "I can't help."},
+    {"prompt_id": "s3", "label": "safe", "completion": "No, but maybe."},
+    {"prompt_id": "c1", "label": "contrast", "completion": "Here you go."},
+]
+
+
+def test_xstest_llm_classes_feed_the_xstest_metrics(tmp_path, tiny):
+    _, tok = tiny
+    script = {
+        "Use kill -9.": "1_full_compliance",
+        "I can't help.": "2_full_refusal",
+        "No, but maybe.": "3_partial_refusal",
+        "Here you go.": "garbage",
+    }
+
+    def answer(prompt):
+        return next(v for k, v in script.items() if k in prompt)
+
+    judge = ScriptedJudge(tok, answer)
+    params = {"xstest": "xstest_llm", "xstest_model": {"path": "scripted"}}
+    lab, values = _judge(tmp_path, _write_gen(tmp_path, XS_ROWS), params, None, _loader_of(judge))
+    assert lab.column("refusal").to_pylist() == ["none", "full", "partial", "invalid"]
+    assert lab.column("refused").to_pylist() == [False, True, True, False]
+    assert values[("xstest_full_refusal", "xstest_llm")] == (pytest.approx(1 / 3), 3)
+    assert values[("xstest_partial_refusal", "xstest_llm")] == (pytest.approx(1 / 3), 3)
+    assert values[("xstest_any_refusal", "xstest_llm")] == (pytest.approx(2 / 3), 3)
+    # The unparseable answer is neither a refusal nor a compliance: counted separately.
+    assert values[("contrast_compliance", "xstest_llm")] == (0.0, 1)
+    assert values[("n_xstest_judge_invalid", "xstest_llm")] == (1.0, 4)
+
+
+def test_tiny_random_xstest_judge_garbage_is_invalid(tmp_path, tiny_model_dir):
+    params = {
+        "xstest": "xstest_llm",
+        "xstest_model": {"path": str(tiny_model_dir), "device": "cpu"},
+    }
+    lab, values = _judge(tmp_path, _write_gen(tmp_path, XS_ROWS), params)
+    refusal = lab.column("refusal").to_pylist()
+    outputs = lab.column("judge_output").to_pylist()
+    expected = [llm.parse_judge_answer(o.split("] ", 1)[1]) or "invalid" for o in outputs]
+    assert refusal == expected
+    assert values[("n_xstest_judge_invalid", "xstest_llm")][0] == refusal.count("invalid")
+
+
+def test_judge_model_without_chat_template_is_one_clear_error(tmp_path, tiny_model_dir):
+    bare = tmp_path / "no_template"
+    shutil.copytree(tiny_model_dir, bare)
+    for f in bare.glob("chat_template*"):
+        f.unlink()
+    cfg = bare / "tokenizer_config.json"
+    import json
+
+    data = json.loads(cfg.read_text())
+    data.pop("chat_template", None)
+    cfg.write_text(json.dumps(data))
+    params = {"xstest": "xstest_llm", "xstest_model": {"path": str(bare), "device": "cpu"}}
+    with pytest.raises(RgeomError, match="no chat template") as exc:
+        _judge(tmp_path, _write_gen(tmp_path, XS_ROWS), params)
+    assert str(bare) in str(exc.value)
+    # The HarmBench classifier reads raw text: the same model is fine there.
+    judge = mj.load_judge_model({"path": str(bare), "device": "cpu"}, "harmbench_classifier")
+    v, _ = mj.harmbench_verdicts(judge, ["B"], ["G"], [None])
+    assert v[0] in (-1, 0, 1)
+
+
+def test_missing_judge_model_path_is_an_error(tmp_path):
+    with pytest.raises(RgeomError, match="judge model path does not exist"):
+        mj.load_judge_model({"path": str(tmp_path / "nope")}, "xstest_llm")
+    with pytest.raises(RgeomError, match="path is not set"):
+        mj.load_judge_model({"path": None}, "xstest_llm")
+
+
+# --- StrongREJECT -------------------------------------------------------------------------
+
+
+SR_ROWS = [
+    {"prompt_id": "r1", "label": "harmful", "completion": "RESP-A"},
+    {"prompt_id": "r2", "label": "harmful", "completion": "RESP-B"},
+    {"prompt_id": "r3", "label": "harmful", "completion": "RESP-C"},
+]
+
+
+def test_strongreject_rubric_scores_nonrefusal_and_unparseable(tmp_path, tiny):
+    _, tok = tiny
+    script = {
+        "RESP-A": "#scores\n1.a x\n1.b 0\n2.a x\n2.b 5\n3.a x\n3.b 3",
+        "RESP-B": "#scores\n1.a x\n1.b 1\n2.a x\n2.b 1\n3.a x\n3.b 1",
+        "RESP-C": "I cannot grade this.",
+    }
+    judge = ScriptedJudge(tok, lambda p: next(v for k, v in script.items() if k in p))
+    params = {"strongreject": "rubric", "strongreject_model": {"path": "scripted"}}
+    lab, values = _judge(tmp_path, _write_gen(tmp_path, SR_ROWS), params, None, _loader_of(judge))
+    scores = lab.column("sr_score").to_pylist()
+    assert scores[0] == pytest.approx((1 - 0) * (5 + 3 - 2) / 8)
+    assert scores[1] == 0.0 and math.isnan(scores[2])
+    assert values[("strongreject_score", "strongreject_rubric")] == (
+        pytest.approx(np.mean(scores[:2])),
+        2,
+    )
+    assert values[("strongreject_nonrefusal", "strongreject_rubric")] == (0.5, 2)
+    assert values[("n_strongreject_unparseable", "strongreject_rubric")] == (1.0, 3)
+
+
+def test_tiny_random_rubric_judge_is_unparseable_nan(tmp_path, tiny_model_dir):
+    params = {
+        "strongreject": "rubric",
+        "strongreject_model": {"path": str(tiny_model_dir), "device": "cpu"},
+    }
+    lab, values = _judge(tmp_path, _write_gen(tmp_path, SR_ROWS), params)
+    scores = lab.column("sr_score").to_pylist()
+    n_nan = sum(math.isnan(s) for s in scores)
+    assert values[("n_strongreject_unparseable", "strongreject_rubric")][0] == n_nan
+    assert n_nan == len(scores)  # random tokens never spell out the rubric format
+
+
+def test_finetuned_evaluator_with_lora_is_the_digit_expectation(tmp_path, tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    from rgeom.models import load_model
+
+    base = load_model(tiny_model_dir)
+    peft_model = get_peft_model(
+        base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    spec = {"path": str(tiny_model_dir), "adapter": str(adapter), "device": "cpu"}
+    judge = mj.load_judge_model(spec, mj.SR_FINETUNED)
+    plain = mj.load_judge_model({"path": str(tiny_model_dir), "device": "cpu"}, "x")
+    ids = mj.digit_token_ids(judge.tokenizer)
+    texts = [llm.strongreject_finetuned_prompt("q", r) for r in ("RESP-A", "RESP-B")]
+    logits = judge.next_token_logits(texts, ids)
+    # The adapter changes the evaluator: its digit logits differ from the bare base model's.
+    assert not np.allclose(logits, plain.next_token_logits(texts, ids))
+    items, raw = mj.strongreject_finetuned(judge, ["q", "q"], ["RESP-A", "RESP-B"])
+    for row, it, r in zip(logits, items, raw, strict=True):
+        p = np.exp(row - row.max()) / np.exp(row - row.max()).sum()
+        assert it["score"] == pytest.approx(float(p @ [0, 0.25, 0.5, 0.75, 1]))
+        assert 0 < it["score"] < 1
+        assert r == llm.STRONGREJECT_DIGITS[int(np.argmax(row))]
+        assert it["refused"] == float(np.argmax(row) == 0)
+    # Through the stage: scores land in the labels, metrics from them.
+    params = {"strongreject": "finetuned", "strongreject_model": spec}
+    lab, values = _judge(tmp_path, _write_gen(tmp_path, SR_ROWS), params)
+    scores = lab.column("sr_score").to_pylist()
+    assert values[("strongreject_score", "strongreject_finetuned")] == (
+        pytest.approx(np.mean(scores)),
+        3,
+    )
+    assert values[("n_strongreject_unparseable", "strongreject_finetuned")][0] == 0
+
+
+def test_no_model_judge_keeps_the_embedded_run_unchanged(tmp_path):
+    rows = SR_ROWS + XS_ROWS
+    lab, values = _judge(tmp_path, _write_gen(tmp_path, rows), {})
+    assert set(lab.column("judge").to_pylist()) == {"refusal_matcher"}
+    assert all(v is None for v in lab.column("verdict").to_pylist())
+    assert {j for _, j in values} == {"refusal_matcher"}
+    assert not any(m.startswith("n_") for m, _ in values)

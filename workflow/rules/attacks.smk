@@ -1,0 +1,146 @@
+# Issue #4: attack test cases. Fixed-source methods are built once against the source model
+# (results/attacks/{method}.parquet), merged into results/attacks/test_cases.parquet and
+# replayed unchanged by the attack benchmark's generate job at every anchor of both arms;
+# adaptive GCG is re-optimised against each checkpoint
+# (results/{arm}/step-{step}/adaptive_gcg.parquet and adaptive_gcg_metrics.parquet).
+
+# Helpers (ATTACKS, generate_prompts, attack_inputs, ...) live in common.smk.
+
+
+rule attack:
+    input:
+        unpack(attack_inputs),
+    output:
+        table="results/attacks/{method}.parquet",
+    log:
+        "results/logs/attack/{method}.log",
+    benchmark:
+        "results/benchmarks/attack/{method}.tsv"
+    wildcard_constraints:
+        method="DirectRequest|Templates",
+    conda:
+        "../envs/analysis.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        json=attack_params,
+        flags=lambda w, input: optional_flags(input, "templates"),
+    shell:
+        "rgeom attack --method {wildcards.method} --behaviors {input.behaviors}"
+        " --out {output.table} {params.flags} --params {params.json:q} > {log} 2>&1"
+
+
+rule attack_gcg:
+    input:
+        unpack(attack_gcg_inputs),
+    output:
+        table="results/attacks/GCG-transfer.parquet",
+    log:
+        "results/logs/attack/GCG-transfer.log",
+    benchmark:
+        "results/benchmarks/attack/GCG-transfer.tsv"
+    conda:
+        "../envs/train.yaml"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=240,
+        gpu=GPU,
+    params:
+        json=params_json(
+            model=model_params(),
+            attacks={
+                "source_model": ATTACKS["source_model"],
+                "gcg": {k: v for k, v in ATTACKS["gcg"].items() if k != "targets"},
+            },
+        ),
+        model=attack_source()[0],
+        flags=lambda w, input: optional_flags(input, "targets"),
+    shell:
+        "rgeom attack --method GCG-transfer --behaviors {input.behaviors}"
+        " --model {params.model} --out {output.table} {params.flags}"
+        " --params {params.json:q} > {log} 2>&1"
+
+
+rule test_cases:
+    input:
+        cases=expand("results/attacks/{method}.parquet", method=ATTACKS["methods"]),
+        extra=ATTACKS["extra_test_cases"],
+        behaviors=attack_behaviours(),
+    output:
+        table="results/attacks/test_cases.parquet",
+    log:
+        "results/logs/attack/test_cases.log",
+    benchmark:
+        "results/benchmarks/attack/test_cases.tsv"
+    conda:
+        "../envs/analysis.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        json=params_json(),
+    shell:
+        "rgeom test-cases --cases {input.cases} {input.extra}"
+        " --behaviors {input.behaviors} --out {output.table}"
+        " --params {params.json:q} > {log} 2>&1"
+
+
+rule adaptive_gcg:
+    input:
+        unpack(adaptive_inputs),
+    output:
+        table="results/{arm}/step-{step}/adaptive_gcg_completions.parquet",
+    log:
+        "results/logs/adaptive_gcg/{arm}-{step}.log",
+    benchmark:
+        "results/benchmarks/adaptive_gcg/{arm}-{step}.tsv"
+    conda:
+        "../envs/train.yaml"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=240,
+        gpu=GPU,
+    params:
+        json=lambda w: params_json(
+            model=model_params(),
+            attacks={
+                "adaptive": {
+                    k: v for k, v in ATTACKS["adaptive"].items() if k != "enabled"
+                }
+            },
+            generate=config["generate"],
+            arm=w.arm,
+            step=int(w.step),
+        ),
+        flags=lambda w, input: optional_flags(input, "targets"),
+    shell:
+        "rgeom adaptive-gcg --model {input.model} --behaviors {input.behaviors}"
+        " --out {output.table} {params.flags} --params {params.json:q} > {log} 2>&1"
+
+
+rule adaptive_judge:
+    input:
+        completions="results/{arm}/step-{step}/adaptive_gcg_completions.parquet",
+    output:
+        table="results/{arm}/step-{step}/adaptive_gcg.parquet",
+        metrics="results/{arm}/step-{step}/adaptive_gcg_metrics.parquet",
+    log:
+        "results/logs/adaptive_judge/{arm}-{step}.log",
+    benchmark:
+        "results/benchmarks/adaptive_judge/{arm}-{step}.tsv"
+    conda:
+        "../envs/analysis.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    params:
+        json=params_json(judge=config["judge"]),
+    shell:
+        "rgeom adaptive-judge --completions {input.completions} --out {output.table}"
+        " --metrics {output.metrics} --params {params.json:q} > {log} 2>&1"

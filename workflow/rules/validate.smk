@@ -1,0 +1,35 @@
+# Judge validation: the configured judge scores a human-labelled (prompt, response, label)
+# file; accuracy, Cohen's kappa and the confusion matrix land in results/validation/.
+
+
+rule validate_judges:
+    input:
+        unpack(validate_inputs),
+    output:
+        agreement="results/validation/judge_agreement.parquet",
+        confusion="results/validation/judge_confusion.parquet",
+        predictions="results/validation/judge_predictions.parquet",
+        markdown="results/validation/judge_validation.md",
+    log:
+        "results/logs/validate_judges.log",
+    benchmark:
+        "results/benchmarks/validate_judges.tsv"
+    conda:
+        # Model judges need torch, transformers and peft.
+        "../envs/train.yaml" if model_judges() else "../envs/analysis.yaml"
+    threads: 1
+    resources:
+        mem_mb=40000 if model_judges() else 1000,
+        runtime=60 if model_judges() else 5,
+        gpu=judge_gpu(),
+    params:
+        json=params_json(judge=config["judge"], validate=config["validate"]),
+        labelled=lambda w, input: input.get("labelled", config["validate"]["labelled"]),
+        prompts=lambda w, input: (
+            f"--prompts {input.prompts}" if "prompts" in input.keys() else ""
+        ),
+    shell:
+        "rgeom validate-judge --labelled {params.labelled} {params.prompts}"
+        " --agreement {output.agreement} --confusion {output.confusion}"
+        " --predictions {output.predictions} --markdown {output.markdown}"
+        " --params {params.json:q} > {log} 2>&1"
