@@ -113,7 +113,8 @@ def test_each_cell_is_its_own_slurm_job(slurm_run):
         "judge": len(CELLS) * n_bench,
         "extract_activations": len(CELLS),
         "directions": len(CELLS),
-        "train": len(CFG["arms"]),
+        # One training segment per (arm, trained anchor).
+        "train": len(CFG["arms"]) * len([s for s in CFG["anchors"] if s > 0]),
     }
     for rule, n in expected.items():
         ran = by_rule(jobs, rule)

@@ -93,3 +93,57 @@ def test_unknown_arm_is_rejected(tmp_path, tiny_model_dir, sft_file):
             {},
             {},
         )
+
+
+def test_segments_equal_one_run(tmp_path, tiny_model_dir, sft_file):
+    """Training 0→3 then 3→6 (the workflow's per-anchor jobs) equals one 0→6 run."""
+    whole = tmp_path / "whole" / "checkpoints"
+    train_arm("sft", str(tiny_model_dir), str(sft_file), str(whole), _params(6, [3, 6]), {}, {})
+    seg = tmp_path / "seg" / "checkpoints"
+    for anchor in (3, 6):
+        train_arm(
+            "sft",
+            str(tiny_model_dir),
+            str(sft_file),
+            str(seg),
+            _params(6, [anchor]),
+            {},
+            {},
+            write_log=False,
+        )
+    assert not (tmp_path / "seg" / "train_log.parquet").exists()
+    for name in ("step-000003", "step-000006"):
+        a = (whole / name / "model.safetensors").read_bytes()
+        assert (seg / name / "model.safetensors").read_bytes() == a, name
+    from rgeom.train.runner import write_train_log
+
+    got = write_train_log(tmp_path / "seg" / "train_state", tmp_path / "seg.parquet", {})
+    want = read_table(tmp_path / "whole" / "train_log.parquet").to_pydict()
+    assert got.column("step").to_pylist() == want["step"] == list(range(1, 7))
+    assert got.column("loss").to_pylist() == pytest.approx(want["loss"], rel=1e-6)
+
+
+def test_changed_parameters_discard_the_stored_state(tmp_path, tiny_model_dir, sft_file, caplog):
+    import logging
+    import shutil
+
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "sft" / "checkpoints"
+    train_arm("sft", str(tiny_model_dir), str(sft_file), str(out), _params(6, [0, 3]), {}, {})
+    first = (out / "step-000003" / "model.safetensors").read_bytes()
+    shutil.rmtree(out)
+    caplog.clear()
+    changed = _params(6, [0, 3])
+    changed["train"]["learning_rate"] = 1e-4
+    train_arm("sft", str(tiny_model_dir), str(sft_file), str(out), changed, {}, {})
+    # Never the stale checkpoint of the old learning rate, and no resume from its state.
+    assert "discarding its resume state" in caplog.text
+    assert "already trained" not in caplog.text and "resuming" not in caplog.text
+    assert (out / "step-000003" / "model.safetensors").read_bytes() != first
+    # max_steps under a constant schedule is not a training parameter: the state is kept.
+    caplog.clear()
+    shutil.rmtree(out)
+    longer = _params(9, [0, 3])
+    longer["train"]["learning_rate"] = 1e-4
+    train_arm("sft", str(tiny_model_dir), str(sft_file), str(out), longer, {}, {})
+    assert "already trained" in caplog.text

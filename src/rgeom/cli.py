@@ -75,11 +75,12 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
         ],
     ),
     "train": (
-        "Train one arm and write a checkpoint at every anchor step.",
+        "Train one arm up to its anchors (resuming from --state-dir) and write a checkpoint "
+        "at each; the workflow runs one job per anchor.",
         "rgeom train --arm sft --model results/model/base \\\n"
         "    --data results/data/sft_train.parquet --out-dir results/sft/checkpoints \\\n"
         "    --state-dir results/sft/train_state --log-table results/sft/train_log.parquet \\\n"
-        '    --params \'{"train": {"max_steps": 20}, "anchors": [0, 10, 20]}\'',
+        '    --params \'{"train": {"max_steps": 20}, "anchors": [10, 20]}\'',
         "rgeom.stages:train",
         [
             (("--arm",), {"required": True}),
@@ -87,7 +88,7 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
             (("--data",), {"required": True}),
             (("--out-dir",), {"required": True, "help": "folder of the anchor checkpoints"}),
             (("--state-dir",), {"required": True, "help": "resume state kept across reruns"}),
-            (("--log-table",), {"required": True, "help": "per-step metrics Parquet"}),
+            (("--log-table",), {"help": "also write the per-step metrics Parquet here"}),
             (
                 ("--extra",),
                 {
@@ -179,6 +180,17 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
         [
             (("--model",), {"required": True}),
             (("--set",), {"action": "append", "type": _keyval, "required": True, "dest": "sets"}),
+            (("--out",), {"required": True}),
+        ],
+    ),
+    "train-log": (
+        "The arm's per-step training metrics (loss terms, learning rate, tokens/s) as Parquet.",
+        "rgeom train-log --arm sft --state-dir results/sft/train_state \\\n"
+        "    --out results/sft/train_log.parquet",
+        "rgeom.stages:train_log",
+        [
+            (("--arm",), {"required": True}),
+            (("--state-dir",), {"required": True}),
             (("--out",), {"required": True}),
         ],
     ),

@@ -120,7 +120,7 @@ def train(
     data: str,
     out_dir: str,
     state_dir: str,
-    log_table: str,
+    log_table: str | None,
     extra: list[tuple[str, str]],
     params: dict[str, Any],
 ) -> None:
@@ -135,10 +135,18 @@ def train(
         out_dir=out_dir,
         state_dir=state_dir,
         log_table=log_table,
+        write_log=log_table is not None,
         params=params,
         extra=dict(extra),
         meta=_meta(params, model=model, arm=arm),
     )
+
+
+def train_log(arm: str, state_dir: str, out: str, params: dict[str, Any]) -> None:
+    from rgeom.train.runner import write_train_log
+
+    table = write_train_log(state_dir, out, _meta(params, arm=arm))
+    log.info("training log of arm %s: %d steps -> %s", arm, table.num_rows, out)
 
 
 def generate(model: str, prompts: str, out: str, params: dict[str, Any]) -> None:

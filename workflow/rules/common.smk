@@ -149,8 +149,18 @@ def deepspeed_config():
     return str(Path(workflow.basedir) / "workflow" / "deepspeed" / name)
 
 
+def previous_anchor(step):
+    """The trained anchor before ``step`` (None for the first)."""
+    earlier = [s for s in config["anchors"] if 0 < s < step]
+    return max(earlier) if earlier else None
+
+
 def train_inputs(wildcards):
     inputs = {"model": "results/model/base", "data": "results/data/sft_train.parquet"}
+    previous = previous_anchor(int(wildcards.step))
+    if previous is not None:
+        # Orders the segments: this one resumes from the state the previous one saved.
+        inputs["previous"] = f"results/{wildcards.arm}/checkpoints/step-{tag(previous)}"
     if wildcards.arm == "r2d2":
         inputs.update(r2d2_inputs())
     if config["train"]["zero_stage"]:
@@ -159,10 +169,18 @@ def train_inputs(wildcards):
 
 
 def train_params(wildcards):
+    """One segment's parameters: the training setup and its own anchor, not the others.
+
+    A new anchor therefore leaves the earlier segments (and their cells) up to date;
+    ``train.max_steps`` is left out under a constant schedule, where it changes nothing.
+    """
+    train = {k: v for k, v in config["train"].items() if k != "save_every"}
+    if train["lr_scheduler"] in ("constant", "constant_with_warmup"):
+        train.pop("max_steps")
     sections = {
         "model": model_params(),
-        "train": config["train"],
-        "anchors": config["anchors"],
+        "train": train,
+        "anchors": [int(wildcards.step)],
     }
     if wildcards.arm == "r2d2":
         # Only the r2d2 arm sees these, so tuning R2D2 never retrains the SFT arm.
@@ -172,6 +190,10 @@ def train_params(wildcards):
             if k not in ("behaviours", "targets")
         }
     return params_json(**sections)
+
+
+def arm_checkpoints(wildcards):
+    return [f"results/{wildcards.arm}/checkpoints/step-{t}" for t in trained_tags()]
 
 
 def extra_flags(wildcards, input):

@@ -1,15 +1,17 @@
+# One job per (arm, anchor): each resumes from the state the previous anchor's job saved in
+# results/{arm}/train_state/ (outside Snakemake's outputs, so reruns keep it) and stops at its
+# own anchor. A later anchor adds one job per arm; earlier checkpoints stay up to date.
+
+
 rule train:
     input:
         unpack(train_inputs),
     output:
-        checkpoints=[
-            directory(f"results/{{arm}}/checkpoints/step-{t}") for t in trained_tags()
-        ],
-        log_table="results/{arm}/train_log.parquet",
+        checkpoint=directory("results/{arm}/checkpoints/step-{step}"),
     log:
-        "results/logs/train/{arm}.log",
+        "results/logs/train/{arm}-{step}.log",
     benchmark:
-        "results/benchmarks/train/{arm}.tsv"
+        "results/benchmarks/train/{arm}-{step}.tsv"
     conda:
         "../envs/train.yaml"
     threads: 2
@@ -28,5 +30,28 @@ rule train:
     shell:
         "{params.launcher} train --arm {wildcards.arm} --model {input.model}"
         " --data {input.data} --out-dir results/{wildcards.arm}/checkpoints"
-        " --state-dir results/{wildcards.arm}/train_state --log-table {output.log_table}"
+        " --state-dir results/{wildcards.arm}/train_state"
         " {params.extra} --params {params.json:q} > {log} 2>&1"
+
+
+rule train_log:
+    input:
+        checkpoints=arm_checkpoints,
+    output:
+        table="results/{arm}/train_log.parquet",
+    log:
+        "results/logs/train_log/{arm}.log",
+    benchmark:
+        "results/benchmarks/train_log/{arm}.tsv"
+    conda:
+        "../envs/analysis.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    params:
+        json=params_json(),
+    shell:
+        "rgeom train-log --arm {wildcards.arm}"
+        " --state-dir results/{wildcards.arm}/train_state --out {output.table}"
+        " --params {params.json:q} > {log} 2>&1"

@@ -5,8 +5,9 @@ Layout under the arm's results folder::
     checkpoints/step-000010/   declared Snakemake outputs: plain HF dirs (safetensors)
     train_state/resume/        Trainer checkpoints (optimizer, scheduler, RNG, data position)
     train_state/anchors/       every exported anchor, kept across reruns
-    train_state/log.jsonl      per-step metrics, truncated to the resume point on restart
-    train_log.parquet          the per-step metrics table (declared output)
+    train_state/log.jsonl      per-step metrics; a resumed segment replaces its own steps
+    train_state/fingerprint.json  what the state was trained with (see below)
+    train_log.parquet          the per-step metrics table (rule ``train_log``)
 
 Resume state is saved at every anchor and every ``train.save_every`` steps. On SIGTERM (what
 SLURM sends at the time limit) the runner finishes the current step, saves resume state and
@@ -15,6 +16,13 @@ exits with status 143; SIGKILL loses the steps since the last save.
 Snakemake deletes a job's declared outputs before rerunning it, so anchors are exported
 into ``train_state/anchors`` first and hard-linked into ``checkpoints`` at the end: a
 preempted or extended run resumes from its last state instead of retraining from zero.
+
+The workflow runs one job per (arm, anchor): the job for anchor b resumes from the state
+saved at the anchor before it and stops at b, so adding a later anchor adds one job and
+leaves the earlier checkpoints (and everything measured on them) alone. The state is only
+reused when its fingerprint (every training parameter except the anchors, and except
+``max_steps`` under a schedule that does not depend on it) matches; otherwise it is
+discarded, so a changed learning rate can never publish a stale checkpoint.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ import pyarrow as pa
 import torch
 
 from rgeom.errors import RgeomError
-from rgeom.io import atomic_dir, write_table
+from rgeom.io import atomic_dir, file_sha256, write_table
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +74,26 @@ def deepspeed_config_path(zero_stage: int, offload: bool = False) -> str | None:
 
 def anchor_name(step: int) -> str:
     return f"step-{step:06d}"
+
+
+#: Schedules whose learning rate at step t does not depend on the total number of steps.
+STEP_INDEPENDENT_SCHEDULES = ("constant", "constant_with_warmup")
+#: Training keys that change how often state is saved, never what is trained.
+NON_RESULT_KEYS = ("save_every",)
+
+
+def training_fingerprint(params: dict[str, Any]) -> dict[str, Any]:
+    """The parameters a checkpoint at any step depends on: everything but the anchors.
+
+    ``train.max_steps`` only matters under a decaying schedule; dropping it otherwise is
+    what lets a later anchor (and a larger ``max_steps``) reuse the earlier segments.
+    """
+    fp = {k: v for k, v in params.items() if k not in ("anchors",)}
+    train = {k: v for k, v in fp.get("train", {}).items() if k not in NON_RESULT_KEYS}
+    if train.get("lr_scheduler", "constant") in STEP_INDEPENDENT_SCHEDULES:
+        train.pop("max_steps", None)
+    fp["train"] = train
+    return fp
 
 
 def _rank() -> int:
@@ -162,6 +190,8 @@ def _make_callback(runner: _Runner):
             if step in runner.anchors:
                 runner.export_anchor(step)
                 control.should_save = True
+            if step >= runner.stop_at:
+                control.should_training_stop = True
             elif runner.save_every and step % runner.save_every == 0:
                 control.should_save = True
             if runner.stop_requested(args.device):
@@ -184,7 +214,7 @@ class _Runner:
         self.data = data
         self.out_dir = Path(out_dir)
         self.state_dir = Path(state_dir)
-        self.log_table = Path(log_table)
+        self.log_table = Path(log_table) if log_table else None
         self.params = params
         self.extra = extra
         self.meta = meta
@@ -197,6 +227,7 @@ class _Runner:
         self.step_started = time.perf_counter()
         self.step_seconds = 0.0
         self.tokens_at_step = 0
+        self.stop_at = max(self.anchors, default=0)
         self.trainer = None
         self.collator = None
         self.tokenizer = None
@@ -234,12 +265,13 @@ class _Runner:
         with open(self.log_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
 
-    def _truncate_log(self, resume_step: int) -> None:
-        # Rank 0 is the log's only writer.
+    def _truncate_log(self, resume_step: int, end_step: int) -> None:
+        # Rank 0 is the log's only writer. Steps this run will log again are dropped; those
+        # of later segments (an anchor inserted before existing ones) are kept.
         if _rank() != 0 or not self.log_path.exists():
             return
         rows = [json.loads(line) for line in self.log_path.read_text().splitlines() if line]
-        kept = [r for r in rows if r["step"] <= resume_step]
+        kept = [r for r in rows if r["step"] <= resume_step or r["step"] > end_step]
         self.log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     # -- anchors -----------------------------------------------------------------------
@@ -278,13 +310,54 @@ class _Runner:
                         shutil.copy2(f, tmp / f.name)
 
     def write_log(self) -> None:
-        rows = []
-        if self.log_path.exists():
-            rows = [json.loads(line) for line in self.log_path.read_text().splitlines() if line]
-        # A resumed run may have logged a step twice; the last record wins.
-        by_step = {r["step"]: r for r in rows}
-        table = pa.Table.from_pylist([by_step[s] for s in sorted(by_step)], schema=TRAIN_LOG_SCHEMA)
-        write_table(self.log_table, table, TRAIN_LOG_SCHEMA, {**self.meta, "arm": self.arm})
+        write_train_log(self.state_dir, self.log_table, {**self.meta, "arm": self.arm})
+
+    # -- state -------------------------------------------------------------------------
+    def input_fingerprint(self) -> dict[str, Any]:
+        """What the state was trained on: the data and extra files by content, the base
+        model by path and its files' sizes and times (hashing 7B weights would cost
+        minutes; a re-prepared model only costs a retrain)."""
+        model = []
+        if self.model_dir.is_dir():
+            for f in sorted(self.model_dir.iterdir()):
+                if f.is_file():
+                    st = f.stat()
+                    model.append([f.name, st.st_size, st.st_mtime_ns])
+        files = {"data": self.data, **{k: v for k, v in self.extra.items() if v}}
+        return {
+            "model": {"path": str(self.model_dir), "files": model},
+            "files": {
+                k: file_sha256(v) if Path(v).is_file() else None for k, v in sorted(files.items())
+            },
+        }
+
+    def check_fingerprint(self) -> None:
+        """Discard resume state and stored anchors trained with other parameters or inputs."""
+        path = self.state_dir / "fingerprint.json"
+        want = {"params": training_fingerprint(self.params), "inputs": self.input_fingerprint()}
+        if path.exists():
+            try:
+                have = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                have = None
+            if have == want:
+                return
+            if _rank() == 0:
+                log.warning(
+                    "training parameters or inputs of arm %s changed since %s was written: "
+                    "discarding its resume state and stored anchors",
+                    self.arm,
+                    self.state_dir,
+                )
+                for stale in (self.resume_dir, self.store):
+                    shutil.rmtree(stale, ignore_errors=True)
+                self.log_path.unlink(missing_ok=True)
+        if _rank() == 0:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(json.dumps(want, sort_keys=True))
+            os.replace(tmp, path)
+        _barrier()
 
     # -- training ----------------------------------------------------------------------
     def training_args(self):
@@ -306,7 +379,9 @@ class _Runner:
             _ensure_launcher_env()
         return TrainingArguments(
             output_dir=str(self.resume_dir),
-            max_steps=cfg.get("max_steps", 20),
+            # Under a decaying schedule the total sets the learning rate at every step;
+            # otherwise it is the last anchor, where training stops.
+            max_steps=cfg.get("max_steps", max(self.anchors, default=0)),
             per_device_train_batch_size=cfg.get("batch_size", 8),
             gradient_accumulation_steps=cfg.get("grad_accum", 1),
             learning_rate=cfg.get("learning_rate", 5e-5),
@@ -338,7 +413,7 @@ class _Runner:
         from rgeom.train.data import ChatSFTDataset, PadCollator
 
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        max_steps = self.train_cfg.get("max_steps", 20)
+        self.check_fingerprint()
         last_anchor = max(self.anchors, default=0)
         stored = [s for s in self.anchors if (self.store / anchor_name(s)).exists()]
         if last_anchor == 0 or stored == self.anchors:
@@ -354,7 +429,7 @@ class _Runner:
             self.collator = PadCollator(self.tokenizer.pad_token_id)
             args = self.training_args()
             # Stop at the last anchor: later steps would be computed and thrown away.
-            args.max_steps = min(max_steps, last_anchor)
+            self.stop_at = last_anchor
             trainer_cls, trainer_kwargs = self._arm_trainer(Trainer)
             self.trainer = trainer_cls(
                 model=model,
@@ -365,30 +440,31 @@ class _Runner:
                 callbacks=[_make_callback(self)],
                 **trainer_kwargs,
             )
-            resume = _latest_resume(self.resume_dir, args.max_steps)
+            resume = _latest_resume(self.resume_dir, last_anchor)
             if resume is not None:
                 step = int(resume.name.split("-")[1])
                 log.info("resuming arm %s from %s", self.arm, resume)
-                self._truncate_log(step)
+                self._truncate_log(step, last_anchor)
             else:
-                self._truncate_log(0)
+                self._truncate_log(0, last_anchor)
             with self.stop:
                 self.trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             done = self.trainer.state.global_step
-            if self.stop.signum is not None and done < args.max_steps:
+            if self.stop.signum is not None and done < last_anchor:
                 log.warning(
                     "arm %s stopped by signal %d at step %d of %d; rerun to resume",
                     self.arm,
                     self.stop.signum,
                     done,
-                    args.max_steps,
+                    last_anchor,
                 )
                 # The anchors are incomplete, so the job must fail; 128 + signal is how a
                 # shell (and SLURM, Snakemake) reports a process ended by that signal.
                 raise SystemExit(128 + self.stop.signum)
         if _rank() == 0:
             self.publish()
-            self.write_log()
+            if self.log_table is not None:
+                self.write_log()
 
     def _arm_trainer(self, base):
         if self.arm == "sft":
@@ -435,8 +511,13 @@ def train_arm(
     meta: dict[str, Any],
     state_dir: str | None = None,
     log_table: str | None = None,
+    write_log: bool = True,
 ) -> None:
-    """Train ``arm`` from ``model_dir`` on ``data``; export every anchor under ``out_dir``."""
+    """Train ``arm`` from ``model_dir`` on ``data``; export every anchor under ``out_dir``.
+
+    The per-step metrics go to ``log_table`` (default: beside ``out_dir``) unless
+    ``write_log`` is false: the workflow writes them in a rule of their own.
+    """
     out = Path(out_dir)
     runner = _Runner(
         arm,
@@ -444,9 +525,28 @@ def train_arm(
         data,
         out,
         state_dir or out.parent / "train_state",
-        log_table or out.parent / "train_log.parquet",
+        (log_table or out.parent / "train_log.parquet") if write_log else None,
         params,
         extra,
         meta,
     )
     runner.run()
+
+
+def write_train_log(state_dir: str | Path, out: str | Path, meta: dict[str, Any]) -> pa.Table:
+    """The arm's per-step metrics (``state_dir/log.jsonl``) as a Parquet table at ``out``."""
+    path = Path(state_dir) / "log.jsonl"
+    rows = []
+    if path.exists():
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise RgeomError(f"{path}: line {n} is not JSON ({exc})") from exc
+    # A resumed run may have logged a step twice; the last record wins.
+    by_step = {r["step"]: r for r in rows}
+    table = pa.Table.from_pylist([by_step[s] for s in sorted(by_step)], schema=TRAIN_LOG_SCHEMA)
+    write_table(out, table, TRAIN_LOG_SCHEMA, dict(meta))
+    return table
