@@ -43,7 +43,7 @@ rule attack_gcg:
         "results/benchmarks/attack/GCG-transfer.tsv"
     conda:
         "../envs/train.yaml"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=240,
@@ -100,7 +100,7 @@ rule adaptive_gcg:
         "results/benchmarks/adaptive_gcg/{arm}-{step}.tsv"
     conda:
         "../envs/train.yaml"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=240,

@@ -11,7 +11,7 @@ rule generate:
         "results/benchmarks/generate/{arm}-{step}-{benchmark}.tsv"
     conda:
         "../envs/train.yaml"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=60,

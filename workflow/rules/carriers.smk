@@ -15,7 +15,7 @@ rule carriers:
         "results/benchmarks/carriers/{arm}-{step}.tsv"
     conda:
         "../envs/train.yaml"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=120,

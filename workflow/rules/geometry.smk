@@ -13,7 +13,7 @@ rule extract_activations:
         "results/benchmarks/extract_activations/{arm}-{step}.tsv"
     conda:
         "../envs/train.yaml"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=60,

@@ -20,7 +20,7 @@ rule interventions:
         "results/benchmarks/interventions/{arm}-{step}.tsv"
     conda:
         "../envs/train.yaml"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=120,
@@ -62,7 +62,7 @@ rule cross_anchor:
         "results/benchmarks/cross_anchor/{arm}-{step}.tsv"
     conda:
         "../envs/train.yaml"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=60,

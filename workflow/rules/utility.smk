@@ -20,7 +20,7 @@ rule utility_shift:
         "results/benchmarks/utility_shift/{arm}-{step}.tsv"
     conda:
         "../envs/train.yaml"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=30,
