@@ -34,18 +34,6 @@ def snakemake(repo, workdir, *args, timeout=1800):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
-def job_counts(dry_run_output: str) -> dict[str, int]:
-    """The "Job stats" table of a dry run as {rule: count}."""
-    lines = dry_run_output[dry_run_output.index("Job stats:") :].splitlines()[3:]
-    counts = {}
-    for line in lines:
-        parts = line.split()
-        if len(parts) != 2 or parts[0] == "total":
-            break
-        counts[parts[0]] = int(parts[1])
-    return counts
-
-
 # finished_run (tests/conftest.py): the whole .test/ workflow, run once per session.
 
 

@@ -27,6 +27,7 @@ import torch
 
 from rgeom.errors import RgeomError
 from rgeom.io import read_meta, read_table, write_table
+from rgeom.judges import METRIC_SCHEMA
 from rgeom.judges.metrics import bootstrap_mean_ci, metric_rng
 from rgeom.models import encode_chat
 
@@ -35,20 +36,9 @@ log = logging.getLogger(__name__)
 BENCHMARK = "utility_shift"
 REFERENCE = "base_greedy"
 METRICS = ("utility_kl", "utility_ce", "utility_ce_base")
-SHIFT_SCHEMA = pa.schema(
-    [
-        pa.field("arm", pa.string(), nullable=False),
-        pa.field("step", pa.int32(), nullable=False),
-        pa.field("benchmark", pa.string(), nullable=False),
-        pa.field("metric", pa.string(), nullable=False),
-        pa.field("value", pa.float64(), nullable=False),
-        pa.field("ci_low", pa.float64()),
-        pa.field("ci_high", pa.float64()),
-        pa.field("n", pa.int32(), nullable=False),
-        # What the numbers are measured on (the metrics table's "judge" column).
-        pa.field("judge", pa.string(), nullable=False),
-    ]
-)
+# The metrics table's schema: the summary reads these rows beside the judges' metrics,
+# with the "judge" column naming what the numbers are measured on.
+SHIFT_SCHEMA = METRIC_SCHEMA
 
 
 def reference_rows(paths: Sequence[str], labels: Sequence[str], limit: int | None):
