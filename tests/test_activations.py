@@ -205,6 +205,23 @@ def test_missing_column_and_bad_dtype(tiny, sets, tmp_path):
         extract_activations(model, tokenizer, sets, tmp_path / "a.parquet", {"dtype": "int8"}, {})
 
 
+def test_sharded_extraction_equals_one_piece(tiny, sets, tmp_path):
+    """Shards of whole batches give the same row groups and rows as one streamed file, and
+    the parts folder is gone afterwards."""
+    model, tokenizer = tiny
+    whole, sharded = tmp_path / "whole.parquet", tmp_path / "sharded.parquet"
+    extract_activations(model, tokenizer, sets, whole, {"batch_size": 2}, {"model": "tiny"})
+    # shard_size 3 rounds up to 2 batches of 2: 11 prompts make 3 shards.
+    params = {"batch_size": 2, "shard_size": 3}
+    extract_activations(model, tokenizer, sets, sharded, params, {"model": "tiny"})
+    assert read_table(sharded).equals(read_table(whole))
+    assert pq.ParquetFile(sharded).num_row_groups == pq.ParquetFile(whole).num_row_groups
+    assert read_meta(sharded)["num_rows"] == read_meta(whole)["num_rows"]
+    assert not (tmp_path / "sharded.parquet.parts").exists()
+    with pytest.raises(RgeomError, match="shard_size"):
+        extract_activations(model, tokenizer, sets, sharded, {"shard_size": 0}, {})
+
+
 @pytest.mark.slow
 def test_smollm2_capture_matches_hidden_states(smollm2):
     model, tokenizer = smollm2

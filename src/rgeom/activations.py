@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import sys
+from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ import pyarrow.parquet as pq
 import torch
 
 from rgeom.errors import RgeomError
-from rgeom.io import TableWriter, file_sha256
+from rgeom.io import Shards, TableWriter, file_sha256, files_fingerprint
 from rgeom.models import decoder_layers, encode_chat, left_pad
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 HOOK_POINT = "resid_pre"
 STORAGE_DTYPES = {"float32": (pa.float32(), np.float32), "float16": (pa.float16(), np.float16)}
 PROMPT_COLUMNS = ("prompt_id", "text", "label")
+# Prompts per resumable shard: one forward each, so a shard is about a minute of CPU work
+# on a 135M model, while the embedded direction sets fit one shard and skip the parts folder.
+DEFAULT_SHARD_SIZE = 2048
 
 # The scalar columns every activation table has; ``activation_schema`` appends the vector
 # column, whose width depends on the model. Reading with this schema checks those columns.
@@ -75,12 +79,14 @@ def tokenizer_hash(tokenizer) -> str:
     return hashlib.sha256(vocab.encode()).hexdigest()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Prompt:
     prompt_id: str
     label: str
     split: str
-    ids: list[int]
+    # A compact int32 array, not a list of Python ints: every prompt is held at once (for
+    # the global length sort), and at 100,000 prompts lists would cost ~1 KiB each.
+    ids: array
     suffix_len: int
 
 
@@ -118,7 +124,8 @@ def encode_sets(tokenizer, sets: Mapping[str, str | Path]) -> list[Prompt]:
                     f"prompt set {key!r}: {path} row {row} has a null prompt_id, text or label"
                 )
             enc = encode_chat(tokenizer, prompt_text(text, ctx))
-            prompts.append(Prompt(pid, label, split_of(key), enc.ids, enc.suffix_len))
+            ids = array("i", enc.ids)
+            prompts.append(Prompt(pid, label, split_of(key), ids, enc.suffix_len))
     return prompts
 
 
@@ -245,6 +252,9 @@ def extract_activations(
     batch_size = int(params.get("batch_size", 16))
     if batch_size < 1:
         raise RgeomError(f"activations.batch_size must be >= 1, got {batch_size}")
+    shard_size = int(params.get("shard_size", DEFAULT_SHARD_SIZE))
+    if shard_size < 1:
+        raise RgeomError(f"activations.shard_size must be >= 1, got {shard_size}")
     dtype = params.get("dtype", "float32")
     n_layers = len(decoder_layers(model))
     d_model = int(model.config.hidden_size)
@@ -284,16 +294,59 @@ def extract_activations(
     device = _model_device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
+    # Whole batches per shard: each batch is the one an unsharded run would see, so the
+    # table does not depend on the shard size.
+    per_shard = max(1, -(-shard_size // batch_size))
+    groups = [batches[i : i + per_shard] for i in range(0, len(batches), per_shard)]
     log.info(
-        "extracting %d prompts x %d layers x %d positions", len(prompts), len(layers), suffix_len
+        "extracting %d prompts x %d layers x %d positions in %d shard(s)",
+        len(prompts),
+        len(layers),
+        suffix_len,
+        len(groups),
     )
-    with (
-        TableWriter(out, schema, record) as writer,
-        ResidCapture(model, layers, suffix_len) as capture,
-        torch.inference_mode(),
-    ):
-        for batch in tqdm(batches, desc="extract", unit="batch", file=sys.stderr):
-            ids, mask = left_pad([p.ids for p in batch], pad_id, device)
-            acts = capture.run(ids, mask)
-            for layer in layers:
-                writer.write(_layer_table(batch, layer, acts[layer], np_dtype, schema))
+    with ResidCapture(model, layers, suffix_len) as capture, torch.inference_mode():
+
+        def run(group, writer: TableWriter) -> None:
+            for batch in tqdm(group, desc="extract", unit="batch", file=sys.stderr):
+                ids, mask = left_pad([p.ids for p in batch], pad_id, device)
+                acts = capture.run(ids, mask)
+                for layer in layers:
+                    writer.write(_layer_table(batch, layer, acts[layer], np_dtype, schema))
+
+        if len(groups) <= 1:
+            Shards.discard(out)
+            with TableWriter(out, schema, record) as writer:
+                run(batches, writer)
+            return
+        shards = Shards(
+            out,
+            {
+                "stage": "extract",
+                "record": record,
+                "model": files_fingerprint(meta["model"]) if meta.get("model") else None,
+                "prompts_per_shard": per_shard * batch_size,
+            },
+            len(groups),
+        )
+        for index, group in enumerate(groups):
+            if shards.done(index):
+                continue
+            with TableWriter(shards.path(index), schema, {**record, "shard": index}) as writer:
+                run(group, writer)
+            shards.mark_done(index)
+    # Concatenated row group by row group: memory stays bounded by one (batch, layer) block,
+    # and the row groups are the ones an unsharded run writes.
+    with TableWriter(out, schema, record) as writer:
+        for index in range(len(groups)):
+            path = shards.path(index)
+            try:
+                part = pq.ParquetFile(path)
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise RgeomError(f"{path} is not a readable Parquet file") from exc
+            with part:
+                if part.schema_arrow.remove_metadata() != schema.remove_metadata():
+                    raise RgeomError(f"{path}: schema differs from the output's")
+                for group in range(part.num_row_groups):
+                    writer.write(part.read_row_group(group))
+    shards.finish()

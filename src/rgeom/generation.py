@@ -7,13 +7,15 @@ rows go back to the prompt order of the input file before writing.
 from __future__ import annotations
 
 import logging
+from array import array
 from typing import Any
 
 import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from rgeom.io import write_table
+from rgeom.errors import RgeomError
+from rgeom.io import Shards, file_sha256, files_fingerprint, read_table, write_table
 from rgeom.models import encode_chat, left_pad
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,14 @@ GENERATION_SCHEMA = pa.schema(
         ("method", pa.string()),
     ]
 )
+
+# A shard's completions in the length-sorted order; ``row`` is the input row they belong to.
+SHARD_SCHEMA = pa.schema(
+    [("row", pa.int64()), ("completion", pa.string()), ("n_new_tokens", pa.int32())]
+)
+# Test cases per shard: minutes of decoding on a CPU, seconds on a GPU, so a preempted job
+# loses little, while the embedded benchmark sets fit one shard and skip the parts folder.
+DEFAULT_SHARD_SIZE = 512
 
 
 def generate_completions(
@@ -84,7 +94,6 @@ def _read_inputs(path: str) -> dict[str, list]:
     """
     from rgeom.attacks.testcases import TEST_CASE_SCHEMA, is_test_case_table
     from rgeom.data import PROMPT_SCHEMA, prompt_text
-    from rgeom.io import read_table
 
     table = read_table(path)
     if is_test_case_table(table):
@@ -108,17 +117,74 @@ def _read_inputs(path: str) -> dict[str, list]:
     }
 
 
+def _shard_size(params: dict[str, Any], batch_size: int) -> int:
+    """Test cases per shard, rounded up to whole batches so every batch is the one an
+    unsharded run would decode: the output then does not depend on the shard size."""
+    size = int(params.get("shard_size", DEFAULT_SHARD_SIZE))
+    if size < 1:
+        raise RgeomError(f"generate.shard_size must be >= 1, got {size}")
+    return -(-size // batch_size) * batch_size
+
+
 def generate_table(model, tokenizer, prompts: str, out: str, params: dict[str, Any], meta: dict):
+    """Complete every prompt of ``prompts`` into ``out``, resumably.
+
+    Prompts are length-sorted once; consecutive slices of that order are shards, each
+    written to ``<out>.parts/`` as it finishes (:class:`rgeom.io.Shards`). A rerun after a
+    kill decodes only the missing shards, and the rows go back to input order at the end,
+    so the table equals an undisturbed run's. An input that fits one shard skips the parts
+    folder altogether.
+    """
     cols = _read_inputs(prompts)
     messages = cols["prompt"]
-    texts, n_prompt, n_new = generate_completions(
-        model,
-        tokenizer,
-        messages,
-        batch_size=params.get("batch_size", 16),
-        max_new_tokens=params.get("max_new_tokens", 48),
-    )
+    batch_size = int(params.get("batch_size", 16))
+    max_new_tokens = int(params.get("max_new_tokens", 48))
     n = len(messages)
+    # Compact int32 arrays: all prompts are held at once for the global length sort, and
+    # lists of Python ints would cost ~1 KiB per test case.
+    encoded = [array("i", encode_chat(tokenizer, p).ids) for p in messages]
+    order = sorted(range(n), key=lambda i: len(encoded[i]))
+    shard_size = _shard_size(params, batch_size)
+    slices = [order[i : i + shard_size] for i in range(0, n, shard_size)]
+    texts: list[str] = [""] * n
+    n_new = [0] * n
+    if len(slices) <= 1:
+        Shards.discard(out)
+        texts, _, n_new = generate_from_ids(model, tokenizer, encoded, batch_size, max_new_tokens)
+        shards = None
+    else:
+        shards = Shards(
+            out,
+            {
+                "stage": "generate",
+                "prompts": {"path": str(prompts), "sha256": file_sha256(prompts)},
+                "model": files_fingerprint(meta["model"]) if meta.get("model") else None,
+                "params": params,
+                "meta": meta,
+                "shard_size": shard_size,
+                "n": n,
+            },
+            len(slices),
+        )
+        for index, rows in enumerate(tqdm(slices, desc="generate shards", unit="shard")):
+            if not shards.done(index):
+                got, _, new = generate_from_ids(
+                    model, tokenizer, [encoded[i] for i in rows], batch_size, max_new_tokens
+                )
+                part = pa.table({"row": rows, "completion": got, "n_new_tokens": new})
+                write_table(shards.path(index), part, SHARD_SCHEMA, {"shard": index, **meta})
+                shards.mark_done(index)
+            part = read_table(shards.path(index), SHARD_SCHEMA)
+            if part.column("row").to_pylist() != rows:
+                raise RgeomError(f"{shards.path(index)}: rows do not match shard {index}")
+            for row, text, new in zip(
+                rows,
+                part.column("completion").to_pylist(),
+                part.column("n_new_tokens").to_pylist(),
+                strict=True,
+            ):
+                texts[row] = text
+                n_new[row] = new
     result = pa.table(
         {
             "prompt_id": cols["prompt_id"],
@@ -127,7 +193,7 @@ def generate_table(model, tokenizer, prompts: str, out: str, params: dict[str, A
             "prompt": messages,
             "target": cols["target"],
             "completion": texts,
-            "n_prompt_tokens": n_prompt,
+            "n_prompt_tokens": [len(e) for e in encoded],
             "n_new_tokens": n_new,
             "arm": [meta.get("arm")] * n,
             "step": [meta.get("step")] * n,
@@ -136,4 +202,6 @@ def generate_table(model, tokenizer, prompts: str, out: str, params: dict[str, A
         }
     )
     write_table(out, result, GENERATION_SCHEMA, {**meta, "prompts": prompts, **params})
+    if shards is not None:
+        shards.finish()
     log.info("wrote %d completions to %s", n, out)

@@ -12,8 +12,10 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -27,6 +29,8 @@ import pyarrow.parquet as pq
 
 from rgeom import __version__
 from rgeom.errors import RgeomError
+
+log = logging.getLogger(__name__)
 
 PROVENANCE_KEY = b"rgeom"
 TRACKED_PACKAGES = (
@@ -94,6 +98,33 @@ def provenance(**fields: Any) -> dict[str, Any]:
     return record
 
 
+# -- fault injection ------------------------------------------------------------------------
+FAULT_ENV = "RGEOM_FAULT"
+_fault_hits: dict[str, int] = {}
+
+
+def fault_point(name: str, label: str | os.PathLike = "") -> None:
+    """Test hook: SIGKILL this process at a named point, as a preemption would.
+
+    ``RGEOM_FAULT=name[@N][:text]`` kills on the N-th time (default the first) ``name`` is
+    reached with a ``label`` (usually the path being written) ending in ``text``. Counting
+    hits instead of sampling a clock keeps fault tests reproducible. Points: ``replace``
+    (a finished temporary file or folder, just before its rename), ``parquet_write`` (a
+    streamed Parquet file after a batch, mid-file) and ``shard`` (a resumable stage right
+    after a shard is recorded). Unset, a point costs one environment lookup.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    head, _, text = spec.partition(":")
+    point, _, count = head.partition("@")
+    if point != name or not str(label).endswith(text):
+        return
+    _fault_hits[name] = _fault_hits.get(name, 0) + 1
+    if _fault_hits[name] == int(count or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -123,6 +154,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         yield tmp_path
         # mkstemp creates 0600; finished files get the permissions a plain open() would.
         os.chmod(tmp_path, 0o666 & ~_umask())
+        fault_point("replace", path)
         os.replace(tmp_path, path)
     except OSError as exc:
         tmp_path.unlink(missing_ok=True)
@@ -144,6 +176,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
+        fault_point("replace", path)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -205,26 +238,45 @@ class TableWriter:
         self.rows = 0
         self._ctx = atomic_path(self.path, suffix=".parquet")
         self._tmp = self._ctx.__enter__()
-        # The row count is not known yet; readers check the count stored at close.
-        self._writer = pq.ParquetWriter(self._tmp, _with_metadata(schema, self.meta, None))
+        try:
+            # The row count is not known yet; readers check the count stored at close.
+            self._writer = pq.ParquetWriter(self._tmp, _with_metadata(schema, self.meta, None))
+        except OSError as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: OSError) -> None:
+        """A write error (disk full, permissions) becomes one message naming the output."""
+        self.abort(exc)
+        _raise_os_error(exc, self.path)
 
     def write(self, batch: pa.Table | pa.RecordBatch) -> None:
         if isinstance(batch, pa.RecordBatch):
             batch = pa.Table.from_batches([batch])
         batch = batch.select(self.schema.names).cast(self.schema)
-        self._writer.write_table(batch)
+        try:
+            self._writer.write_table(batch)
+        except OSError as exc:
+            self._fail(exc)
         self.rows += batch.num_rows
+        fault_point("parquet_write", self.path)
 
     def close(self) -> None:
-        self._writer.add_key_value_metadata({"rgeom_num_rows": str(self.rows)})
-        self._writer.close()
-        self._ctx.__exit__(None, None, None)
+        try:
+            self._writer.add_key_value_metadata({"rgeom_num_rows": str(self.rows)})
+            self._writer.close()
+        except OSError as exc:
+            self._fail(exc)
+        ctx, self._ctx = self._ctx, None
+        ctx.__exit__(None, None, None)
 
     def abort(self, exc: BaseException) -> None:
         with contextlib.suppress(Exception):
             self._writer.close()
+        if self._ctx is None:
+            return
+        ctx, self._ctx = self._ctx, None
         with contextlib.suppress(BaseException):
-            self._ctx.__exit__(type(exc), exc, exc.__traceback__)
+            ctx.__exit__(type(exc), exc, exc.__traceback__)
 
     def __enter__(self) -> TableWriter:
         return self
@@ -277,3 +329,127 @@ def read_table(
                     f"{path}: column {field.name!r} has type {got}, expected {field.type}"
                 )
     return table
+
+
+# -- resumable stages -----------------------------------------------------------------------
+def files_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
+    """A folder's (or file's) files by name, size and modification time.
+
+    Cheap enough to run per job (hashing multi-GB weights would cost minutes); a rewritten
+    checkpoint gets new times, so its partial results are discarded as they should be.
+    """
+    path = Path(path)
+    if path.is_file():
+        st = path.stat()
+        return {"path": str(path), "files": [[path.name, st.st_size, st.st_mtime_ns]]}
+    files = []
+    if path.is_dir():
+        for f in sorted(path.iterdir()):
+            if f.is_file():
+                st = f.stat()
+                files.append([f.name, st.st_size, st.st_mtime_ns])
+    return {"path": str(path), "files": files}
+
+
+def parts_dir(out: str | os.PathLike) -> Path:
+    """Where the finished shards of ``out`` wait: ``<out>.parts/`` beside it."""
+    out = Path(out)
+    return out.with_name(out.name + ".parts")
+
+
+class Shards:
+    """Partial progress of one output, so a killed job resumes instead of restarting.
+
+    ``<out>.parts/`` holds one atomically written Parquet file per finished shard and
+    ``manifest.json``, which records the fingerprint of everything the output depends on
+    (input hashes, model files, parameters, shard layout) and which shards are complete. A
+    rerun reuses listed shards whose file is readable and whose fingerprint matches, and
+    discards the folder otherwise. :meth:`finish` removes it once the output is written.
+    The folder is not a declared Snakemake output, so Snakemake leaves it in place when it
+    deletes a failed job's outputs.
+    """
+
+    MANIFEST = "manifest.json"
+
+    def __init__(self, out: str | os.PathLike, fingerprint: Mapping[str, Any], n_shards: int):
+        self.out = Path(out)
+        self.dir = parts_dir(out)
+        self.n_shards = int(n_shards)
+        self.fingerprint = hashlib.sha256(canonical_json(fingerprint).encode()).hexdigest()
+        self._inputs = fingerprint
+        self.complete: set[int] = set()
+        self._load()
+        self._save()
+
+    def _load(self) -> None:
+        if not self.dir.exists():
+            return
+        # Temporary files of writers killed mid-shard or mid-output: never renamed, never to
+        # be read. Only this job writes this output, so no live writer owns them.
+        stale = [*self.dir.glob(".*.tmp"), *self.out.parent.glob(f".{self.out.name}.*.tmp")]
+        for path in stale:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        try:
+            manifest = json.loads((self.dir / self.MANIFEST).read_text())
+        except (OSError, ValueError):
+            manifest = {}
+        if (
+            manifest.get("fingerprint") != self.fingerprint
+            or manifest.get("n_shards") != self.n_shards
+        ):
+            log.warning("discarding %s: written for other inputs or parameters", self.dir)
+            shutil.rmtree(self.dir, ignore_errors=True)
+            return
+        for i in manifest.get("complete", []):
+            try:
+                read_meta(self.path(i))
+            except RgeomError:
+                log.warning("shard %d of %s is unreadable; redoing it", i, self.out)
+                continue
+            self.complete.add(int(i))
+        if self.complete:
+            log.info(
+                "resuming %s: %d of %d shards already done",
+                self.out,
+                len(self.complete),
+                self.n_shards,
+            )
+
+    def _save(self) -> None:
+        write_json(
+            self.dir / self.MANIFEST,
+            {
+                "output": str(self.out),
+                "fingerprint": self.fingerprint,
+                "inputs": self._inputs,
+                "n_shards": self.n_shards,
+                "complete": sorted(self.complete),
+            },
+        )
+
+    def path(self, index: int) -> Path:
+        return self.dir / f"shard-{int(index):05d}.parquet"
+
+    def done(self, index: int) -> bool:
+        return index in self.complete
+
+    def mark_done(self, index: int) -> None:
+        """Record shard ``index`` (already written atomically to :meth:`path`) as complete."""
+        self.complete.add(int(index))
+        self._save()
+        fault_point("shard", self.out)
+
+    def finish(self) -> None:
+        """Drop the partial results; call only after ``out`` was written atomically."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    @staticmethod
+    def discard(out: str | os.PathLike) -> None:
+        """Remove a parts folder an earlier, differently sharded run left beside ``out``."""
+        folder = parts_dir(out)
+        if folder.exists():
+            log.warning("discarding %s: this run writes %s in one piece", folder, out)
+            shutil.rmtree(folder, ignore_errors=True)
