@@ -52,6 +52,9 @@ def cell(tiny_model_dir, tmp_path_factory):
 
 
 def run_carriers(model_dir, tmp, files, out, carrier):
+    # A random-init model never refuses, so Arditi's prompt filter (on by default) would
+    # keep no harmful prompt; it is exercised in tests/test_interventions.py.
+    carrier = {"filter_prompts": False, **carrier}
     params = {"seed": 0, "model": {"device": "cpu"}, "arm": "base", "step": 0, "carrier": carrier}
     return main(
         [

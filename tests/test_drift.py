@@ -300,3 +300,52 @@ def test_carrier_provenance_must_agree_with_its_rows(tmp_path):
     write_table(tmp_path / "lie.parquet", table, CARRIER_SCHEMA, meta)
     with pytest.raises(RgeomError, match=r"lie\.parquet: provenance names carrier \[5, -1\]"):
         build_drift(dirs, [str(tmp_path / "lie.parquet")], tmp_path / "out", {}, {})
+
+
+def test_every_erank_variant_and_calibrated_angles(tmp_path):
+    from rgeom.drift import RANK_KINDS
+
+    # |shift| 8 against unit noise in 16 dimensions and 12 + 12 prompts: r-hat's sampling
+    # error is about 10 degrees.
+    shift = {k: 8 * v / np.linalg.norm(v) for k, v in parallel(0.05, 0).items()}
+    turned = rotate(shift, 60)
+    cells = [("base", 0, shift), ("sft", 2, shift), ("sft", 4, turned)]
+    dirs, cars = make_run(tmp_path, [(arm, step, vecs, 3) for arm, step, vecs in cells])
+    acts = [
+        write_activations(tmp_path / f"a{step}.parquet", arm, step, vecs, seed=7 + step)
+        for arm, step, vecs in cells
+    ]
+    params = {"arms": ["sft"], "drift": {"n_null": 20, "n_boot": 40}}
+    tables = build_drift(dirs, cars, tmp_path / "out", params, {}, activations=acts)
+    rows = {r["step"]: r for r in tables["drift"].to_pylist()}
+    for r in rows.values():
+        assert r["erank_null_energy"] == pytest.approx(r["erank_null_mean"])
+        for k in RANK_KINDS:
+            # A planted shift: the contrasts share it and the bootstrap directions agree,
+            # far more than with shuffled labels.
+            assert 1 <= r[f"erank_contrast_{k}"] < r[f"erank_contrast_null_{k}"]
+            assert 1 <= r[f"erank_boot_{k}"] < r[f"erank_boot_null_{k}"]
+            assert r[f"erank_null_{k}"] > r[f"erank_{k}"]
+        # Resampling 12 + 12 prompts moves r-hat by some degrees, not tens.
+        assert 0 < r["boot_angle_deg"] < 30
+    # The same direction: within the noise; turned by 60 degrees: far beyond it.
+    assert rows[2]["angle_step0_ratio"] < 1
+    # Not exactly 60: the directions stick out of the rotation plane a little.
+    theta = rows[4]["angle_step0_deg"]
+    assert theta == pytest.approx(60, abs=2)
+    noise = math.hypot(rows[4]["boot_angle_deg"], rows[0]["boot_angle_deg"])
+    assert rows[4]["angle_step0_noise_deg"] == pytest.approx(noise)
+    assert rows[4]["angle_step0_ratio"] == pytest.approx(theta / noise) and theta / noise > 2
+    angles = tables["angles"].to_pylist()
+    far = [a for a in angles if (a["step_a"], a["step_b"]) == (4, 0) and a["basis"] == "carrier"]
+    assert far[0]["ratio"] == pytest.approx(rows[4]["angle_step0_ratio"])
+    assert far[0]["excess_deg"] == pytest.approx(theta - noise)
+    window = [a for a in angles if a["basis"] == "window"]
+    assert window and all(a["noise_deg"] is not None and a["noise_deg"] >= 0 for a in window)
+
+    # Without activation tables nothing is calibrated and the new ranks are null.
+    tables = build_drift(dirs, cars, tmp_path / "bare", params, {})
+    row = tables["drift"].to_pylist()[-1]
+    assert row["boot_angle_deg"] is None and row["angle_step0_ratio"] is None
+    assert row["erank_contrast_energy"] is None and row["erank_boot_energy"] is None
+    assert all(a["noise_deg"] is None for a in tables["angles"].to_pylist())

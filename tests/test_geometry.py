@@ -178,3 +178,15 @@ def test_principal_angles():
     v = np.array([1.0, 0.0] + [0.0] * 14)
     w = np.array([1.0, 1.0] + [0.0] * 14)
     np.testing.assert_allclose(principal_angles(v, w), [45.0])
+
+
+def test_fast_rank_measures_match_the_svd():
+    rng = np.random.default_rng(3)
+    for shape in ((5, 40), (40, 5), (18, 18)):
+        x = rng.normal(size=shape) * np.linspace(3, 0.1, shape[1])
+        exact, fast = rank_measures(x), rank_measures(x, fast=True)
+        for kind in exact:
+            assert fast[kind] == pytest.approx(exact[kind], rel=1e-6)
+    assert rank_measures(np.eye(4), fast=True)["singular"] == pytest.approx(4)
+    u, v = rng.normal(size=30), rng.normal(size=8)
+    assert rank_measures(np.outer(u, v), fast=True)["energy"] == pytest.approx(1.0)

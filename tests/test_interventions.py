@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from rgeom.errors import RgeomError
 from rgeom.interventions import (
     PrefixCache,
     ablation,
     addition,
+    bootstrap_means,
+    filter_by_baseline,
     kl_last_position,
     last_logits,
     orthogonalize_weights,
@@ -318,12 +321,114 @@ def test_carrier_search_table_end_to_end(tiny, tmp_path):
         sets["dir_harmful"],
         sets["dir_harmless"],
         out,
-        {"kl_max": 1.0, "max_layer_frac": 1.0, "positions": positions},
+        # A random-init model never refuses: the prompt filter would keep nothing.
+        {
+            "kl_max": 1.0,
+            "max_layer_frac": 1.0,
+            "positions": positions,
+            "filter_prompts": False,
+            "n_boot": 50,
+        },
         {"arm": "base"},
+        seed=3,
     )
     table = read_table(out, schema=CARRIER_SCHEMA)
     assert table.num_rows == 2 * suffix
+    scored = [row for row in table.to_pylist() if math.isfinite(row["bypass"])]
+    assert scored
+    for row in table.to_pylist():
+        if row not in scored:
+            # Zero directions (identical template tokens) are not scored: no interval.
+            assert row["n_harmful"] is None and row["bypass_ci_low"] is None
+            continue
+        assert row["n_harmful"] == 2 and row["n_harmless"] == 2
+        for score in ("bypass", "induce", "kl"):
+            lo, hi = row[f"{score}_ci_low"], row[f"{score}_ci_high"]
+            assert lo <= row[score] <= hi
+    assert read_meta(out)["prompt_filter"] == {
+        "enabled": False,
+        "harmful_kept": 2,
+        "harmful_total": 2,
+        "harmless_kept": 2,
+        "harmless_total": 2,
+    }
+    assert read_meta(out)["bootstrap"] == {"n_boot": 50, "ci": 0.95, "seed": 3}
+    # The filter on by default: the random model's harmful prompts all score < 0.
+    with pytest.raises(RgeomError, match=r"too few prompts left after filtering: harmful 0/2"):
+        carrier_search_table(
+            model,
+            tokenizer,
+            tmp_path / "d.parquet",
+            sets["dir_harmful"],
+            sets["dir_harmless"],
+            tmp_path / "never.parquet",
+            {"max_layer_frac": 1.0},
+            {},
+        )
+    assert not (tmp_path / "never.parquet").exists()
     meta = read_meta(out)
     assert meta["arm"] == "base" and meta["refusal_tokens"][0] == "I"
     assert meta["carrier"] == (list(result.carrier) if result.carrier else None)
     assert sum(table.column("is_carrier").to_pylist()) == (result.carrier is not None)
+
+
+def test_filter_by_baseline_counts_and_error():
+    harmful = np.array([1.5, -0.2, 0.3, -3.0])
+    harmless = np.array([-1.0, 0.5, -0.1])
+    keep_h, keep_b, record = filter_by_baseline(harmful, harmless, min_prompts=2)
+    assert keep_h.tolist() == [0, 2] and keep_b.tolist() == [0, 2]
+    assert (record["harmful_kept"], record["harmful_total"]) == (2, 4)
+    assert (record["harmless_kept"], record["harmless_total"]) == (2, 3)
+    # A score of exactly 0 is neither a refusal nor an answer.
+    keep_h, keep_b, _ = filter_by_baseline(np.array([0.0, 1.0]), np.array([0.0, -1.0]), 1)
+    assert keep_h.tolist() == [1] and keep_b.tolist() == [1]
+    with pytest.raises(RgeomError, match=r"harmful 2/4 kept .* harmless 2/3 kept .* is 3"):
+        filter_by_baseline(harmful, harmless, min_prompts=3)
+
+
+def test_select_carrier_filters_prompts_by_baseline_score(tiny):
+    model, tokenizer = tiny
+    a, b = PROMPTS[0], PROMPTS[1]
+    logp = torch.log_softmax(last_logits(model, tokenizer, [a, b]).double(), -1)
+    # "Refusal" tokens planted to separate the two prompts: those most likelier after a than
+    # after b, until they just hold half of a's mass. Along that order a's cumulative mass
+    # stays ahead of b's, so a "refuses" (score > 0) and b does not.
+    order = torch.argsort(logp[0] - logp[1], descending=True)
+    mass = torch.cumsum(logp[0, order].exp(), 0)
+    ids = order[: int((mass <= 0.5).sum()) + 1].tolist()
+    base = refusal_score_from_logits(last_logits(model, tokenizer, [a, b]), ids).numpy()
+    assert base[0] > 0 > base[1], "precondition: the planted tokens separate the prompts"
+    r = 5 * unit(model.config.hidden_size, 7)
+    kwargs = dict(refusal_ids=ids, kl_max=10.0, max_layer_frac=1.0, filter_prompts=True)
+    result = select_carrier(model, tokenizer, {(0, -1): r}, [a, b], [a, b], **kwargs)
+    assert result.prompt_filter == {
+        "enabled": True,
+        "min_prompts": 1,
+        "harmful_kept": 1,
+        "harmful_total": 2,
+        "harmless_kept": 1,
+        "harmless_total": 2,
+    }
+    # Scored on the kept prompts only: the same as searching [a] and [b] unfiltered, with
+    # the prefix cache (built over both harmless prompts) read at the kept row.
+    alone = select_carrier(
+        model, tokenizer, {(0, -1): r}, [a], [b], refusal_ids=ids, kl_max=10.0, max_layer_frac=1.0
+    )
+    for key in ("bypass", "induce", "kl"):
+        assert result.candidates[0][key] == pytest.approx(alone.candidates[0][key], abs=1e-5)
+    with pytest.raises(RgeomError, match=r"harmful 1/2 kept .* harmless 1/2 kept"):
+        select_carrier(model, tokenizer, {(0, -1): r}, [a, b], [a, b], min_prompts=2, **kwargs)
+
+
+def test_bootstrap_means_interval():
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 2.0, size=400)
+    lo, hi = bootstrap_means(x, 400, 0.95, seed=1)
+    half = 1.96 * x.std(ddof=1) / np.sqrt(len(x))
+    assert lo == pytest.approx(x.mean() - half, abs=0.1) and hi == pytest.approx(
+        x.mean() + half, abs=0.1
+    )
+    assert bootstrap_means(x, 400, 0.95, seed=1) == (lo, hi)
+    assert bootstrap_means(np.full(5, 2.0), 50, 0.9, seed=0) == (2.0, 2.0)
+    assert bootstrap_means(x, 0, 0.95, seed=0) == (None, None)
+    assert bootstrap_means(np.array([1.0, np.nan]), 10, 0.95, seed=0) == (None, None)

@@ -73,7 +73,8 @@ def carriers(model_dir, tmp, name, arm, step, carrier):
 
 
 # kl_max 0 admits nothing: every stage must then fall back, flagged.
-NO_CARRIER = {"max_layer_frac": 1.0, "kl_max": 0.0}
+# The prompt filter is off: a random-init model never refuses, so it would keep nothing.
+NO_CARRIER = {"max_layer_frac": 1.0, "kl_max": 0.0, "filter_prompts": False}
 
 
 @pytest.fixture(scope="module")

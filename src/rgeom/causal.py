@@ -161,9 +161,9 @@ def choose_direction(
     kl_max: float = 0.1,
 ) -> Choice:
     """The carrier of a cell, or the labelled fallback (see the module docstring)."""
-    from rgeom.interventions import CARRIER_SCHEMA
+    from rgeom.interventions import CARRIER_BASE_SCHEMA
 
-    rows = read_table(carriers, schema=CARRIER_SCHEMA).to_pylist()
+    rows = read_table(carriers, schema=CARRIER_BASE_SCHEMA).to_pylist()
     chosen = [r for r in rows if r["is_carrier"]]
     if len(chosen) > 1:
         raise RgeomError(f"{carriers}: {len(chosen)} rows have is_carrier; at most one may")

@@ -27,8 +27,36 @@ each carry a variance share of order (1 - c) / n, and sigma^2-entropy weighs the
 share, so the value stays below 1.5 down to c = 0.9. ``singular`` weighs them by sigma, i.e. by
 sqrt(1 - c), and inflates quickly (3.23 at c = 0.9, still 1.89 at c = 0.99);
 ``participation`` is the most forgiving (1.18 at c = 0.9). ``rank_kind`` (default
-``energy``) picks the variant the null baseline is computed for; all three observed values
-are written.
+``energy``) picks the variant of ``erank_null_mean`` / ``_sd`` and the bootstrap interval;
+all three observed values and all three shuffled-null means are written.
+
+Two more stacks, each with all three variants and a label-shuffled null (activation tables
+needed):
+
+* ``erank_contrast_*``: the per-prompt contrast vectors at the reference, harmful x_i minus
+  the harmless mean ([n_harmful, d]). Their mean is r, but each also carries its prompt's
+  own deviation, so this measures how spread the prompts are around the shared direction;
+  it grows with the prompt noise and the prompt count, not only with how many directions
+  refusal uses. Null: the same with the labels permuted (group sizes kept).
+* ``erank_boot_*``: the ``n_boot`` prompt-bootstrap replicates of the unit reference
+  direction r-hat stacked ([n_boot, d]). It is the estimation noise of r-hat: it tends to 1
+  as the prompt count grows, whatever the model does. Null: as many unit r-hats, each from
+  a label permutation.
+
+Neither is the paper's "~1.24": (2) is a property of the prompt set's spread, (3) of the
+sample size. Only (1), the window stack with ``energy``, asks the paper's question ("how
+many directions do adjacent layers use?") and gives ~1.24 for nearly parallel layers.
+
+Angle calibration
+-----------------
+Each cell's bootstrap-noise angle (``boot_angle_deg``) is the ``ci`` quantile, over the prompt
+bootstrap replicates, of the angle between a replicate's unit reference direction and the
+full-sample one (per index of the top-k window basis likewise, for ``window`` angles). An
+angle between cells a and b is calibrated against the pair's noise angle
+sqrt(noise_a^2 + noise_b^2) (independent small estimation errors add in quadrature):
+``ratio`` = angle / noise (> 1: more than resampling the prompts moves either direction)
+and ``excess_deg`` = angle - noise, in ``angles.parquet`` for every principal angle and in
+``drift.parquet`` for the prev / step0 angles.
 
 Null baseline
 -------------
@@ -69,6 +97,7 @@ from rgeom.geometry import (
     DIRECTION_SPLIT,
     HARMFUL,
     HARMLESS,
+    _rank_from_singular,
     cosine,
     effective_rank,
     load_directions,
@@ -125,6 +154,34 @@ DRIFT_SCHEMA = pa.schema(
         pa.field("angle_step0_ci_low", pa.float64()),
         pa.field("angle_step0_ci_high", pa.float64()),
         pa.field("cos_prev_same_layer", pa.float64()),
+        # Label-shuffled null mean of every variant for the window stack (erank_null_mean
+        # and _sd above are for drift.rank_kind).
+        pa.field("erank_null_singular", pa.float64()),
+        pa.field("erank_null_energy", pa.float64()),
+        pa.field("erank_null_participation", pa.float64()),
+        # Effective rank of the per-prompt contrast vectors at the reference (x_i minus the
+        # harmless mean, harmful prompts), and its label-shuffled null mean.
+        pa.field("erank_contrast_singular", pa.float64()),
+        pa.field("erank_contrast_energy", pa.float64()),
+        pa.field("erank_contrast_participation", pa.float64()),
+        pa.field("erank_contrast_null_singular", pa.float64()),
+        pa.field("erank_contrast_null_energy", pa.float64()),
+        pa.field("erank_contrast_null_participation", pa.float64()),
+        # Effective rank of the stack of bootstrap-resampled unit reference directions, and
+        # of an equally tall stack of label-shuffled ones.
+        pa.field("erank_boot_singular", pa.float64()),
+        pa.field("erank_boot_energy", pa.float64()),
+        pa.field("erank_boot_participation", pa.float64()),
+        pa.field("erank_boot_null_singular", pa.float64()),
+        pa.field("erank_boot_null_energy", pa.float64()),
+        pa.field("erank_boot_null_participation", pa.float64()),
+        # Angle calibration (see module docstring): this cell's bootstrap-noise angle, and
+        # for each angle above the pair's combined noise angle and angle / noise.
+        pa.field("boot_angle_deg", pa.float64()),
+        pa.field("angle_prev_noise_deg", pa.float64()),
+        pa.field("angle_prev_ratio", pa.float64()),
+        pa.field("angle_step0_noise_deg", pa.float64()),
+        pa.field("angle_step0_ratio", pa.float64()),
     ]
 )
 
@@ -141,6 +198,11 @@ ANGLES_SCHEMA = pa.schema(
         pa.field("k", pa.int16(), nullable=False),
         pa.field("index", pa.int16(), nullable=False),
         pa.field("angle_deg", pa.float64()),
+        # Calibration against the within-checkpoint bootstrap: the pair's noise angle at this
+        # index, angle / noise and angle - noise (null without activation tables).
+        pa.field("noise_deg", pa.float64()),
+        pa.field("ratio", pa.float64()),
+        pa.field("excess_deg", pa.float64()),
     ]
 )
 
@@ -230,7 +292,7 @@ def read_cells(
 ) -> tuple[list[Cell], dict[str, Any]]:
     """One :class:`Cell` per direction table, matched to its carrier (and activation) table
     by the (arm, step) in their provenance; also the model facts all files share."""
-    from rgeom.interventions import CARRIER_SCHEMA
+    from rgeom.interventions import CARRIER_BASE_SCHEMA
 
     if not directions:
         raise RgeomError("drift: no direction tables given")
@@ -270,7 +332,7 @@ def read_cells(
         th = meta.get("template_hash")
         if th is not None and shared.get("template_hash") not in (None, th):
             raise RgeomError(f"{p}: template_hash differs from {cell.directions_path}")
-        table = read_table(p, schema=CARRIER_SCHEMA)
+        table = read_table(p, schema=CARRIER_BASE_SCHEMA)
         rows = table.select(["layer", "position", "admissible", "is_carrier"]).to_pylist()
         chosen = [(r["layer"], r["position"]) for r in rows if r["is_carrier"]]
         if len(chosen) > 1:
@@ -413,34 +475,82 @@ def _units(r: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 
 def _shuffled_null(
-    X: np.ndarray, y: np.ndarray, kind: str, n: int, rng: np.random.Generator
-) -> list[float]:
-    """erank of the window stack with the harmful/harmless labels permuted across prompts."""
+    X: np.ndarray, y: np.ndarray, n: int, rng: np.random.Generator
+) -> dict[str, list[float]]:
+    """Every effective-rank variant of the window stack with the harmful/harmless labels
+    permuted across prompts (one SVD per draw serves all three)."""
     y = y.astype(np.float64)
     n_h = int(y.sum())
     scale = np.linalg.norm(X, axis=2).mean(axis=1)
-    out = []
+    out: dict[str, list[float]] = {k: [] for k in RANK_KINDS}
     for _ in range(n):
         perm = rng.permutation(y)
         w = perm / n_h - (1 - perm) / (len(y) - n_h)
         r = _units(np.einsum("n,lnd->ld", w, X), scale)
         if len(r):
-            out.append(effective_rank(r, kind))
+            for k, v in rank_measures(r, fast=True).items():
+                out[k].append(v)
     return out
 
 
+def _contrasts(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per-prompt contrasts at one layer: each harmful row minus the harmless mean [n_h, d];
+    their mean is the difference-in-means direction."""
+    return x[y] - x[~y].mean(axis=0)
+
+
+def _safe_ranks(X: np.ndarray, fast: bool = False) -> dict[str, float] | None:
+    try:
+        return rank_measures(X, fast=fast)
+    except ValueError:  # all zero: a layer whose inputs do not depend on the prompt
+        return None
+
+
+def _contrast_ranks(
+    x: np.ndarray, y: np.ndarray, n_null: int, rng: np.random.Generator
+) -> tuple[dict[str, float] | None, dict[str, float] | None]:
+    """Effective ranks of the per-prompt contrast vectors at the reference layer (x [n, d]),
+    and the mean of each over ``n_null`` label shuffles (group sizes kept)."""
+    observed = _safe_ranks(_contrasts(x, y), fast=True)
+    draws: dict[str, list[float]] = {k: [] for k in RANK_KINDS}
+    for _ in range(n_null):
+        ranks = _safe_ranks(_contrasts(x, rng.permutation(y)), fast=True)
+        for k, v in (ranks or {}).items():
+            draws[k].append(v)
+    null = {k: float(np.mean(v)) for k, v in draws.items() if v} or None
+    return observed, null
+
+
+def _shuffled_refs(x: np.ndarray, y: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` unit difference-in-means directions at one layer (x [n_prompts, d]), each with
+    the labels permuted: the bootstrap stack's null, rows where r vanished dropped."""
+    scale = float(np.linalg.norm(x, axis=1).mean())
+    rows = []
+    for _ in range(n):
+        perm = rng.permutation(y)
+        rows.append(x[perm].mean(axis=0) - x[~perm].mean(axis=0))
+    return _units(np.asarray(rows), np.full(len(rows), scale)) if rows else np.zeros((0, 0))
+
+
 def _bootstrap(
-    X: np.ndarray, y: np.ndarray, window_rows: list[int], ref_row: int, kind: str, n: int, seed: int
-) -> tuple[list[float], np.ndarray]:
+    X: np.ndarray,
+    y: np.ndarray,
+    window_rows: list[int],
+    ref_row: int,
+    kind: str,
+    n: int,
+    seed: int,
+    k: int = 1,
+) -> tuple[list[float], np.ndarray, list[np.ndarray | None]]:
     """Prompt bootstrap, stratified by label: erank of each replicate's window stack (rows
-    ``window_rows`` of X) and each replicate's unit reference direction (row ``ref_row``),
-    [n, d], zero where it vanished.
+    ``window_rows`` of X), each replicate's unit reference direction (row ``ref_row``),
+    [n, d], zero where it vanished, and each replicate's top-``k`` window basis.
 
     Replicate b draws its indices from a generator seeded by (seed, b) alone, so cells with
     the same prompt sets resample the same prompts: angles between cells are paired."""
     harmful, harmless = np.flatnonzero(y), np.flatnonzero(~y)
     scale = np.linalg.norm(X, axis=2).mean(axis=1)
-    eranks, refs = [], np.zeros((n, X.shape[2]))
+    eranks, refs, bases = [], np.zeros((n, X.shape[2])), []
     for b in range(n):
         rng = np.random.default_rng([seed, 1, b])
         ih = rng.choice(harmful, size=len(harmful))
@@ -451,8 +561,74 @@ def _bootstrap(
             refs[b] = r[ref_row] / norm
         stack = _units(r[window_rows], scale[window_rows])
         if len(stack):
-            eranks.append(effective_rank(stack, kind))
-    return eranks, refs
+            sv, basis = _gram_svd(stack, k)
+            eranks.append(_rank_from_singular(sv, kind))
+            bases.append(basis)
+        else:
+            bases.append(None)
+    return eranks, refs, bases
+
+
+def _gram_svd(stack: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Singular values and top-``k`` right singular vectors [d, k] of a short, wide unit
+    stack, from the eigendecomposition of its [w, w] Gram matrix: one small eigh per
+    bootstrap replicate instead of two SVDs of the [w, d] stack (values exact to ~1e-8
+    relative, so vectors are kept only above 1e-6 of the largest)."""
+    evals, evecs = np.linalg.eigh(stack @ stack.T)
+    evals, evecs = evals[::-1], evecs[:, ::-1]
+    sv = np.sqrt(np.clip(evals, 0, None))
+    keep = int(min(k, (sv > 1e-6 * sv[0]).sum()))
+    if not keep:
+        return sv, None
+    return sv, (evecs[:, :keep].T @ stack / sv[:keep, None]).T
+
+
+def _noise_angles(
+    refs: np.ndarray | None,
+    bases: Sequence[np.ndarray | None] | None,
+    unit: np.ndarray | None,
+    basis: np.ndarray | None,
+    level: float,
+) -> tuple[float | None, list[float | None]]:
+    """A cell's within-checkpoint noise angles: the ``level`` quantile, over bootstrap
+    replicates, of the angle between a replicate's unit reference direction and the
+    full-sample one; and per index j of the top-k window basis, the same quantile of the
+    replicate basis's j-th principal angle to the full-sample basis. None with fewer than
+    10 replicates, as for the intervals."""
+
+    def quantile(values: list[float]) -> float | None:
+        values = [v for v in values if math.isfinite(v)]
+        return float(np.percentile(values, 100 * level)) if len(values) >= 10 else None
+
+    line = None
+    if refs is not None and unit is not None:
+        ok = np.linalg.norm(refs, axis=1) > 0
+        cos = np.abs(refs[ok] @ unit).clip(0, 1)
+        line = quantile(np.degrees(np.arccos(cos)).tolist())
+    per_index: list[float | None] = []
+    if bases is not None and basis is not None:
+        k = basis.shape[1]
+        angles = [
+            principal_angles(b[:, :k], basis) for b in bases if b is not None and b.shape[1] >= k
+        ]
+        per_index = [quantile([float(a[j]) for a in angles]) for j in range(k)]
+    return line, per_index
+
+
+def calibrate(
+    angle: float | None, noise_a: float | None, noise_b: float | None
+) -> tuple[float | None, float | None, float | None]:
+    """(noise, angle / noise, angle - noise) for an angle between two cells' estimates.
+
+    The pair's noise angle combines the two cells' bootstrap-noise angles in quadrature:
+    for small angles independent estimation errors of two directions add like orthogonal
+    displacements. A ratio above 1 means the two directions differ by more than resampling
+    the prompts moves either one. None where an input is missing; the ratio is None where
+    the noise is 0 (identical replicates)."""
+    if angle is None or noise_a is None or noise_b is None or not math.isfinite(angle):
+        return None, None, None
+    noise = math.hypot(noise_a, noise_b)
+    return noise, (angle / noise if noise > 0 else None), angle - noise
 
 
 def _interval(values: Sequence[float], level: float) -> tuple[float | None, float | None]:
@@ -675,6 +851,10 @@ def build_drift(
     n_boot, level = settings["n_boot"], float(settings["ci"])
     # Unit reference directions of every bootstrap replicate, per cell with activations.
     boot_refs: dict[str, np.ndarray] = {}
+    # Within-checkpoint bootstrap-noise angles: of the reference line, and per index of the
+    # top-k window basis (see _noise_angles).
+    noise_line: dict[str, float | None] = {}
+    noise_window: dict[str, list[float | None]] = {}
 
     stats: dict[str, dict[str, Any]] = {}
     for cell in cells:
@@ -699,23 +879,57 @@ def build_drift(
             layers = sorted({*cell.window, cell.ref[0]})
             X, y = _window_activations(cell, layers)
             window_rows = [layers.index(layer) for layer in cell.window]
+        null_draws: dict[str, list[float]] = {k: [] for k in RANK_KINDS}
         if null == "none" or cell.stack is None:
-            draws: list[float] = []
+            pass
         elif null == "shuffle":
-            draws = _shuffled_null(X[window_rows], y, kind, settings["n_null"], rng)
+            null_draws = _shuffled_null(X[window_rows], y, settings["n_null"], rng)
         else:
-            draws = _gaussian_null(cell.stack.shape, kind, settings["n_null"], rng)
+            null_draws[kind] = _gaussian_null(cell.stack.shape, kind, settings["n_null"], rng)
+        draws = null_draws[kind]
         boot: list[float] = []
+        extra: dict[str, Any] = {}
         if X is not None and n_boot:
-            boot, boot_refs[cell.label] = _bootstrap(
-                X, y, window_rows, layers.index(cell.ref[0]), kind, n_boot, seed
+            ref_row = layers.index(cell.ref[0])
+            boot, boot_refs[cell.label], boot_bases = _bootstrap(
+                X, y, window_rows, ref_row, kind, n_boot, seed, settings["subspace_k"]
             )
+            noise_line[cell.label], noise_window[cell.label] = _noise_angles(
+                boot_refs[cell.label], boot_bases, cell.unit(cell.ref), cell.basis, level
+            )
+            # (3) The bootstrap r-hat stack: its spread is the estimation noise of r-hat.
+            refs = boot_refs[cell.label]
+            refs = refs[np.linalg.norm(refs, axis=1) > 0]
+            if len(refs):
+                extra.update(
+                    {f"erank_boot_{k}": v for k, v in rank_measures(refs, fast=True).items()}
+                )
+            if null == "shuffle" and len(refs):
+                shuffled = _shuffled_refs(X[ref_row], y, len(refs), rng)
+                if len(shuffled):
+                    extra.update(
+                        {
+                            f"erank_boot_null_{k}": v
+                            for k, v in rank_measures(shuffled, fast=True).items()
+                        }
+                    )
+        if X is not None:
+            # (2) Per-prompt contrasts at the reference layer, and their shuffled null.
+            ref_x = X[layers.index(cell.ref[0])]
+            observed, null_c = _contrast_ranks(
+                ref_x, y, settings["n_null"] if null == "shuffle" else 0, rng
+            )
+            extra.update({f"erank_contrast_{k}": v for k, v in (observed or {}).items()})
+            extra.update({f"erank_contrast_null_{k}": v for k, v in (null_c or {}).items()})
         del X
         stats[cell.label] = {
             **{f"erank_{k}": v for k, v in ranks.items()},
             "erank_null_mean": float(np.mean(draws)) if draws else None,
             "erank_null_sd": float(np.std(draws, ddof=1)) if len(draws) > 1 else None,
             **dict(zip(("erank_ci_low", "erank_ci_high"), _interval(boot, level), strict=True)),
+            **{f"erank_null_{k}": float(np.mean(v)) if v else None for k, v in null_draws.items()},
+            **extra,
+            "boot_angle_deg": noise_line.get(cell.label),
         }
         log.info(
             "%s: reference L%d p%d, window %s, erank_%s %.3f (null %s)",
@@ -741,11 +955,19 @@ def build_drift(
     angle_rows: dict[str, list] = {name: [] for name in ANGLES_SCHEMA.names}
     carrier_angle: dict[tuple[str, str], float | None] = {}
 
+    def noise(cell: Cell, basis: str, j: int) -> float | None:
+        if basis == "carrier":
+            return noise_line.get(cell.label)
+        per_index = noise_window.get(cell.label) or []
+        return per_index[j - 1] if j <= len(per_index) else None
+
     def add(a: Cell, b: Cell, relation: str, basis: str, angles: Sequence[float | None]):
         for j, angle in enumerate(angles, start=1):
+            angle = None if angle is None else float(angle)
+            calibrated = calibrate(angle, noise(a, basis, j), noise(b, basis, j))
             for name, value in zip(
                 ANGLES_SCHEMA.names,
-                (a.arm, a.step, b.arm, b.step, relation, basis, len(angles), j, angle),
+                (a.arm, a.step, b.arm, b.step, relation, basis, len(angles), j, angle, *calibrated),
                 strict=True,
             ):
                 angle_rows[name].append(value)
@@ -796,6 +1018,13 @@ def build_drift(
                 "cos_prev_same_layer": cosine(c.raw[c.ref], same) if same is not None else None,
             }
             for name, other in (("prev", p), ("step0", f)):
+                angle = row[f"angle_{name}_deg"]
+                noise_ab, ratio, _ = calibrate(
+                    angle,
+                    noise_line.get(c.label),
+                    noise_line.get(other.label) if other is not None else None,
+                )
+                row[f"angle_{name}_noise_deg"], row[f"angle_{name}_ratio"] = noise_ab, ratio
                 reps = (
                     _paired_angles(boot_refs.get(c.label), boot_refs.get(other.label))
                     if other is not None
@@ -803,8 +1032,9 @@ def build_drift(
                 )
                 low, high = _interval(reps, level)
                 row[f"angle_{name}_ci_low"], row[f"angle_{name}_ci_high"] = low, high
+            # .get: the contrast and bootstrap-stack ranks exist only with activation tables.
             for name in DRIFT_SCHEMA.names:
-                drift_rows[name].append(row[name])
+                drift_rows[name].append(row.get(name))
         v, statistic, detail = verdict(
             [c.step for c in seq],
             [c.carrier[0] if c.carrier else None for c in seq],

@@ -14,6 +14,7 @@ left modified.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -356,6 +357,7 @@ def score_direction(
     base_harmless: torch.Tensor,
     batch_size: int = 16,
     cache: PrefixCache | None = None,
+    cache_rows: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """The carrier-search scores of one raw direction ``vec`` read at block ``layer``.
 
@@ -364,13 +366,16 @@ def score_direction(
     KL(base || ablated) on ``harmless`` against ``base_harmless`` (the unedited logits).
     Also the per-prompt arrays ``bypass_scores``, ``induce_scores`` and ``kl_values``.
     ``cache`` (a :class:`PrefixCache` over ``harmless`` holding ``layer``) avoids rerunning
-    the blocks before ``layer`` for the addition.
+    the blocks before ``layer`` for the addition; ``cache_rows`` are the cache's prompts that
+    make up ``harmless`` (all of them when None), for a cache built before a prompt filter.
     """
     with ablation(model, vec):
         abl_harmful = last_logits(model, tokenizer, harmful, batch_size)
         abl_harmless = last_logits(model, tokenizer, harmless, batch_size)
     if cache is not None and layer in cache.layers:
         add_harmless = cache.logits_with_addition(layer, vec)
+        if cache_rows is not None:
+            add_harmless = add_harmless[list(cache_rows)]
     else:
         with addition(model, vec, layer, 1.0):
             add_harmless = last_logits(model, tokenizer, harmless, batch_size)
@@ -395,6 +400,66 @@ class CarrierSearch:
     candidates: list[dict[str, Any]] = field(default_factory=list)
     baseline: dict[str, float] = field(default_factory=dict)
     reused_prefix: bool = False
+    # Prompt filter record: enabled, and kept / total per set (see filter_by_baseline).
+    prompt_filter: dict[str, Any] = field(default_factory=dict)
+    n_boot: int = 0
+    ci: float = 0.95
+
+
+def filter_by_baseline(
+    harmful_scores: np.ndarray, harmless_scores: np.ndarray, min_prompts: int
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Arditi et al.'s prompt filter: keep harmful prompts the unedited model refuses
+    (baseline refusal score > 0) and harmless ones it answers (< 0), so that bypass and
+    induce measure a change of behaviour rather than prompts that never showed it.
+
+    Returns the kept indices of each set and the kept / total counts; raises
+    :class:`RgeomError` naming those counts when either set keeps fewer than ``min_prompts``.
+    """
+    keep_h = np.flatnonzero(np.asarray(harmful_scores) > 0)
+    keep_b = np.flatnonzero(np.asarray(harmless_scores) < 0)
+    record = {
+        "enabled": True,
+        "min_prompts": int(min_prompts),
+        "harmful_kept": len(keep_h),
+        "harmful_total": len(harmful_scores),
+        "harmless_kept": len(keep_b),
+        "harmless_total": len(harmless_scores),
+    }
+    if len(keep_h) < min_prompts or len(keep_b) < min_prompts:
+        raise RgeomError(
+            f"too few prompts left after filtering: harmful {len(keep_h)}/{len(harmful_scores)} "
+            f"kept (baseline refusal score > 0), harmless {len(keep_b)}/{len(harmless_scores)} "
+            f"kept (< 0); carrier.min_prompts is {min_prompts}. A model that rarely refuses "
+            "starves the filter: use more prompts or set carrier.filter_prompts: false"
+        )
+    return keep_h, keep_b, record
+
+
+@functools.lru_cache(maxsize=8)
+def _resamples(seed: int, stream: int, n_boot: int, n: int) -> np.ndarray:
+    """[n_boot, n] resampled indices, drawn once and shared by every candidate."""
+    return np.stack(
+        [np.random.default_rng([seed, stream, b]).integers(0, n, n) for b in range(n_boot)]
+    )
+
+
+def bootstrap_means(
+    values: np.ndarray, n_boot: int, ci: float, seed: int, stream: int = 0
+) -> tuple[float | None, float | None]:
+    """Percentile interval of the mean of ``values`` over ``n_boot`` prompt resamples.
+
+    Replicate b draws from a generator seeded by (seed, stream, b) alone, so every candidate
+    resamples the same prompts (stream 0: harmful, 1: harmless) and their intervals are
+    paired. None without replicates, or where any value is not finite.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if n_boot < 1 or len(values) == 0 or not np.isfinite(values).all():
+        return None, None
+    means = values[_resamples(seed, stream, n_boot, len(values))].mean(axis=1)
+    tail = 100 * (1 - ci) / 2
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return float(lo), float(hi)
 
 
 def select_carrier(
@@ -408,6 +473,11 @@ def select_carrier(
     kl_max: float = 0.1,
     batch_size: int = 16,
     reuse_prefix: bool = True,
+    filter_prompts: bool = False,
+    min_prompts: int = 1,
+    n_boot: int = 0,
+    ci: float = 0.95,
+    seed: int = 0,
 ) -> CarrierSearch:
     """Pick the refusal direction that carries refusal (Arditi et al. 2024, appendix C).
 
@@ -421,6 +491,11 @@ def select_carrier(
     Candidates at or above the layer cut are recorded but not evaluated. With
     ``reuse_prefix`` the addition reruns only the blocks from its layer on, starting from
     cached base activations (see :class:`PrefixCache`).
+
+    ``filter_prompts`` first drops the prompts whose baseline behaviour is already the
+    wrong one (:func:`filter_by_baseline`); the base logits it needs are computed anyway.
+    ``n_boot`` > 0 adds prompt-bootstrap ``ci`` intervals to every evaluated candidate's
+    three scores (``bypass_ci_low`` ... ``kl_ci_high``), resampled with ``seed``.
     """
     if not harmful or not harmless:
         raise RgeomError("carrier search needs both harmful and harmless validation prompts")
@@ -447,10 +522,34 @@ def select_carrier(
         cache.base if cache is not None else last_logits(model, tokenizer, harmless, batch_size)
     )
     base_harmful = last_logits(model, tokenizer, harmful, batch_size)
-    baseline = {
-        "harmful": float(refusal_score_from_logits(base_harmful, refusal_ids).mean()),
-        "harmless": float(refusal_score_from_logits(base_harmless, refusal_ids).mean()),
+    score_h = refusal_score_from_logits(base_harmful, refusal_ids).numpy()
+    score_b = refusal_score_from_logits(base_harmless, refusal_ids).numpy()
+    baseline = {"harmful": float(score_h.mean()), "harmless": float(score_b.mean())}
+    prompt_filter: dict[str, Any] = {
+        "enabled": False,
+        "harmful_kept": len(harmful),
+        "harmful_total": len(harmful),
+        "harmless_kept": len(harmless),
+        "harmless_total": len(harmless),
     }
+    cache_rows = None
+    if filter_prompts:
+        keep_h, keep_b, prompt_filter = filter_by_baseline(score_h, score_b, min_prompts)
+        log.info(
+            "prompt filter: harmful %d/%d, harmless %d/%d kept",
+            len(keep_h),
+            len(harmful),
+            len(keep_b),
+            len(harmless),
+        )
+        harmful = [harmful[i] for i in keep_h]
+        harmless = [harmless[i] for i in keep_b]
+        base_harmless = base_harmless[keep_b]
+        # The cache keeps every harmless prompt; the additions are read at the kept rows.
+        cache_rows = keep_b.tolist()
+        baseline.update(
+            harmful_kept=float(score_h[keep_h].mean()), harmless_kept=float(score_b[keep_b].mean())
+        )
     rows = []
     for (layer, pos), vec in candidates.items():
         row: dict[str, Any] = {"layer": layer, "position": pos}
@@ -469,8 +568,18 @@ def select_carrier(
             base_harmless,
             batch_size,
             cache,
+            cache_rows,
         )
         bypass, induce, kl = scores["bypass"], scores["induce"], scores["kl"]
+        # Streams: harmful prompts 0, harmless 1, so induce and kl share their resamples.
+        for name, values, stream in (
+            ("bypass", scores["bypass_scores"], 0),
+            ("induce", scores["induce_scores"], 1),
+            ("kl", scores["kl_values"], 1),
+        ):
+            row[f"{name}_ci_low"], row[f"{name}_ci_high"] = bootstrap_means(
+                values, n_boot, ci, seed, stream
+            )
         finite = all(math.isfinite(v) for v in (bypass, induce, kl))
         row.update(
             bypass=bypass,
@@ -486,11 +595,19 @@ def select_carrier(
     best = min(admissible, key=lambda row: row["bypass"]) if admissible else None
     carrier = (best["layer"], best["position"]) if best else None
     return CarrierSearch(
-        carrier=carrier, candidates=rows, baseline=baseline, reused_prefix=cache is not None
+        carrier=carrier,
+        candidates=rows,
+        baseline=baseline,
+        reused_prefix=cache is not None,
+        prompt_filter=prompt_filter,
+        n_boot=int(n_boot),
+        ci=float(ci),
     )
 
 
-CARRIER_SCHEMA = pa.schema(
+# The scores every reader needs; tables written before the interval columns existed still
+# read when checked against this part alone.
+CARRIER_BASE_SCHEMA = pa.schema(
     [
         pa.field("layer", pa.int16(), nullable=False),
         pa.field("position", pa.int16(), nullable=False),
@@ -501,6 +618,22 @@ CARRIER_SCHEMA = pa.schema(
         pa.field("is_carrier", pa.bool_(), nullable=False),
     ]
 )
+CARRIER_SCHEMA = pa.schema(
+    [
+        *CARRIER_BASE_SCHEMA,
+        # Prompt-bootstrap percentile intervals of the three means (null where not evaluated
+        # or carrier.n_boot is 0), and the validation prompts left after the prompt filter.
+        pa.field("bypass_ci_low", pa.float64()),
+        pa.field("bypass_ci_high", pa.float64()),
+        pa.field("induce_ci_low", pa.float64()),
+        pa.field("induce_ci_high", pa.float64()),
+        pa.field("kl_ci_low", pa.float64()),
+        pa.field("kl_ci_high", pa.float64()),
+        pa.field("n_harmful", pa.int32()),
+        pa.field("n_harmless", pa.int32()),
+    ]
+)
+CI_COLUMNS = tuple(f"{s}_ci_{e}" for s in ("bypass", "induce", "kl") for e in ("low", "high"))
 
 
 def _prompt_texts(key: str, path: str | Path) -> list[str]:
@@ -590,6 +723,7 @@ def carrier_search_table(
     out: str | Path,
     params: Mapping[str, Any],
     meta: Mapping[str, Any],
+    seed: int = 0,
 ) -> CarrierSearch:
     """Run :func:`select_carrier` on a direction table and two validation prompt files and
     write every candidate's scores to ``out``; the carrier (or null) goes in the metadata.
@@ -597,7 +731,11 @@ def carrier_search_table(
     params: ``max_layer_frac`` (0.8), ``kl_max`` (0.1), ``batch_size`` (16),
     ``reuse_prefix`` (true), ``refusal_prefixes`` (the opening words of refusals), and the
     candidate subset (see :func:`select_candidates`): ``layers`` (null), ``layer_stride``
-    (1), ``positions`` ([-1]).
+    (1), ``positions`` ([-1]); the prompt filter ``filter_prompts`` (true, as in Arditi et
+    al.) with ``min_prompts`` (8) per set; and ``n_boot`` (200) prompt-bootstrap replicates
+    for ``ci`` (0.95) intervals on every score, drawn with ``seed``. The filter's kept / total
+    counts go in the metadata (``prompt_filter``) and the ``n_harmful`` / ``n_harmless``
+    columns.
     """
     from rgeom.activations import template_hash, tokenizer_hash
     from rgeom.geometry import load_directions
@@ -618,6 +756,18 @@ def carrier_search_table(
             f"model has {n_layers}"
         )
     max_layer_frac = float(params.get("max_layer_frac", 0.8))
+    filter_prompts = params.get("filter_prompts", True)
+    if not isinstance(filter_prompts, bool):
+        raise RgeomError(f"carrier.filter_prompts must be true or false, got {filter_prompts!r}")
+    ints = {}
+    for key, default, least in (("min_prompts", 8, 1), ("n_boot", 200, 0)):
+        v = params.get(key, default)
+        if not isinstance(v, int) or isinstance(v, bool) or v < least:
+            raise RgeomError(f"carrier.{key} must be an integer >= {least}, got {v!r}")
+        ints[key] = v
+    ci = params.get("ci", 0.95)
+    if not isinstance(ci, int | float) or isinstance(ci, bool) or not 0 < ci < 1:
+        raise RgeomError(f"carrier.ci must be in (0, 1), got {ci!r}")
     candidates = select_candidates(load_directions(directions), n_layers, params, directions)
     prefixes = params.get("refusal_prefixes") or REFUSAL_PREFIXES
     refusal_ids = refusal_token_ids(tokenizer, prefixes)
@@ -632,8 +782,16 @@ def carrier_search_table(
         kl_max=float(params.get("kl_max", 0.1)),
         batch_size=int(params.get("batch_size", 16)),
         reuse_prefix=bool(params.get("reuse_prefix", True)),
+        filter_prompts=filter_prompts,
+        min_prompts=ints["min_prompts"],
+        n_boot=ints["n_boot"],
+        ci=float(ci),
+        seed=int(seed),
     )
     rows = result.candidates
+    pf = result.prompt_filter
+    # Rows at or above the layer cut were never scored, so they have no interval keys.
+    evaluated = ["bypass_ci_low" in r for r in rows]
     table = pa.table(
         {
             "layer": [r["layer"] for r in rows],
@@ -643,6 +801,13 @@ def carrier_search_table(
             "kl": [r["kl"] for r in rows],
             "admissible": [r["admissible"] for r in rows],
             "is_carrier": [(r["layer"], r["position"]) == result.carrier for r in rows],
+            **{c: pa.array([r.get(c) for r in rows], pa.float64()) for c in CI_COLUMNS},
+            "n_harmful": pa.array(
+                [pf["harmful_kept"] if e else None for e in evaluated], pa.int32()
+            ),
+            "n_harmless": pa.array(
+                [pf["harmless_kept"] if e else None for e in evaluated], pa.int32()
+            ),
         }
     )
     record = dict(meta)
@@ -659,6 +824,8 @@ def carrier_search_table(
             "positions": sorted({pos for _, pos in candidates}),
             "layer_stride": int(params.get("layer_stride") or 1),
         },
+        prompt_filter=pf,
+        bootstrap={"n_boot": result.n_boot, "ci": result.ci, "seed": int(seed)},
     )
     if result.carrier is None:
         log.warning("no admissible carrier direction among %d candidates", len(rows))
