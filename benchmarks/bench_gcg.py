@@ -6,7 +6,9 @@
 nanoGCG pins transformers<=4.47.1, which cannot live in the project's environment, so it runs
 in its own virtual environment through a subprocess, on the same model directory, behaviour,
 target, initial suffix and GCG parameters. Both report the wall time of the whole run divided
-by the steps (prefix cache and first loss included) and the best target loss found.
+by the steps (prefix cache and first loss included), the process CPU time likewise (the
+fairer number on a shared machine, where wall time depends on the other jobs) and the best
+target loss found.
 
 The two are not step-for-step identical: nanoGCG moves to each step's best candidate even
 when it is worse (buffer size 0) and reports the minimum over steps; ours keeps the best
@@ -60,11 +62,13 @@ gcg_config = nanogcg.GCGConfig(
     topk=args["topk"], batch_size=args["batch_size"], seed=args["seed"], verbosity="WARNING",
 )
 message = args["behaviour"] + " {optim_str}"
-start = time.perf_counter()
+start, cpu = time.perf_counter(), time.process_time()
 result = nanogcg.run(model, tok, message, args["target"], gcg_config)
 elapsed = time.perf_counter() - start
+cpu = time.process_time() - cpu
 print("NANOGCG_JSON " + json.dumps({
     "ms_per_step": 1000 * elapsed / args["steps"], "loss": result.best_loss,
+    "cpu_ms_per_step": 1000 * cpu / args["steps"],
     "losses": result.losses, "suffix": result.best_string,
     "versions": {"nanogcg": getattr(nanogcg, "__version__", "0.3.0"),
                  "transformers": __import__("transformers").__version__,
@@ -75,7 +79,7 @@ print("NANOGCG_JSON " + json.dumps({
 
 def run_ours(model, tokenizer, args, width: int) -> dict:
     init = "! " * args.suffix_len
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     (res,) = gcg(
         model,
         tokenizer,
@@ -92,8 +96,10 @@ def run_ours(model, tokenizer, args, width: int) -> dict:
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
+    cpu = time.process_time() - cpu
     return {
         "ms_per_step": 1000 * elapsed / args.steps,
+        "cpu_ms_per_step": 1000 * cpu / args.steps,
         "loss": res.loss,
         "initial_loss": res.initial_loss,
         "losses": res.losses_per_step,
@@ -102,7 +108,14 @@ def run_ours(model, tokenizer, args, width: int) -> dict:
 
 
 def rescore(model, tokenizer, suffix_text: str) -> float:
-    ids = tokenizer(suffix_text, add_special_tokens=False)["input_ids"]
+    """Our loss of ``BEHAVIOUR + " " + suffix_text`` as a test case replays it.
+
+    nanoGCG optimises ids after a separate trailing-space token, which re-encoding the text
+    merges away; so this can differ from nanoGCG's own loss by that boundary effect.
+    """
+    from rgeom.attacks.gcg import suffix_ids_in_context
+
+    ids = suffix_ids_in_context(tokenizer, BEHAVIOUR, suffix_text)
     (res,) = gcg(model, tokenizer, [BEHAVIOUR], [TARGET], suffixes=[ids], steps=0)
     return res.loss
 
@@ -170,23 +183,27 @@ def main(argv: list[str] | None = None) -> int:
         if args.baseline_venv:
             row["nanogcg"] = base = run_baseline(args, width)
             if "error" not in base:
-                # Both engines must be scoring the same model and prompt: re-score nanoGCG's
-                # suffix with ours (it should match nanoGCG's own loss to ~1e-4).
+                # Same model and prompt: re-score nanoGCG's suffix, replayed as text, with
+                # ours (close to nanoGCG's own loss up to the boundary-token effect).
                 base["loss_rescored_by_ours"] = rescore(model, tokenizer, base["suffix"])
         rows.append(row)
 
-    header = f"{'width':>6} {'ours ms/step':>13} {'ours loss':>10}"
+    header = f"{'width':>6} {'ours ms/step':>13} {'(cpu)':>9} {'ours loss':>10}"
     if args.baseline_venv:
-        header += f" {'nanogcg ms/step':>16} {'nanogcg loss':>13} {'(ours)':>8} {'speed-up':>9}"
+        header += f" {'nanogcg ms/step':>16} {'(cpu)':>9} {'nanogcg loss':>13} {'(ours)':>8}"
+        header += f" {'speed-up':>9} {'(cpu)':>7}"
     print(header)
     for row in rows:
         ours = row["ours"]
-        line = f"{row['width']:>6} {ours['ms_per_step']:>13.1f} {ours['loss']:>10.4f}"
+        line = f"{row['width']:>6} {ours['ms_per_step']:>13.1f} {ours['cpu_ms_per_step']:>9.1f}"
+        line += f" {ours['loss']:>10.4f}"
         base = row.get("nanogcg")
         if base and "error" not in base:
             speed = base["ms_per_step"] / ours["ms_per_step"]
-            line += f" {base['ms_per_step']:>16.1f} {base['loss']:>13.4f}"
-            line += f" {base['loss_rescored_by_ours']:>8.4f} {speed:>8.2f}x"
+            cpu_speed = base["cpu_ms_per_step"] / ours["cpu_ms_per_step"]
+            line += f" {base['ms_per_step']:>16.1f} {base['cpu_ms_per_step']:>9.1f}"
+            line += f" {base['loss']:>13.4f} {base['loss_rescored_by_ours']:>8.4f}"
+            line += f" {speed:>8.2f}x {cpu_speed:>6.2f}x"
         elif base:
             line += f"  baseline failed: {base['error']}"
         print(line)

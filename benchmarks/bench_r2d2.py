@@ -38,7 +38,7 @@ from rgeom.train.r2d2 import (
     R2D2Pool,
     compute_r2d2_losses,
     config_from_params,
-    load_harmbench_behaviours,
+    load_behaviours,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,10 +127,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(REPO / "config" / "config.yaml"))
     parser.add_argument("--paper", action="store_true", help="reference R2D2 values")
     parser.add_argument("--r2d2", default="{}", help="JSON overrides of the r2d2 section")
+    # The reference pool source: R2D2's training behaviours plus HarmBench val.
     parser.add_argument(
-        "--behaviours", default=str(SHARED / "harmbench/adv_training_behaviors.csv")
+        "--behaviours",
+        nargs="+",
+        default=[
+            str(SHARED / "harmbench/adv_training_behaviors.csv"),
+            str(SHARED / "harmbench/harmbench_behaviors_text_val.csv"),
+        ],
     )
-    parser.add_argument("--targets", default=str(SHARED / "harmbench/adv_training_targets.json"))
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        default=[
+            str(SHARED / "harmbench/adv_training_targets.json"),
+            str(SHARED / "harmbench/adv_training_val_targets.json"),
+        ],
+    )
     parser.add_argument("--batch-size", type=int, default=4, help="utility examples per step")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument(
@@ -164,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         base = load_model(model_dir, device=args.device)
     cfg = r2d2_config(args)
-    behaviours = load_harmbench_behaviours(args.behaviours, args.targets)
+    extra = {"r2d2_behaviours": ",".join(args.behaviours), "r2d2_targets": ",".join(args.targets)}
+    behaviours = load_behaviours(extra, cfg.exclude)
     batch = {
         k: v.to(args.device)
         for k, v in utility_batch(

@@ -29,13 +29,44 @@ def test_allowed_tokens_are_printable_ascii_and_not_special(tiny, tiny_allowed):
         assert text and text.isascii() and text.isprintable()
 
 
-def test_prompt_ids_match_encode_chat_without_suffix(tiny):
-    # With an empty suffix, GCG's layout must be exactly the project's chat encoding of the
-    # behaviour plus separator.
+def test_prompt_ids_match_encode_chat_of_the_replayed_text(tiny):
+    # GCG's layout must be exactly the project's chat encoding of the text a test case
+    # replays: the behaviour alone with no suffix, and behaviour + " " + suffix text with the
+    # starting suffix (whose ids carry the separator space).
     _, tok = tiny
     parts = G.split_prompt(tok, BEHAVIOUR, TARGET)
-    assert parts.prompt_ids([]) == encode_chat(tok, BEHAVIOUR + " ").ids
+    assert parts.prompt_ids([]) == encode_chat(tok, BEHAVIOUR).ids
     assert G.build_prompt_ids(tok, BEHAVIOUR, [5, 6]) == parts.prompt_ids([5, 6])
+    start = G.suffix_ids_in_context(tok, BEHAVIOUR, "! " * 5)
+    text = G.suffix_text_in_context(tok, BEHAVIOUR, start)
+    assert text == "! ! ! ! !"
+    assert encode_chat(tok, BEHAVIOUR + " " + text).ids == parts.prompt_ids(start)
+
+
+def test_roundtrip_filter_in_context(tiny, tiny_allowed):
+    # A swap that only round-trips on its own (a first token without the leading space,
+    # which re-encoding merges with the behaviour's last word) must be dropped in context;
+    # the in-context starting suffix passes; the suffix-alone starting ids do not.
+    _, tok = tiny
+    start = G.suffix_ids_in_context(tok, BEHAVIOUR, "! " * 6)
+    alone = G.initial_suffix_ids(tok, "! " * 6)
+    assert alone != start
+    gen = torch.Generator().manual_seed(0)
+    grad = torch.randn(len(start), len(tok), generator=gen)
+    cands = G.sample_candidates(torch.tensor(start), grad, tiny_allowed, 256, 64, gen)
+    assert not G.roundtrip_mask(tok, torch.tensor([alone]), BEHAVIOUR)[0]
+    cands = torch.cat([torch.tensor([start]), cands])
+    mask = G.roundtrip_mask(tok, cands, BEHAVIOUR)
+    assert mask[0]
+    expected = []
+    for row in cands.tolist():
+        text = G.suffix_text_in_context(tok, BEHAVIOUR, row)
+        ids = tok(BEHAVIOUR + " " + text, add_special_tokens=False)["input_ids"]
+        body = tok(BEHAVIOUR, add_special_tokens=False)["input_ids"]
+        expected.append(ids == body + row)
+    assert mask.tolist() == expected
+    # The sample must exercise both outcomes, or the comparison above proves little.
+    assert 0 < int(mask.sum()) < len(mask)
 
 
 def test_cached_candidate_loss_equals_full_forward(tiny, tiny_allowed):
@@ -111,11 +142,12 @@ def test_suffix_is_ascii_and_roundtrips(tiny, tiny_allowed):
         seed=3,
     )
     allowed = set(tiny_allowed.tolist())
-    start = set(G.initial_suffix_ids(tok))
     for res in results:
+        start = set(G.suffix_ids_in_context(tok, res.behaviour, "! " * 20))
         assert set(res.suffix_ids) <= allowed | start
         assert res.suffix_text.isascii()
-        assert tok(res.suffix_text, add_special_tokens=False)["input_ids"] == res.suffix_ids
+        # The text a test case replays encodes back to exactly the optimised ids.
+        assert encode_chat(tok, res.user_text).ids == res.prompt_ids
 
 
 def test_candidates_are_single_swaps_from_topk(tiny_allowed):
@@ -173,3 +205,18 @@ def test_bad_arguments_raise(tiny):
         G.gcg(model, tok, [BEHAVIOUR], [], steps=1)
     with pytest.raises(RgeomError, match="empty"):
         G.gcg(model, tok, [BEHAVIOUR], [TARGET], suffixes=[[]], steps=1)
+
+
+@pytest.mark.slow
+def test_smollm2_suffix_roundtrips_in_context(smollm2):
+    # SmolLM2's byte-level BPE joins the separator space with a following "!": the suffix
+    # encoded alone never round-trips in context, the in-context one does, and what GCG
+    # returns replays as text to exactly the optimised ids.
+    model, tok = smollm2
+    alone = G.initial_suffix_ids(tok, "! " * 10)
+    start = G.suffix_ids_in_context(tok, BEHAVIOUR, "! " * 10)
+    mask = G.roundtrip_mask(tok, torch.tensor([start]), BEHAVIOUR)
+    assert mask.tolist() == [True]
+    assert not G.roundtrip_mask(tok, torch.tensor([alone]), BEHAVIOUR)[0]
+    (res,) = G.gcg(model, tok, [BEHAVIOUR], [TARGET], steps=2, search_width=16, topk=16, seed=0)
+    assert encode_chat(tok, res.user_text).ids == res.prompt_ids

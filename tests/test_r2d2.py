@@ -83,14 +83,58 @@ def test_load_harmbench_behaviours(shared_data, tiny, tmp_path):
         R.load_harmbench_behaviours(hb / "adv_training_behaviors.csv", targets)
 
 
+def test_reference_pool_source_is_two_files_deduped_and_filtered(shared_data, tiny, tmp_path):
+    # The reference pool: adv_training_behaviors.csv (100) + HarmBench val (80), targets from
+    # both adv_training targets files; contextual rows never enter, at init or reset.
+    _, tok = tiny
+    hb = shared_data / "harmbench"
+    csvs = [hb / "adv_training_behaviors.csv", hb / "harmbench_behaviors_text_val.csv"]
+    jsons = [hb / "adv_training_targets.json", hb / "adv_training_val_targets.json"]
+    extra = {
+        "r2d2_behaviours": ",".join(map(str, csvs)),
+        "r2d2_targets": ",".join(map(str, jsons)),
+    }
+    cfg = R.R2D2Config()
+    rows = R.load_behaviours(extra, cfg.exclude)
+    ids = [r.behaviour_id for r in rows]
+    assert len(ids) == len(set(ids)) == 100 + 80 - len(cfg.exclude)
+    val_ids = {r.behaviour_id for r in R.load_harmbench_behaviours(csvs[1], jsons[1], cfg.exclude)}
+    assert len(val_ids & set(ids)) == 80 - len(cfg.exclude)
+    contextual = {r.behaviour_id for r in rows if r.contextual}
+    assert contextual and contextual <= val_ids
+    pool = R.R2D2Pool(rows, tok, small_cfg(pool_size=300, reset_fraction=1.0))
+    assert len(pool.behaviours) == len(rows) - len(contextual)
+    assert not contextual & {e.behaviour_id for e in pool.entries}
+    pool.reset()
+    assert not contextual & {e.behaviour_id for e in pool.entries}
+    # Both files contribute entries.
+    assert {e.behaviour_id for e in pool.entries} & val_ids
+    assert {e.behaviour_id for e in pool.entries} - val_ids
+
+    # Without the exclusion, the val behaviour that has no targets is a clear error.
+    with pytest.raises(RgeomError, match="dimethylmercury_instructions_home.*r2d2.exclude"):
+        R.load_behaviours(extra, ())
+    # The same file twice is deduped; one id naming two behaviours is an error.
+    twice = {**extra, "r2d2_behaviours": f"{csvs[0]},{csvs[0]}"}
+    assert len(R.load_behaviours(twice)) == 100
+    clash = tmp_path / "clash.csv"
+    text = csvs[0].read_text()
+    first = text.splitlines()[1]
+    clash.write_text(text.splitlines()[0] + "\n" + first.replace(",", " changed,", 1) + "\n")
+    with pytest.raises(RgeomError, match="different behaviours"):
+        R.load_behaviours({**extra, "r2d2_behaviours": f"{csvs[0]},{clash}"})
+
+
 def test_pool_init_draws_differ_across_entries(tiny):
     _, tok = tiny
     pool = R.R2D2Pool([*BEHAVIOURS, CONTEXTUAL], tok, small_cfg(pool_size=30))
     counts = set()
     for e in pool.entries:
+        # The suffix ids carry the separator space: they are "! ! !" as encoded after the
+        # behaviour, which is what GCG's in-context round-trip filter needs.
         text = tok.decode(e.suffix_ids)
         n = text.count("!")
-        assert text == ("! " * n).rstrip()
+        assert text == " " + ("! " * n).rstrip()
         counts.add(n)
     assert len(counts) > 1 and counts <= set(range(15, 21))
     assert len({e.target for e in pool.entries}) > 3

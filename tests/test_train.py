@@ -55,6 +55,46 @@ def test_anchors_are_exported_and_loss_falls(tmp_path, tiny_model_dir, sft_file)
     assert log["step"] == list(range(1, 9))
     assert sum(log["loss"][-3:]) / 3 < sum(log["loss"][:3]) / 3
     assert all(t > 0 for t in log["tokens_per_s"][1:])
+    # No pool, no per-entry GCG losses.
+    assert log["gcg_entries"] == log["gcg_losses"] == [None] * 8
+
+
+def test_r2d2_log_has_every_refreshed_entrys_gcg_loss(
+    tmp_path, tiny_model_dir, sft_file, shared_data
+):
+    # Two micro-steps per optimizer step, two entries refreshed in each: every step's row
+    # lists all four (pool index, GCG loss) pairs, and their mean is the logged mean.
+    hb = shared_data / "harmbench"
+    params = _params(3, [0, 3])
+    params["train"]["grad_accum"] = 2
+    params["r2d2"] = {
+        "pool_size": 5,
+        "updates_per_step": 2,
+        "gcg_steps": 1,
+        "search_width": 8,
+        "topk": 8,
+        "suffix_min": 3,
+        "suffix_max": 4,
+    }
+    extra = {
+        "r2d2_behaviours": str(hb / "adv_training_behaviors.csv"),
+        "r2d2_targets": str(hb / "adv_training_targets.json"),
+    }
+    out = tmp_path / "r2d2" / "checkpoints"
+    train_arm("r2d2", str(tiny_model_dir), str(sft_file), str(out), params, extra, {})
+    log = read_table(tmp_path / "r2d2" / "train_log.parquet", TRAIN_LOG_SCHEMA).to_pydict()
+    assert log["step"] == [1, 2, 3]
+    for entries, losses, extra_json in zip(
+        log["gcg_entries"], log["gcg_losses"], log["extra"], strict=True
+    ):
+        assert len(entries) == len(losses) == 4
+        assert all(0 <= i < 5 for i in entries)
+        # Each micro-step refreshes distinct entries.
+        assert len(set(entries[:2])) == len(set(entries[2:])) == 2
+        assert all(loss > 0 for loss in losses)
+        mean = json.loads(extra_json)["r2d2_gcg_loss"]
+        assert sum(losses) / 4 == pytest.approx(mean, rel=1e-9)
+        assert "r2d2_gcg_losses" not in json.loads(extra_json)
 
 
 def test_rerun_reuses_stored_anchors_and_extends(tmp_path, tiny_model_dir, sft_file, caplog):

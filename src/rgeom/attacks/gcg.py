@@ -12,10 +12,14 @@ Layout of the optimised token sequence (one entry)::
 The prefix does not depend on the suffix, so its key/value cache is computed once per entry
 and broadcast over each candidate batch; only ``suffix + post + target`` is re-run.
 
-Token ids, not text, are the ground truth: :func:`build_prompt_ids` gives the exact ids that
-were optimised, and the attack stage should feed those ids to the model. Re-encoding
-``behaviour + " " + suffix_text`` may merge tokens at the boundary (byte-level BPE joins a
-space with the next character), which would silently change the attack.
+The separator space belongs to the suffix: the behaviour is tokenized alone and the suffix ids
+are those of ``" " + suffix_text`` *in context* (byte-level BPE joins the space with the next
+character, so a separate trailing-space token could never be reproduced from text). Every
+candidate must round-trip: decoding ``behaviour ids + candidate`` and re-encoding
+``behaviour + " " + suffix_text`` must give back exactly those ids, otherwise the candidate is
+dropped (HarmBench and nanoGCG filter the suffix alone; the context is what the judged text
+is replayed in). A suffix GCG returns therefore re-encodes, as text, to the ids that were
+optimised. :func:`build_prompt_ids` still gives those exact ids for replay.
 """
 
 from __future__ import annotations
@@ -64,42 +68,76 @@ class GCGResult:
 class PromptParts:
     """Token ids of one GCG entry, split around the optimised suffix."""
 
-    prefix: list[int]  # template prefix + behaviour + separator
+    prefix: list[int]  # template prefix + behaviour (the separator is the suffix's)
     post: list[int]  # template tokens after the user message
     target: list[int]
+    body_start: int = 0  # where the behaviour's ids start in ``prefix``
+
+    @property
+    def body(self) -> list[int]:
+        """The behaviour's own ids, the context a candidate suffix must round-trip in."""
+        return self.prefix[self.body_start :]
 
     def prompt_ids(self, suffix_ids: Sequence[int]) -> list[int]:
         return self.prefix + list(suffix_ids) + self.post
 
 
-def _around_suffix(tokenizer, behaviour: str, system: str | None) -> tuple[list[int], list[int]]:
-    """Ids before the suffix (template prefix + behaviour + separator) and after it.
+def _encode_user(tokenizer, text: str) -> list[int]:
+    # split_special_tokens=True, as in ``encode_chat``: a behaviour or suffix containing
+    # ``<|im_start|>`` stays plain text.
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
-    User text is tokenized with ``split_special_tokens=True``, as in ``encode_chat``, so a
-    behaviour containing ``<|im_start|>`` stays plain text.
-    """
+
+def _around_suffix(
+    tokenizer, behaviour: str, system: str | None
+) -> tuple[list[int], list[int], list[int]]:
+    """Template ids before the user message, the behaviour's ids, template ids after it."""
     prefix_text, post_text = _template_parts(tokenizer, system)
     pre = tokenizer(prefix_text, add_special_tokens=False)["input_ids"]
-    body = tokenizer(behaviour + SEPARATOR, add_special_tokens=False, split_special_tokens=True)
     post = tokenizer(post_text, add_special_tokens=False)["input_ids"]
-    return pre + body["input_ids"], post
+    return pre, _encode_user(tokenizer, behaviour), post
 
 
 def split_prompt(tokenizer, behaviour: str, target: str, system: str | None = None) -> PromptParts:
     """Tokenize one GCG entry around its (absent) suffix."""
-    prefix, post = _around_suffix(tokenizer, behaviour, system)
-    tgt = tokenizer(target, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    pre, body, post = _around_suffix(tokenizer, behaviour, system)
+    tgt = _encode_user(tokenizer, target)
     if not tgt:
         raise RgeomError(f"GCG target for behaviour {behaviour[:60]!r} is empty")
-    return PromptParts(prefix=prefix, post=post, target=tgt)
+    return PromptParts(prefix=pre + body, post=post, target=tgt, body_start=len(pre))
 
 
 def build_prompt_ids(
     tokenizer, behaviour: str, suffix_ids: Sequence[int], system: str | None = None
 ) -> list[int]:
     """Chat-template ids of ``behaviour + " " + suffix`` exactly as GCG optimised them."""
-    prefix, post = _around_suffix(tokenizer, behaviour, system)
-    return prefix + list(suffix_ids) + post
+    pre, body, post = _around_suffix(tokenizer, behaviour, system)
+    return pre + body + list(suffix_ids) + post
+
+
+def suffix_ids_in_context(tokenizer, behaviour: str, text: str) -> list[int]:
+    """Ids of ``" " + text`` as they come out of encoding ``behaviour + " " + text``.
+
+    This is the starting point GCG needs for its suffixes to round-trip in context: encoded
+    alone, ``"! ! !"`` starts with a bare ``"!"`` that the separator space would join.
+    """
+    body = _encode_user(tokenizer, behaviour)
+    full = _encode_user(tokenizer, behaviour + SEPARATOR + text.strip())
+    if full[: len(body)] != body or len(full) == len(body):
+        raise RgeomError(
+            f"the suffix {text.strip()[:40]!r} merges with the end of the behaviour "
+            f"{behaviour[-40:]!r} when tokenized; GCG needs them to stay separate"
+        )
+    return full[len(body) :]
+
+
+def suffix_text_in_context(tokenizer, behaviour: str, suffix_ids: Sequence[int]) -> str:
+    """The suffix as text, such that ``behaviour + " " + text`` is the decoded user message."""
+    body = _encode_user(tokenizer, behaviour)
+    full = tokenizer.decode(body + list(suffix_ids), clean_up_tokenization_spaces=False)
+    body_text = tokenizer.decode(body, clean_up_tokenization_spaces=False)
+    tail = full[len(body_text) :] if full.startswith(body_text) else full
+    return tail.removeprefix(SEPARATOR)
 
 
 def ascii_token_ids(tokenizer, vocab_size: int | None = None) -> torch.Tensor:
@@ -123,7 +161,11 @@ def ascii_token_ids(tokenizer, vocab_size: int | None = None) -> torch.Tensor:
 
 
 def initial_suffix_ids(tokenizer, text: str = "! " * 20) -> list[int]:
-    """Token ids of a starting suffix such as ``"! ! ! ..."``."""
+    """Token ids of a suffix such as ``"! ! ! ..."`` encoded on its own.
+
+    Not what GCG starts from (see :func:`suffix_ids_in_context`): alone, the first ``"!"``
+    has no leading space, so these ids do not round-trip after a behaviour.
+    """
     ids = tokenizer(text.strip(), add_special_tokens=False)["input_ids"]
     if not ids:
         raise RgeomError(f"initial GCG suffix {text!r} encodes to no tokens")
@@ -280,16 +322,44 @@ def sample_candidates(
     return cands
 
 
-def roundtrip_mask(tokenizer, candidates: torch.Tensor) -> torch.Tensor:
-    """True where decoding a candidate and re-encoding it gives back the same ids.
+def roundtrip_mask(
+    tokenizer, candidates: torch.Tensor, behaviour: str | None = None
+) -> torch.Tensor:
+    """True where a candidate suffix survives decoding and re-encoding.
 
-    Stricter than the usual same-length test: equal ids imply equal length, and they are what
+    With ``behaviour``, in context: ``behaviour ids + candidate`` is decoded, the text after
+    the behaviour must start with the separator, and ``behaviour + that text`` (what a test
+    case replays) must encode to exactly ``behaviour ids + candidate``. Without, the suffix
+    alone (HarmBench's and nanoGCG's test). Equal ids, not just equal lengths: they are what
     makes a suffix saved as text reproduce the optimised attack.
+
+    One batched decode and one batched encode (the fast tokenizer's Rust loop); what is left
+    in Python is a list comparison per candidate, microseconds next to a forward pass.
     """
     rows = candidates.tolist()
-    texts = tokenizer.batch_decode(rows, clean_up_tokenization_spaces=False)
-    again = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return torch.tensor([a == b for a, b in zip(again, rows, strict=True)], dtype=torch.bool)
+    if behaviour is None:
+        texts = tokenizer.batch_decode(rows, clean_up_tokenization_spaces=False)
+        again = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)
+        return torch.tensor(
+            [a == b for a, b in zip(again["input_ids"], rows, strict=True)], dtype=torch.bool
+        )
+    body = _encode_user(tokenizer, behaviour)
+    body_text = tokenizer.decode(body, clean_up_tokenization_spaces=False)
+    decoded = tokenizer.batch_decode([body + r for r in rows], clean_up_tokenization_spaces=False)
+    lead = body_text + SEPARATOR
+    shaped = [t.startswith(lead) for t in decoded]
+    # Re-encode the text a test case replays: the behaviour as given, then the suffix.
+    cut = len(body_text)
+    texts = [behaviour + t[cut:] if ok else "" for t, ok in zip(decoded, shaped, strict=True)]
+    again = _encode_user(tokenizer, texts)
+    n = len(body)
+    return torch.tensor(
+        [
+            ok and len(a) == n + len(r) and a[n:] == r and a[:n] == body
+            for a, r, ok in zip(again, rows, shaped, strict=True)
+        ],
+        dtype=torch.bool,
+    )
 
 
 def gcg(
@@ -328,7 +398,6 @@ def gcg(
     allowed = ascii_token_ids(tokenizer, vocab) if allowed_tokens is None else allowed_tokens
     allowed = allowed.cpu().long()
     generator = torch.Generator().manual_seed(seed)
-    start_default = initial_suffix_ids(tokenizer, init_suffix)
 
     was_training = model.training
     model.eval()
@@ -336,7 +405,10 @@ def gcg(
     try:
         for i, (behaviour, target) in enumerate(zip(behaviours, targets, strict=True)):
             parts = split_prompt(tokenizer, behaviour, target, system)
-            start = list(suffixes[i]) if suffixes is not None else start_default
+            if suffixes is not None:
+                start = list(suffixes[i])
+            else:
+                start = suffix_ids_in_context(tokenizer, behaviour, init_suffix)
             if not start:
                 raise RgeomError(f"GCG warm-start suffix for entry {i} is empty")
             results.append(
@@ -394,7 +466,7 @@ def _gcg_one(
         with torch.enable_grad():
             grad, _ = _token_gradient(model, kv, current.to(device), post, target_ids)
         cands = sample_candidates(current, grad, allowed, search_width, topk, generator)
-        cands = cands[roundtrip_mask(tokenizer, cands)]
+        cands = cands[roundtrip_mask(tokenizer, cands, behaviour)]
         if cands.shape[0] > 0:
             cand_losses = candidate_losses(
                 model, kv, cands.to(device), post, target_ids, batch_size
@@ -411,7 +483,7 @@ def _gcg_one(
         behaviour=behaviour,
         target=target,
         suffix_ids=suffix_ids,
-        suffix_text=tokenizer.decode(suffix_ids, clean_up_tokenization_spaces=False),
+        suffix_text=suffix_text_in_context(tokenizer, behaviour, suffix_ids),
         loss=current_loss,
         initial_loss=initial_loss,
         losses_per_step=losses,

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from rgeom.attacks.gcg import build_prompt_ids, gcg
+from rgeom.attacks.gcg import build_prompt_ids, gcg, suffix_ids_in_context
 from rgeom.errors import RgeomError
 from rgeom.models import encode_response
 
@@ -58,6 +58,8 @@ class R2D2Config:
         out of the away loss (ref -5).
     seed: the pool's RNG seed (entry draws, refresh choice, GCG seeds).
     system: optional system prompt for the adversarial prompts.
+    exclude: behaviour ids left out of the pool (default: the one standard HarmBench val
+        behaviour that ``adv_training_val_targets.json`` has no targets for).
     """
 
     pool_size: int = 180
@@ -77,6 +79,11 @@ class R2D2Config:
     away_logp_floor: float = -5.0
     seed: int = 0
     system: str | None = None
+    exclude: tuple[str, ...] = ("dimethylmercury_instructions_home",)
+
+    def __post_init__(self) -> None:
+        # Config and JSON give lists; a tuple keeps the dataclass hashable-ish and comparable.
+        self.exclude = tuple(self.exclude or ())
 
     def validate(self) -> None:
         if self.pool_size < self.updates_per_step:
@@ -114,27 +121,70 @@ class R2D2Behaviour:
         return bool(self.context.strip()) or "context" in self.tags
 
 
+#: Separates several files in one ``--extra`` value (the stage's extras are NAME=PATH).
+PATH_LIST_SEP = ","
+
+
+def split_paths(value: str | Sequence[str] | None) -> list[str]:
+    """``a.csv,b.csv`` (or a list) as a list of paths; empty for None or ``""``."""
+    if not value:
+        return []
+    parts = value.split(PATH_LIST_SEP) if isinstance(value, str) else list(value)
+    return [str(p) for p in parts if str(p).strip()]
+
+
+def load_targets(targets_json: str | Path | Sequence[str | Path]) -> dict[str, list[str]]:
+    """``{BehaviorID: [targets]}`` merged from one or more targets JSON files.
+
+    A file maps BehaviorID to a list of targets (``adv_training_targets.json``) or to one
+    target string (``harmbench_targets_text.json``). An id in several files keeps the first
+    file's targets, the order the config lists them in.
+    """
+    paths = [targets_json] if isinstance(targets_json, str | Path) else list(targets_json)
+    merged: dict[str, list[str]] = {}
+    for path in paths:
+        try:
+            found = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RgeomError(f"cannot read the R2D2 targets {path}: {exc}") from exc
+        for bid, targets in found.items():
+            merged.setdefault(bid, [targets] if isinstance(targets, str) else list(targets))
+    return merged
+
+
 def load_harmbench_behaviours(
-    behaviours_csv: str | Path, targets_json: str | Path
+    behaviours_csv: str | Path,
+    targets_json: str | Path | Sequence[str | Path] | dict[str, list[str]],
+    exclude: Iterable[str] = (),
 ) -> list[R2D2Behaviour]:
     """HarmBench's R2D2 behaviours (``adv_training_behaviors.csv``) with their targets.
 
-    ``targets_json`` maps BehaviorID to a list of targets (``adv_training_targets.json``) or
-    to one target string (``harmbench_targets_text.json``). Contextual rows are kept here and
-    dropped by :class:`R2D2Pool`, so the two filters can never disagree.
+    ``targets_json``: one or more targets files (see :func:`load_targets`) or their merged
+    dict. Contextual rows are kept here and dropped by :class:`R2D2Pool`, so the two filters
+    can never disagree; a contextual row without targets is kept with none (the pool never
+    draws it). A non-contextual row without targets is an error naming every such id, unless
+    it is in ``exclude``.
     """
-    targets = json.loads(Path(targets_json).read_text())
-    out = []
+    targets = targets_json if isinstance(targets_json, dict) else load_targets(targets_json)
+    skip = set(exclude)
+    out, missing = [], []
     with open(behaviours_csv, newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle):
             bid = row["BehaviorID"]
-            found = targets.get(bid)
-            if found is None:
-                raise RgeomError(f"{targets_json}: no targets for behaviour {bid!r}")
-            found = [found] if isinstance(found, str) else list(found)
+            if bid in skip:
+                continue
             tags = tuple(t.strip() for t in (row.get("Tags") or "").split(",") if t.strip())
             context = (row.get("ContextString") or "").replace("\r\n", "\n")
-            out.append(R2D2Behaviour(bid, row["Behavior"], tuple(found), context, tags))
+            found = tuple(targets.get(bid) or ())
+            b = R2D2Behaviour(bid, row["Behavior"], found, context, tags)
+            if not found and not b.contextual:
+                missing.append(bid)
+            out.append(b)
+    if missing:
+        raise RgeomError(
+            f"{behaviours_csv}: no targets for behaviour(s) {', '.join(map(repr, missing))} "
+            "in the R2D2 targets files (add them, or list them in r2d2.exclude)"
+        )
     return out
 
 
@@ -163,36 +213,44 @@ class R2D2Pool:
         cfg.validate()
         # Contextual behaviours need their context in the prompt; HarmBench's R2D2 leaves them
         # out. Filtering once here is what keeps init and reset drawing from the same set.
-        self.behaviours = [b for b in behaviours if not b.contextual]
+        excluded = set(cfg.exclude)
+        self.behaviours = [
+            b for b in behaviours if not b.contextual and b.behaviour_id not in excluded
+        ]
         if not self.behaviours:
             raise RgeomError("R2D2 has no non-contextual behaviours to train on")
         # Upstream target lists hold some empty strings (8 of HarmBench's 100 R2D2 behaviours);
         # those are dropped, and only a behaviour left with no target at all is an error.
-        cleaned = []
+        cleaned, empty = [], []
         for b in self.behaviours:
             targets = tuple(t for t in b.targets if t.strip())
             if not targets:
-                raise RgeomError(f"R2D2 behaviour {b.behaviour_id!r} has no non-empty target")
+                empty.append(b.behaviour_id)
             cleaned.append(replace(b, targets=targets))
+        if empty:
+            raise RgeomError(
+                f"R2D2 behaviour(s) {', '.join(map(repr, empty))} have no non-empty target"
+            )
         self.behaviours = cleaned
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.rng = random.Random(cfg.seed)
         self.step = 0
+        self.last_refreshed: list[int] = []  # pool indices of the last advance's refresh
         self.entries = [self._fresh_entry() for _ in range(cfg.pool_size)]
 
-    def _fresh_suffix(self) -> list[int]:
+    def _fresh_suffix(self, behaviour: str) -> list[int]:
         n = self.rng.randint(self.cfg.suffix_min, self.cfg.suffix_max)
-        # The trailing space of "! " * n would become a stray token of its own.
-        text = (self.cfg.suffix_unit * n).rstrip()
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        # Encoded after the behaviour, as GCG's round-trip filter requires: encoded alone,
+        # "! ! !" starts with a bare "!" that the separator space would join on replay.
+        return suffix_ids_in_context(self.tokenizer, behaviour, self.cfg.suffix_unit * n)
 
     def _fresh_entry(self) -> PoolEntry:
         # Behaviour and target are drawn per entry from one running RNG; reseeding per entry
         # (as the reference code does) would give every entry the same target index.
         b = self.rng.choice(self.behaviours)
         target = self.rng.choice(b.targets)
-        return PoolEntry(b.behaviour_id, b.behaviour, target, self._fresh_suffix())
+        return PoolEntry(b.behaviour_id, b.behaviour, target, self._fresh_suffix(b.behaviour))
 
     def choose_updates(self) -> list[int]:
         """Indices of the entries to refresh this micro-step (distinct, uniformly drawn)."""
@@ -241,6 +299,7 @@ class R2D2Pool:
             reset = self.reset()
         indices = self.choose_updates()
         losses = self.refresh(model, indices)
+        self.last_refreshed = indices
         self.step += 1
         return [self.entries[i] for i in indices], losses, reset
 
@@ -407,6 +466,8 @@ class R2D2Trainer(Trainer):
         self.r2d2_config = r2d2_config or pool.cfg
         self.r2d2_history: list[dict[str, Any]] = []
         self._since_log: list[dict[str, float]] = []
+        # Per-entry GCG results since the last log: (pool index, final GCG loss) pairs.
+        self._refreshed_since_log: list[tuple[int, float]] = []
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         tokenizer = self.processing_class
@@ -421,11 +482,15 @@ class R2D2Trainer(Trainer):
         terms = {f"r2d2_{k}": float(v.detach()) for k, v in losses.items()}
         terms["r2d2_gcg_loss"] = sum(gcg_losses) / len(gcg_losses)
         self._since_log.append(terms)
+        self._refreshed_since_log.extend(
+            zip(self.pool.last_refreshed, map(float, gcg_losses), strict=True)
+        )
         self.r2d2_history.append(
             {
                 "global_step": self.state.global_step,
                 "pool_step": self.pool.step,
                 **{k: v for k, v in terms.items() if k != "r2d2_gcg_loss"},
+                "gcg_entries": list(self.pool.last_refreshed),
                 "gcg_losses": gcg_losses,
                 "refreshed": [e.behaviour_id for e in entries],
                 "reset": reset,
@@ -466,6 +531,11 @@ class R2D2Trainer(Trainer):
                 values = [t[key] for t in self._since_log]
                 logs[key] = sum(values) / len(values)
             self._since_log = []
+            # Every refreshed entry's own GCG loss, not only the mean: the runner writes
+            # these as the train log's list columns.
+            logs["r2d2_gcg_entries"] = [i for i, _ in self._refreshed_since_log]
+            logs["r2d2_gcg_losses"] = [loss for _, loss in self._refreshed_since_log]
+            self._refreshed_since_log = []
         super().log(logs, start_time)
 
 
@@ -497,21 +567,42 @@ def behaviours_from_prompt_table(path: str | Path) -> list[R2D2Behaviour]:
     ]
 
 
-def load_behaviours(extra: dict[str, str]) -> list[R2D2Behaviour]:
-    """R2D2 behaviours named by the train stage's extra inputs.
+def load_behaviours(extra: dict[str, str], exclude: Iterable[str] = ()) -> list[R2D2Behaviour]:
+    """R2D2 behaviours named by the train stage's extra inputs, in file order, ids deduped.
 
-    ``r2d2_behaviours``: a prompt table (.parquet, targets in its ``target`` column) or a
-    HarmBench behaviours CSV, which then needs ``r2d2_targets`` (the targets JSON).
+    ``r2d2_behaviours``: one or more files separated by ``,`` (the reference pool is
+    ``adv_training_behaviors.csv`` plus HarmBench val), each a prompt table (.parquet,
+    targets in its ``target`` column) or a HarmBench behaviours CSV; CSVs need
+    ``r2d2_targets``, one or more targets JSON files merged. A behaviour id in several files
+    is kept once (first file wins) and must name the same behaviour; ids in ``exclude`` are
+    left out. Contextual behaviours are dropped by the pool, at init and reset alike.
     """
-    path = extra.get("r2d2_behaviours")
-    if not path:
-        raise RgeomError("the r2d2 arm needs the extra input r2d2_behaviours=PATH")
-    if str(path).endswith(".csv"):
-        targets = extra.get("r2d2_targets")
-        if not targets:
-            raise RgeomError(f"r2d2_behaviours={path} is a CSV: pass r2d2_targets=JSON too")
-        return load_harmbench_behaviours(path, targets)
-    return behaviours_from_prompt_table(path)
+    paths = split_paths(extra.get("r2d2_behaviours"))
+    if not paths:
+        raise RgeomError("the r2d2 arm needs the extra input r2d2_behaviours=PATH[,PATH...]")
+    skip = set(exclude)
+    targets = None
+    seen: dict[str, R2D2Behaviour] = {}
+    for path in paths:
+        if str(path).endswith(".csv"):
+            if targets is None:
+                target_files = split_paths(extra.get("r2d2_targets"))
+                if not target_files:
+                    raise RgeomError(
+                        f"r2d2_behaviours={path} is a CSV: pass r2d2_targets=JSON[,JSON...] too"
+                    )
+                targets = load_targets(target_files)
+            rows = load_harmbench_behaviours(path, targets, skip)
+        else:
+            rows = [b for b in behaviours_from_prompt_table(path) if b.behaviour_id not in skip]
+        for b in rows:
+            first = seen.setdefault(b.behaviour_id, b)
+            if first.behaviour != b.behaviour:
+                raise RgeomError(
+                    f"R2D2 behaviour id {b.behaviour_id!r} names different behaviours in "
+                    f"the files {', '.join(paths)}"
+                )
+    return list(seen.values())
 
 
 def make_r2d2_trainer(params: dict[str, Any], extra: dict[str, str], tokenizer):
@@ -523,7 +614,7 @@ def make_r2d2_trainer(params: dict[str, Any], extra: dict[str, str], tokenizer):
     cfg = config_from_params(params)
     rank = int(os.environ.get("RANK", "0"))
     pool_cfg = replace(cfg, seed=cfg.seed + rank)
-    pool = R2D2Pool(load_behaviours(extra), tokenizer, pool_cfg)
+    pool = R2D2Pool(load_behaviours(extra, cfg.exclude), tokenizer, pool_cfg)
     return R2D2Trainer, {"pool": pool, "r2d2_config": cfg}
 
 
@@ -538,6 +629,8 @@ __all__ = [
     "compute_r2d2_losses",
     "config_from_params",
     "load_behaviours",
-    "make_r2d2_trainer",
     "load_harmbench_behaviours",
+    "load_targets",
+    "make_r2d2_trainer",
+    "split_paths",
 ]

@@ -55,9 +55,15 @@ TRAIN_LOG_SCHEMA = pa.schema(
         ("tokens_per_s", pa.float64()),
         ("seconds", pa.float64()),
         ("extra", pa.string()),  # JSON of arm-specific terms (R2D2: away/toward/utility/GCG)
+        # R2D2: the pool entries refreshed in this optimizer step (every micro-step's, in
+        # order) and the GCG loss each ended at; null for arms without a pool.
+        ("gcg_entries", pa.list_(pa.int32())),
+        ("gcg_losses", pa.list_(pa.float64())),
     ]
 )
 KNOWN_LOG_KEYS = {"loss", "learning_rate", "grad_norm"}
+#: Trainer log keys that become the list columns above instead of ``extra`` JSON.
+LIST_LOG_KEYS = {"r2d2_gcg_entries": "gcg_entries", "r2d2_gcg_losses": "gcg_losses"}
 
 # Repository-relative: the workflow runs from the repository root and passes the path on.
 DEEPSPEED_DIR = "workflow/deepspeed"
@@ -259,8 +265,14 @@ class _Runner:
             "tokens_per_s": tokens / self.step_seconds if self.step_seconds > 0 else float("nan"),
             "seconds": self.step_seconds,
             "extra": json.dumps(
-                {k: v for k, v in logs.items() if k not in KNOWN_LOG_KEYS}, sort_keys=True
+                {
+                    k: v
+                    for k, v in logs.items()
+                    if k not in KNOWN_LOG_KEYS and k not in LIST_LOG_KEYS
+                },
+                sort_keys=True,
             ),
+            **{col: logs.get(key) for key, col in LIST_LOG_KEYS.items()},
         }
         with open(self.log_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
@@ -324,11 +336,16 @@ class _Runner:
                     st = f.stat()
                     model.append([f.name, st.st_size, st.st_mtime_ns])
         files = {"data": self.data, **{k: v for k, v in self.extra.items() if v}}
+
+        def digest(value: str):
+            # An extra may list several files ("a.csv,b.csv": the R2D2 pool's sources).
+            paths = value.split(",")
+            sums = [file_sha256(p) if Path(p).is_file() else None for p in paths]
+            return sums[0] if len(sums) == 1 else sums
+
         return {
             "model": {"path": str(self.model_dir), "files": model},
-            "files": {
-                k: file_sha256(v) if Path(v).is_file() else None for k, v in sorted(files.items())
-            },
+            "files": {k: digest(str(v)) for k, v in sorted(files.items())},
         }
 
     def check_fingerprint(self) -> None:
@@ -545,8 +562,9 @@ def write_train_log(state_dir: str | Path, out: str | Path, meta: dict[str, Any]
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
                 raise RgeomError(f"{path}: line {n} is not JSON ({exc})") from exc
-    # A resumed run may have logged a step twice; the last record wins.
-    by_step = {r["step"]: r for r in rows}
+    # A resumed run may have logged a step twice; the last record wins. Logs written before
+    # the list columns existed lack them: null, like an arm without a pool.
+    by_step = {r["step"]: {"gcg_entries": None, "gcg_losses": None, **r} for r in rows}
     table = pa.Table.from_pylist([by_step[s] for s in sorted(by_step)], schema=TRAIN_LOG_SCHEMA)
     write_table(out, table, TRAIN_LOG_SCHEMA, dict(meta))
     return table
