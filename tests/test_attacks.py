@@ -358,3 +358,38 @@ def test_cli_unknown_behaviour_is_one_line(behaviours, tmp_path):
     assert res.returncode == 1 and "Traceback" not in res.stderr
     errors = [line for line in res.stderr.splitlines() if ": error: " in line]
     assert len(errors) == 1 and "'zz'" in errors[0] and "row 0" in errors[0]
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "rgeom.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_template_without_slot_is_one_line_naming_file_and_row(behaviours, tmp_path):
+    path = tmp_path / "mine.jsonl"
+    rows = [
+        {"template_id": "good", "template": "Please: {behavior}"},
+        {"template_id": "british", "template": "Please: {behaviour}"},
+    ]
+    path.write_text("\n".join(json.dumps(x) for x in rows) + "\n")
+    out = tmp_path / "t.parquet"
+    res = _cli(
+        "attack", "--method", "Templates", "--behaviors", str(behaviours), "--out", str(out),
+        "--templates", str(path),
+    )  # fmt: skip
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    errors = [line for line in res.stderr.splitlines() if ": error: " in line]
+    assert len(errors) == 1, res.stderr[-2000:]
+    assert str(path) in errors[0] and "row 2" in errors[0] and "'british'" in errors[0]
+    assert "spelled {behavior}" in errors[0]
+    assert not out.exists()
+
+
+def test_cli_unknown_method_names_the_choices(behaviours, tmp_path):
+    res = _cli(
+        "attack", "--method", "PAIR", "--behaviors", str(behaviours), "--out",
+        str(tmp_path / "o.parquet"),
+    )  # fmt: skip
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "'PAIR'" in res.stderr and "AutoDAN" in res.stderr

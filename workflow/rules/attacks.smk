@@ -1,4 +1,5 @@
-# Issue #4: attack test cases. Fixed-source methods are built once against the source model
+# Issue #4: attack test cases. Fixed-source methods (DirectRequest, Templates, GCG-transfer,
+# AutoDAN) are built once against the source model
 # (results/attacks/{method}.parquet), merged into results/attacks/test_cases.parquet and
 # replayed unchanged by the attack benchmark's generate job at every anchor of both arms;
 # adaptive GCG is re-optimised against each checkpoint
@@ -60,6 +61,40 @@ rule attack_gcg:
         flags=lambda w, input: optional_flags(input, "targets"),
     shell:
         "rgeom attack --method GCG-transfer --behaviors {input.behaviors}"
+        " --model {params.model} --out {output.table} {params.flags}"
+        " --params {params.json:q} > {log} 2>&1"
+
+
+rule attack_autodan:
+    input:
+        unpack(attack_autodan_inputs),
+    output:
+        table="results/attacks/AutoDAN.parquet",
+    log:
+        "results/logs/attack/AutoDAN.log",
+    benchmark:
+        "results/benchmarks/attack/AutoDAN.tsv"
+    conda:
+        "../envs/train.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=240,
+        gpu=GPU,
+    params:
+        json=params_json(
+            model=model_params(),
+            attacks={
+                "source_model": ATTACKS["source_model"],
+                "autodan": {
+                    k: v for k, v in ATTACKS["autodan"].items() if k != "prototypes"
+                },
+            },
+        ),
+        model=attack_source()[0],
+        flags=lambda w, input: optional_flags(input, "targets", "templates"),
+    shell:
+        "rgeom attack --method AutoDAN --behaviors {input.behaviors}"
         " --model {params.model} --out {output.table} {params.flags}"
         " --params {params.json:q} > {log} 2>&1"
 

@@ -20,14 +20,14 @@ def attack(
     targets: str | None,
     params: dict[str, Any],
 ) -> None:
-    from rgeom.attacks.testcases import build_method
+    from rgeom.attacks.testcases import MODEL_METHODS, build_method
 
     seed = int(params.get("seed", 0))
     seed_everything(seed)
     section = params.get("attacks", {})
     source = section.get("source_model") or model or "none"
     lm = tokenizer = None
-    if method == "GCG-transfer" and model:
+    if method in MODEL_METHODS and model:
         lm, tokenizer = _load(model, params)
     build_method(
         method=method,

@@ -2,7 +2,8 @@
 
 HarmBench's protocol, at the scale the config asks for:
 
-* **fixed-source** methods (``DirectRequest``, ``Templates``, ``GCG-transfer``) are built
+* **fixed-source** methods (``DirectRequest``, ``Templates``, ``GCG-transfer``,
+  ``AutoDAN``) are built
   once, against the source model (by default the step-0 base model), and the very same user
   messages are replayed unchanged against every checkpoint of both arms. A change in ASR
   across anchors is then a change in the model, never in the attack;
@@ -41,7 +42,9 @@ from rgeom.io import read_table, write_table
 
 log = logging.getLogger(__name__)
 
-METHODS = ("DirectRequest", "Templates", "GCG-transfer")
+METHODS = ("DirectRequest", "Templates", "GCG-transfer", "AutoDAN")
+# Methods that optimise against the source model, so the stage must load it.
+MODEL_METHODS = ("GCG-transfer", "AutoDAN")
 TEMPLATES_FILE = Path(__file__).resolve().with_name("templates.jsonl")
 SLOT = "{behavior}"
 DEFAULT_INIT_SUFFIX = " ".join(["!"] * 20)
@@ -230,8 +233,14 @@ def load_templates(path: str | Path | None = None) -> list[dict[str, str]]:
             raise RgeomError(f"{path}: row {i} has no string field 'template'")
         tid = str(obj.get("template_id") or f"template_{i}")
         if SLOT not in obj["template"]:
+            # The British spelling used in rgeom's prose is the likeliest slip.
+            hint = (
+                " (it has {behaviour}: the slot is spelled {behavior}, as in HarmBench)"
+                if "{behaviour}" in obj["template"]
+                else ""
+            )
             raise RgeomError(
-                f"{path}: row {i} (template {tid!r}) has no {SLOT} slot for the behaviour"
+                f"{path}: row {i} (template {tid!r}) has no {SLOT} slot for the behaviour{hint}"
             )
         if tid in seen:
             raise RgeomError(
@@ -375,6 +384,83 @@ def gcg_transfer_cases(
     return cases
 
 
+# --- AutoDAN -------------------------------------------------------------------------
+
+
+def autodan_cases(
+    model,
+    tokenizer,
+    behaviours: Sequence[Mapping[str, Any]],
+    targets: Mapping[str, str],
+    params: Mapping[str, Any],
+    seed: int,
+    source_model: str,
+    prototypes: str | None = None,
+    where: str = "attacks.autodan",
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One evolved jailbreak per behaviour (a seeded subset), optimised on the source model.
+
+    ``prototypes`` is a templates JSONL (the same format and ``{behavior}`` check as the
+    Templates method); None uses rgeom's own ``autodan_prototypes.jsonl``. Returns the test
+    cases and, per behaviour, the loss history for the file's provenance.
+    """
+    from rgeom.attacks.autodan import PROTOTYPES_FILE, AutoDANSettings, autodan
+    from rgeom.judges.refusal import classify
+
+    settings = AutoDANSettings.from_params(params, where)
+    chosen = select_behaviours(behaviours, params.get("n_behaviors"), seed)
+    if not chosen:
+        raise RgeomError(f"{where}: no harmful behaviours to attack")
+    protos = load_templates(prototypes or PROTOTYPES_FILE)
+    tgts = [target_for(b, targets, where) for b in chosen]
+
+    def refused(text: str) -> bool:
+        # The early stop's success test is the embedded judge's: neither refused nor
+        # degenerate (an empty or looping reply is no jailbreak).
+        verdict = classify(text)
+        return verdict.refused or verdict.degenerate
+
+    results = autodan(
+        model,
+        tokenizer,
+        chosen,
+        tgts,
+        [p["template"] for p in protos],
+        settings,
+        seed,
+        refused=refused,
+    )
+    cases, history = [], {}
+    for b, res, tgt in zip(chosen, results, tgts, strict=True):
+        log.info(
+            "AutoDAN %s: loss %.3f -> %.3f in %d generations%s",
+            b["prompt_id"],
+            res.initial_loss,
+            res.loss,
+            res.generations_run,
+            " (stopped early: not refused)" if res.stopped_early else "",
+        )
+        cases.append(
+            _case(
+                {**b, "target": tgt},
+                "AutoDAN",
+                0,
+                res.user_text,
+                source_model,
+                loss=res.loss,
+                initial_loss=res.initial_loss,
+            )
+        )
+        history[b["prompt_id"]] = {
+            "losses_per_generation": res.losses_per_generation,
+            "generations_run": res.generations_run,
+            "stopped_early": res.stopped_early,
+            "template": res.template,
+        }
+    record = {"settings": vars(settings), "prototypes": str(prototypes or PROTOTYPES_FILE)}
+    return cases, {**record, "behaviours": history}
+
+
 # --- one method, then the combined file ----------------------------------------------
 
 
@@ -399,9 +485,11 @@ def build_method(
     """Write the test cases of one fixed-source method to ``out``.
 
     ``params`` is the ``attacks`` config section; ``model``/``tokenizer`` are needed only
-    by GCG-transfer.
+    by the methods that optimise (GCG-transfer, AutoDAN). For AutoDAN, ``templates`` is
+    its prototypes file (None: rgeom's own).
     """
     behaviours = read_behaviours(behaviours_path)
+    extra: dict[str, Any] = {}
     if method == "DirectRequest":
         cases = direct_request_cases(behaviours, source_model)
     elif method == "Templates":
@@ -425,6 +513,19 @@ def build_method(
             seed,
             source_model,
         )
+    elif method == "AutoDAN":
+        if model is None:
+            raise RgeomError("AutoDAN needs a source model (--model)")
+        cases, extra["autodan"] = autodan_cases(
+            model,
+            tokenizer,
+            behaviours,
+            load_targets(targets),
+            params.get("autodan", {}),
+            seed,
+            source_model,
+            prototypes=templates,
+        )
     else:
         raise RgeomError(f"attack method {method!r} is unknown; choose one of {list(METHODS)}")
     table = _test_case_table(cases)
@@ -435,6 +536,7 @@ def build_method(
         "source_model": source_model,
         "templates": str(templates or TEMPLATES_FILE) if method == "Templates" else None,
         "targets": targets,
+        **extra,
     }
     write_table(out, table, TEST_CASE_SCHEMA, record)
     log.info("wrote %d %s test cases to %s", table.num_rows, method, out)
