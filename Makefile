@@ -27,7 +27,10 @@ $(STAMP): pyproject.toml requirements.txt
 
 demo: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --configfile $(CONFIG) --rerun-incomplete --printshellcmds
+	# The HTML report: every figure and table with its caption (open it in a browser).
+	$(BIN)/snakemake --configfile $(CONFIG) --report results/report.html
 	$(BIN)/python -c "from rgeom.report import format_summary; print(format_summary('results/summary'))"
+	@echo "HTML report: results/report.html"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "slow or not slow" -v --durations=20
@@ -51,3 +54,5 @@ readme-figures:
 	mkdir -p docs
 	cp results/summary/figures/metrics_vs_step.png docs/demo_metrics_vs_step.png
 	cp results/summary/figures/direction_norm_heatmap.png docs/demo_direction_norm_heatmap.png
+	cp results/summary/figures/asr_vs_step.png docs/demo_asr_vs_step.png
+	cp results/summary/figures/carrier_heatmaps.png docs/demo_carrier_heatmaps.png

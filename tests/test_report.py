@@ -13,7 +13,8 @@ import pytest
 from rgeom.errors import RgeomError
 from rgeom.io import read_meta, read_table, write_table
 from rgeom.judges import METRIC_SCHEMA
-from rgeom.report import build_summary, format_summary, read_train_logs
+from rgeom.report import REPORT_FIGURES, build_summary, format_summary, read_train_logs
+from rgeom.tables import PAPER_ANCHORS, PAPER_REFERENCE, paper_value, tex_escape
 
 ARMS = ["sft", "r2d2"]
 LAYERS = 4
@@ -165,19 +166,25 @@ def test_build_summary_writes_table_and_figures(tmp_path):
     assert "grad_norm" not in logs_df.columns and "epoch" not in logs_df.columns
 
     text = format_summary(str(out))
-    assert "harmbench.asr" in text and "metrics_vs_step.png" in text
+    assert "harmbench.asr" in text and "metrics_vs_step," in text and "(png/svg)" in text
     assert len(text.splitlines()) < 40
 
 
-def test_png_only_by_default_and_arms_inferred(tmp_path):
+def test_png_and_svg_by_default_arms_inferred_and_missing_inputs_say_so(tmp_path):
     metrics, directions = _inputs(tmp_path)
     out = tmp_path / "s"
     build_summary(metrics, directions, str(out), {}, {})
     df = pl.from_arrow(read_table(out / "summary.parquet"))
     assert sorted(set(df.get_column("arm").to_list())) == sorted(ARMS)
-    assert (out / "figures" / "metrics_vs_step.png").exists()
-    assert not list((out / "figures").glob("*.svg"))
-    assert not (out / "figures" / "train_loss.png").exists()
+    figs = out / "figures"
+    for name in [*REPORT_FIGURES, *(f"frontier_{a}" for a in ARMS)]:
+        for ext in ("png", "svg"):
+            assert (figs / f"{name}.{ext}").stat().st_size > 1000, name
+    assert not list(figs.glob("*.pdf"))
+    # No training logs were given: the figure exists (the workflow declares it) and says why
+    # it is empty.
+    assert "no input" in (figs / "train_loss.svg").read_text()
+    assert "no input" not in (figs / "metrics_vs_step.svg").read_text()
 
 
 def test_duplicate_metric_across_files_is_an_error(tmp_path):
@@ -205,3 +212,308 @@ def test_metrics_missing_column_names_file(tmp_path):
     write_table(path, table, schema, {})
     with pytest.raises(RgeomError, match=r"bad\.parquet.*'judge'"):
         build_summary([str(path)], [], str(tmp_path / "s"), {}, {})
+
+
+# --- paper tables and the geometry / intervention figures ------------------------------
+
+
+def _fill(schema: pa.Schema, rows: list[dict]) -> pa.Table:
+    """Rows with only the columns a test cares about; the rest null or a neutral value."""
+    neutral = {pa.string(): "", pa.bool_(): False}
+    cols = {}
+    for f in schema:
+        default = None
+        if not f.nullable:
+            default = neutral.get(f.type, [] if pa.types.is_list(f.type) else 0)
+        cols[f.name] = [r.get(f.name, default) for r in rows]
+    return pa.table(cols, schema=schema)
+
+
+def _geometry_inputs(tmp_path: Path, steps=(10, 20)):
+    """carriers per cell, drift/angles/verdict, the interventions table: a carrier at layer 2
+    for sft at every step, none for r2d2 (a fallback at layer 1)."""
+    from rgeom.causal import INTERVENTION_SCHEMA
+    from rgeom.drift import ANGLES_SCHEMA, DRIFT_SCHEMA, VERDICT_SCHEMA
+    from rgeom.interventions import CARRIER_SCHEMA
+
+    cells = [("base", 0)] + [(a, s) for a in ARMS for s in steps]
+    carriers = []
+    for arm, step in cells:
+        rows = [
+            {
+                "layer": layer,
+                "position": -1,
+                "bypass": -1.0 - layer - step / 10,
+                "induce": 0.5 * layer,
+                "kl": 0.01 * (layer + 1),
+                "admissible": arm == "sft" and layer == 2,
+                "is_carrier": arm == "sft" and layer == 2,
+            }
+            for layer in range(LAYERS)
+        ]
+        path = tmp_path / f"carriers_{arm}_{step}.parquet"
+        write_table(path, _fill(CARRIER_SCHEMA, rows), CARRIER_SCHEMA, {"arm": arm, "step": step})
+        carriers.append(str(path))
+    drift_dir = tmp_path / "drift"
+    drift_rows, angle_rows = [], []
+    for arm in ARMS:
+        for i, step in enumerate((0, *steps)):
+            drift_rows.append(
+                {
+                    "arm": arm,
+                    "step": step,
+                    "carrier_layer": 2 if arm == "sft" and step else None,
+                    "carrier_position": -1 if arm == "sft" and step else None,
+                    "n_admissible": 1 if arm == "sft" and step else 0,
+                    "ref_layer": 2 if arm == "sft" else 1,
+                    "ref_position": -1,
+                    "window_layers": [1, 2, 3],
+                    "erank_energy": 1.2 + 0.1 * i,
+                    "erank_singular": 2.0,
+                    "erank_participation": 1.1,
+                    "erank_ci_low": 1.1 + 0.1 * i,
+                    "erank_ci_high": 1.3 + 0.1 * i,
+                    "erank_null_mean": 1.5,
+                    "erank_null_sd": 0.05,
+                    "null_kind": "shuffle",
+                    "angle_prev_deg": None if i == 0 else 10.0 * i,
+                    "angle_step0_deg": 0.0 if i == 0 else 12.5 * i,
+                }
+            )
+            if step:
+                angle_rows.append(
+                    {
+                        "arm_a": arm,
+                        "step_a": step,
+                        "arm_b": "base",
+                        "step_b": 0,
+                        "relation": "step0",
+                        "basis": "carrier",
+                        "k": 1,
+                        "index": 1,
+                        "angle_deg": 12.5 * i,
+                    }
+                )
+    meta = {"n_layers": LAYERS, "drift": {"rank_kind": "energy"}}
+    write_table(drift_dir / "drift.parquet", _fill(DRIFT_SCHEMA, drift_rows), DRIFT_SCHEMA, meta)
+    write_table(drift_dir / "angles.parquet", _fill(ANGLES_SCHEMA, angle_rows), ANGLES_SCHEMA, meta)
+    verdicts = [
+        {"arm": "sft", "verdict": "stable", "statistic": 25.0, "detail": "d", "basis": "geometry"},
+        {"arm": "r2d2", "verdict": "undetermined", "detail": "no carrier", "basis": "geometry"},
+    ]
+    write_table(
+        drift_dir / "verdict.parquet", _fill(VERDICT_SCHEMA, verdicts), VERDICT_SCHEMA, meta
+    )
+    rows = []
+    for arm, step in cells:
+        layer = 2 if arm == "sft" and step else 1
+        source = "carrier" if arm == "sft" and step else "fallback_min_bypass"
+        for kind, coeff, k, rate, kl, util in (
+            ("none", None, None, 0.9, 0.0, 0.5),
+            ("ablation", None, None, 0.2, 0.3, 0.45),
+            ("addition", 2.0, None, 1.0, 0.6, 0.4),
+            ("subspace_ablation", None, 2, 0.1, 0.9, 0.3),
+        ):
+            rows.append(
+                {
+                    "arm": arm,
+                    "step": step,
+                    "intervention": kind,
+                    "coeff": coeff,
+                    "k": k,
+                    "layer": layer,
+                    "position": -1,
+                    "admissible": source == "carrier",
+                    "carrier_source": source,
+                    "refusal_score_harmful": 2.0 * rate,
+                    "kl_harmless": kl,
+                    "refusal_rate": rate,
+                    "utility_accuracy": util,
+                    "judge": "refusal_matcher",
+                }
+            )
+    interventions = tmp_path / "interventions.parquet"
+    write_table(interventions, _fill(INTERVENTION_SCHEMA, rows), INTERVENTION_SCHEMA, {})
+    return carriers, str(drift_dir), str(interventions)
+
+
+def _summary_with_geometry(tmp_path: Path, anchors=(0, 10, 20)):
+    metrics, directions = _inputs(tmp_path)
+    carriers, drift_dir, interventions = _geometry_inputs(tmp_path)
+    out = tmp_path / "summary"
+    build_summary(
+        metrics,
+        directions,
+        str(out),
+        {"arms": ARMS, "anchors": list(anchors)},
+        {"config_hash": "x"},
+        carriers=carriers,
+        drift_dir=drift_dir,
+        interventions=interventions,
+    )
+    return out
+
+
+def test_paper_tables_one_row_per_arm_and_anchor_in_every_format(tmp_path):
+    out = _summary_with_geometry(tmp_path)
+    tables = out / "tables"
+    for name in ("behaviour", "geometry", "interventions"):
+        df = pl.from_arrow(read_table(tables / f"{name}.parquet"))
+        assert sorted(df.select(["arm", "step"]).rows()) == sorted(
+            (a, s) for a in ARMS for s in (0, 10, 20)
+        ), name
+        assert pl.read_csv(tables / f"{name}.csv").height == df.height
+        assert read_meta(tables / f"{name}.parquet")["config_hash"] == "x"
+        md = (tables / f"{name}.md").read_text()
+        assert md.count("\n| sft |") == 3 and md.count("\n| r2d2 |") == 3, name
+        tex = (tables / f"{name}.tex").read_text()
+        assert tex.count("\\begin{tabular}") == 1 and tex.count("\\end{table}") == 1
+        assert "\\_" in tex or "_" not in tex.split("\\midrule")[1].split("\\bottomrule")[0]
+        assert "<table>" in (tables / f"{name}.html").read_text()
+    behaviour = pl.from_arrow(read_table(tables / "behaviour.parquet"))
+    row = behaviour.filter((pl.col("arm") == "r2d2") & (pl.col("step") == 10)).row(0, named=True)
+    assert row["harmbench.asr"] == pytest.approx(0.3)
+    assert row["harmbench.asr_ci_low"] == pytest.approx(0.2)
+    assert row["harmbench.asr_judge"] == "refusal_matcher"
+    assert "judge refusal_matcher" in (tables / "behaviour.md").read_text()
+    # Not the paper's anchors: no paper columns at all.
+    assert not [c for c in behaviour.columns if c.startswith("paper:")]
+
+    geo = pl.from_arrow(read_table(tables / "geometry.parquet"))
+    sft = geo.filter((pl.col("arm") == "sft") & (pl.col("step") == 20)).row(0, named=True)
+    assert (sft["carrier_layer"], sft["site_layer"], sft["site_source"]) == (2, 2, "carrier")
+    assert sft["bypass"] == pytest.approx(-1.0 - 2 - 2.0)  # the carrier's own row, step 20
+    assert sft["erank_null_mean"] == pytest.approx(1.5)
+    r2d2 = geo.filter((pl.col("arm") == "r2d2") & (pl.col("step") == 10)).row(0, named=True)
+    assert r2d2["carrier_layer"] is None and r2d2["site_source"] == "fallback_min_bypass"
+    assert r2d2["bypass"] == pytest.approx(-1.0 - 1 - 1.0)
+    base = geo.filter(pl.col("step") == 0)
+    # Step 0 reads the base cell's carriers in both arms.
+    assert base.get_column("bypass").to_list() == pytest.approx([-2.0, -2.0])
+
+    inter = pl.from_arrow(read_table(tables / "interventions.parquet"))
+    row = inter.filter((pl.col("arm") == "sft") & (pl.col("step") == 10)).row(0, named=True)
+    assert row["ablation:refusal_delta"] == pytest.approx(0.2 - 0.9)
+    assert row["addition x2:refusal_delta"] == pytest.approx(0.1)
+    assert row["rank-2 ablation:kl"] == pytest.approx(0.9)
+    assert row["ablation:utility_delta"] == pytest.approx(-0.05)
+    assert not [c for c in inter.columns if c.startswith("rank-1")]
+
+    verdict = pl.from_arrow(read_table(tables / "verdict.parquet"))
+    assert dict(verdict.select(["arm", "verdict"]).rows()) == {
+        "sft": "stable",
+        "r2d2": "undetermined",
+    }
+    text = format_summary(str(out))
+    assert "verdict: sft stable, r2d2 undetermined" in text
+    assert len(text.splitlines()) < 30
+
+
+def test_paper_columns_beside_the_run_on_the_paper_anchors(tmp_path):
+    metrics = []
+    for arm, step, asr in (("base", 0, 0.9), ("sft", 250, 0.4), ("r2d2", 250, 0.05)):
+        metrics.append(_metrics_file(tmp_path / f"m_{arm}_{step}.parquet", arm, step, asr))
+    out = tmp_path / "s"
+    build_summary(metrics, [], str(out), {"arms": ARMS, "anchors": list(PAPER_ANCHORS)}, {})
+    df = pl.from_arrow(read_table(out / "tables" / "behaviour.parquet"))
+    paper = {(r["arm"], r["step"]): r for r in df.iter_rows(named=True)}
+    assert paper[("r2d2", 250)]["paper:harmbench.asr"] == "0.035"
+    assert paper[("r2d2", 250)]["paper:xstest.xstest_any_refusal"] == "0.664"
+    assert paper[("sft", 250)]["paper:harmbench.asr"] == "0.505–0.588"
+    assert paper[("sft", 0)]["paper:harmbench.asr"] is None
+    assert paper[("r2d2", 250)]["harmbench.asr"] == pytest.approx(0.05)
+    md = (out / "tables" / "behaviour.md").read_text()
+    assert "HarmBench ASR (all methods) (paper)" in md and "0.505–0.588" in md
+    tex = (out / "tables" / "behaviour.tex").read_text()
+    assert "0.505--0.588" in tex
+
+
+def test_the_paper_reference_is_the_briefs_numbers():
+    assert [paper_value("harmbench.asr", "r2d2", s).low for s in (50, 100, 250, 500)] == [
+        0.0,
+        0.0,
+        0.035,
+        0.25,
+    ]
+    assert paper_value("adaptive_gcg.asr", "r2d2", 500).low == 0.613
+    assert paper_value("adaptive_gcg.asr", "r2d2", 250).low == 0.415
+    xs = [paper_value("xstest.xstest_any_refusal", "r2d2", s) for s in PAPER_ANCHORS]
+    assert [x.low for x in xs if x] == [1.0, 0.664, 0.228]
+    assert set(PAPER_REFERENCE["erank_energy"].values()) == {paper_value("erank_energy", "sft", 0)}
+    assert paper_value("harmbench.asr", "sft", 999) is None
+
+
+def test_tex_escape_handles_latex_specials():
+    assert tex_escape("a_b & 50% #1 ≈ x–y") == "a\\_b \\& 50\\% \\#1 $\\approx$ x--y"
+
+
+def test_geometry_and_intervention_figures_are_drawn(tmp_path):
+    out = _summary_with_geometry(tmp_path)
+    figs = out / "figures"
+    for name in (
+        "carrier_heatmaps",
+        "carrier_layer_vs_step",
+        "erank_vs_step",
+        "principal_angles",
+        "frontier_sft",
+        "frontier_r2d2",
+        "asr_vs_step",
+        "xstest_vs_step",
+    ):
+        svg = (figs / f"{name}.svg").read_text()
+        assert "no input" not in svg, name
+        assert (figs / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    # The heatmap marks the sft carrier (a star) and the arms' fixed colours are used.
+    assert "#0072b2" in (figs / "asr_vs_step.svg").read_text().lower()
+    assert "#d55e00" in (figs / "asr_vs_step.svg").read_text().lower()
+
+
+def test_a_drift_table_without_its_columns_is_named(tmp_path):
+    metrics, directions = _inputs(tmp_path)
+    carriers, drift_dir, interventions = _geometry_inputs(tmp_path)
+    bad = Path(drift_dir) / "drift.parquet"
+    write_table(bad, pa.table({"arm": ["sft"]}), pa.schema([("arm", pa.string())]), {})
+    with pytest.raises(RgeomError, match=r"drift\.parquet.*'step'"):
+        build_summary(
+            metrics,
+            directions,
+            str(tmp_path / "s"),
+            {"arms": ARMS},
+            {},
+            carriers=carriers,
+            drift_dir=drift_dir,
+            interventions=interventions,
+        )
+
+
+def test_drift_and_intervention_figures_are_copied_when_fresh_else_redrawn(tmp_path):
+    import os
+
+    metrics, directions = _inputs(tmp_path)
+    carriers, drift_dir, interventions = _geometry_inputs(tmp_path)
+    fresh = Path(drift_dir) / "figures" / "principal_angles"
+    stale = Path(interventions).parent / "frontier_sft"
+    for stem in (fresh, stale):
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        for ext in ("png", "svg"):
+            stem.with_suffix(f".{ext}").write_bytes(b"drawn by the stage " + ext.encode())
+    old = Path(interventions).stat().st_mtime - 60
+    for ext in ("png", "svg"):
+        os.utime(stale.with_suffix(f".{ext}"), (old, old))
+    out = tmp_path / "summary"
+    build_summary(
+        metrics,
+        directions,
+        str(out),
+        {"arms": ARMS},
+        {},
+        carriers=carriers,
+        drift_dir=drift_dir,
+        interventions=interventions,
+    )
+    figs = out / "figures"
+    assert (figs / "principal_angles.svg").read_bytes() == b"drawn by the stage svg"
+    assert (figs / "principal_angles.png").read_bytes() == b"drawn by the stage png"
+    # Older than its table: drawn again. No source at all (carrier layers): drawn.
+    assert (figs / "frontier_sft.png").read_bytes()[:4] == b"\x89PNG"
+    assert (figs / "carrier_layer_vs_step.png").read_bytes()[:4] == b"\x89PNG"

@@ -204,10 +204,14 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
         ],
     ),
     "summary": (
-        "One table across arms x anchors, plus figures.",
-        "rgeom summary --metrics results/*/step-*/metrics/*.parquet "
-        "--directions results/*/step-*/directions.parquet --out-dir results/summary",
-        "rgeom.stages:summary",
+        "The summary table, the paper-style tables (behaviour, geometry, interventions, "
+        "verdict; CSV, Markdown, LaTeX) and every report figure (PNG + SVG).",
+        "rgeom summary --metrics results/*/step-*/metrics/*.parquet \\\n"
+        "    --directions results/*/step-*/directions.parquet \\\n"
+        "    --carriers results/*/step-*/carriers.parquet --drift-dir results/drift \\\n"
+        "    --interventions results/interventions/interventions.parquet \\\n"
+        '    --out-dir results/summary --params \'{"arms": ["sft", "r2d2"]}\'',
+        "rgeom.report:summary_cmd",
         [
             (("--metrics",), {"nargs": "+", "required": True}),
             (("--directions",), {"nargs": "+", "required": True}),
@@ -216,6 +220,9 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
                 ("--utility-shift",),
                 {"nargs": "*", "default": [], "help": "utility_shift.parquet of every cell"},
             ),
+            (("--carriers",), {"nargs": "*", "default": [], "help": "every cell's carriers"}),
+            (("--drift-dir",), {"default": None, "help": "folder of drift/angles/verdict"}),
+            (("--interventions",), {"default": None, "help": "all cells' interventions"}),
             (("--out-dir",), {"required": True}),
         ],
     ),

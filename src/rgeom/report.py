@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,21 @@ ARM_COLOURS = {BASE_ARM: "#000000", "sft": OKABE_ITO[0], "r2d2": OKABE_ITO[1]}
 ARM_MARKERS = {BASE_ARM: "s", "sft": "o", "r2d2": "^"}
 _OTHER_MARKERS = ("D", "v", "P", "X", "*")
 FIGURE_FORMATS = ("png", "svg", "pdf")
+
+# Every figure the workflow's summary rule declares (plus frontier_{arm} per arm): a figure
+# without data is still written, saying what is missing, so the rule's outputs always exist.
+REPORT_FIGURES = (
+    "metrics_vs_step",
+    "asr_vs_step",
+    "xstest_vs_step",
+    "robustness_utility",
+    "direction_norm_heatmap",
+    "carrier_layer_vs_step",
+    "carrier_heatmaps",
+    "erank_vs_step",
+    "principal_angles",
+    "train_loss",
+)
 
 UTILITY_SHIFT = "utility_shift"  # benchmark name of rgeom.utility_shift's rows
 METRIC_COLUMNS = ("arm", "step", "benchmark", "metric", "value", "ci_low", "ci_high", "n", "judge")
@@ -269,17 +285,39 @@ def markdown_table(frame: pl.DataFrame) -> str:
 
 
 def _formats(params: Mapping[str, Any]) -> list[str]:
+    """PNG (the report embeds it) and SVG (for papers) always, plus any other configured."""
     # The workflow nests report settings under "summary"; direct callers may pass them flat.
     section = params.get("summary") or {}
     formats = list(section.get("figure_formats", params.get("figure_formats", ["png"])))
     bad = [f for f in formats if f not in FIGURE_FORMATS]
     if bad:
         raise RgeomError(f"summary.figure_formats: {bad} not supported (use {FIGURE_FORMATS})")
-    # The workflow declares the PNGs as outputs, so they are always written.
-    return ["png", *(f for f in dict.fromkeys(formats) if f != "png")]
+    return ["png", "svg", *(f for f in dict.fromkeys(formats) if f not in ("png", "svg"))]
+
+
+def _style(fig) -> None:
+    """The one look of every rgeom figure, applied at save time so figures built elsewhere
+    (rgeom.drift, rgeom.causal) share it without a global rcParams change."""
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in fig.axes:
+        if hasattr(ax, "_colorbar"):
+            continue
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+        ax.tick_params(labelsize="small")
+        ax.xaxis.label.set_size("small")
+        ax.yaxis.label.set_size("small")
+        ax.title.set_size("medium")
+        if not ax.images:
+            ax.grid(True, alpha=0.3, linewidth=0.6)
+            if ax.get_xlabel().startswith("training step"):
+                # Steps are whole optimizer steps: no 0.5 ticks on short runs.
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _save(fig, stem: Path, formats: Sequence[str]) -> list[Path]:
+    _style(fig)
     paths = []
     for fmt in formats:
         path = stem.with_suffix(f".{fmt}")
@@ -457,11 +495,19 @@ def build_summary(
     meta: dict[str, Any],
     train_logs: list[str] | None = None,
     utility_shift: list[str] | None = None,
+    carriers: list[str] | None = None,
+    drift_dir: str | None = None,
+    interventions: str | None = None,
 ) -> None:
-    """Write summary.parquet/.csv/.md and figures/ under ``out_dir``.
+    """Write summary.parquet/.csv/.md, tables/ and figures/ under ``out_dir``.
 
     ``utility_shift`` tables (metrics format) add the columns utility_kl / utility_ce.
+    ``carriers`` (every cell's carrier table), ``drift_dir`` (drift.parquet, angles.parquet,
+    verdict.parquet) and ``interventions`` (the all-cells table) add the geometry,
+    interventions and verdict tables and their figures.
     """
+    from rgeom import figures, tables
+
     if not metrics and not directions and not utility_shift:
         raise RgeomError("summary: no metrics or direction files given")
     formats = _formats(params)
@@ -472,6 +518,7 @@ def build_summary(
     frame = summary_frame(m, d)
     schema = summary_schema(frame)
     out = Path(out_dir)
+    drift = Path(drift_dir) if drift_dir else None
     record = {
         **meta,
         "arms": arms,
@@ -480,6 +527,9 @@ def build_summary(
             "directions": [str(p) for p in directions],
             "train_logs": [str(p) for p in train_logs or []],
             "utility_shift": [str(p) for p in utility_shift or []],
+            "carriers": [str(p) for p in carriers or []],
+            "drift_dir": str(drift) if drift else None,
+            "interventions": str(interventions) if interventions else None,
         },
     }
     write_table(out / f"{SUMMARY_NAME}.parquet", frame.to_arrow(), schema, record)
@@ -487,13 +537,71 @@ def build_summary(
         frame.write_csv(tmp, float_precision=6)
     write_text(out / f"{SUMMARY_NAME}.md", markdown_table(frame))
 
+    paper = [tables.behaviour_table(_metric_names(m), params)] if not m.is_empty() else []
+    if drift is not None:
+        paper.append(
+            tables.geometry_table(
+                str(drift / "drift.parquet"), carriers or [], interventions, params
+            )
+        )
+    if interventions:
+        paper.append(tables.interventions_table(interventions, arms))
+    if drift is not None:
+        paper.append(tables.verdict_table(str(drift / "verdict.parquet")))
+    tables.write_tables(paper, out / tables.TABLES_DIR, record)
+
     figs = out / FIGURES
+    drawn: list[Path] = []
     if not m.is_empty():
-        plot_metrics(m, arms, figs / "metrics_vs_step", formats)
+        drawn += plot_metrics(m, arms, figs / "metrics_vs_step", formats)
+        drawn += figures.behaviour_figures(m, arms, params, figs, formats)
     if not d.is_empty():
-        plot_direction_heatmap(d, arms, figs / "direction_norm_heatmap", formats)
+        drawn += plot_direction_heatmap(d, arms, figs / "direction_norm_heatmap", formats)
     if train_logs:
-        plot_train_loss(read_train_logs(train_logs), arms, figs / "train_loss", formats)
+        drawn += plot_train_loss(read_train_logs(train_logs), arms, figs / "train_loss", formats)
+    if carriers:
+        cells = tables.read_carriers(carriers)
+        drawn += figures.plot_carrier_heatmaps(cells, arms, figs / "carrier_heatmaps", formats)
+    if drift is not None:
+        table = str(drift / "drift.parquet")
+        drawn += figures.plot_carrier_layers(table, arms, figs / "carrier_layer_vs_step", formats)
+        drawn += figures.plot_erank(table, arms, params, figs / "erank_vs_step", formats)
+        angles = str(drift / "angles.parquet")
+        drawn += figures.plot_angles(angles, arms, figs / "principal_angles", formats)
+    if interventions:
+        drawn += figures.plot_frontiers(interventions, arms, figs, formats)
+    for name in [*REPORT_FIGURES, *(f"frontier_{a}" for a in arms)]:
+        if figs / f"{name}.png" not in drawn:
+            figures.placeholder(figs / name, formats, f"{name}: this run has no input for it")
+
+
+def summary_cmd(
+    metrics: list[str],
+    directions: list[str],
+    out_dir: str,
+    params: dict[str, Any],
+    train_logs: list[str] | None = None,
+    utility_shift: list[str] | None = None,
+    carriers: list[str] | None = None,
+    drift_dir: str | None = None,
+    interventions: str | None = None,
+) -> None:
+    """``rgeom summary``: build everything, then print the one-screen summary."""
+    from rgeom.io import config_hash, provenance
+
+    build_summary(
+        metrics=metrics,
+        directions=directions,
+        out_dir=out_dir,
+        params=params,
+        meta=provenance(config_hash=config_hash(params), seed=params.get("seed")),
+        train_logs=train_logs or None,
+        utility_shift=utility_shift or None,
+        carriers=carriers or None,
+        drift_dir=drift_dir,
+        interventions=interventions,
+    )
+    print(format_summary(out_dir))
 
 
 def format_summary(out_dir: str, max_metrics: int = 5) -> str:
@@ -524,8 +632,18 @@ def format_summary(out_dir: str, max_metrics: int = 5) -> str:
     hidden = len(stems) - len(shown)
     if hidden > 0:
         lines.append(f"(+{hidden} more columns and 95% CIs in {out / (SUMMARY_NAME + '.md')})")
-    figures = sorted((out / FIGURES).glob("*")) if (out / FIGURES).is_dir() else []
-    if figures:
-        lines.append("figures:")
-        lines += [f"  {f}" for f in figures if not f.name.startswith(".")]
+    # One line per folder, not per file: 13 figures in two formats would fill the screen.
+    for folder, label in ((out / "tables", "tables"), (out / FIGURES, "figures")):
+        files = [f for f in sorted(folder.glob("*")) if not f.name.startswith(".")]
+        if files:
+            names = list(dict.fromkeys(f.stem for f in files))
+            exts = "/".join(dict.fromkeys(f.suffix.lstrip(".") for f in files))
+            lines.append(f"{label} ({exts}) in {folder}/:")
+            lines += textwrap.wrap(
+                ", ".join(names), width=100, initial_indent="  ", subsequent_indent="  "
+            )
+    verdict = out / "tables" / "verdict.parquet"
+    if verdict.exists():
+        rows = read_table(verdict).select(["arm", "verdict"]).to_pylist()
+        lines.append("verdict: " + ", ".join(f"{r['arm']} {r['verdict']}" for r in rows))
     return "\n".join(lines)

@@ -149,24 +149,43 @@ def train_log(arm: str, state_dir: str, out: str, params: dict[str, Any]) -> Non
     log.info("training log of arm %s: %d steps -> %s", arm, table.num_rows, out)
 
 
+GENERATE_BACKENDS = ("hf", "vllm")
+
+
 def generate(model: str, prompts: str, out: str, params: dict[str, Any]) -> None:
+    seed_everything(params.get("seed", 0))
+    settings = params.get("generate", {})
+    backend = settings.get("backend", "hf")
+    meta = _meta(
+        params,
+        model=model,
+        arm=params.get("arm"),
+        step=params.get("step"),
+        benchmark=params.get("benchmark"),
+    )
+    if backend == "vllm":
+        # Imported here only: with the default hf backend vLLM is never imported.
+        from rgeom.vllm_backend import generate_table as vllm_table
+
+        vllm_table(
+            model_dir=model,
+            prompts=prompts,
+            out=out,
+            params=settings,
+            model_settings=_model_settings(params),
+            seed=int(params.get("seed", 0)),
+            meta=meta,
+        )
+        return
+    if backend != "hf":
+        raise RgeomError(
+            f"generate.backend {backend!r} is unknown; choose one of {list(GENERATE_BACKENDS)}"
+        )
     from rgeom.generation import generate_table
 
-    seed_everything(params.get("seed", 0))
     lm, tokenizer = _load(model, params)
     generate_table(
-        model=lm,
-        tokenizer=tokenizer,
-        prompts=prompts,
-        out=out,
-        params=params.get("generate", {}),
-        meta=_meta(
-            params,
-            model=model,
-            arm=params.get("arm"),
-            step=params.get("step"),
-            benchmark=params.get("benchmark"),
-        ),
+        model=lm, tokenizer=tokenizer, prompts=prompts, out=out, params=settings, meta=meta
     )
 
 
@@ -274,28 +293,6 @@ def directions(activations: str, out: str, params: dict[str, Any]) -> None:
     )
 
 
-def summary(
-    metrics: list[str],
-    directions: list[str],
-    train_logs: list[str],
-    out_dir: str,
-    params: dict[str, Any],
-    utility_shift: list[str] | None = None,
-) -> None:
-    from rgeom.report import build_summary, format_summary
-
-    build_summary(
-        metrics=metrics,
-        directions=directions,
-        out_dir=out_dir,
-        params=params,
-        meta=_meta(params),
-        train_logs=train_logs or None,
-        utility_shift=utility_shift or None,
-    )
-    print(format_summary(out_dir))
-
-
 def check_config(config: str) -> None:
     from rgeom.config import load
 
@@ -338,6 +335,7 @@ def carriers(
             step=params.get("step", source.get("step")),
             directions=directions,
         ),
+        seed=int(params.get("seed", 0)),
     )
 
 

@@ -79,13 +79,58 @@ def dataset_input(wildcards):
 
 
 def summary_outputs():
+    figures = REPORT_FIGURES + [f"frontier_{arm}" for arm in config["arms"]]
     return [
         "results/config.json",
         "results/summary/summary.parquet",
         "results/summary/summary.csv",
         "results/summary/summary.md",
-        "results/summary/figures/metrics_vs_step.png",
-        "results/summary/figures/direction_norm_heatmap.png",
+        *(f"results/summary/tables/{t}.{ext}" for t in TABLES for ext in TABLE_FORMATS),
+        *(
+            f"results/summary/figures/{f}.{ext}"
+            for f in figures
+            for ext in ("png", "svg")
+        ),
+    ]
+
+
+# --- the HTML report (workflow/rules/report.smk) ---
+
+from rgeom.report import REPORT_FIGURES as _REPORT_FIGURES
+from rgeom.tables import TABLE_NAMES as TABLES
+
+REPORT_FIGURES = list(_REPORT_FIGURES)
+# .html is what the Snakemake report shows inline; the rest are for papers and scripts.
+TABLE_FORMATS = ("html", "parquet", "csv", "md", "tex")
+
+
+def report_figure(name, category, label):
+    """A summary figure flagged for the HTML report, captioned by report/{name}.rst
+    (frontier_{arm} share report/frontier.rst)."""
+    caption = "frontier" if name.startswith("frontier_") else name
+    return report(
+        f"results/summary/figures/{name}.png",
+        caption=f"../report/{caption}.rst",
+        category=category,
+        labels={"figure": label},
+    )
+
+
+def report_table(name, label):
+    return report(
+        f"results/summary/tables/{name}.html",
+        caption=f"../report/table_{name}.rst",
+        category="Tables",
+        labels={"table": label},
+    )
+
+
+def report_table_files():
+    return [
+        f"results/summary/tables/{t}.{ext}"
+        for t in TABLES
+        for ext in TABLE_FORMATS
+        if ext != "html"
     ]
 
 
@@ -131,15 +176,25 @@ def shared_path(path):
     )
 
 
+def as_list(value):
+    """A config value that may be one item, a list, or null, as a list."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
 def r2d2_inputs():
-    """The R2D2 pool's behaviours: a HarmBench CSV + targets JSON, or train_harmful's targets."""
+    """The R2D2 pool's behaviours: HarmBench CSVs + targets JSONs (lists, the reference
+    pool reads two of each), or train_harmful's targets."""
     r2d2 = config["r2d2"]
-    if r2d2["behaviours"]:
-        return {
-            "r2d2_behaviours": shared_path(r2d2["behaviours"]),
-            "r2d2_targets": shared_path(r2d2["targets"]),
-        }
-    return {"r2d2_behaviours": "results/data/train_harmful.parquet"}
+    behaviours = [shared_path(p) for p in as_list(r2d2["behaviours"])]
+    if not behaviours:
+        return {"r2d2_behaviours": "results/data/train_harmful.parquet"}
+    inputs = {"r2d2_behaviours": behaviours}
+    targets = [shared_path(p) for p in as_list(r2d2["targets"])]
+    if targets:
+        inputs["r2d2_targets"] = targets
+    return inputs
 
 
 def deepspeed_config():
@@ -197,8 +252,11 @@ def arm_checkpoints(wildcards):
 
 
 def extra_flags(wildcards, input):
+    """``--extra NAME=PATH`` per extra input; several files join with "," (one NAME each)."""
     names = ("r2d2_behaviours", "r2d2_targets", "deepspeed")
-    return " ".join(f"--extra {n}={input[n]}" for n in names if n in input.keys())
+    return " ".join(
+        f"--extra {n}={','.join(as_list(input[n]))}" for n in names if n in input.keys()
+    )
 
 
 # --- attacks (workflow/rules/attacks.smk) ---
@@ -246,6 +304,14 @@ def attack_gcg_inputs(wildcards):
     path, is_file = attack_source()
     if is_file:
         inputs["model"] = path
+    return inputs
+
+
+def attack_autodan_inputs(wildcards):
+    """AutoDAN: GCG-transfer's inputs, plus its own prototypes file when one is set."""
+    inputs = attack_gcg_inputs(wildcards)
+    if ATTACKS["autodan"]["prototypes"]:
+        inputs["templates"] = ATTACKS["autodan"]["prototypes"]
     return inputs
 
 

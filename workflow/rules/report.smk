@@ -31,6 +31,11 @@ rule summary:
         directions=cell_paths("results/{arm}/step-{step}/directions.parquet"),
         train_logs=expand("results/{arm}/train_log.parquet", arm=config["arms"]),
         utility_shift=utility_shift_outputs(),
+        carriers=cell_paths("results/{arm}/step-{step}/carriers.parquet"),
+        drift="results/drift/drift.parquet",
+        angles="results/drift/angles.parquet",
+        verdict="results/drift/verdict.parquet",
+        interventions="results/interventions/interventions.parquet",
         # Not read by the stage: it makes every finished summary sit beside its config.
         run_config="results/config.json",
     output:
@@ -38,27 +43,40 @@ rule summary:
         csv=report(
             "results/summary/summary.csv",
             caption="../report/summary.rst",
-            category="Summary",
-            labels={"table": "summary per arm and step"},
+            category="Tables",
+            labels={"table": "all metrics per arm and step (CSV)"},
         ),
         markdown="results/summary/summary.md",
-        metrics_figure=report(
-            "results/summary/figures/metrics_vs_step.png",
-            caption="../report/metrics_vs_step.rst",
-            category="Figures",
-            labels={"figure": "behaviour metrics vs step"},
+        behaviour=report_table("behaviour", "behaviour per arm and anchor"),
+        geometry=report_table("geometry", "geometry per arm and anchor"),
+        interventions=report_table("interventions", "interventions per arm and anchor"),
+        verdict=report_table("verdict", "verdict per arm"),
+        table_files=report_table_files(),
+        asr=report_figure("asr_vs_step", "Behaviour", "1 ASR vs step"),
+        xstest=report_figure("xstest_vs_step", "Behaviour", "2 XSTest refusal vs step"),
+        frontier=report_figure(
+            "robustness_utility", "Behaviour", "3 robustness vs utility"
         ),
-        norm_figure=report(
-            "results/summary/figures/direction_norm_heatmap.png",
-            caption="../report/direction_norm_heatmap.rst",
-            category="Figures",
-            labels={"figure": "refusal direction norm"},
+        metrics=report_figure("metrics_vs_step", "Behaviour", "4 all metrics vs step"),
+        carrier_layer=report_figure(
+            "carrier_layer_vs_step", "Geometry", "1 carrier layer vs step"
         ),
-        loss_figure=report(
-            "results/summary/figures/train_loss.png",
-            caption="../report/train_loss.rst",
-            category="Figures",
-            labels={"figure": "training loss"},
+        carrier_heatmaps=report_figure(
+            "carrier_heatmaps", "Geometry", "2 bypass, induce, KL per layer"
+        ),
+        erank=report_figure("erank_vs_step", "Geometry", "3 effective rank vs step"),
+        angles=report_figure("principal_angles", "Geometry", "4 principal angles"),
+        norms=report_figure(
+            "direction_norm_heatmap", "Geometry", "5 direction norm per layer"
+        ),
+        intervention_frontiers=[
+            report_figure(f"frontier_{arm}", "Interventions", f"refusal vs KL, {arm}")
+            for arm in config["arms"]
+        ],
+        loss=report_figure("train_loss", "Training", "training losses"),
+        svgs=expand(
+            "results/summary/figures/{name}.svg",
+            name=REPORT_FIGURES + [f"frontier_{arm}" for arm in config["arms"]],
         ),
     log:
         "results/logs/summary.log",
@@ -80,5 +98,6 @@ rule summary:
     shell:
         "rgeom summary --metrics {input.metrics} --directions {input.directions}"
         " --train-logs {input.train_logs} --utility-shift {input.utility_shift}"
-        " --out-dir results/summary"
+        " --carriers {input.carriers} --drift-dir results/drift"
+        " --interventions {input.interventions} --out-dir results/summary"
         " --params {params.json:q} > {log} 2>&1"
