@@ -330,12 +330,15 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
         [
             (
                 ("--method",),
-                {"required": True, "help": "DirectRequest, Templates or GCG-transfer"},
+                {"required": True, "help": "DirectRequest, Templates, GCG-transfer or AutoDAN"},
             ),
             (("--behaviors",), {"required": True, "help": "behaviour set (prompt Parquet)"}),
             (("--out",), {"required": True, "help": "output test-case Parquet"}),
-            (("--model",), {"default": None, "help": "source model dir (GCG-transfer)"}),
-            (("--templates",), {"default": None, "help": "templates JSONL (default: ours)"}),
+            (("--model",), {"default": None, "help": "source model dir (GCG-transfer, AutoDAN)"}),
+            (
+                ("--templates",),
+                {"default": None, "help": "templates JSONL, or AutoDAN prototypes (default: ours)"},
+            ),
             (("--targets",), {"default": None, "help": "HarmBench targets JSON"}),
         ],
     ),
