@@ -38,6 +38,8 @@ rule sft_data:
         "results/benchmarks/sft_data.tsv"
     conda:
         "../envs/train.yaml"
+    # First link of the training chain, the DAG's longest path (see rule train).
+    priority: 50
     threads: 2
     resources:
         mem_mb=4000,
