@@ -222,6 +222,76 @@ def test_sharded_extraction_equals_one_piece(tiny, sets, tmp_path):
         extract_activations(model, tokenizer, sets, sharded, {"shard_size": 0}, {})
 
 
+def test_stored_refusal_scores_equal_the_carrier_search_scores(tiny, sets, tmp_path):
+    """With refusal_scores, each prompt's rows carry interventions.refusal_score of that
+    prompt (the same tokens, the same definition), and the vectors are unchanged."""
+    from rgeom.activations import prompt_text
+    from rgeom.interventions import refusal_score, refusal_token_ids
+
+    model, tokenizer = tiny
+    plain, scored = tmp_path / "plain.parquet", tmp_path / "scored.parquet"
+    extract_activations(model, tokenizer, sets, plain, {"batch_size": 3}, {})
+    extract_activations(model, tokenizer, sets, scored, {"batch_size": 3}, {}, refusal_scores=True)
+
+    off = read_table(plain, schema=ACTIVATION_SCHEMA)
+    assert off.column("refusal_score").null_count == off.num_rows
+    assert read_meta(plain)["refusal_scores"] is False
+    on = read_table(scored, schema=ACTIVATION_SCHEMA)
+    assert on.column("refusal_score").null_count == 0
+    ids = refusal_token_ids(tokenizer)
+    info = read_meta(scored)
+    assert info["refusal_scores"] is True and info["refusal_token_ids"] == ids
+    # Running the forward on to the logits leaves every captured activation as it was.
+    assert on.drop_columns(["refusal_score"]).equals(off.drop_columns(["refusal_score"]))
+
+    rows = on.to_pydict()
+    stored: dict[tuple[str, str], set[float]] = {}
+    for pid, split, score in zip(
+        rows["prompt_id"], rows["split"], rows["refusal_score"], strict=True
+    ):
+        stored.setdefault((split, pid), set()).add(score)
+    assert all(len(v) == 1 for v in stored.values()), "one score per prompt, on every row"
+    for key, path in sets.items():
+        prompts = pq.read_table(path).to_pydict()
+        texts = [
+            prompt_text(t, c) for t, c in zip(prompts["text"], prompts["context"], strict=True)
+        ]
+        # Batched differently from the extraction (one batch, another length order).
+        want = refusal_score(model, tokenizer, texts, ids, batch_size=16)
+        got = [stored[(key.split("_")[0], pid)].pop() for pid in prompts["prompt_id"]]
+        assert len(set(np.round(want, 3))) > 1, "the prompts must differ in score"
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_scored_and_unscored_shards_are_never_mixed(tiny, sets, tmp_path, monkeypatch, caplog):
+    """Whether scores are stored is part of the shard fingerprint: finished shards of an
+    unscored run are discarded by a scored one, which then scores every row."""
+    import logging
+
+    from rgeom import activations
+    from rgeom.io import parts_dir
+
+    model, tokenizer = tiny
+    out = tmp_path / "acts.parquet"
+    params = {"batch_size": 2, "shard_size": 3}
+    # Leave the finished shards behind, as a job killed before its last step would.
+    monkeypatch.setattr(activations.Shards, "finish", lambda self: None)
+    extract_activations(model, tokenizer, sets, out, params, {"model": "tiny"})
+    assert parts_dir(out).exists()
+    out.unlink()
+    with caplog.at_level(logging.INFO, logger="rgeom"):
+        extract_activations(
+            model, tokenizer, sets, out, params, {"model": "tiny"}, refusal_scores=True
+        )
+    assert "discarding" in caplog.text and "already done" not in caplog.text
+    assert read_table(out).column("refusal_score").null_count == 0
+    whole = tmp_path / "whole.parquet"
+    extract_activations(
+        model, tokenizer, sets, whole, {"batch_size": 2}, {"model": "tiny"}, refusal_scores=True
+    )
+    assert read_table(out).equals(read_table(whole))
+
+
 @pytest.mark.slow
 def test_smollm2_capture_matches_hidden_states(smollm2):
     model, tokenizer = smollm2

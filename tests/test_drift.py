@@ -261,7 +261,11 @@ def write_activations(path, arm, step, shift, seed, n=12):
     vec = np.stack(rows.pop("vector")).astype(np.float32)
     schema = activation_schema(D)
     table = pa.table(
-        {**rows, "vector": pa.FixedSizeListArray.from_arrays(pa.array(vec.ravel()), D)}
+        {
+            **rows,
+            "refusal_score": pa.nulls(len(vec), pa.float32()),
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vec.ravel()), D),
+        }
     )
     write_table(path, table, schema, {"arm": arm, "step": step, "d_model": D})
     return str(path)

@@ -140,6 +140,180 @@ def test_diff_in_means_table_needs_both_labels(tiny, tmp_path):
         diff_in_means_table(acts, tmp_path / "dirs.parquet", {})
 
 
+# A synthetic activation table with planted baseline refusal scores, so that which rows
+# the prompt filter keeps is known exactly. Zero is neither a refusal nor an answer.
+PLANTED = {
+    "harmful": [2.0, -1.0, 0.5, 0.0, 3.0],
+    "harmless": [-0.5, 1.0, -2.0, 0.0],
+}
+D_SYN, LAYERS_SYN, POSITIONS_SYN = 6, (0, 1), (-2, -1)
+
+
+def planted_vector(label, i, layer, pos):
+    # Distinct per prompt, so a mean over the wrong rows cannot come out the same.
+    rng = np.random.default_rng([0 if label == "harmful" else 1, i, layer, pos + 10])
+    return rng.normal(size=D_SYN) + (3.0 if label == "harmful" else 0.0)
+
+
+def planted_activations(path, scores=True):
+    from rgeom.activations import activation_schema
+    from rgeom.io import write_table
+
+    rows = {k: [] for k in ("prompt_id", "label", "split", "layer", "position", "score", "vec")}
+    for split in ("dir", "val"):
+        for label, values in PLANTED.items():
+            for i, value in enumerate(values):
+                for layer in LAYERS_SYN:
+                    for pos in POSITIONS_SYN:
+                        # The val rows score the other way: they must never enter the means.
+                        score = value if split == "dir" else -value
+                        for key, v in zip(
+                            rows,
+                            (
+                                f"p{i}",
+                                label,
+                                split,
+                                layer,
+                                pos,
+                                score,
+                                planted_vector(
+                                    label, i + (100 if split == "val" else 0), layer, pos
+                                ),
+                            ),
+                            strict=True,
+                        ):
+                            rows[key].append(v)
+    vec = np.stack(rows.pop("vec")).astype(np.float32)
+    score = rows.pop("score")
+    table = pa.table(
+        {
+            **rows,
+            "refusal_score": pa.array(score if scores else [None] * len(score), pa.float32()),
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vec.ravel()), D_SYN),
+        }
+    )
+    meta = {"d_model": D_SYN, "n_layers": 2, "refusal_scores": scores}
+    write_table(path, table, activation_schema(D_SYN), meta)
+    return path
+
+
+def planted_expected(keep):
+    """{(layer, pos): mean(kept harmful) - mean(kept harmless)} over the dir prompts."""
+    out = {}
+    for layer in LAYERS_SYN:
+        for pos in POSITIONS_SYN:
+            means = {}
+            for label, values in PLANTED.items():
+                vecs = [
+                    planted_vector(label, i, layer, pos).astype(np.float32).astype(np.float64)
+                    for i, v in enumerate(values)
+                    if keep(label, v)
+                ]
+                means[label] = np.mean(vecs, axis=0)
+            out[(layer, pos)] = means["harmful"] - means["harmless"]
+    return out
+
+
+def test_prompt_filter_keeps_exactly_the_rows_with_the_right_sign(tmp_path):
+    acts = planted_activations(tmp_path / "acts.parquet")
+    out = tmp_path / "dirs.parquet"
+    diff_in_means_table(acts, out, {}, filter_prompts=True, min_prompts=2)
+    table = read_table(out, schema=direction_schema(D_SYN)).to_pydict()
+    # Harmful 2.0, 0.5, 3.0 (> 0) and harmless -0.5, -2.0 (< 0); the zeros go.
+    assert set(table["n_harmful"]) == {3} and set(table["n_harmless"]) == {2}
+    want = planted_expected(lambda lab, v: v > 0 if lab == "harmful" else v < 0)
+    got = load_directions(out)
+    assert set(got) == set(want)
+    for key, r in want.items():
+        np.testing.assert_allclose(got[key], r, rtol=1e-10, atol=1e-12)
+    assert read_meta(out)["prompt_filter"] == {
+        "enabled": True,
+        "min_prompts": 2,
+        "harmful_kept": 3,
+        "harmful_total": 5,
+        "harmless_kept": 2,
+        "harmless_total": 4,
+    }
+
+
+def test_prompt_filter_with_too_few_prompts_names_the_counts(tmp_path):
+    acts = planted_activations(tmp_path / "acts.parquet")
+    out = tmp_path / "dirs.parquet"
+    with pytest.raises(
+        RgeomError,
+        match=r"too few prompts left after filtering: harmful 3/5 kept .* harmless 2/4 kept "
+        r".*direction prompts.*carrier\.min_prompts is 3",
+    ):
+        diff_in_means_table(acts, out, {}, filter_prompts=True, min_prompts=3)
+    assert not out.exists()
+
+
+def test_prompt_filter_off_is_the_unfiltered_table(tmp_path):
+    """Off, the scores change nothing: the table is the plain difference in means over every
+    dir prompt, as from a table that has no scores and one that predates the column."""
+    acts = planted_activations(tmp_path / "acts.parquet")
+    off = tmp_path / "off.parquet"
+    diff_in_means_table(acts, off, {})
+    want = planted_expected(lambda lab, v: True)
+    got = load_directions(off)
+    for key, r in want.items():
+        np.testing.assert_allclose(got[key], r, rtol=1e-10, atol=1e-12)
+    assert read_meta(off)["prompt_filter"] == {"enabled": False}
+
+    unscored = planted_activations(tmp_path / "unscored.parquet", scores=False)
+    old = tmp_path / "old.parquet"
+    table = pq.read_table(unscored).drop_columns(["refusal_score"])
+    pq.write_table(table, old)
+    for source in (unscored, old):
+        out = tmp_path / f"dirs-{source.stem}.parquet"
+        diff_in_means_table(source, out, {})
+        assert read_table(out).equals(read_table(off))
+        # Filtering needs the scores, and says so rather than filtering on nulls.
+        with pytest.raises(RgeomError, match=r"extracted without baseline refusal scores"):
+            diff_in_means_table(source, out, {}, filter_prompts=True)
+
+
+def test_directions_stage_passes_the_carrier_filter_keys(tmp_path):
+    from rgeom import stages
+
+    acts = planted_activations(tmp_path / "acts.parquet")
+    out = tmp_path / "dirs.parquet"
+    carrier = {"filter_prompts": True, "min_prompts": 2}
+    stages.directions(str(acts), str(out), {"seed": 0, "carrier": carrier})
+    assert read_meta(out)["prompt_filter"]["harmful_kept"] == 3
+    with pytest.raises(RgeomError, match=r"harmful 3/5 kept .* is 4"):
+        stages.directions(str(acts), str(out), {"carrier": {**carrier, "min_prompts": 4}})
+    with pytest.raises(RgeomError, match="carrier.filter_prompts must be true or false"):
+        stages.directions(str(acts), str(out), {"carrier": {"filter_prompts": "yes"}})
+
+
+def test_prompt_filter_end_to_end_on_the_tiny_model(extraction, tiny, tmp_path):
+    """A random model refuses nothing: with its real scores the filter keeps no harmful
+    direction prompt, and says so with the counts."""
+    from rgeom.models import build_tiny_model
+
+    tokenizer = tiny[1]
+    model = build_tiny_model(tokenizer, seed=1, layers=3).eval()
+    sets = read_meta(extraction)["prompt_sets"]
+    acts = tmp_path / "scored.parquet"
+    extract_activations(
+        model,
+        tokenizer,
+        {k: v["path"] for k, v in sets.items()},
+        acts,
+        {"batch_size": 2},
+        {},
+        refusal_scores=True,
+    )
+    t = pq.read_table(acts, columns=["prompt_id", "label", "split", "refusal_score"])
+    rows = zip(*(t.column(c).to_pylist() for c in t.column_names), strict=True)
+    refused = {pid for pid, lab, sp, s in rows if lab == "harmful" and sp == "dir" and s > 0}
+    n_refused = len(refused)
+    # More than any set holds, so the error is certain; its counts are the model's own.
+    with pytest.raises(RgeomError, match=rf"harmful {n_refused}/{len(HARMFUL)} kept"):
+        diff_in_means_table(acts, tmp_path / "d.parquet", {}, filter_prompts=True, min_prompts=9)
+
+
 @pytest.mark.parametrize("kind", ["singular", "energy", "participation"])
 def test_effective_rank_extremes(kind):
     rng = np.random.default_rng(0)

@@ -4,6 +4,11 @@ Following Arditi et al. (2024), the refusal direction is read off the residual s
 input of each decoder block (``resid_pre``) at the chat-template tokens that follow the
 user's message. Forward pre-hooks copy only those positions, and the forward is cut short
 after the last layer asked for, so neither the unused blocks nor the LM head ever run.
+
+With ``refusal_scores`` on (``carrier.filter_prompts``), the same forward instead runs on
+to the last-position logits, and each prompt's baseline refusal score goes in the
+``refusal_score`` column, so that the direction stage can apply Arditi et al.'s prompt
+filter without a model of its own.
 """
 
 from __future__ import annotations
@@ -46,6 +51,11 @@ ACTIVATION_SCHEMA = pa.schema(
         pa.field("split", pa.string(), nullable=False),
         pa.field("layer", pa.int16(), nullable=False),
         pa.field("position", pa.int16(), nullable=False),
+        # The prompt's baseline refusal score, log p_R - log(1 - p_R) at the last position
+        # (interventions.refusal_score_from_logits), repeated on each of its rows. Null when
+        # extraction ran without scores (carrier.filter_prompts off): the column is always
+        # there, so readers need no second schema.
+        pa.field("refusal_score", pa.float32(), nullable=True),
     ]
 )
 
@@ -157,7 +167,9 @@ class ResidCapture:
     """Pre-hooks that keep the last ``suffix_len`` positions of each chosen block's input.
 
     Use as a context manager around forward calls; ``run`` does one batch and returns
-    ``{layer: tensor[batch, suffix_len, d_model]}`` (float32, on the CPU).
+    ``{layer: tensor[batch, suffix_len, d_model]}`` (float32, on the CPU), stopping after
+    the last chosen block; ``run_with_logits`` lets the same pass go on to the LM head and
+    also returns the last-position logits ``[batch, vocab]`` (float32, on the CPU).
     """
 
     def __init__(self, model, layers: Sequence[int], suffix_len: int):
@@ -166,6 +178,7 @@ class ResidCapture:
         self.suffix_len = suffix_len
         self.captured: dict[int, torch.Tensor] = {}
         self._handles = []
+        self._stop = True
 
     def _hook(self, layer: int, last: bool):
         def hook(module, args, kwargs):
@@ -173,7 +186,7 @@ class ResidCapture:
             # Copy now: the slice would otherwise pin the whole batch activation in memory.
             tail = hidden[:, -self.suffix_len :, :].detach()
             self.captured[layer] = tail.to("cpu", torch.float32, copy=True)
-            if last:
+            if last and self._stop:
                 raise _StopForward
 
         return hook
@@ -195,6 +208,7 @@ class ResidCapture:
 
     def run(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[int, torch.Tensor]:
         self.captured = {}
+        self._stop = True
         with contextlib.suppress(_StopForward):
             self.model(
                 input_ids=ids,
@@ -202,6 +216,28 @@ class ResidCapture:
                 position_ids=padded_positions(mask),
                 use_cache=False,
             )
+        return self._take()
+
+    def run_with_logits(
+        self, ids: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """As :meth:`run`, but the forward goes on to the logits at the last position only
+        (``logits_to_keep=1``: the head over every position would cost far more)."""
+        self.captured = {}
+        self._stop = False
+        try:
+            logits = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=padded_positions(mask),
+                use_cache=False,
+                logits_to_keep=1,
+            ).logits[:, -1]
+        finally:
+            self._stop = True
+        return self._take(), logits.float().cpu()
+
+    def _take(self) -> dict[int, torch.Tensor]:
         missing = [layer for layer in self.layers if layer not in self.captured]
         if missing:
             raise RuntimeError(f"hooks for layers {missing} never fired")
@@ -214,11 +250,21 @@ def _model_device(model) -> torch.device:
 
 
 def _layer_table(
-    batch: Sequence[Prompt], layer: int, acts: torch.Tensor, np_dtype, schema: pa.Schema
+    batch: Sequence[Prompt],
+    layer: int,
+    acts: torch.Tensor,
+    np_dtype,
+    schema: pa.Schema,
+    scores: np.ndarray | None = None,
 ) -> pa.Table:
     n, s, d = acts.shape
     values = acts.numpy().astype(np_dtype, copy=False).reshape(-1)
     vector = pa.FixedSizeListArray.from_arrays(pa.array(values), d)
+    score = (
+        pa.nulls(n * s, pa.float32())
+        if scores is None
+        else pa.array(np.repeat(np.asarray(scores, np.float32), s), pa.float32())
+    )
     return pa.Table.from_arrays(
         [
             pa.array(np.repeat([p.prompt_id for p in batch], s), pa.string()),
@@ -226,6 +272,7 @@ def _layer_table(
             pa.array(np.repeat([p.split for p in batch], s), pa.string()),
             pa.array(np.full(n * s, layer, np.int16)),
             pa.array(np.tile(np.arange(-s, 0, dtype=np.int16), n)),
+            score,
             vector,
         ],
         schema=schema,
@@ -239,12 +286,16 @@ def extract_activations(
     out: str | Path,
     params: Mapping[str, Any],
     meta: Mapping[str, Any],
+    refusal_scores: bool = False,
 ) -> None:
     """Stream ``resid_pre`` activations at the post-instruction positions to ``out``.
 
     ``sets`` maps a role key such as ``dir_harmful`` to a prompt Parquet file; a row's split
     is the key's prefix (``dir``) and its label the prompt's own ``label``. Rows are written
     one (batch, layer) block at a time, so memory stays bounded by one batch.
+
+    ``refusal_scores`` also stores each prompt's baseline refusal score in the
+    ``refusal_score`` column (null otherwise), for the direction stage's prompt filter.
     """
     from tqdm.auto import tqdm
 
@@ -273,6 +324,13 @@ def extract_activations(
         # token for all of them.
         raise RgeomError(f"chat template gives varying post-instruction lengths {suffix_lens}")
     suffix_len = suffix_lens.pop()
+    refusal_ids = None
+    if refusal_scores:
+        # Imported here: rgeom.interventions imports this module. The refusal tokens and the
+        # score come from there, so the filter here and the carrier search's agree.
+        from rgeom.interventions import refusal_score_from_logits, refusal_token_ids
+
+        refusal_ids = refusal_token_ids(tokenizer)
     # Longest first: similar lengths waste little padding, and an out-of-memory batch shows
     # up at the start rather than after an hour.
     prompts.sort(key=lambda p: -len(p.ids))
@@ -290,6 +348,10 @@ def extract_activations(
         template_hash=template_hash(tokenizer),
         tokenizer_hash=tokenizer_hash(tokenizer),
         prompt_sets={key: {"path": str(p), "sha256": file_sha256(p)} for key, p in sets.items()},
+        # In the record, and so in the shard fingerprint below: shards written with and
+        # without scores are never mixed.
+        refusal_scores=bool(refusal_scores),
+        refusal_token_ids=refusal_ids,
     )
     device = _model_device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -310,9 +372,18 @@ def extract_activations(
         def run(group, writer: TableWriter) -> None:
             for batch in tqdm(group, desc="extract", unit="batch", file=sys.stderr):
                 ids, mask = left_pad([p.ids for p in batch], pad_id, device)
-                acts = capture.run(ids, mask)
+                scores = None
+                if refusal_ids is None:
+                    acts = capture.run(ids, mask)
+                else:
+                    # The score rides on the capture's own forward, run on to the logits
+                    # rather than stopped after the last captured block. That adds only the
+                    # blocks above it, the final norm and a one-position head; a separate
+                    # scoring pass would rerun every block below it as well.
+                    acts, logits = capture.run_with_logits(ids, mask)
+                    scores = refusal_score_from_logits(logits, refusal_ids).numpy()
                 for layer in layers:
-                    writer.write(_layer_table(batch, layer, acts[layer], np_dtype, schema))
+                    writer.write(_layer_table(batch, layer, acts[layer], np_dtype, schema, scores))
 
         if len(groups) <= 1:
             Shards.discard(out)

@@ -4,6 +4,11 @@ The candidate refusal direction at (layer, position) is the difference in means 
 harmful and harmless activations (Arditi et al. 2024). Means are accumulated in float64
 while streaming the activation table one row group at a time, so a large extraction never
 has to fit in memory.
+
+With ``filter_prompts`` (``carrier.filter_prompts``), only the ``dir`` prompts whose
+baseline behaviour is the expected one enter the means, as in Arditi et al.: harmful prompts
+the model refuses (refusal score > 0) and harmless ones it answers (< 0). The scores are the
+``refusal_score`` column that extraction writes when asked to.
 """
 
 from __future__ import annotations
@@ -77,6 +82,42 @@ def _as_2d(x, name: str) -> np.ndarray:
     return arr
 
 
+def filter_by_baseline(
+    harmful_scores: np.ndarray,
+    harmless_scores: np.ndarray,
+    min_prompts: int,
+    sets: str = "validation prompts",
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Arditi et al.'s prompt filter: keep harmful prompts the unedited model refuses
+    (baseline refusal score > 0) and harmless ones it answers (< 0), so that directions and
+    scores measure a change of behaviour rather than prompts that never showed it.
+
+    Returns the kept indices of each set and the kept / total counts; raises
+    :class:`RgeomError` naming those counts (and ``sets``, the prompts filtered) when either
+    set keeps fewer than ``min_prompts``. Here rather than in rgeom.interventions, which
+    imports torch, so that the direction stage needs no torch; interventions re-exports it.
+    """
+    keep_h = np.flatnonzero(np.asarray(harmful_scores) > 0)
+    keep_b = np.flatnonzero(np.asarray(harmless_scores) < 0)
+    record = {
+        "enabled": True,
+        "min_prompts": int(min_prompts),
+        "harmful_kept": len(keep_h),
+        "harmful_total": len(harmful_scores),
+        "harmless_kept": len(keep_b),
+        "harmless_total": len(harmless_scores),
+    }
+    if len(keep_h) < min_prompts or len(keep_b) < min_prompts:
+        raise RgeomError(
+            f"too few prompts left after filtering: harmful {len(keep_h)}/{len(harmful_scores)} "
+            f"kept (baseline refusal score > 0), harmless {len(keep_b)}/{len(harmless_scores)} "
+            f"kept (< 0) of the {sets}; carrier.min_prompts is {min_prompts}. A model that "
+            "rarely refuses starves the filter: use more prompts or set "
+            "carrier.filter_prompts: false"
+        )
+    return keep_h, keep_b, record
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> float | None:
     na, nb = np.linalg.norm(a), np.linalg.norm(b)
     if na == 0 or nb == 0:
@@ -111,9 +152,47 @@ class _MeanAccumulator:
             self.counts[key] += int(rows.sum())
 
 
-def diff_in_means_table(activations: str | Path, out: str | Path, meta: Mapping[str, Any]) -> None:
+def _prompt_scores(pf: pq.ParquetFile, activations: Path) -> dict[str, np.ndarray]:
+    """``{label: baseline refusal scores}`` of the ``dir`` prompts, one per prompt, read
+    from the scalar columns alone (no vectors)."""
+    scores: dict[str, dict[str, float]] = {HARMFUL: {}, HARMLESS: {}}
+    columns = ["prompt_id", "label", "split", "refusal_score"]
+    for g in range(pf.num_row_groups):
+        rg = pf.read_row_group(g, columns=columns)
+        split = rg.column("split").to_numpy(zero_copy_only=False)
+        label = rg.column("label").to_numpy(zero_copy_only=False)
+        keep = (split == DIRECTION_SPLIT) & np.isin(label, (HARMFUL, HARMLESS))
+        if not keep.any():
+            continue
+        score_col = rg.column("refusal_score")
+        if score_col.filter(pa.array(keep)).null_count:
+            raise RgeomError(
+                f"{activations}: {DIRECTION_SPLIT!r} rows without a refusal_score; the prompt "
+                "filter needs every direction prompt scored"
+            )
+        pids = rg.column("prompt_id").to_numpy(zero_copy_only=False)[keep]
+        values = score_col.to_numpy(zero_copy_only=False)[keep]
+        for lab, pid, value in zip(label[keep], pids, values, strict=True):
+            # Every row of a prompt repeats its one score: the first is as good as any.
+            scores[lab].setdefault(pid, float(value))
+    return {lab: np.array(list(s.values()), np.float64) for lab, s in scores.items()}
+
+
+def diff_in_means_table(
+    activations: str | Path,
+    out: str | Path,
+    meta: Mapping[str, Any],
+    filter_prompts: bool = False,
+    min_prompts: int = 1,
+) -> None:
     """One candidate direction per (layer, position) from the ``dir`` split of an
-    activation table, with its norm and the cosine to the previous captured layer."""
+    activation table, with its norm and the cosine to the previous captured layer.
+
+    ``filter_prompts`` keeps only harmful rows with ``refusal_score`` > 0 and harmless rows
+    with < 0 (:func:`filter_by_baseline`; fewer than ``min_prompts`` prompts kept in either
+    set is an error naming the counts); the activations must have been extracted with
+    ``refusal_scores``. The kept / total counts go in the metadata (``prompt_filter``).
+    """
     activations = Path(activations)
     source = read_meta(activations)
     try:
@@ -134,12 +213,41 @@ def diff_in_means_table(activations: str | Path, out: str | Path, meta: Mapping[
     if d <= 0:
         raise RgeomError(f"{activations}: column 'vector' is not a fixed-size list")
 
+    prompt_filter: dict[str, Any] = {"enabled": False}
+    if filter_prompts:
+        if "refusal_score" not in names or not source.get("refusal_scores"):
+            raise RgeomError(
+                f"{activations}: extracted without baseline refusal scores, which "
+                "carrier.filter_prompts needs; extract again with the filter on"
+            )
+        # A first pass over the scalar columns only: a starved filter fails before any
+        # vector is read, and the counts are per prompt, not per (layer, position) row.
+        scores = _prompt_scores(pf, activations)
+        _, _, prompt_filter = filter_by_baseline(
+            scores[HARMFUL],
+            scores[HARMLESS],
+            min_prompts,
+            sets=f"direction prompts ({DIRECTION_SPLIT!r} split) of {activations}",
+        )
+        log.info(
+            "prompt filter: harmful %d/%d, harmless %d/%d kept",
+            prompt_filter["harmful_kept"],
+            prompt_filter["harmful_total"],
+            prompt_filter["harmless_kept"],
+            prompt_filter["harmless_total"],
+        )
+        needed = [*needed, "refusal_score"]
+
     acc = _MeanAccumulator(d)
     for g in range(pf.num_row_groups):
         rg = pf.read_row_group(g, columns=needed)
         split = rg.column("split").to_numpy(zero_copy_only=False)
         label = rg.column("label").to_numpy(zero_copy_only=False)
         keep = (split == DIRECTION_SPLIT) & np.isin(label, (HARMFUL, HARMLESS))
+        if filter_prompts:
+            # Row by row, the same rule as per prompt: each row carries its prompt's score.
+            score = rg.column("refusal_score").to_numpy(zero_copy_only=False)
+            keep &= ((label == HARMFUL) & (score > 0)) | ((label == HARMLESS) & (score < 0))
         if not keep.any():
             continue
         acc.add(
@@ -193,6 +301,7 @@ def diff_in_means_table(activations: str | Path, out: str | Path, meta: Mapping[
     record = dict(meta)
     record.update({k: source[k] for k in CARRIED_META if k in source})
     record["activations"] = {"path": str(activations), "sha256": file_sha256(activations)}
+    record["prompt_filter"] = prompt_filter
     write_table(out, table, schema, record)
     log.info("wrote %d directions to %s", len(cells), out)
 

@@ -28,6 +28,10 @@ import torch
 
 from rgeom.activations import padded_positions
 from rgeom.errors import RgeomError
+
+# The filter lives with the direction stage, which runs without torch; callers of the
+# carrier search keep importing it from here.
+from rgeom.geometry import filter_by_baseline
 from rgeom.models import decoder_layers, encode_chat, left_pad
 
 log = logging.getLogger(__name__)
@@ -404,36 +408,6 @@ class CarrierSearch:
     prompt_filter: dict[str, Any] = field(default_factory=dict)
     n_boot: int = 0
     ci: float = 0.95
-
-
-def filter_by_baseline(
-    harmful_scores: np.ndarray, harmless_scores: np.ndarray, min_prompts: int
-) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Arditi et al.'s prompt filter: keep harmful prompts the unedited model refuses
-    (baseline refusal score > 0) and harmless ones it answers (< 0), so that bypass and
-    induce measure a change of behaviour rather than prompts that never showed it.
-
-    Returns the kept indices of each set and the kept / total counts; raises
-    :class:`RgeomError` naming those counts when either set keeps fewer than ``min_prompts``.
-    """
-    keep_h = np.flatnonzero(np.asarray(harmful_scores) > 0)
-    keep_b = np.flatnonzero(np.asarray(harmless_scores) < 0)
-    record = {
-        "enabled": True,
-        "min_prompts": int(min_prompts),
-        "harmful_kept": len(keep_h),
-        "harmful_total": len(harmful_scores),
-        "harmless_kept": len(keep_b),
-        "harmless_total": len(harmless_scores),
-    }
-    if len(keep_h) < min_prompts or len(keep_b) < min_prompts:
-        raise RgeomError(
-            f"too few prompts left after filtering: harmful {len(keep_h)}/{len(harmful_scores)} "
-            f"kept (baseline refusal score > 0), harmless {len(keep_b)}/{len(harmless_scores)} "
-            f"kept (< 0); carrier.min_prompts is {min_prompts}. A model that rarely refuses "
-            "starves the filter: use more prompts or set carrier.filter_prompts: false"
-        )
-    return keep_h, keep_b, record
 
 
 @functools.lru_cache(maxsize=8)

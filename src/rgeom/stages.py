@@ -265,10 +265,29 @@ def utility_shift(
     )
 
 
+def _direction_filter(params: dict[str, Any]) -> tuple[bool, int]:
+    """``carrier.filter_prompts`` and ``carrier.min_prompts`` for the direction prompts.
+
+    Absent, the filter is off (unlike the carrier stage's default): a bare ``rgeom extract``
+    or ``rgeom directions`` then works as it always did, also on activations extracted
+    without scores. The workflow always passes the validated config's values.
+    """
+    carrier = params.get("carrier") or {}
+    enabled = carrier.get("filter_prompts", False)
+    if not isinstance(enabled, bool):
+        raise RgeomError(f"carrier.filter_prompts must be true or false, got {enabled!r}")
+    least = carrier.get("min_prompts", 8)
+    if not isinstance(least, int) or isinstance(least, bool) or least < 1:
+        raise RgeomError(f"carrier.min_prompts must be an integer >= 1, got {least!r}")
+    return enabled, least
+
+
 def extract(model: str, sets: list[tuple[str, str]], out: str, params: dict[str, Any]) -> None:
     from rgeom.activations import extract_activations
 
     seed_everything(params.get("seed", 0))
+    # Scores are only worth their extra forward when the direction stage will filter.
+    scores, _ = _direction_filter(params)
     lm, tokenizer = _load(model, params)
     extract_activations(
         model=lm,
@@ -277,12 +296,14 @@ def extract(model: str, sets: list[tuple[str, str]], out: str, params: dict[str,
         out=out,
         params=params.get("activations", {}),
         meta=_meta(params, model=model, arm=params.get("arm"), step=params.get("step")),
+        refusal_scores=scores,
     )
 
 
 def directions(activations: str, out: str, params: dict[str, Any]) -> None:
     from rgeom.geometry import diff_in_means_table
 
+    filter_prompts, min_prompts = _direction_filter(params)
     source = read_meta(activations)
     diff_in_means_table(
         activations=activations,
@@ -290,6 +311,8 @@ def directions(activations: str, out: str, params: dict[str, Any]) -> None:
         meta=_meta(
             params, model=source.get("model"), arm=source.get("arm"), step=source.get("step")
         ),
+        filter_prompts=filter_prompts,
+        min_prompts=min_prompts,
     )
 
 

@@ -22,6 +22,8 @@ rule extract_activations:
         json=lambda w: params_json(
             model=model_params(),
             activations=config["activations"],
+            # Whether baseline refusal scores are stored for the directions' prompt filter.
+            carrier=direction_filter(scores_only=True),
             arm=w.arm,
             step=int(w.step),
         ),
@@ -47,7 +49,7 @@ rule directions:
         mem_mb=2000,
         runtime=10,
     params:
-        json=params_json(),
+        json=params_json(carrier=direction_filter()),
     shell:
         "rgeom directions --activations {input.activations} --out {output.table}"
         " --params {params.json:q} > {log} 2>&1"
