@@ -9,10 +9,12 @@ plain rerun completes, and that the rerun's table equals an undisturbed run's, b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import traceback
@@ -284,6 +286,211 @@ def test_model_checkpoint_killed_before_rename(tiny_model_dir, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in tiny_model_dir.iterdir())
     for f in tiny_model_dir.iterdir():
         assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+# -- per-behaviour attacks: GCG-transfer, AutoDAN, adaptive GCG -----------------------------
+N_BEHAVIOURS = 4
+# Tiny settings: seconds per behaviour on the tiny model, yet every random draw is exercised.
+GCG = {"steps": 2, "search_width": 8, "topk": 8, "init_suffix": "! ! !"}
+AUTODAN = {
+    "population": 6,
+    "generations": 2,
+    "elite_fraction": 0.34,
+    "crossover_rate": 0.8,
+    "mutation_rate": 0.5,
+    "paragraph_every": 2,
+    "early_stop": False,
+}
+SECTIONS = {"GCG-transfer": "gcg", "AutoDAN": "autodan"}
+
+
+def _behaviours(path: Path, ids: list[int]) -> Path:
+    rows = [
+        {
+            "prompt_id": f"b{i}",
+            "source": "test",
+            "split": "test",
+            "text": f"Explain how to do forbidden thing number {i}",
+            "context": None,
+            "category": "chem",
+            "label": "harmful",
+            "target": f"Sure, here is forbidden thing number {i}",
+        }
+        for i in ids
+    ]
+    write_table(path, pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA), PROMPT_SCHEMA, {})
+    return path
+
+
+@pytest.fixture(scope="module")
+def behaviours(tmp_path_factory) -> Path:
+    return _behaviours(tmp_path_factory.mktemp("attack_inputs") / "hb.parquet", [0, 1, 2, 3])
+
+
+@contextlib.contextmanager
+def one_thread():
+    """In-process runs use one thread like the forked children, so float reductions (and
+    hence GCG's argmin over candidates) are the same whichever process ran a shard."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def run_attack(tiny, tiny_model_dir, behaviours: Path, out: Path, method: str, **changes):
+    from rgeom.attacks.testcases import build_method
+
+    model, tokenizer = tiny
+    section = SECTIONS[method]
+    settings = {"GCG-transfer": GCG, "AutoDAN": AUTODAN}[method]
+    params = {section: {**settings, **changes}}
+    meta = {"model": str(tiny_model_dir), "seed": SEED}
+    return lambda: build_method(
+        method=method,
+        behaviours_path=str(behaviours),
+        out=str(out),
+        params=params,
+        seed=SEED,
+        source_model="results/model/base",
+        meta=meta,
+        model=model,
+        tokenizer=tokenizer,
+    )
+
+
+def run_adaptive(tiny, tiny_model_dir, behaviours: Path, out: Path, **changes):
+    from rgeom.attacks.testcases import adaptive_gcg_cell
+
+    model, tokenizer = tiny
+    params = {**GCG, "n_behaviors": 3, **changes}
+    meta = {"model": str(tiny_model_dir), "seed": SEED, "arm": "base", "step": 0}
+    return lambda: adaptive_gcg_cell(
+        model,
+        tokenizer,
+        str(behaviours),
+        str(out),
+        params,
+        {"batch_size": 2, "max_new_tokens": 4},
+        seed=SEED,
+        arm="base",
+        step=0,
+        meta=meta,
+    )
+
+
+@pytest.fixture(scope="module")
+def attack_reference(tiny, tiny_model_dir, behaviours, tmp_path_factory):
+    """Undisturbed runs, one per method, made on first use."""
+    done: dict[str, Path] = {}
+
+    def get(method: str) -> Path:
+        if method not in done:
+            out = tmp_path_factory.mktemp("attack_ref") / f"{method}.parquet"
+            with one_thread():
+                if method == "adaptive":
+                    run_adaptive(tiny, tiny_model_dir, behaviours, out)()
+                else:
+                    run_attack(tiny, tiny_model_dir, behaviours, out, method)()
+            assert not parts_dir(out).exists()
+            done[method] = out
+        return done[method]
+
+    return get
+
+
+def attacked(log_text: str, method: str) -> list[str]:
+    """The behaviours a run really optimised, from the line each logs when done."""
+    name = {"GCG-transfer": "GCG", "AutoDAN": "AutoDAN", "adaptive": "adaptive GCG"}[method]
+    return re.findall(rf"^{name} (\S+): loss", log_text, flags=re.MULTILINE)
+
+
+@pytest.mark.parametrize("method", ["GCG-transfer", "AutoDAN"])
+def test_attack_killed_after_k_behaviours_resumes(
+    tiny, tiny_model_dir, behaviours, attack_reference, tmp_path, caplog, method
+):
+    reference = attack_reference(method)
+    out = tmp_path / f"{method}.parquet"
+    run = run_attack(tiny, tiny_model_dir, behaviours, out, method)
+    after = random.Random(f"{SEED}{method}").randint(1, N_BEHAVIOURS - 1)
+    killed(run, f"shard@{after}:{method}.parquet")
+    no_visible_output(out)
+    ids = [f"b{i}" for i in range(N_BEHAVIOURS)]
+    # One behaviour per shard, keyed by its id.
+    assert manifest(out)["complete"] == list(range(after))
+    assert manifest(out)["inputs"]["keys"] == ids
+    with one_thread(), caplog.at_level(logging.INFO, logger="rgeom"):
+        run()
+    assert f"{after} of {N_BEHAVIOURS} shards already done" in caplog.text
+    # The finished behaviours were read back, not attacked again.
+    assert attacked("\n".join(caplog.messages), method) == ids[after:]
+    assert_same_file(out, reference)
+    assert not parts_dir(out).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+
+
+def test_attack_shards_of_other_params_are_discarded(
+    tiny, tiny_model_dir, behaviours, attack_reference, tmp_path, caplog
+):
+    reference = attack_reference("GCG-transfer")
+    out = tmp_path / "GCG-transfer.parquet"
+    other = run_attack(tiny, tiny_model_dir, behaviours, out, "GCG-transfer", steps=1)
+    killed(other, "shard@2:GCG-transfer.parquet")
+    assert manifest(out)["complete"] == [0, 1]
+    with one_thread(), caplog.at_level(logging.INFO, logger="rgeom"):
+        run_attack(tiny, tiny_model_dir, behaviours, out, "GCG-transfer")()
+    assert "discarding" in caplog.text and "already done" not in caplog.text
+    assert attacked("\n".join(caplog.messages), "GCG-transfer") == [
+        f"b{i}" for i in range(N_BEHAVIOURS)
+    ]
+    assert_same_file(out, reference)
+
+
+def test_gcg_suffix_depends_only_on_seed_and_behaviour(
+    tiny, tiny_model_dir, attack_reference, tmp_path
+):
+    """Per-behaviour seeds: a behaviour attacked after none, or after three others, gets the
+    same suffix (one random stream over the run would give b3 a different one)."""
+    reference = read_table(attack_reference("GCG-transfer")).to_pylist()
+    alone = _behaviours(tmp_path / "hb3.parquet", [3])
+    out = tmp_path / "GCG-transfer.parquet"
+    with one_thread():
+        run_attack(tiny, tiny_model_dir, alone, out, "GCG-transfer")()
+    (row,) = read_table(out).to_pylist()
+    want = next(r for r in reference if r["behavior_id"] == "b3")
+    # GCG moved away from the start, so equal suffixes say something about the seeding.
+    assert want["suffix"] != GCG["init_suffix"] and want["loss"] < want["initial_loss"]
+    assert (row["suffix"], row["loss"]) == (want["suffix"], want["loss"])
+
+
+def test_adaptive_gcg_killed_after_a_behaviour_resumes(
+    tiny, tiny_model_dir, behaviours, attack_reference, tmp_path, caplog
+):
+    from rgeom.attacks.testcases import ADAPTIVE_COMPLETION_SCHEMA
+
+    reference = attack_reference("adaptive")
+    out = tmp_path / "adaptive_gcg_completions.parquet"
+    run = run_adaptive(tiny, tiny_model_dir, behaviours, out)
+    killed(run, "shard@2:adaptive_gcg_completions.parquet")
+    no_visible_output(out)
+    assert manifest(out)["complete"] == [0, 1]
+    with one_thread(), caplog.at_level(logging.INFO, logger="rgeom"):
+        run()
+    assert "2 of 3 shards already done" in caplog.text
+    assert len(attacked("\n".join(caplog.messages), "adaptive")) == 1
+    assert_same_file(out, reference)
+    assert read_table(out, ADAPTIVE_COMPLETION_SCHEMA).num_rows == 3
+    assert not parts_dir(out).exists()
+    # A changed setting discards the shards: the other run attacks all three again.
+    caplog.clear()
+    out.unlink()
+    killed(run_adaptive(tiny, tiny_model_dir, behaviours, out, topk=4), "shard@1")
+    with one_thread(), caplog.at_level(logging.INFO, logger="rgeom"):
+        run()
+    assert "discarding" in caplog.text
+    assert len(attacked("\n".join(caplog.messages), "adaptive")) == 3
+    assert_same_file(out, reference)
 
 
 # -- through Snakemake ---------------------------------------------------------------------

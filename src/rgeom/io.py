@@ -18,7 +18,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import lru_cache
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -26,6 +26,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm.auto import tqdm
 
 from rgeom import __version__
 from rgeom.errors import RgeomError
@@ -453,3 +454,45 @@ class Shards:
         if folder.exists():
             log.warning("discarding %s: this run writes %s in one piece", folder, out)
             shutil.rmtree(folder, ignore_errors=True)
+
+
+# A shard's own provenance (e.g. one behaviour's loss history), kept in its metadata.
+SHARD_RECORD = "shard_record"
+
+
+def keyed_shards(
+    out: str | os.PathLike,
+    fingerprint: Mapping[str, Any],
+    keys: Sequence[str],
+    schema: pa.Schema,
+    compute: Callable[[int], tuple[pa.Table, Any]],
+    meta: Mapping[str, Any],
+    desc: str = "shards",
+) -> tuple[list[pa.Table], list[Any], Shards]:
+    """One resumable shard per key (e.g. per behaviour), computed in order or reused.
+
+    ``compute(index)`` returns the shard's rows and a JSON-able record of its provenance;
+    both are written atomically to the shard's file, and the keys join the fingerprint, so
+    a rerun reuses a shard only for the same key at the same position. Every shard, fresh
+    or reused, is read back from its file: the caller assembles the output from exactly
+    what a resumed run would see, so both give the same bytes. Returns the tables, the
+    records and the :class:`Shards`, whose :meth:`Shards.finish` the caller calls once
+    ``out`` is written.
+    """
+    keys = [str(k) for k in keys]
+    shards = Shards(out, {**fingerprint, "keys": keys}, len(keys))
+    tables: list[pa.Table] = []
+    records: list[Any] = []
+    for index, key in enumerate(tqdm(keys, desc=desc, unit="shard")):
+        path = shards.path(index)
+        if not shards.done(index):
+            table, record = compute(index)
+            shard_meta = {**meta, "shard": index, "shard_key": key, SHARD_RECORD: record}
+            write_table(path, table, schema, shard_meta)
+            shards.mark_done(index)
+        stored = read_meta(path)
+        if stored.get("shard_key") != key:
+            raise RgeomError(f"{path}: holds shard {stored.get('shard_key')!r}, expected {key!r}")
+        tables.append(read_table(path, schema))
+        records.append(stored.get(SHARD_RECORD))
+    return tables, records, shards

@@ -19,6 +19,12 @@ reads, after checking every behaviour id against the behaviour set.
 is ``context + "\\n\\n---\\n\\n" + behaviour``, as HarmBench formats it; templates and GCG
 suffixes wrap that whole message.
 
+The optimising methods (GCG-transfer, AutoDAN, adaptive GCG) take minutes to hours per
+behaviour, so each finished behaviour is written as a shard (:func:`rgeom.io.keyed_shards`)
+and a rerun after a kill attacks only the behaviours still missing. Every behaviour is
+seeded from ``(seed, behaviour id)`` alone, so a resumed run writes the same bytes as an
+undisturbed one.
+
 GCG-transfer test cases are stored and replayed as text, as HarmBench does. Re-encoding
 ``message + " " + suffix`` can merge tokens at the boundary, so the replayed ids may differ
 from the optimised ids; ``ids_roundtrip`` records, per test case, whether they are equal.
@@ -38,7 +44,14 @@ import numpy as np
 import pyarrow as pa
 
 from rgeom.errors import RgeomError
-from rgeom.io import read_table, write_table
+from rgeom.io import (
+    Shards,
+    file_sha256,
+    files_fingerprint,
+    keyed_shards,
+    read_table,
+    write_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +112,18 @@ ADAPTIVE_SCHEMA = pa.schema(
     ]
 )
 ADAPTIVE_BENCHMARK = "adaptive_gcg"
+# One adaptive-GCG behaviour as its shard keeps it: the exact ids GCG optimised are what the
+# completion is generated from, once every behaviour is done.
+ADAPTIVE_SHARD_SCHEMA = pa.schema(
+    [
+        pa.field("behavior_id", pa.string(), nullable=False),
+        pa.field("suffix", pa.string(), nullable=False),
+        pa.field("test_case", pa.string(), nullable=False),
+        pa.field("loss", pa.float64(), nullable=False),
+        pa.field("initial_loss", pa.float64(), nullable=False),
+        pa.field("prompt_ids", pa.list_(pa.int64()), nullable=False),
+    ]
+)
 
 
 # --- behaviours ---------------------------------------------------------------------
@@ -311,33 +336,73 @@ def _gcg_settings(params: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_gcg(
-    model,
-    tokenizer,
-    behaviours: Sequence[Mapping[str, Any]],
-    targets: Mapping[str, str],
+def behaviour_seed(seed: int, behaviour_id: str) -> int:
+    """GCG's sampling seed for one behaviour, derived from the run's seed and its id.
+
+    One seed per behaviour rather than one random stream for the whole run: a behaviour's
+    suffix then depends neither on how many behaviours were attacked before it (a run
+    resumed from shards equals an undisturbed one) nor on which others are attacked.
+    """
+    digest = hashlib.sha256(f"{int(seed)}\x00gcg\x00{behaviour_id}".encode()).digest()
+    # 63 bits: any value torch.Generator.manual_seed accepts.
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class _GCGRunner:
+    """GCG on one behaviour at a time, each with its own :func:`behaviour_seed`."""
+
+    def __init__(self, model, tokenizer, params: Mapping[str, Any], seed: int):
+        from rgeom.attacks.gcg import _vocab_size, ascii_token_ids
+
+        self.model, self.tokenizer, self.seed = model, tokenizer, int(seed)
+        self.settings = _gcg_settings(params)
+        # The allowed tokens decode the whole vocabulary: once per stage, not per behaviour.
+        self.allowed = ascii_token_ids(tokenizer, _vocab_size(model))
+
+    def __call__(self, behaviour: Mapping[str, Any], target: str):
+        from rgeom.attacks.gcg import gcg
+
+        s = self.settings
+        (result,) = gcg(
+            self.model,
+            self.tokenizer,
+            [behaviour["message"]],
+            [target],
+            steps=s["steps"],
+            search_width=s["search_width"],
+            topk=s["topk"],
+            batch_size=s["batch_size"],
+            seed=behaviour_seed(self.seed, behaviour["prompt_id"]),
+            allowed_tokens=self.allowed,
+            init_suffix=s["init_suffix"],
+        )
+        return result
+
+
+def resume_fingerprint(
+    stage: str,
+    behaviours_path: str | Path,
     params: Mapping[str, Any],
     seed: int,
-    where: str,
-):
-    """GCG on each behaviour's user message; returns (results, targets used)."""
-    from rgeom.attacks.gcg import gcg
+    meta: Mapping[str, Any],
+    **extra: Any,
+) -> dict[str, Any]:
+    """What a per-behaviour shard of an optimising stage depends on (the method adds the
+    targets it resolved; :func:`rgeom.io.keyed_shards` adds the behaviour ids).
 
-    settings = _gcg_settings(params)
-    tgts = [target_for(b, targets, where) for b in behaviours]
-    results = gcg(
-        model,
-        tokenizer,
-        [b["message"] for b in behaviours],
-        tgts,
-        steps=settings["steps"],
-        search_width=settings["search_width"],
-        topk=settings["topk"],
-        batch_size=settings["batch_size"],
-        seed=seed,
-        init_suffix=settings["init_suffix"],
-    )
-    return results, tgts
+    ``meta`` carries the config hash of the parameters the job consumed (model dtype and
+    device included) and the code version, so any change to them discards the shards, as
+    for generation; the source model's files are fingerprinted by name, size and time.
+    """
+    return {
+        "stage": stage,
+        "behaviours": {"path": str(behaviours_path), "sha256": file_sha256(behaviours_path)},
+        "model": files_fingerprint(meta["model"]) if meta.get("model") else None,
+        "params": params,
+        "seed": int(seed),
+        "meta": meta,
+        **extra,
+    }
 
 
 def gcg_transfer_cases(
@@ -348,17 +413,30 @@ def gcg_transfer_cases(
     params: Mapping[str, Any],
     seed: int,
     source_model: str,
+    out: str | Path,
+    fingerprint: Mapping[str, Any],
+    meta: Mapping[str, Any],
     where: str = "attacks.gcg",
-) -> list[dict[str, Any]]:
-    """One GCG suffix per behaviour (a seeded subset), optimised on the source model."""
+) -> tuple[list[dict[str, Any]], Shards]:
+    """One GCG suffix per behaviour (a seeded subset), optimised on the source model.
+
+    Each behaviour is one shard of ``out`` (rgeom.io.keyed_shards): a behaviour is hours of
+    GCG at HarmBench's 500 steps x 512 candidates on a large model, so a kill loses at most
+    the one in progress. A fixed design choice, not a setting: a larger shard would only lose
+    more. Returns the test cases and the shards, to be finished once ``out`` is written.
+    """
     from rgeom.models import encode_chat
 
     chosen = select_behaviours(behaviours, params.get("n_behaviors"), seed)
     if not chosen:
         raise RgeomError(f"{where}: no harmful behaviours to attack")
-    results, tgts = run_gcg(model, tokenizer, chosen, targets, params, seed, where)
-    cases = []
-    for b, res, tgt in zip(chosen, results, tgts, strict=True):
+    # Every target is checked before the first shard, so a bad one fails the job at once.
+    tgts = [target_for(b, targets, where) for b in chosen]
+    attack = _GCGRunner(model, tokenizer, params, seed)
+
+    def one(index: int) -> tuple[pa.Table, None]:
+        b, tgt = chosen[index], tgts[index]
+        res = attack(b, tgt)
         text = res.user_text
         roundtrip = encode_chat(tokenizer, text).ids == res.prompt_ids
         log.info(
@@ -368,20 +446,29 @@ def gcg_transfer_cases(
             res.loss,
             "" if roundtrip else " (text re-encodes to other ids)",
         )
-        cases.append(
-            _case(
-                {**b, "target": tgt},
-                "GCG-transfer",
-                0,
-                text,
-                source_model,
-                suffix=res.suffix_text,
-                loss=res.loss,
-                initial_loss=res.initial_loss,
-                ids_roundtrip=roundtrip,
-            )
+        case = _case(
+            {**b, "target": tgt},
+            "GCG-transfer",
+            0,
+            text,
+            source_model,
+            suffix=res.suffix_text,
+            loss=res.loss,
+            initial_loss=res.initial_loss,
+            ids_roundtrip=roundtrip,
         )
-    return cases
+        return _test_case_table([case]), None
+
+    tables, _, shards = keyed_shards(
+        out,
+        {**fingerprint, "targets": tgts},
+        [b["prompt_id"] for b in chosen],
+        TEST_CASE_SCHEMA,
+        one,
+        meta,
+        desc="GCG behaviours",
+    )
+    return pa.concat_tables(tables).to_pylist(), shards
 
 
 # --- AutoDAN -------------------------------------------------------------------------
@@ -395,14 +482,20 @@ def autodan_cases(
     params: Mapping[str, Any],
     seed: int,
     source_model: str,
+    out: str | Path,
+    fingerprint: Mapping[str, Any],
+    meta: Mapping[str, Any],
     prototypes: str | None = None,
     where: str = "attacks.autodan",
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], dict[str, Any], Shards]:
     """One evolved jailbreak per behaviour (a seeded subset), optimised on the source model.
 
     ``prototypes`` is a templates JSONL (the same format and ``{behavior}`` check as the
-    Templates method); None uses rgeom's own ``autodan_prototypes.jsonl``. Returns the test
-    cases and, per behaviour, the loss history for the file's provenance.
+    Templates method); None uses rgeom's own ``autodan_prototypes.jsonl``. Each behaviour is
+    one shard of ``out``, as for GCG-transfer; AutoDAN seeds each behaviour from its id
+    (rgeom.attacks.autodan.behaviour_rng), so the order of the shards changes nothing.
+    Returns the test cases, per behaviour the loss history for the file's provenance (kept
+    in each shard's metadata), and the shards, to be finished once ``out`` is written.
     """
     from rgeom.attacks.autodan import PROTOTYPES_FILE, AutoDANSettings, autodan
     from rgeom.judges.refusal import classify
@@ -420,18 +513,18 @@ def autodan_cases(
         verdict = classify(text)
         return verdict.refused or verdict.degenerate
 
-    results = autodan(
-        model,
-        tokenizer,
-        chosen,
-        tgts,
-        [p["template"] for p in protos],
-        settings,
-        seed,
-        refused=refused,
-    )
-    cases, history = [], {}
-    for b, res, tgt in zip(chosen, results, tgts, strict=True):
+    def one(index: int) -> tuple[pa.Table, dict[str, Any]]:
+        b, tgt = chosen[index], tgts[index]
+        (res,) = autodan(
+            model,
+            tokenizer,
+            [b],
+            [tgt],
+            [p["template"] for p in protos],
+            settings,
+            seed,
+            refused=refused,
+        )
         log.info(
             "AutoDAN %s: loss %.3f -> %.3f in %d generations%s",
             b["prompt_id"],
@@ -440,25 +533,35 @@ def autodan_cases(
             res.generations_run,
             " (stopped early: not refused)" if res.stopped_early else "",
         )
-        cases.append(
-            _case(
-                {**b, "target": tgt},
-                "AutoDAN",
-                0,
-                res.user_text,
-                source_model,
-                loss=res.loss,
-                initial_loss=res.initial_loss,
-            )
+        case = _case(
+            {**b, "target": tgt},
+            "AutoDAN",
+            0,
+            res.user_text,
+            source_model,
+            loss=res.loss,
+            initial_loss=res.initial_loss,
         )
-        history[b["prompt_id"]] = {
+        history = {
             "losses_per_generation": res.losses_per_generation,
             "generations_run": res.generations_run,
             "stopped_early": res.stopped_early,
             "template": res.template,
         }
+        return _test_case_table([case]), history
+
+    tables, histories, shards = keyed_shards(
+        out,
+        {**fingerprint, "targets": tgts, "prototypes": [p["template"] for p in protos]},
+        [b["prompt_id"] for b in chosen],
+        TEST_CASE_SCHEMA,
+        one,
+        meta,
+        desc="AutoDAN behaviours",
+    )
+    history = {b["prompt_id"]: h for b, h in zip(chosen, histories, strict=True)}
     record = {"settings": vars(settings), "prototypes": str(prototypes or PROTOTYPES_FILE)}
-    return cases, {**record, "behaviours": history}
+    return pa.concat_tables(tables).to_pylist(), {**record, "behaviours": history}, shards
 
 
 # --- one method, then the combined file ----------------------------------------------
@@ -486,10 +589,14 @@ def build_method(
 
     ``params`` is the ``attacks`` config section; ``model``/``tokenizer`` are needed only
     by the methods that optimise (GCG-transfer, AutoDAN). For AutoDAN, ``templates`` is
-    its prototypes file (None: rgeom's own).
+    its prototypes file (None: rgeom's own). The optimising methods resume from the
+    per-behaviour shards in ``<out>.parts/`` that a killed run left, when the fingerprint
+    (behaviour file hash, targets, source model files, parameters, seed, provenance) matches.
     """
     behaviours = read_behaviours(behaviours_path)
     extra: dict[str, Any] = {}
+    shards: Shards | None = None
+    resume = {"behaviours_path": behaviours_path, "params": params, "seed": seed, "meta": meta}
     if method == "DirectRequest":
         cases = direct_request_cases(behaviours, source_model)
     elif method == "Templates":
@@ -504,7 +611,7 @@ def build_method(
     elif method == "GCG-transfer":
         if model is None:
             raise RgeomError("GCG-transfer needs a source model (--model)")
-        cases = gcg_transfer_cases(
+        cases, shards = gcg_transfer_cases(
             model,
             tokenizer,
             behaviours,
@@ -512,11 +619,14 @@ def build_method(
             params.get("gcg", {}),
             seed,
             source_model,
+            out=out,
+            fingerprint=resume_fingerprint(method, source_model=source_model, **resume),
+            meta=meta,
         )
     elif method == "AutoDAN":
         if model is None:
             raise RgeomError("AutoDAN needs a source model (--model)")
-        cases, extra["autodan"] = autodan_cases(
+        cases, extra["autodan"], shards = autodan_cases(
             model,
             tokenizer,
             behaviours,
@@ -524,6 +634,9 @@ def build_method(
             params.get("autodan", {}),
             seed,
             source_model,
+            out=out,
+            fingerprint=resume_fingerprint(method, source_model=source_model, **resume),
+            meta=meta,
             prototypes=templates,
         )
     else:
@@ -539,6 +652,8 @@ def build_method(
         **extra,
     }
     write_table(out, table, TEST_CASE_SCHEMA, record)
+    if shards is not None:
+        shards.finish()
     log.info("wrote %d %s test cases to %s", table.num_rows, method, out)
     return table
 
@@ -632,20 +747,53 @@ def adaptive_gcg_cell(
     ``params`` is ``attacks.adaptive``. The subset depends only on the seed, so every anchor
     is attacked on the same behaviours. The completion is generated from the exact token ids
     GCG optimised (no text round trip). Writes ADAPTIVE_COMPLETION_SCHEMA.
+
+    Each behaviour's GCG result is one shard of ``out`` (as for GCG-transfer), so a killed
+    job resumes at the behaviour it was attacking; the completions, seconds next to GCG, are
+    generated in one batched pass once every behaviour is done.
     """
     from rgeom.generation import generate_from_ids
 
+    where = "attacks.adaptive"
     behaviours = read_behaviours(behaviours_path)
     chosen = select_behaviours(behaviours, params.get("n_behaviors", 2), seed)
     if not chosen:
-        raise RgeomError(f"{behaviours_path}: no harmful behaviours for attacks.adaptive")
-    results, tgts = run_gcg(
-        model, tokenizer, chosen, load_targets(targets), params, seed, "attacks.adaptive"
+        raise RgeomError(f"{behaviours_path}: no harmful behaviours for {where}")
+    by_id = load_targets(targets)
+    tgts = [target_for(b, by_id, where) for b in chosen]
+    attack = _GCGRunner(model, tokenizer, params, seed)
+
+    def one(index: int) -> tuple[pa.Table, None]:
+        b = chosen[index]
+        r = attack(b, tgts[index])
+        log.info("adaptive GCG %s: loss %.3f -> %.3f", b["prompt_id"], r.initial_loss, r.loss)
+        row = {
+            "behavior_id": b["prompt_id"],
+            "suffix": r.suffix_text,
+            "test_case": r.user_text,
+            "loss": r.loss,
+            "initial_loss": r.initial_loss,
+            "prompt_ids": r.prompt_ids,
+        }
+        return pa.Table.from_pylist([row], schema=ADAPTIVE_SHARD_SCHEMA), None
+
+    fingerprint = resume_fingerprint(
+        "adaptive_gcg", behaviours_path, params, seed, meta, arm=arm, step=step, targets=tgts
     )
+    parts, _, shards = keyed_shards(
+        out,
+        fingerprint,
+        [b["prompt_id"] for b in chosen],
+        ADAPTIVE_SHARD_SCHEMA,
+        one,
+        meta,
+        desc="adaptive GCG behaviours",
+    )
+    results = pa.concat_tables(parts).to_pydict()
     texts, _, _ = generate_from_ids(
         model,
         tokenizer,
-        [r.prompt_ids for r in results],
+        results["prompt_ids"],
         batch_size=int(generate.get("batch_size", 16)),
         max_new_tokens=int(generate.get("max_new_tokens", 48)),
     )
@@ -657,17 +805,16 @@ def adaptive_gcg_cell(
             "behavior_id": [b["prompt_id"] for b in chosen],
             "category": [b["category"] for b in chosen],
             "target": tgts,
-            "suffix": [r.suffix_text for r in results],
-            "test_case": [r.user_text for r in results],
-            "loss": [r.loss for r in results],
-            "initial_loss": [r.initial_loss for r in results],
+            "suffix": results["suffix"],
+            "test_case": results["test_case"],
+            "loss": results["loss"],
+            "initial_loss": results["initial_loss"],
             "completion": texts,
         },
         schema=ADAPTIVE_COMPLETION_SCHEMA,
     )
     write_table(out, table, ADAPTIVE_COMPLETION_SCHEMA, {**meta, "targets": targets})
-    for b, r in zip(chosen, results, strict=True):
-        log.info("adaptive GCG %s: loss %.3f -> %.3f", b["prompt_id"], r.initial_loss, r.loss)
+    shards.finish()
     return table
 
 
