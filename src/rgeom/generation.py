@@ -126,6 +126,30 @@ def _shard_size(params: dict[str, Any], batch_size: int) -> int:
     return -(-size // batch_size) * batch_size
 
 
+def completions_table(
+    cols: dict[str, list], messages: list, encoded: list, texts: list, n_new: list, meta: dict
+) -> pa.Table:
+    """The generation table, one row per test case, whichever backend decoded it."""
+    n = len(messages)
+    return pa.table(
+        {
+            "prompt_id": cols["prompt_id"],
+            "label": cols["label"],
+            "category": cols["category"],
+            "prompt": messages,
+            "target": cols["target"],
+            "completion": texts,
+            "n_prompt_tokens": [len(e) for e in encoded],
+            "n_new_tokens": n_new,
+            "arm": [meta.get("arm")] * n,
+            "step": [meta.get("step")] * n,
+            "benchmark": [meta.get("benchmark")] * n,
+            "method": cols["method"],
+        },
+        schema=GENERATION_SCHEMA,
+    )
+
+
 def generate_table(model, tokenizer, prompts: str, out: str, params: dict[str, Any], meta: dict):
     """Complete every prompt of ``prompts`` into ``out``, resumably.
 
@@ -185,22 +209,7 @@ def generate_table(model, tokenizer, prompts: str, out: str, params: dict[str, A
             ):
                 texts[row] = text
                 n_new[row] = new
-    result = pa.table(
-        {
-            "prompt_id": cols["prompt_id"],
-            "label": cols["label"],
-            "category": cols["category"],
-            "prompt": messages,
-            "target": cols["target"],
-            "completion": texts,
-            "n_prompt_tokens": [len(e) for e in encoded],
-            "n_new_tokens": n_new,
-            "arm": [meta.get("arm")] * n,
-            "step": [meta.get("step")] * n,
-            "benchmark": [meta.get("benchmark")] * n,
-            "method": cols["method"],
-        }
-    )
+    result = completions_table(cols, messages, encoded, texts, n_new, meta)
     write_table(out, result, GENERATION_SCHEMA, {**meta, "prompts": prompts, **params})
     if shards is not None:
         shards.finish()

@@ -73,7 +73,7 @@ def generate_table(
     meta: dict[str, Any],
 ) -> pa.Table:
     """The generate stage on vLLM: same inputs, same output schema as the HF path."""
-    from rgeom.generation import GENERATION_SCHEMA, _read_inputs
+    from rgeom.generation import GENERATION_SCHEMA, _read_inputs, completions_table
     from rgeom.io import write_table
     from rgeom.models import encode_chat, load_tokenizer
 
@@ -96,23 +96,7 @@ def generate_table(
     sampling = vllm.SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
     texts, n_new = vllm_completions(llm, sampling, tokenizer, encoded)
     n = len(messages)
-    table = pa.table(
-        {
-            "prompt_id": cols["prompt_id"],
-            "label": cols["label"],
-            "category": cols["category"],
-            "prompt": messages,
-            "target": cols["target"],
-            "completion": texts,
-            "n_prompt_tokens": [len(e) for e in encoded],
-            "n_new_tokens": n_new,
-            "arm": [meta.get("arm")] * n,
-            "step": [meta.get("step")] * n,
-            "benchmark": [meta.get("benchmark")] * n,
-            "method": cols["method"],
-        },
-        schema=GENERATION_SCHEMA,
-    )
+    table = completions_table(cols, messages, encoded, texts, n_new, meta)
     record = {**meta, "prompts": prompts, **params, "backend": "vllm"}
     record["vllm_version"] = getattr(vllm, "__version__", None)
     write_table(out, table, GENERATION_SCHEMA, record)
