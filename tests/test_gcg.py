@@ -94,13 +94,127 @@ def test_cached_candidate_loss_equals_full_forward(tiny, tiny_allowed):
     assert torch.allclose(cached, manual, atol=1e-4)
 
 
+def _swaps(current: torch.Tensor, allowed: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """One-token swaps of ``current`` plus some multi-token edits and an unchanged row."""
+    gen = torch.Generator().manual_seed(seed)
+    width = current.numel()
+    rows = current.repeat(n, 1)
+    pos = torch.randint(0, width, (n,), generator=gen)
+    rows[torch.arange(n), pos] = allowed[torch.randint(0, allowed.numel(), (n,), generator=gen)]
+    # A few rows edited at two places (the later ones must still be run, not cached) and
+    # one equal to ``current`` (nothing left to run but the template tail and target).
+    for r in range(0, n, 5):
+        rows[r, -1] = allowed[r % allowed.numel()]
+    rows[1] = current
+    return rows
+
+
+@pytest.mark.parametrize("overhead", [0, 64, 1e9])
+@pytest.mark.parametrize("batch_size", [None, 3])
+def test_shared_suffix_context_gives_the_full_losses(tiny, tiny_allowed, overhead, batch_size):
+    # Candidates resumed from the current suffix's cache at their first changed position must
+    # score exactly as candidates run in full after the prefix, however the rows are grouped.
+    model, tok = tiny
+    parts = G.split_prompt(tok, BEHAVIOUR, TARGET)
+    post, target = torch.tensor(parts.post), torch.tensor(parts.target)
+    current = torch.tensor(G.suffix_ids_in_context(tok, BEHAVIOUR, "! " * 12))
+    kv = G._prefix_kv(model, torch.tensor(parts.prefix))
+    _, loss, suffix_kv = G._token_gradient(model, kv, current, post, target)
+    cands = _swaps(current, tiny_allowed, 23, seed=4)
+    full = G.candidate_losses(model, kv, cands, post, target)
+    shared = G.candidate_losses(
+        model, suffix_kv, cands, post, target, batch_size, current=current, overhead=overhead
+    )
+    assert torch.allclose(shared, full, atol=1e-5, rtol=0)
+    assert float(shared[1]) == pytest.approx(loss, abs=1e-5)
+    # The rows must differ from each other, or equal losses would prove nothing.
+    assert full.unique().numel() > 10
+
+
+def _bucket_cost(buckets, starts, length, overhead, cap):
+    total = 0.0
+    for start, rows in buckets:
+        total += -(-rows.numel() // cap) * overhead + rows.numel() * (length - start)
+    return total
+
+
+@pytest.mark.parametrize("overhead", [0, 5, 40, 1e6])
+@pytest.mark.parametrize("cap", [None, 4])
+def test_plan_buckets_covers_every_row_at_minimum_cost(overhead, cap):
+    import itertools
+
+    gen = torch.Generator().manual_seed(11)
+    starts = torch.randint(0, 7, (30,), generator=gen)
+    length = 12
+    buckets = G.plan_buckets(starts, length, overhead, cap)
+    seen = torch.cat([rows for _, rows in buckets]).sort().values
+    assert seen.tolist() == list(range(30))
+    for start, rows in buckets:
+        # A pass may only start at or before each of its rows' first changed position.
+        assert (starts[rows] >= start).all() and (starts[rows] == start).any()
+    # Brute force over every split of the distinct starts into consecutive groups.
+    values = starts.unique().tolist()
+    best = float("inf")
+    for mask in itertools.product([False, True], repeat=len(values) - 1):
+        groups, lo = [], 0
+        for i, cut in enumerate(mask, start=1):
+            if cut:
+                groups.append(values[lo:i])
+                lo = i
+        groups.append(values[lo:])
+        trial = [
+            (g[0], torch.nonzero(torch.isin(starts, torch.tensor(g))).flatten()) for g in groups
+        ]
+        best = min(best, _bucket_cost(trial, starts, length, overhead, cap or 30))
+    assert _bucket_cost(buckets, starts, length, overhead, cap or 30) == pytest.approx(best)
+    if overhead == 0:
+        assert len(buckets) == len(values)
+    if overhead == 1e6 and cap is None:
+        assert len(buckets) == 1
+
+
+def test_screened_search_moves_on_exact_losses(tiny):
+    # Screening in bfloat16 with every candidate rescored is the exact search step for step;
+    # with a short rescoring list the losses it reports are still the float32 ones.
+    model, tok = tiny
+    kw = dict(steps=4, search_width=32, topk=16, seed=5)
+    exact = G.gcg(model, tok, [BEHAVIOUR], [TARGET], **kw)[0]
+    all_rescored = G.gcg(
+        model, tok, [BEHAVIOUR], [TARGET], screen_dtype="bfloat16", rescore_top=10_000, **kw
+    )[0]
+    assert all_rescored.suffix_ids == exact.suffix_ids
+    assert all_rescored.losses_per_step == pytest.approx(exact.losses_per_step, abs=1e-6)
+    short = G.gcg(
+        model, tok, [BEHAVIOUR], [TARGET], screen_dtype=torch.bfloat16, rescore_top=2, **kw
+    )[0]
+    seq = [short.initial_loss, *short.losses_per_step]
+    assert all(b <= a for a, b in zip(seq, seq[1:], strict=False))
+    parts = G.split_prompt(tok, BEHAVIOUR, TARGET)
+    kv = G._prefix_kv(model, torch.tensor(parts.prefix))
+    again = G.candidate_losses(
+        model,
+        kv,
+        torch.tensor([short.suffix_ids]),
+        torch.tensor(parts.post),
+        torch.tensor(parts.target),
+    )
+    assert float(again[0]) == pytest.approx(short.loss, abs=1e-5)
+
+
+def test_screen_dtype_names():
+    assert G.screen_dtype_from_name(None) is None
+    assert G.screen_dtype_from_name("bfloat16") is torch.bfloat16
+    with pytest.raises(RgeomError, match="'fp8' is not one of"):
+        G.screen_dtype_from_name("fp8")
+
+
 def test_token_gradient_loss_matches_candidate_loss(tiny):
     model, tok = tiny
     parts = G.split_prompt(tok, BEHAVIOUR, TARGET)
     suffix = torch.tensor(G.initial_suffix_ids(tok, "! " * 10))
     kv = G._prefix_kv(model, torch.tensor(parts.prefix))
     post, target = torch.tensor(parts.post), torch.tensor(parts.target)
-    grad, loss = G._token_gradient(model, kv, suffix, post, target)
+    grad, loss, _ = G._token_gradient(model, kv, suffix, post, target)
     assert grad.shape == (suffix.numel(), model.get_input_embeddings().weight.shape[0])
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
     ref = G.candidate_losses(model, kv, suffix.unsqueeze(0), post, target)

@@ -53,6 +53,10 @@ def test_validation_errors(tiny):
         R.R2D2Pool([*BEHAVIOURS, bad], tok, small_cfg())
     with pytest.raises(RgeomError, match="non-contextual"):
         R.R2D2Pool([CONTEXTUAL], tok, small_cfg())
+    with pytest.raises(RgeomError, match="r2d2.gcg_screen_dtype"):
+        R.R2D2Pool(BEHAVIOURS, tok, small_cfg(gcg_screen_dtype="fp8"))
+    with pytest.raises(RgeomError, match="r2d2.gcg_rescore_top"):
+        R.R2D2Pool(BEHAVIOURS, tok, small_cfg(gcg_rescore_top=0))
 
 
 def test_load_harmbench_behaviours(shared_data, tiny, tmp_path):
@@ -290,6 +294,23 @@ def test_losses_backpropagate_to_weights(tiny):
     )
     grads = torch.autograd.grad(out["total"], [model.lm_head.weight])
     assert torch.isfinite(grads[0]).all() and grads[0].abs().sum() > 0
+
+
+def test_allowed_tokens_are_decoded_once_per_pool(tiny, monkeypatch):
+    # The whole-vocabulary decode behind GCG's ASCII filter is as slow as a small GCG step;
+    # the pool keeps it across refreshes, and the refreshes still pass it to GCG.
+    model, tok = tiny
+    calls, passed = [], []
+    real_ascii, real_gcg = R.ascii_token_ids, R.gcg
+    monkeypatch.setattr(R, "ascii_token_ids", lambda *a: calls.append(a) or real_ascii(*a))
+    monkeypatch.setattr(
+        R, "gcg", lambda *a, **kw: passed.append(kw["allowed_tokens"]) or real_gcg(*a, **kw)
+    )
+    pool = R.R2D2Pool(BEHAVIOURS, tok, small_cfg())
+    for _ in range(3):
+        pool.advance(model)
+    assert len(calls) == 1 and len(passed) == 3
+    assert all(torch.equal(p, passed[0]) for p in passed)
 
 
 def test_advance_refreshes_and_resets_on_schedule(tiny):

@@ -36,10 +36,10 @@ rule sft_data:
         "results/logs/sft_data.log",
     benchmark:
         "results/benchmarks/sft_data.tsv"
-    conda:
-        "../envs/train.yaml"
     # First link of the training chain, the DAG's longest path (see rule train).
     priority: 50
+    conda:
+        "../envs/train.yaml"
     threads: 2
     resources:
         mem_mb=4000,

@@ -12,12 +12,12 @@ rule train:
         "results/logs/train/{arm}-{step}.log",
     benchmark:
         "results/benchmarks/train/{arm}-{step}.tsv"
-    conda:
-        "../envs/train.yaml"
     # The training chain (one segment per anchor, each waiting for the last) is the longest
     # path of the DAG: run a ready segment before any ready cell job, or the last anchor's
     # cells start late and the run ends on a serial tail.
     priority: 50
+    conda:
+        "../envs/train.yaml"
     threads: 2
     resources:
         mem_mb=8000,

@@ -249,6 +249,58 @@ def _target_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ce.view(pred.shape[0], t).mean(dim=1)
 
 
+# What one extra forward pass costs, in candidate tokens: reading every weight once, which
+# dominates a small batch. Measured on SmolLM2 on 2 CPU cores (a 1-row pass of 42 tokens
+# costs as much as ~75 tokens inside a 121-row pass); a 7B model on a GPU, where streaming
+# 14 GB of weights takes about as long as ~140 tokens of compute, is of the same order.
+CALL_OVERHEAD_TOKENS = 64
+
+
+def plan_buckets(
+    starts: torch.Tensor, length: int, overhead: float, batch_size: int | None = None
+) -> list[tuple[int, torch.Tensor]]:
+    """Group candidates into forward passes that each resume from one shared position.
+
+    ``starts[i]`` is the first suffix position where candidate ``i`` differs from the current
+    suffix; everything before it is already in the cache. A pass starting at ``s`` re-runs
+    ``length - s`` tokens per row and costs ``overhead`` tokens more; merging the rows of
+    several starts into one pass runs them all from the smallest. Exact dynamic programme over
+    the distinct starts (at most suffix length + 1 of them). Returns ``(start, row indices)``.
+    """
+    order = torch.argsort(starts, stable=True)
+    values, counts = torch.unique_consecutive(starts[order], return_counts=True)
+    values, counts = values.tolist(), counts.tolist()
+    m = len(values)
+    cap = batch_size or max(1, int(starts.numel()))
+    best = [0.0] + [float("inf")] * m
+    cut = [0] * (m + 1)
+    for j in range(1, m + 1):
+        rows = 0
+        for i in range(j - 1, -1, -1):
+            rows += counts[i]
+            passes = -(-rows // cap)
+            cost = best[i] + passes * overhead + rows * (length - values[i])
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    buckets = []
+    j = m
+    bounds = [0, *torch.cumsum(torch.tensor(counts), 0).tolist()]
+    while j > 0:
+        i = cut[j]
+        buckets.append((values[i], order[bounds[i] : bounds[j]]))
+        j = i
+    return buckets[::-1]
+
+
+def _first_difference(candidates: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """Per row, the first position differing from ``current`` (its length if none does)."""
+    diff = candidates != current.unsqueeze(0)
+    n = candidates.shape[1]
+    return torch.where(
+        diff.any(dim=1), diff.int().argmax(dim=1), torch.full_like(diff[:, 0], n, dtype=torch.long)
+    )
+
+
 def candidate_losses(
     model,
     kv: list[tuple[torch.Tensor, torch.Tensor]],
@@ -256,20 +308,40 @@ def candidate_losses(
     post: torch.Tensor,
     target: torch.Tensor,
     batch_size: int | None = None,
+    current: torch.Tensor | None = None,
+    overhead: float = CALL_OVERHEAD_TOKENS,
 ) -> torch.Tensor:
-    """Target CE of every candidate suffix (rows of ``candidates``), prefix served from cache."""
-    n = candidates.shape[0]
-    chunk = batch_size or n
+    """Target CE of every candidate suffix (rows of ``candidates``), cached context reused.
+
+    Without ``current``, ``kv`` holds the prefix and every candidate runs in full. With it,
+    ``kv`` holds the prefix *and* the suffix ``current``: a GCG candidate is ``current`` with
+    one token swapped, so the positions before its swap are already in that cache (causal
+    attention) and the pass starts at the swap. :func:`plan_buckets` groups the rows so the
+    saved tokens are not eaten by extra passes; the losses are the same either way, up to
+    floating-point summation order.
+    """
+    n, width = candidates.shape
     tail = torch.cat([post, target]).unsqueeze(0)
-    out = []
+    if current is None:
+        starts = torch.zeros(n, dtype=torch.long)
+        context = kv[0][0].shape[2]
+    else:
+        starts = _first_difference(candidates.cpu(), current.cpu())
+        context = kv[0][0].shape[2] - width
+    out = torch.empty(n, dtype=torch.float32)
+    length = width + tail.shape[1]
     with torch.no_grad():
-        for lo in range(0, n, chunk):
-            rows = candidates[lo : lo + chunk]
-            ids = torch.cat([rows, tail.expand(rows.shape[0], -1)], dim=1)
-            cache = _expand_cache(model, kv, rows.shape[0])
-            logits = _run_cached(model, cache, target.numel() + 1, input_ids=ids)
-            out.append(_target_ce(logits, target))
-    return torch.cat(out)
+        for start, rows in plan_buckets(starts, length, overhead, batch_size):
+            layer_kv = [(k[:, :, : context + start], v[:, :, : context + start]) for k, v in kv]
+            chunk = batch_size or rows.numel()
+            for lo in range(0, rows.numel(), chunk):
+                idx = rows[lo : lo + chunk]
+                picked = candidates[idx.to(candidates.device), start:]
+                ids = torch.cat([picked, tail.expand(idx.numel(), -1)], dim=1)
+                cache = _expand_cache(model, layer_kv, idx.numel())
+                logits = _run_cached(model, cache, target.numel() + 1, input_ids=ids)
+                out[idx] = _target_ce(logits, target).float().cpu()
+    return out.to(candidates.device)
 
 
 def _token_gradient(
@@ -278,8 +350,9 @@ def _token_gradient(
     suffix: torch.Tensor,
     post: torch.Tensor,
     target: torch.Tensor,
-) -> tuple[torch.Tensor, float]:
-    """Gradient of the target CE w.r.t. the one-hot suffix, and the suffix's loss."""
+) -> tuple[torch.Tensor, float, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Gradient of the target CE w.r.t. the one-hot suffix, the suffix's loss, and the
+    per-layer (key, value) of prefix + suffix."""
     embed = _full_embedding(model)
     one_hot = torch.zeros(suffix.numel(), embed.shape[0], device=embed.device, dtype=embed.dtype)
     one_hot.scatter_(1, suffix.unsqueeze(1), 1.0)
@@ -292,7 +365,14 @@ def _token_gradient(
     # autograd.grad, not backward: the weights' .grad must stay untouched when R2D2 calls
     # GCG in the middle of a training step.
     (grad,) = torch.autograd.grad(loss, one_hot)
-    return grad, float(loss.detach())
+    # The pass has just computed the suffix's keys and values: kept, they are the shared
+    # context that candidate scoring resumes from (one-hot rows times the embedding are the
+    # embedding rows exactly, so these equal an ``input_ids`` pass's).
+    n = kv[0][0].shape[2] + suffix.numel()
+    suffix_kv = [
+        (layer.keys[:, :, :n].detach(), layer.values[:, :, :n].detach()) for layer in cache.layers
+    ]
+    return grad, float(loss.detach()), suffix_kv
 
 
 def sample_candidates(
@@ -362,6 +442,32 @@ def roundtrip_mask(
     )
 
 
+def screen_dtype_from_name(name: str | None) -> torch.dtype | None:
+    """``"bfloat16"`` / ``"float16"`` / ``None`` from a config value, with one clear error."""
+    if name in (None, "", "none", "null"):
+        return None
+    choices = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in choices:
+        raise RgeomError(f"GCG screen_dtype {name!r} is not one of {sorted(choices)} or null")
+    return choices[name]
+
+
+@dataclass(frozen=True)
+class _Search:
+    """The per-run GCG settings one entry's optimisation needs."""
+
+    steps: int
+    search_width: int
+    topk: int
+    batch_size: int | None
+    allowed: torch.Tensor
+    generator: torch.Generator
+    device: torch.device
+    screen_dtype: torch.dtype | None
+    rescore_top: int
+    progress: bool
+
+
 def gcg(
     model,
     tokenizer,
@@ -377,6 +483,8 @@ def gcg(
     system: str | None = None,
     init_suffix: str = "! " * 20,
     progress: bool = False,
+    screen_dtype: torch.dtype | str | None = None,
+    rescore_top: int = 8,
 ) -> list[GCGResult]:
     """Run GCG on each (behaviour, target) pair; return the best suffix found for each.
 
@@ -385,19 +493,39 @@ def gcg(
     candidates per forward pass (``None``: all ``search_width`` at once). Deterministic for a
     ``seed``: candidate sampling uses its own CPU generator, never the global RNG.
 
+    ``screen_dtype`` (e.g. ``torch.bfloat16``) scores the candidates under autocast in that
+    precision, then rescores the ``rescore_top`` best in the model's own precision and moves
+    only on those exact losses: every loss GCG reports or compares is the model's. Off by
+    default; it pays on hardware with fast low-precision matmuls (CUDA, CPUs with AMX) for a
+    model held in float32, and is a no-op for a model already in that dtype.
+
     The model runs in eval mode (no dropout) and is returned to its previous mode afterwards.
     """
     if len(behaviours) != len(targets):
         raise RgeomError(f"GCG got {len(behaviours)} behaviours but {len(targets)} targets")
     if suffixes is not None and len(suffixes) != len(behaviours):
         raise RgeomError(f"GCG got {len(behaviours)} behaviours but {len(suffixes)} suffixes")
-    if steps < 0 or search_width < 1 or topk < 1:
-        raise RgeomError("GCG needs steps >= 0, search_width >= 1 and topk >= 1")
+    if steps < 0 or search_width < 1 or topk < 1 or rescore_top < 1:
+        raise RgeomError("GCG needs steps >= 0, search_width >= 1, topk >= 1 and rescore_top >= 1")
     device = _embedding_matrix(model).device
     vocab = _vocab_size(model)
     allowed = ascii_token_ids(tokenizer, vocab) if allowed_tokens is None else allowed_tokens
-    allowed = allowed.cpu().long()
-    generator = torch.Generator().manual_seed(seed)
+    if isinstance(screen_dtype, str) or screen_dtype is None:
+        screen_dtype = screen_dtype_from_name(screen_dtype)
+    if screen_dtype == _embedding_matrix(model).dtype:
+        screen_dtype = None
+    search = _Search(
+        steps=steps,
+        search_width=search_width,
+        topk=topk,
+        batch_size=batch_size,
+        allowed=allowed.cpu().long(),
+        generator=torch.Generator().manual_seed(seed),
+        device=device,
+        screen_dtype=screen_dtype,
+        rescore_top=rescore_top,
+        progress=progress,
+    )
 
     was_training = model.training
     model.eval()
@@ -411,27 +539,27 @@ def gcg(
                 start = suffix_ids_in_context(tokenizer, behaviour, init_suffix)
             if not start:
                 raise RgeomError(f"GCG warm-start suffix for entry {i} is empty")
-            results.append(
-                _gcg_one(
-                    model,
-                    tokenizer,
-                    behaviour,
-                    target,
-                    parts,
-                    start,
-                    steps,
-                    search_width,
-                    topk,
-                    batch_size,
-                    allowed,
-                    generator,
-                    device,
-                    progress,
-                )
-            )
+            results.append(_gcg_one(model, tokenizer, behaviour, target, parts, start, search))
     finally:
         model.train(was_training)
     return results
+
+
+def _best_candidate(model, kv, cands, current, post, target, search: _Search) -> tuple[int, float]:
+    """Index and exact loss of the lowest-loss candidate (screened first when asked)."""
+    device = search.device
+    if search.screen_dtype is None:
+        losses = candidate_losses(model, kv, cands, post, target, search.batch_size, current)
+        best = int(losses.argmin())
+        return best, float(losses[best])
+    with torch.autocast(device_type=device.type, dtype=search.screen_dtype):
+        rough = candidate_losses(model, kv, cands, post, target, search.batch_size, current)
+    short = rough.float().topk(min(search.rescore_top, rough.numel()), largest=False).indices
+    exact = candidate_losses(
+        model, kv, cands[short.to(cands.device)], post, target, search.batch_size, current
+    )
+    pick = int(exact.argmin())
+    return int(short[pick]), float(exact[pick])
 
 
 def _gcg_one(
@@ -441,15 +569,9 @@ def _gcg_one(
     target: str,
     parts: PromptParts,
     start: list[int],
-    steps: int,
-    search_width: int,
-    topk: int,
-    batch_size: int | None,
-    allowed: torch.Tensor,
-    generator: torch.Generator,
-    device: torch.device,
-    progress: bool,
+    search: _Search,
 ) -> GCGResult:
+    device = search.device
     prefix = torch.tensor(parts.prefix, device=device)
     post = torch.tensor(parts.post, device=device)
     target_ids = torch.tensor(parts.target, device=device)
@@ -461,21 +583,25 @@ def _gcg_one(
     )
     initial_loss = current_loss
     losses: list[float] = []
-    for _ in tqdm(range(steps), desc="gcg", leave=False, disable=not progress):
+    for _ in tqdm(range(search.steps), desc="gcg", leave=False, disable=not search.progress):
         # enable_grad: callers (generation code, R2D2's refresh) may hold no_grad around us.
         with torch.enable_grad():
-            grad, _ = _token_gradient(model, kv, current.to(device), post, target_ids)
-        cands = sample_candidates(current, grad, allowed, search_width, topk, generator)
+            grad, _, suffix_kv = _token_gradient(model, kv, current.to(device), post, target_ids)
+        cands = sample_candidates(
+            current, grad, search.allowed, search.search_width, search.topk, search.generator
+        )
         cands = cands[roundtrip_mask(tokenizer, cands, behaviour)]
+        # Repeated draws of one swap would be scored again for nothing (about 5% of a
+        # 128-wide draw from 64 x 20 swaps); sorted unique rows keep the result seeded.
+        cands = torch.unique(cands, dim=0)
         if cands.shape[0] > 0:
-            cand_losses = candidate_losses(
-                model, kv, cands.to(device), post, target_ids, batch_size
-            ).cpu()
-            best = int(cand_losses.argmin())
+            best, best_loss = _best_candidate(
+                model, suffix_kv, cands.to(device), current.to(device), post, target_ids, search
+            )
             # Keep the best suffix so far (a buffer of one, as nanoGCG does): a step whose
             # candidates are all worse changes nothing, and the next draw tries other swaps.
-            if float(cand_losses[best]) < current_loss:
-                current, current_loss = cands[best].clone(), float(cand_losses[best])
+            if best_loss < current_loss:
+                current, current_loss = cands[best].clone(), best_loss
         losses.append(current_loss)
 
     suffix_ids = current.tolist()

@@ -333,6 +333,8 @@ def _gcg_settings(params: Mapping[str, Any]) -> dict[str, Any]:
         "topk": int(params.get("topk", 256)),
         "batch_size": params.get("batch_size"),
         "init_suffix": params.get("init_suffix") or DEFAULT_INIT_SUFFIX,
+        "screen_dtype": params.get("screen_dtype"),
+        "rescore_top": int(params.get("rescore_top", 8)),
     }
 
 
@@ -375,6 +377,8 @@ class _GCGRunner:
             seed=behaviour_seed(self.seed, behaviour["prompt_id"]),
             allowed_tokens=self.allowed,
             init_suffix=s["init_suffix"],
+            screen_dtype=s["screen_dtype"],
+            rescore_top=s["rescore_top"],
         )
         return result
 

@@ -32,7 +32,14 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from rgeom.attacks.gcg import build_prompt_ids, gcg, suffix_ids_in_context
+from rgeom.attacks.gcg import (
+    _vocab_size,
+    ascii_token_ids,
+    build_prompt_ids,
+    gcg,
+    screen_dtype_from_name,
+    suffix_ids_in_context,
+)
 from rgeom.errors import RgeomError
 from rgeom.models import encode_response
 
@@ -49,6 +56,8 @@ class R2D2Config:
     updates_per_step: entries refreshed by GCG per training micro-step (ref 8).
     gcg_steps / search_width / topk: GCG per refresh (ref 5 / 512 / 256).
     gcg_batch_size: candidates per GCG forward pass; None = all at once (memory knob only).
+    gcg_screen_dtype / gcg_rescore_top: screen candidates in this precision, rescore the best
+        few exactly (see :func:`rgeom.attacks.gcg.gcg`); None = exact scoring (ref).
     reset_every / reset_fraction: every 50 micro-steps, 20% of the pool restarts (ref).
     suffix_unit / suffix_min / suffix_max: fresh suffixes are ``"! " * n``, n uniform in
         [15, 20] per entry (ref).
@@ -68,6 +77,8 @@ class R2D2Config:
     search_width: int = 512
     topk: int = 256
     gcg_batch_size: int | None = None
+    gcg_screen_dtype: str | None = None
+    gcg_rescore_top: int = 8
     reset_every: int = 50
     reset_fraction: float = 0.2
     suffix_unit: str = "! "
@@ -104,6 +115,12 @@ class R2D2Config:
             raise RgeomError("r2d2.reset_every must be at least 1")
         if self.gcg_steps < 0 or self.search_width < 1 or self.topk < 1:
             raise RgeomError("r2d2 needs gcg_steps >= 0, search_width >= 1 and topk >= 1")
+        if self.gcg_rescore_top < 1:
+            raise RgeomError("r2d2.gcg_rescore_top must be at least 1")
+        try:
+            screen_dtype_from_name(self.gcg_screen_dtype)
+        except RgeomError as exc:
+            raise RgeomError(f"r2d2.gcg_screen_dtype: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -237,6 +254,7 @@ class R2D2Pool:
         self.rng = random.Random(cfg.seed)
         self.step = 0
         self.last_refreshed: list[int] = []  # pool indices of the last advance's refresh
+        self._allowed: torch.Tensor | None = None  # GCG's ASCII tokens, decoded on first use
         self.entries = [self._fresh_entry() for _ in range(cfg.pool_size)]
 
     def _fresh_suffix(self, behaviour: str) -> list[int]:
@@ -267,6 +285,13 @@ class R2D2Pool:
     def next_seed(self) -> int:
         return self.rng.randrange(2**31)
 
+    def _allowed_tokens(self, model) -> torch.Tensor:
+        # Decoding the whole vocabulary costs ~0.4 s on SmolLM2's 49k tokens, as much as a
+        # demo-sized GCG step: once per pool, not once per micro-step.
+        if self._allowed is None:
+            self._allowed = ascii_token_ids(self.tokenizer, _vocab_size(model))
+        return self._allowed
+
     def refresh(self, model, indices: Sequence[int]) -> list[float]:
         """Run GCG on the chosen entries against ``model``, warm-started; returns their losses."""
         chosen = [self.entries[i] for i in indices]
@@ -281,7 +306,10 @@ class R2D2Pool:
             topk=self.cfg.topk,
             batch_size=self.cfg.gcg_batch_size,
             seed=self.next_seed(),
+            allowed_tokens=self._allowed_tokens(model),
             system=self.cfg.system,
+            screen_dtype=self.cfg.gcg_screen_dtype,
+            rescore_top=self.cfg.gcg_rescore_top,
         )
         for entry, res in zip(chosen, results, strict=True):
             entry.suffix_ids = res.suffix_ids
