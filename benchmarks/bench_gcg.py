@@ -7,11 +7,13 @@
 
 nanoGCG pins transformers<=4.47.1, which cannot live in the project's environment, so it runs
 in its own virtual environment through a subprocess, on the same model directory, behaviours,
-targets, initial suffix and GCG parameters. Every variant reports the wall time of the whole
-run divided by the steps (prefix cache and first loss included), the process CPU time likewise
-(the fairer number on a shared machine, where wall time depends on the other jobs) and the
-best target loss found, averaged over ``--behaviours`` (behaviour, target) pairs. Ratios are
-the baseline's time over the variant's, so above 1 means faster than nanoGCG.
+targets, initial suffix and GCG parameters (``python -m venv /tmp/nanogcg-venv`` then
+``/tmp/nanogcg-venv/bin/pip install torch==2.13.0 nanogcg==0.3.0``). Every variant reports
+the wall time of the whole run divided by the steps (prefix cache and first loss included),
+the process CPU time likewise (the fairer number on a shared machine, where wall time depends
+on the other jobs) and the best target loss found, averaged over ``--behaviours`` (behaviour,
+target) pairs. Ratios are the baseline's time over the variant's, so above 1 means faster
+than nanoGCG.
 
 Variants, all in one run on the same machine:
 - ``rgeom <dtype>``: our engine with the model loaded in that dtype (``--model-dtypes``),

@@ -25,9 +25,10 @@ and a rerun after a kill attacks only the behaviours still missing. Every behavi
 seeded from ``(seed, behaviour id)`` alone, so a resumed run writes the same bytes as an
 undisturbed one.
 
-GCG-transfer test cases are stored and replayed as text, as HarmBench does. Re-encoding
-``message + " " + suffix`` can merge tokens at the boundary, so the replayed ids may differ
-from the optimised ids; ``ids_roundtrip`` records, per test case, whether they are equal.
+GCG-transfer test cases are stored and replayed as text, as HarmBench does. GCG keeps only
+candidates whose ``message + " " + suffix`` re-encodes to the optimised ids, so replay gives
+the optimised prompt; ``ids_roundtrip`` re-checks it per test case (a warm start or a user
+file could still break it).
 """
 
 from __future__ import annotations
