@@ -94,6 +94,14 @@ def test_cached_candidate_loss_equals_full_forward(tiny, tiny_allowed):
     assert torch.allclose(cached, manual, atol=1e-4)
 
 
+def _full_loss(model, tok, suffix_ids) -> float:
+    """Target loss of ``BEHAVIOUR`` + ``suffix_ids``, run in full after the prefix cache."""
+    parts = G.split_prompt(tok, BEHAVIOUR, TARGET)
+    kv = G._prefix_kv(model, torch.tensor(parts.prefix))
+    post, target = torch.tensor(parts.post), torch.tensor(parts.target)
+    return float(G.candidate_losses(model, kv, torch.tensor([suffix_ids]), post, target)[0])
+
+
 def _swaps(current: torch.Tensor, allowed: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     """One-token swaps of ``current`` plus some multi-token edits and an unchanged row."""
     gen = torch.Generator().manual_seed(seed)
@@ -189,16 +197,7 @@ def test_screened_search_moves_on_exact_losses(tiny):
     )[0]
     seq = [short.initial_loss, *short.losses_per_step]
     assert all(b <= a for a, b in zip(seq, seq[1:], strict=False))
-    parts = G.split_prompt(tok, BEHAVIOUR, TARGET)
-    kv = G._prefix_kv(model, torch.tensor(parts.prefix))
-    again = G.candidate_losses(
-        model,
-        kv,
-        torch.tensor([short.suffix_ids]),
-        torch.tensor(parts.post),
-        torch.tensor(parts.target),
-    )
-    assert float(again[0]) == pytest.approx(short.loss, abs=1e-5)
+    assert _full_loss(model, tok, short.suffix_ids) == pytest.approx(short.loss, abs=1e-5)
 
 
 def test_screen_dtype_names():
@@ -230,17 +229,8 @@ def test_gcg_loss_non_increasing_and_decreases(tiny):
     assert res.loss < res.initial_loss
     assert res.loss == pytest.approx(res.losses_per_step[-1])
     # The reported loss is the loss of the reported suffix.
-    parts = G.split_prompt(tok, BEHAVIOUR, TARGET)
-    kv = G._prefix_kv(model, torch.tensor(parts.prefix))
-    again = G.candidate_losses(
-        model,
-        kv,
-        torch.tensor([res.suffix_ids]),
-        torch.tensor(parts.post),
-        torch.tensor(parts.target),
-    )
-    assert float(again[0]) == pytest.approx(res.loss, abs=1e-4)
-    assert res.prompt_ids == parts.prompt_ids(res.suffix_ids)
+    assert _full_loss(model, tok, res.suffix_ids) == pytest.approx(res.loss, abs=1e-4)
+    assert res.prompt_ids == G.split_prompt(tok, BEHAVIOUR, TARGET).prompt_ids(res.suffix_ids)
 
 
 def test_suffix_is_ascii_and_roundtrips(tiny, tiny_allowed):

@@ -226,7 +226,7 @@ def _prefix_kv(model, prefix: torch.Tensor) -> list[tuple[torch.Tensor, torch.Te
 
 
 def _expand_cache(model, kv: list[tuple[torch.Tensor, torch.Tensor]], batch: int):
-    """A fresh cache holding the prefix for ``batch`` rows.
+    """A fresh cache holding ``kv`` (prefix, maybe part of the suffix) for ``batch`` rows.
 
     The forward pass appends to the cache it is given, so every call gets its own object;
     ``expand`` makes views and ``DynamicCache`` copies them once on construction.
@@ -510,7 +510,7 @@ def gcg(
     device = _embedding_matrix(model).device
     vocab = _vocab_size(model)
     allowed = ascii_token_ids(tokenizer, vocab) if allowed_tokens is None else allowed_tokens
-    if isinstance(screen_dtype, str) or screen_dtype is None:
+    if not isinstance(screen_dtype, torch.dtype):
         screen_dtype = screen_dtype_from_name(screen_dtype)
     if screen_dtype == _embedding_matrix(model).dtype:
         screen_dtype = None
