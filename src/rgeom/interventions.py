@@ -32,7 +32,7 @@ from rgeom.errors import RgeomError
 # The filter lives with the direction stage, which runs without torch; callers of the
 # carrier search keep importing it from here.
 from rgeom.geometry import filter_by_baseline
-from rgeom.models import decoder_layers, encode_chat, left_pad
+from rgeom.models import decoder_layers, encode_chat, encode_response, left_pad
 
 log = logging.getLogger(__name__)
 
@@ -176,11 +176,12 @@ def orthogonalize_weights(model, directions) -> None:
 
 
 def refusal_token_ids(tokenizer, prefixes: Sequence[str] = REFUSAL_PREFIXES) -> list[int]:
-    """First token of each refusal opening, as the model would emit it right after the
-    assistant header (no leading space)."""
+    """First token of each refusal opening as it follows the chat template's generation
+    prompt (:func:`~rgeom.models.encode_response`): ``I`` after ``[/INST]`` or
+    ``assistant\\n``, ``▁I`` after a template that puts a space before the reply."""
     ids = []
     for word in prefixes:
-        toks = tokenizer(word, add_special_tokens=False)["input_ids"]
+        toks = encode_response(tokenizer, word, eos=False)
         if toks and toks[0] not in ids:
             ids.append(toks[0])
     if not ids:

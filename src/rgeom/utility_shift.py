@@ -29,7 +29,7 @@ from rgeom.errors import RgeomError
 from rgeom.io import read_meta, read_table, write_table
 from rgeom.judges import METRIC_SCHEMA
 from rgeom.judges.metrics import bootstrap_mean_ci, metric_rng
-from rgeom.models import encode_chat
+from rgeom.models import encode_chat, encode_response
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +92,7 @@ def token_shift(model, base, tokenizer, pairs, batch_size: int = 8) -> dict[str,
     seqs, starts = [], []
     for prompt, completion, *ended in pairs:
         pre = encode_chat(tokenizer, prompt).ids
-        body = tokenizer(completion, add_special_tokens=False, split_special_tokens=True)[
-            "input_ids"
-        ]
-        if ended and ended[0]:
-            body = body + [tokenizer.eos_token_id]
+        body = encode_response(tokenizer, completion, eos=bool(ended and ended[0]))
         seqs.append(pre + body)
         starts.append(len(pre))
     out = {m: np.full(len(seqs), np.nan) for m in ("ce", "ce_base", "kl")}

@@ -255,9 +255,9 @@ def target_losses(
     loss does not depend on the padding its batch needs. Length-sorted chunks of
     ``batch_size`` rows (None: all at once) keep the padding small.
     """
-    from rgeom.models import encode_chat, left_pad
+    from rgeom.models import encode_chat, encode_response, left_pad
 
-    tgt = tokenizer(target, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    tgt = encode_response(tokenizer, target, eos=False)
     if not tgt:
         raise RgeomError(f"AutoDAN target {target[:60]!r} encodes to no tokens")
     encoded = [encode_chat(tokenizer, p, system).ids + tgt for p in prompts]

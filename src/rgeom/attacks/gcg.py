@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from rgeom.errors import RgeomError
-from rgeom.models import _template_parts
+from rgeom.models import encode_chat, encode_chat_batch, encode_response
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ class PromptParts:
     post: list[int]  # template tokens after the user message
     target: list[int]
     body_start: int = 0  # where the behaviour's ids start in ``prefix``
+    system: str | None = None  # the system prompt the ids were encoded under
 
     @property
     def body(self) -> list[int]:
@@ -82,29 +83,30 @@ class PromptParts:
         return self.prefix + list(suffix_ids) + self.post
 
 
-def _encode_user(tokenizer, text: str) -> list[int]:
-    # split_special_tokens=True, as in ``encode_chat``: a behaviour or suffix containing
-    # ``<|im_start|>`` stays plain text.
-    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-
-
 def _around_suffix(
     tokenizer, behaviour: str, system: str | None
 ) -> tuple[list[int], list[int], list[int]]:
-    """Template ids before the user message, the behaviour's ids, template ids after it."""
-    prefix_text, post_text = _template_parts(tokenizer, system)
-    pre = tokenizer(prefix_text, add_special_tokens=False)["input_ids"]
-    post = tokenizer(post_text, add_special_tokens=False)["input_ids"]
-    return pre, _encode_user(tokenizer, behaviour), post
+    """Chat ids before the behaviour (BOS included), the behaviour's ids, the ids after it.
+
+    Cut out of :func:`~rgeom.models.encode_chat`, so that the behaviour is tokenized in its
+    template context (under SentencePiece, no '▁' of its own after a special token) and
+    the layout is exactly the project's chat encoding.
+    """
+    enc = encode_chat(tokenizer, behaviour, system)
+    return (
+        enc.ids[: enc.user_start],
+        enc.ids[enc.user_start : enc.user_end],
+        enc.ids[enc.user_end :],
+    )
 
 
 def split_prompt(tokenizer, behaviour: str, target: str, system: str | None = None) -> PromptParts:
     """Tokenize one GCG entry around its (absent) suffix."""
     pre, body, post = _around_suffix(tokenizer, behaviour, system)
-    tgt = _encode_user(tokenizer, target)
+    tgt = encode_response(tokenizer, target, eos=False)
     if not tgt:
         raise RgeomError(f"GCG target for behaviour {behaviour[:60]!r} is empty")
-    return PromptParts(prefix=pre + body, post=post, target=tgt, body_start=len(pre))
+    return PromptParts(prefix=pre + body, post=post, target=tgt, body_start=len(pre), system=system)
 
 
 def build_prompt_ids(
@@ -115,25 +117,34 @@ def build_prompt_ids(
     return pre + body + list(suffix_ids) + post
 
 
-def suffix_ids_in_context(tokenizer, behaviour: str, text: str) -> list[int]:
+def suffix_ids_in_context(
+    tokenizer, behaviour: str, text: str, system: str | None = None
+) -> list[int]:
     """Ids of ``" " + text`` as they come out of encoding ``behaviour + " " + text``.
 
     This is the starting point GCG needs for its suffixes to round-trip in context: encoded
     alone, ``"! ! !"`` starts with a bare ``"!"`` that the separator space would join.
     """
-    body = _encode_user(tokenizer, behaviour)
-    full = _encode_user(tokenizer, behaviour + SEPARATOR + text.strip())
-    if full[: len(body)] != body or len(full) == len(body):
+    base = encode_chat(tokenizer, behaviour, system)
+    full = encode_chat(tokenizer, behaviour + SEPARATOR + text.strip(), system)
+    head, post = base.ids[: base.user_end], base.ids[base.user_end :]
+    if (
+        full.ids[: len(head)] != head
+        or full.ids[full.user_end :] != post
+        or full.user_end == len(head)
+    ):
         raise RgeomError(
             f"the suffix {text.strip()[:40]!r} merges with the end of the behaviour "
             f"{behaviour[-40:]!r} when tokenized; GCG needs them to stay separate"
         )
-    return full[len(body) :]
+    return full.ids[len(head) : full.user_end]
 
 
-def suffix_text_in_context(tokenizer, behaviour: str, suffix_ids: Sequence[int]) -> str:
+def suffix_text_in_context(
+    tokenizer, behaviour: str, suffix_ids: Sequence[int], system: str | None = None
+) -> str:
     """The suffix as text, such that ``behaviour + " " + text`` is the decoded user message."""
-    body = _encode_user(tokenizer, behaviour)
+    body = _around_suffix(tokenizer, behaviour, system)[1]
     full = tokenizer.decode(body + list(suffix_ids), clean_up_tokenization_spaces=False)
     body_text = tokenizer.decode(body, clean_up_tokenization_spaces=False)
     tail = full[len(body_text) :] if full.startswith(body_text) else full
@@ -403,13 +414,14 @@ def sample_candidates(
 
 
 def roundtrip_mask(
-    tokenizer, candidates: torch.Tensor, behaviour: str | None = None
+    tokenizer, candidates: torch.Tensor, behaviour: str | None = None, system: str | None = None
 ) -> torch.Tensor:
     """True where a candidate suffix survives decoding and re-encoding.
 
     With ``behaviour``, in context: ``behaviour ids + candidate`` is decoded, the text after
     the behaviour must start with the separator, and ``behaviour + that text`` (what a test
-    case replays) must encode to exactly ``behaviour ids + candidate``. Without, the suffix
+    case replays) must chat-encode (under ``system``) to exactly the optimised prompt: the
+    template ids, ``behaviour ids + candidate``, the template ids after it. Without, the suffix
     alone (HarmBench's and nanoGCG's test). Equal ids, not just equal lengths: they are what
     makes a suffix saved as text reproduce the optimised attack.
 
@@ -423,7 +435,7 @@ def roundtrip_mask(
         return torch.tensor(
             [a == b for a, b in zip(again["input_ids"], rows, strict=True)], dtype=torch.bool
         )
-    body = _encode_user(tokenizer, behaviour)
+    pre, body, post = _around_suffix(tokenizer, behaviour, system)
     body_text = tokenizer.decode(body, clean_up_tokenization_spaces=False)
     decoded = tokenizer.batch_decode([body + r for r in rows], clean_up_tokenization_spaces=False)
     lead = body_text + SEPARATOR
@@ -431,13 +443,10 @@ def roundtrip_mask(
     # Re-encode the text a test case replays: the behaviour as given, then the suffix.
     cut = len(body_text)
     texts = [behaviour + t[cut:] if ok else "" for t, ok in zip(decoded, shaped, strict=True)]
-    again = _encode_user(tokenizer, texts)
-    n = len(body)
+    again = encode_chat_batch(tokenizer, texts, system)
+    head = pre + body
     return torch.tensor(
-        [
-            ok and len(a) == n + len(r) and a[n:] == r and a[:n] == body
-            for a, r, ok in zip(again, rows, shaped, strict=True)
-        ],
+        [ok and a.ids == head + r + post for a, r, ok in zip(again, rows, shaped, strict=True)],
         dtype=torch.bool,
     )
 
@@ -536,7 +545,7 @@ def gcg(
             if suffixes is not None:
                 start = list(suffixes[i])
             else:
-                start = suffix_ids_in_context(tokenizer, behaviour, init_suffix)
+                start = suffix_ids_in_context(tokenizer, behaviour, init_suffix, system)
             if not start:
                 raise RgeomError(f"GCG warm-start suffix for entry {i} is empty")
             results.append(_gcg_one(model, tokenizer, behaviour, target, parts, start, search))
@@ -590,7 +599,7 @@ def _gcg_one(
         cands = sample_candidates(
             current, grad, search.allowed, search.search_width, search.topk, search.generator
         )
-        cands = cands[roundtrip_mask(tokenizer, cands, behaviour)]
+        cands = cands[roundtrip_mask(tokenizer, cands, behaviour, parts.system)]
         # Repeated draws of one swap would be scored again for nothing (about 5% of a
         # 128-wide draw from 64 x 20 swaps); sorted unique rows keep the result seeded.
         cands = torch.unique(cands, dim=0)
@@ -609,7 +618,7 @@ def _gcg_one(
         behaviour=behaviour,
         target=target,
         suffix_ids=suffix_ids,
-        suffix_text=suffix_text_in_context(tokenizer, behaviour, suffix_ids),
+        suffix_text=suffix_text_in_context(tokenizer, behaviour, suffix_ids, parts.system),
         loss=current_loss,
         initial_loss=initial_loss,
         losses_per_step=losses,

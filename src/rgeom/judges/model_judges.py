@@ -68,12 +68,11 @@ class JudgeLM:
     def _encode(self, prompt: str, chat: bool, system: str | None) -> list[int]:
         if chat:
             self.require_chat_template()
-            messages = [{"role": "system", "content": system}] if system else []
-            messages.append({"role": "user", "content": prompt})
-            text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            from rgeom.models import encode_chat
+
+            # The same encoding as the judged models' prompts: BOS as the reference
+            # pipelines have it, and a judged response's special-token text kept plain.
+            return encode_chat(self.tokenizer, prompt, system or None).ids
         return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
     def _batches(self, encoded: list[list[int]]):

@@ -261,7 +261,9 @@ class R2D2Pool:
         n = self.rng.randint(self.cfg.suffix_min, self.cfg.suffix_max)
         # Encoded after the behaviour, as GCG's round-trip filter requires: encoded alone,
         # "! ! !" starts with a bare "!" that the separator space would join on replay.
-        return suffix_ids_in_context(self.tokenizer, behaviour, self.cfg.suffix_unit * n)
+        return suffix_ids_in_context(
+            self.tokenizer, behaviour, self.cfg.suffix_unit * n, self.cfg.system
+        )
 
     def _fresh_entry(self) -> PoolEntry:
         # Behaviour and target are drawn per entry from one running RNG; reseeding per entry
@@ -429,11 +431,7 @@ def compute_r2d2_losses(
     for kind in ("away", "toward"):
         for e in pool_entries:
             prompt = build_prompt_ids(tokenizer, e.behaviour, e.suffix_ids, cfg.system)
-            if kind == "away":
-                reply = tokenizer(e.target, add_special_tokens=False, split_special_tokens=True)
-                reply = reply["input_ids"]
-            else:
-                reply = refusal
+            reply = encode_response(tokenizer, e.target, eos=False) if kind == "away" else refusal
             rows.append(prompt + reply)
             labels.append([-100] * len(prompt) + reply)
             kinds.append(kind)
