@@ -390,7 +390,7 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
     "check-profile": (
         "Check a Snakemake profile: its rule names, and under the SLURM executor every "
         "rule's partition and resources against the partitions sinfo lists.",
-        "rgeom check-profile profiles/slurm",
+        "rgeom check-profile profiles/slurm --configfile config/paper.yaml",
         "rgeom.profiles:check_profile_cmd",
         [
             (("profile",), {"help": "profile directory (or its config.yaml)"}),
@@ -403,6 +403,15 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
                     "help": "check against sinfo (default: when the profile's executor is slurm)",
                 },
             ),
+            (
+                ("--configfile",),
+                {
+                    "default": None,
+                    "help": "config the jobs are resolved for (a forced dry run): callables "
+                    "and config-dependent resources are checked as Snakemake submits them",
+                },
+            ),
+            (("--snakefile",), {"default": None, "help": "default: the one beside profiles/"}),
         ],
     ),
     "provenance": (

@@ -169,11 +169,13 @@ rule adaptive_judge:
     benchmark:
         "results/benchmarks/adaptive_judge/{arm}-{step}.tsv"
     conda:
-        "../envs/analysis.yaml"
+        # Model judges need torch, transformers and peft (as rule judge).
+        "../envs/train.yaml" if model_judges() else "../envs/analysis.yaml"
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=10,
+        mem_mb=40000 if model_judges() else 1000,
+        runtime=60 if model_judges() else 10,
+        gpu=judge_gpu(),
     params:
         json=params_json(judge=config["judge"]),
     shell:
