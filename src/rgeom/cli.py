@@ -342,6 +342,20 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
             (("--targets",), {"default": None, "help": "HarmBench targets JSON"}),
         ],
     ),
+    "attack-merge": (
+        "Merge one method's chunk files (rgeom attack with chunk [k, n] in --params, one "
+        "job each) into the table a single job writes.",
+        "rgeom attack-merge --method GCG-transfer --parts results/attacks/GCG-transfer/*.parquet"
+        " \\\n    --behaviors results/data/harmbench.parquet"
+        " --out results/attacks/GCG-transfer.parquet",
+        "rgeom.attacks.stages:attack_merge",
+        [
+            (("--method",), {"required": True, "help": "the method the chunks ran"}),
+            (("--parts",), {"nargs": "+", "required": True, "help": "chunk Parquet files"}),
+            (("--behaviors",), {"required": True, "help": "behaviour set (prompt Parquet)"}),
+            (("--out",), {"required": True}),
+        ],
+    ),
     "test-cases": (
         "Merge per-method (and your own) test-case files, checking every behaviour id.",
         "rgeom test-cases --cases results/attacks/DirectRequest.parquet \\\n"

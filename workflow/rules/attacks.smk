@@ -34,14 +34,18 @@ rule attack:
 
 
 rule attack_gcg:
+    # One chunk of GCG-transfer's behaviours (attacks.gcg.jobs chunks, round-robin): each
+    # is its own SLURM job of a few hours instead of one job of 27-50 h at paper scale.
     input:
         unpack(attack_gcg_inputs),
     output:
-        table="results/attacks/GCG-transfer.parquet",
+        table="results/attacks/GCG-transfer/chunk-{chunk}.parquet",
     log:
-        "results/logs/attack/GCG-transfer.log",
+        "results/logs/attack/GCG-transfer-{chunk}.log",
     benchmark:
-        "results/benchmarks/attack/GCG-transfer.tsv"
+        "results/benchmarks/attack/GCG-transfer-{chunk}.tsv"
+    wildcard_constraints:
+        chunk=r"\d+",
     conda:
         "../envs/train.yaml"
     threads: 1
@@ -50,18 +54,36 @@ rule attack_gcg:
         runtime=240,
         gpu=GPU,
     params:
-        json=params_json(
-            model=model_params(),
-            attacks={
-                "source_model": ATTACKS["source_model"],
-                "gcg": {k: v for k, v in ATTACKS["gcg"].items() if k != "targets"},
-            },
-        ),
+        json=lambda w: gcg_params(chunk=int(w.chunk)),
         model=attack_source()[0],
         flags=lambda w, input: optional_flags(input, "targets"),
     shell:
         "rgeom attack --method GCG-transfer --behaviors {input.behaviors}"
         " --model {params.model} --out {output.table} {params.flags}"
+        " --params {params.json:q} > {log} 2>&1"
+
+
+rule attack_gcg_merge:
+    input:
+        parts=gcg_chunks(),
+        behaviors=attack_behaviours(),
+    output:
+        table="results/attacks/GCG-transfer.parquet",
+    log:
+        "results/logs/attack/GCG-transfer.log",
+    benchmark:
+        "results/benchmarks/attack/GCG-transfer.tsv"
+    conda:
+        "../envs/analysis.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        json=gcg_params(),
+    shell:
+        "rgeom attack-merge --method GCG-transfer --parts {input.parts}"
+        " --behaviors {input.behaviors} --out {output.table}"
         " --params {params.json:q} > {log} 2>&1"
 
 

@@ -320,6 +320,25 @@ def attack_gcg_inputs(wildcards):
     return inputs
 
 
+def gcg_chunks():
+    """GCG-transfer's chunk files: one SLURM job each (attacks.gcg.jobs)."""
+    n = ATTACKS["gcg"]["jobs"]
+    return [f"results/attacks/GCG-transfer/chunk-{k}.parquet" for k in range(n)]
+
+
+def gcg_params(chunk=None):
+    """GCG-transfer's parameters; a chunk job adds [k, n]. attacks.gcg.jobs itself is left
+    out, so the merged table's provenance equals one unchunked job's."""
+    gcg = {k: v for k, v in ATTACKS["gcg"].items() if k not in ("targets", "jobs")}
+    sections = {
+        "model": model_params(),
+        "attacks": {"source_model": ATTACKS["source_model"], "gcg": gcg},
+    }
+    if chunk is not None:
+        sections["chunk"] = [chunk, ATTACKS["gcg"]["jobs"]]
+    return params_json(**sections)
+
+
 def attack_autodan_inputs(wildcards):
     """AutoDAN: GCG-transfer's inputs, plus its own prototypes file when one is set."""
     inputs = attack_gcg_inputs(wildcards)
