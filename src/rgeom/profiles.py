@@ -404,10 +404,13 @@ def resolved_resources(
     except subprocess.TimeoutExpired:
         raise RgeomError(f"snakemake --dry-run with profile {profile} took over 600 s") from None
     if res.returncode != 0:
-        tail = (res.stderr.strip() or res.stdout.strip()).splitlines()[-15:]
+        lines = (res.stdout + "\n" + res.stderr).strip().splitlines()
+        # Snakemake's own message: from its last "...Error" line (the traceback follows).
+        starts = [i for i, line in enumerate(lines) if "Error" in line.split(" ", 1)[0]]
+        tail = lines[starts[-1] : starts[-1] + 3] if starts else lines[-15:]
         raise RgeomError(
             f"snakemake --dry-run --profile {profile} --configfile {configfile} failed: "
-            + " | ".join(tail)
+            + " | ".join(line.strip() for line in tail)
         )
     jobs = parse_dry_run(res.stdout)
     if not jobs:
