@@ -124,3 +124,39 @@ def test_two_srun_tasks_join_one_gloo_rendezvous_and_train(tmp_path, tiny_model_
     assert log["step"] == list(range(1, params["anchors"][-1] + 1))
     for step in params["anchors"][1:]:
         assert (tmp_path / "checkpoints" / anchor_name(step) / "model.safetensors").exists()
+
+
+def test_the_train_rule_launches_srun_under_the_mpi_route(tmp_path):
+    """A dry run of paper.yaml (8 GPUs) with the multi-node profile entry: train's shell
+    command starts its ranks with srun, and check_conventions accepts it."""
+    import yaml
+    from test_profiles import PAPER, PROFILE, _data_paths
+
+    from rgeom.config import load
+
+    data = tmp_path / "data"
+    for rel in _data_paths(load(PAPER)):
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        (data / rel).touch()
+    raw = yaml.safe_load(PAPER.read_text())
+    raw["data"]["shared_dir"] = str(data)
+    raw["train"]["num_gpus"] = 8
+    cfg = tmp_path / "paper8.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
+    profile["executor"] = "local"  # no plugin needed to print the shell commands
+    profile["set-resources"]["train"].update(MULTI_NODE)
+    (tmp_path / "profile").mkdir()
+    (tmp_path / "profile" / "config.yaml").write_text(yaml.safe_dump(profile))
+    res = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "-p", "--profile", str(tmp_path / "profile")]
+        + ["--configfile", str(cfg), "--snakefile", str(REPO / "Snakefile")]
+        + ["--directory", str(tmp_path), "--cores", "1", "results/sft/checkpoints/step-000050"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "srun -n 8 --kill-on-bad-exit=1 python -m rgeom.slurm_rank train --arm sft" in (
+        res.stdout
+    ), res.stdout[-3000:]

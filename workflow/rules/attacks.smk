@@ -113,6 +113,7 @@ rule attack_autodan:
                 },
             },
         ),
+        key=lambda w: targets_key(),
         model=attack_source()[0],
         flags=lambda w, input: optional_flags(input, "targets", "templates"),
     shell:
@@ -163,17 +164,8 @@ rule adaptive_gcg:
         runtime=240,
         gpu=GPU,
     params:
-        json=lambda w: params_json(
-            model=model_params(),
-            attacks={
-                "adaptive": {
-                    k: v for k, v in ATTACKS["adaptive"].items() if k != "enabled"
-                }
-            },
-            generate=config["generate"],
-            arm=w.arm,
-            step=int(w.step),
-        ),
+        json=untracked(lambda w: adaptive_params(w)),
+        key=lambda w: adaptive_params(w, perf=False),
         flags=lambda w, input: optional_flags(input, "targets"),
     shell:
         "rgeom adaptive-gcg --model {input.model} --behaviors {input.behaviors}"
