@@ -16,6 +16,7 @@ import sys
 
 import pytest
 from dagrun import REPO
+from test_deepspeed import sft_data  # noqa: F401 (the fixture: 16 SFT rows)
 
 from rgeom.errors import RgeomError
 from rgeom.profiles import check_conventions, sbatch_line
@@ -82,7 +83,11 @@ def test_rank_env_from_srun_variables():
 
 
 @pytest.mark.slow  # two processes, DeepSpeed init: about a minute
-def test_two_srun_tasks_join_one_gloo_rendezvous_and_train(tmp_path, tiny_model_dir, sft_data):
+def test_two_srun_tasks_join_one_gloo_rendezvous_and_train(
+    tmp_path,
+    tiny_model_dir,
+    sft_data,  # noqa: F811
+):
     from test_deepspeed import _params
 
     from rgeom.io import read_table
