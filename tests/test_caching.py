@@ -163,3 +163,34 @@ def test_an_added_anchor_runs_only_the_new_cells(added_anchor, finished_run):
         for step in CFG["anchors"][1:]:
             rel = Path("results") / arm / "checkpoints" / f"step-{step:06d}" / "model.safetensors"
             assert (work / rel).stat().st_mtime_ns == (finished_run / rel).stat().st_mtime_ns
+
+
+#: What any config edit reruns: the config record, and the summary that sits beside it.
+RECORD = {"record_config": 1, "summary": 1, "all": 1}
+
+
+def test_a_memory_knob_reruns_nothing_but_the_config_record(finished_run, tmp_path):
+    # generate.batch_size and shard_size size batches and shards; greedy tables are the same.
+    # Before: sft_data, every training segment and every cell reran (78 of 97 jobs).
+    gen = {"batch_size": CFG["generate"]["batch_size"] * 2, "shard_size": 3}
+    counts = dry_run(finished_run, edited(generate=gen), tmp_path)
+    assert counts == RECORD, counts
+
+
+def test_moving_the_shared_data_folder_reruns_nothing_but_the_config_record(finished_run, tmp_path):
+    # The same files through another path: shared files are tracked by content
+    # (common.smk: content_key), never by the folder's name. Before: 95 jobs.
+    counts = dry_run(finished_run, edited(data={"shared_dir": str(tmp_path / "moved")}), tmp_path)
+    assert counts == RECORD, counts
+
+
+def test_generate_max_new_tokens_reruns_generation_but_not_training(finished_run, tmp_path):
+    new = CFG["generate"]["max_new_tokens"] + 2
+    counts = dry_run(finished_run, edited(generate={"max_new_tokens": new}), tmp_path)
+    allowed = {"generate", "judge", "adaptive_gcg", "adaptive_judge"} | set(RECORD)
+    exact = {"generate": N_CELLS * N_BENCH, "judge": N_CELLS * N_BENCH, **RECORD}
+    for rule in ("prepare_model", "prepare_data", "sft_data", "train", "attack_gcg"):
+        assert counts.get(rule, 0) == 0, f"{rule} must not rerun: {counts}"
+    assert set(counts) <= allowed, counts
+    for rule, n in exact.items():
+        assert counts.get(rule, 0) == n, f"{rule}: {counts}"

@@ -125,6 +125,7 @@ def test_editing_gcg_transfer_reruns_only_the_attack_and_its_replay(finished_run
     # GCG, no training or geometry reruns.
     assert counts == {
         "attack_gcg": 1,
+        "attack_gcg_merge": 1,
         "test_cases": 1,
         "generate": n_cells,
         "judge": n_cells,

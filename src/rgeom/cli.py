@@ -342,6 +342,20 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
             (("--targets",), {"default": None, "help": "HarmBench targets JSON"}),
         ],
     ),
+    "attack-merge": (
+        "Merge one method's chunk files (rgeom attack with chunk [k, n] in --params, one "
+        "job each) into the table a single job writes.",
+        "rgeom attack-merge --method GCG-transfer --parts results/attacks/GCG-transfer/*.parquet"
+        " \\\n    --behaviors results/data/harmbench.parquet"
+        " --out results/attacks/GCG-transfer.parquet",
+        "rgeom.attacks.stages:attack_merge",
+        [
+            (("--method",), {"required": True, "help": "the method the chunks ran"}),
+            (("--parts",), {"nargs": "+", "required": True, "help": "chunk Parquet files"}),
+            (("--behaviors",), {"required": True, "help": "behaviour set (prompt Parquet)"}),
+            (("--out",), {"required": True}),
+        ],
+    ),
     "test-cases": (
         "Merge per-method (and your own) test-case files, checking every behaviour id.",
         "rgeom test-cases --cases results/attacks/DirectRequest.parquet \\\n"
@@ -390,7 +404,7 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
     "check-profile": (
         "Check a Snakemake profile: its rule names, and under the SLURM executor every "
         "rule's partition and resources against the partitions sinfo lists.",
-        "rgeom check-profile profiles/slurm",
+        "rgeom check-profile profiles/slurm --configfile config/paper.yaml",
         "rgeom.profiles:check_profile_cmd",
         [
             (("profile",), {"help": "profile directory (or its config.yaml)"}),
@@ -403,6 +417,15 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
                     "help": "check against sinfo (default: when the profile's executor is slurm)",
                 },
             ),
+            (
+                ("--configfile",),
+                {
+                    "default": None,
+                    "help": "config the jobs are resolved for (a forced dry run): callables "
+                    "and config-dependent resources are checked as Snakemake submits them",
+                },
+            ),
+            (("--snakefile",), {"default": None, "help": "default: the one beside profiles/"}),
         ],
     ),
     "provenance": (

@@ -1,8 +1,13 @@
-"""Check Snakemake profiles against the workflow's rules.
+"""Check Snakemake profiles against the workflow's rules, a config and the cluster.
 
 Snakemake silently ignores a ``set-resources`` (or ``set-threads``) entry whose key is not
 a rule name, so a typo or a renamed rule would quietly drop a job's GPU or memory request.
 :func:`check_profile` turns that into one :class:`RgeomError` naming the unknown rule.
+
+With a config file, :func:`resolved_resources` asks Snakemake itself (a forced dry run with
+the profile and the config) for every job's resources, so values computed from the config
+(a rule's ``gpu=judge_gpu()``, ``mem_mb=40000 if model_judges() else 1000``) are checked
+as Snakemake will submit them, not only the literals a regex can read.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -318,7 +324,7 @@ def check_workflow_jobs(workflow) -> None:
     for job in workflow.dag.needrun_jobs():
         if job.is_local:
             continue
-        res = {k: v for k, v in job.resources.items() if k in LIMITED}
+        res = {k: v for k, v in job.resources.items() if k in LIMITED + ("mpi", "tasks")}
         old = by_rule.setdefault(job.rule.name, res)
         for key in ("mem_mb", "runtime", "cpus_per_task", "gpu", "nodes"):
             if _int(res.get(key)) is not None and (_int(old.get(key)) or 0) < _int(res[key]):
@@ -326,15 +332,213 @@ def check_workflow_jobs(workflow) -> None:
     if not by_rule:
         return
     problems = check_resources(by_rule, slurm_partitions())
+    problems += check_conventions(by_rule, dict(workflow.config))
     if problems:
         raise RgeomError(
             f"{len(problems)} problem(s) before anything is submitted: " + "; ".join(problems)
         )
 
 
-def check_profile_cmd(profile: str, rules: str, slurm: bool | None = None) -> None:
+# --- resources as Snakemake resolves them, from a forced dry run ---------------------------
+
+_JOB_RE = re.compile(r"^(rule|localrule|checkpoint|localcheckpoint) (\w+):\s*$")
+_RES_RE = re.compile(r"^\s+resources: (.*)$")
+_ITEM_RE = re.compile(r"(\w+)=(.*?)(?=, \w+=|$)")
+
+
+def parse_dry_run(text: str) -> list[tuple[str, dict]]:
+    """``(rule, resources)`` of every submitted job in ``snakemake -n`` output (local rules,
+    which never reach SLURM, are left out). Integers come back as ``int``; ``<TBD>`` (a
+    resource that needs an input not yet made) is left out."""
+    jobs: list[tuple[str, dict]] = []
+    rule, local = None, False
+    for line in text.splitlines():
+        head = _JOB_RE.match(line)
+        if head:
+            rule, local = head.group(2), head.group(1).startswith("local")
+            continue
+        found = _RES_RE.match(line)
+        if found and rule is not None:
+            res = {}
+            for key, value in _ITEM_RE.findall(found.group(1)):
+                if value == "<TBD>":
+                    continue
+                res[key] = int(value) if re.fullmatch(r"-?\d+", value) else value
+            if not local:
+                jobs.append((rule, res))
+            rule = None
+    return jobs
+
+
+def resolved_resources(
+    profile: str | os.PathLike,
+    configfile: str | os.PathLike,
+    snakefile: str | os.PathLike | None = None,
+    workdir: str | os.PathLike | None = None,
+) -> list[tuple[str, dict]]:
+    """Every job of the workflow with its resources as Snakemake resolves them for this
+    profile and config: rule resources (callables evaluated), ``default-resources`` and
+    ``set-resources``. ``--forceall`` lists every job, finished or not; nothing runs."""
+    profile = Path(profile)
+    if profile.name == "config.yaml":
+        profile = profile.parent
+    snakefile = Path(snakefile) if snakefile else _default_snakefile(profile)
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--dry-run",
+        "--forceall",
+        "--nolock",
+        "--profile",
+        str(profile.resolve()),
+        "--configfile",
+        str(Path(configfile).resolve()),
+        "--snakefile",
+        str(snakefile.resolve()),
+    ]
+    if workdir is not None:
+        cmd += ["--directory", str(workdir)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        raise RgeomError(f"snakemake --dry-run with profile {profile} took over 600 s") from None
+    if res.returncode != 0:
+        lines = (res.stdout + "\n" + res.stderr).strip().splitlines()
+        # Snakemake's own message: from its last "...Error" line (the traceback follows).
+        starts = [i for i, line in enumerate(lines) if "Error" in line.split(" ", 1)[0]]
+        tail = lines[starts[-1] : starts[-1] + 3] if starts else lines[-15:]
+        raise RgeomError(
+            f"snakemake --dry-run --profile {profile} --configfile {configfile} failed: "
+            + " | ".join(line.strip() for line in tail)
+        )
+    jobs = parse_dry_run(res.stdout)
+    if not jobs:
+        raise RgeomError(f"snakemake --dry-run --profile {profile} listed no submitted job")
+    return jobs
+
+
+def _default_snakefile(profile: Path) -> Path:
+    # profiles/<name>/ sits beside the Snakefile; otherwise the one in the current folder.
+    for candidate in (profile.resolve().parent.parent / "Snakefile", Path("Snakefile")):
+        if candidate.exists():
+            return candidate
+    raise RgeomError(f"no Snakefile found next to {profile} or here; pass --snakefile")
+
+
+def by_rule_max(jobs: list[tuple[str, dict]]) -> dict[str, dict]:
+    """Per rule, the largest request of each limited resource over its jobs."""
+    out: dict[str, dict] = {}
+    for rule, res in jobs:
+        old = out.setdefault(rule, dict(res))
+        for key, value in res.items():
+            if isinstance(value, int) and isinstance(old.get(key), int) and value > old[key]:
+                old[key] = value
+    return out
+
+
+def check_conventions(resources: dict[str, dict], config: dict | None = None) -> list[str]:
+    """What snakemake-executor-plugin-slurm would turn into a wrong sbatch line.
+
+    * ``cpus_per_task`` wins over ``cpus_per_gpu`` (the plugin's ``get_cpu_setting``), so a
+      GPU job carrying both gets the CPU count meant for CPU jobs;
+    * a job with several GPUs and no ``nodes`` may get them spread over nodes (``--gpus`` is
+      a total), which a single-node ``torchrun`` cannot use;
+    * ``train``'s GPUs must be ``train.num_gpus`` (the ranks the launcher starts); with the
+      ``mpi`` (srun) route, ``tasks`` must be too.
+    """
+    problems = []
+    for rule, res in sorted(resources.items()):
+        gpu = _int(res.get("gpu")) or 0
+        if gpu and _int(res.get("cpus_per_gpu")) and _int(res.get("cpus_per_task")):
+            problems.append(
+                f"rule {rule}: cpus_per_task={res['cpus_per_task']} overrides "
+                f"cpus_per_gpu={res['cpus_per_gpu']} in the SLURM plugin (drop cpus_per_task "
+                "from default-resources, or set it per rule)"
+            )
+        if gpu > 1 and res.get("nodes") is None and not res.get("mpi"):
+            problems.append(
+                f"rule {rule}: gpu={gpu} without nodes: --gpus={gpu} may be split across "
+                "nodes; set nodes: 1 (or the mpi route of docs/cluster.md)"
+            )
+    if config is not None and config["model"]["device"] == "cuda" and "train" in resources:
+        want = int(config["train"]["num_gpus"])
+        res = resources["train"]
+        if (_int(res.get("gpu")) or 0) != want:
+            problems.append(
+                f"rule train: gpu={res.get('gpu')} but train.num_gpus={want}: the job "
+                f"launches {want} ranks, one per GPU"
+            )
+        if res.get("mpi") and _int(res.get("tasks")) != want:
+            problems.append(
+                f"rule train: tasks={res.get('tasks')} but train.num_gpus={want}: srun "
+                "starts one rank per task"
+            )
+    return problems
+
+
+def check_profile_config(
+    profile: str | os.PathLike,
+    configfile: str | os.PathLike,
+    rules_dir: str | os.PathLike,
+    partitions: dict[str, Partition] | None = None,
+    snakefile: str | os.PathLike | None = None,
+    workdir: str | os.PathLike | None = None,
+) -> dict[str, dict]:
+    """The profile against a config and SLURM: rule names, then every job's resolved
+    resources against the partitions and the plugin's conventions. One :class:`RgeomError`
+    lists every problem; returns each rule's largest request."""
+    from rgeom.config import load
+
+    path = _profile_file(profile)
+    check_profile(path, rules_dir)
+    config = load(configfile)
+    partitions = slurm_partitions() if partitions is None else partitions
+    resources = by_rule_max(resolved_resources(path, configfile, snakefile, workdir))
+    problems = check_resources(resources, partitions, f"{path} + {configfile}")
+    problems += check_conventions(resources, config)
+    if problems:
+        raise RgeomError(
+            f"{len(problems)} problem(s) before anything is submitted: " + "; ".join(problems)
+        )
+    return resources
+
+
+def sbatch_line(rule: str, resources: dict, threads: int = 1) -> str:
+    """The sbatch call snakemake-executor-plugin-slurm would build for a job of ``rule``
+    with these resources (its own ``get_submit_command`` and ``set_gres_string``)."""
+    from types import SimpleNamespace
+
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    class _Resources(dict):
+        __getattr__ = dict.__getitem__
+
+    job = SimpleNamespace(resources=_Resources(resources), threads=threads, name=rule)
+    partition = resources.get("slurm_partition")
+    account = resources.get("slurm_account")
+    params = {
+        "run_uuid": "rgeom",
+        "slurm_logfile": f".snakemake/slurm_logs/rule_{rule}/%j.log",
+        "comment_str": f"rule_{rule}",
+        "account": f"-A {account}" if account else "",
+        "partition": f"-p {partition}" if partition else "",
+        "workdir": None,
+    }
+    return get_submit_command(job, params) + set_gres_string(job)
+
+
+def check_profile_cmd(
+    profile: str,
+    rules: str,
+    slurm: bool | None = None,
+    configfile: str | None = None,
+    snakefile: str | None = None,
+) -> None:
     """``rgeom check-profile``: rule names always; partitions and limits when the profile
-    uses the SLURM executor (or ``--slurm``). Prints one line per configured rule."""
+    uses the SLURM executor (or ``--slurm``); with ``--configfile``, every job's resources
+    as Snakemake resolves them for that config. Prints one line per rule."""
     path = _profile_file(profile)
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if slurm is None:
@@ -344,8 +548,15 @@ def check_profile_cmd(profile: str, rules: str, slurm: bool | None = None) -> No
         print(f"{path}: ok ({len(checked)} rule entries name workflow rules)")
         return
     partitions = slurm_partitions()
-    resources = check_profile_slurm(path, rules, partitions)
-    print(f"{path}: ok against SLURM partitions {', '.join(sorted(partitions))}")
+    if configfile:
+        resources = check_profile_config(path, configfile, rules, partitions, snakefile)
+        print(
+            f"{path} + {configfile}: ok against SLURM partitions {', '.join(sorted(partitions))}"
+            " (resources as Snakemake resolves them)"
+        )
+    else:
+        resources = check_profile_slurm(path, rules, partitions)
+        print(f"{path}: ok against SLURM partitions {', '.join(sorted(partitions))}")
     for rule, res in sorted(resources.items()):
         shown = " ".join(f"{k}={res[k]}" for k in LIMITED if res.get(k) not in (None, ""))
         print(f"  {rule:24s} {shown}")

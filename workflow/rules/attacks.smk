@@ -34,14 +34,18 @@ rule attack:
 
 
 rule attack_gcg:
+    # One chunk of GCG-transfer's behaviours (attacks.gcg.jobs chunks, round-robin): each
+    # is its own SLURM job of a few hours instead of one job of 27-50 h at paper scale.
     input:
         unpack(attack_gcg_inputs),
     output:
-        table="results/attacks/GCG-transfer.parquet",
+        table="results/attacks/GCG-transfer/chunk-{chunk}.parquet",
     log:
-        "results/logs/attack/GCG-transfer.log",
+        "results/logs/attack/GCG-transfer-{chunk}.log",
     benchmark:
-        "results/benchmarks/attack/GCG-transfer.tsv"
+        "results/benchmarks/attack/GCG-transfer-{chunk}.tsv"
+    wildcard_constraints:
+        chunk=r"\d+",
     conda:
         "../envs/train.yaml"
     threads: 1
@@ -50,18 +54,36 @@ rule attack_gcg:
         runtime=240,
         gpu=GPU,
     params:
-        json=params_json(
-            model=model_params(),
-            attacks={
-                "source_model": ATTACKS["source_model"],
-                "gcg": {k: v for k, v in ATTACKS["gcg"].items() if k != "targets"},
-            },
-        ),
+        json=lambda w: gcg_params(chunk=int(w.chunk)),
         model=attack_source()[0],
         flags=lambda w, input: optional_flags(input, "targets"),
     shell:
         "rgeom attack --method GCG-transfer --behaviors {input.behaviors}"
         " --model {params.model} --out {output.table} {params.flags}"
+        " --params {params.json:q} > {log} 2>&1"
+
+
+rule attack_gcg_merge:
+    input:
+        parts=gcg_chunks(),
+        behaviors=attack_behaviours(),
+    output:
+        table="results/attacks/GCG-transfer.parquet",
+    log:
+        "results/logs/attack/GCG-transfer.log",
+    benchmark:
+        "results/benchmarks/attack/GCG-transfer.tsv"
+    conda:
+        "../envs/analysis.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        json=gcg_params(),
+    shell:
+        "rgeom attack-merge --method GCG-transfer --parts {input.parts}"
+        " --behaviors {input.behaviors} --out {output.table}"
         " --params {params.json:q} > {log} 2>&1"
 
 
@@ -91,6 +113,7 @@ rule attack_autodan:
                 },
             },
         ),
+        key=lambda w: targets_key(),
         model=attack_source()[0],
         flags=lambda w, input: optional_flags(input, "targets", "templates"),
     shell:
@@ -141,17 +164,8 @@ rule adaptive_gcg:
         runtime=240,
         gpu=GPU,
     params:
-        json=lambda w: params_json(
-            model=model_params(),
-            attacks={
-                "adaptive": {
-                    k: v for k, v in ATTACKS["adaptive"].items() if k != "enabled"
-                }
-            },
-            generate=config["generate"],
-            arm=w.arm,
-            step=int(w.step),
-        ),
+        json=untracked(lambda w: adaptive_params(w)),
+        key=lambda w: adaptive_params(w, perf=False),
         flags=lambda w, input: optional_flags(input, "targets"),
     shell:
         "rgeom adaptive-gcg --model {input.model} --behaviors {input.behaviors}"
@@ -169,11 +183,13 @@ rule adaptive_judge:
     benchmark:
         "results/benchmarks/adaptive_judge/{arm}-{step}.tsv"
     conda:
-        "../envs/analysis.yaml"
+        # Model judges need torch, transformers and peft (as rule judge).
+        "../envs/train.yaml" if model_judges() else "../envs/analysis.yaml"
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=10,
+        mem_mb=40000 if model_judges() else 1000,
+        runtime=60 if model_judges() else 10,
+        gpu=judge_gpu(),
     params:
         json=params_json(judge=config["judge"]),
     shell:

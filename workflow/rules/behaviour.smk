@@ -17,13 +17,8 @@ rule generate:
         runtime=60,
         gpu=GPU,
     params:
-        json=lambda w: params_json(
-            model=model_params(),
-            generate=config["generate"],
-            arm=w.arm,
-            step=int(w.step),
-            benchmark=w.benchmark,
-        ),
+        json=untracked(lambda w: generate_params(w)),
+        key=lambda w: generate_params(w, perf=False),
     shell:
         "rgeom generate --model {input.model} --prompts {input.prompts}"
         " --out {output.table} --params {params.json:q} > {log} 2>&1"

@@ -63,6 +63,62 @@ def params_json(**sections):
     return json.dumps({"seed": config["seed"], **sections}, sort_keys=True)
 
 
+def untracked(func):
+    """A params function whose value reaches the stage but never triggers a rerun.
+
+    Snakemake does not track a "derived" param, one whose function takes ``input`` (see
+    snakemake.rules.Rule._is_deriving_function). A rule pairs it with a tracked ``key``
+    param holding every setting that changes its output, so memory and speed knobs, and the
+    folder shared files are read from, rerun nothing.
+    """
+
+    def derived(wildcards, input):
+        return func(wildcards)
+
+    return derived
+
+
+#: generate keys that change memory use and speed only, never a table (generation is
+#: greedy; shards do not change results): left out of every tracked key.
+GENERATE_PERF = ("batch_size", "shard_size")
+
+
+def generate_settings(perf=True):
+    gen = config["generate"]
+    return (
+        dict(gen) if perf else {k: v for k, v in gen.items() if k not in GENERATE_PERF}
+    )
+
+
+_DIGESTS = {}
+
+
+def content_key(paths):
+    """{path as the config names it: sha256 of the file} for files under data.shared_dir.
+
+    Tracked instead of the files themselves: an input's path is part of Snakemake's record,
+    so moving the same files (another data.shared_dir, a new mount) would rerun everything
+    downstream, while their contents are what the results depend on. Hashes are cached per
+    (path, size, mtime) for the DAG build.
+    """
+    from rgeom.io import file_sha256
+
+    out = {}
+    for rel in paths:
+        path = Path(shared_path(rel))
+        if not path.is_file():
+            raise WorkflowError(
+                f"missing file: {path} (named {rel!r} in the config, under data.shared_dir "
+                f"{config['data']['shared_dir']!r})"
+            )
+        stat = path.stat()
+        cache = (str(path), stat.st_size, stat.st_mtime_ns)
+        if cache not in _DIGESTS:
+            _DIGESTS[cache] = file_sha256(path)
+        out[str(rel)] = _DIGESTS[cache]
+    return out
+
+
 def direction_filter(scores_only=False):
     """The carrier keys of Arditi's prompt filter that the direction prompts use.
 
@@ -81,14 +137,23 @@ def model_params():
     return {k: config["model"][k] for k in ("dtype", "device", "trust_remote_code")}
 
 
-def dataset_input(wildcards):
-    spec = config["data"]["sets"][wildcards.dataset]
-    if spec["format"] in ("builtin", "hf"):
-        return []
-    path = Path(spec["path"])
-    return str(
-        path if path.is_absolute() else Path(config["data"]["shared_dir"]) / path
-    )
+def dataset_files(dataset):
+    """The shared file a set is read from ([] for builtin and hub sets)."""
+    spec = config["data"]["sets"][dataset]
+    return [] if spec["format"] in ("builtin", "hf") else [spec["path"]]
+
+
+def prepare_data_params(wildcards, tracked=False):
+    """The set's spec; tracked, the content of its file instead of data.shared_dir."""
+    sections = {
+        "spec": config["data"]["sets"][wildcards.dataset],
+        "max_prompt_tokens": config["data"]["max_prompt_tokens"],
+    }
+    if tracked:
+        sections["source"] = content_key(dataset_files(wildcards.dataset))
+    else:
+        sections["shared_dir"] = config["data"]["shared_dir"]
+    return params_json(**sections)
 
 
 def summary_outputs():
@@ -196,18 +261,23 @@ def as_list(value):
     return [value] if isinstance(value, str) else list(value)
 
 
-def r2d2_inputs():
-    """The R2D2 pool's behaviours: HarmBench CSVs + targets JSONs (lists, the reference
-    pool reads two of each), or train_harmful's targets."""
+def r2d2_files():
+    """The R2D2 pool's shared files: HarmBench CSVs + targets JSONs (lists, the reference
+    pool reads two of each), as the config names them; [] when train_harmful's targets
+    are the pool."""
     r2d2 = config["r2d2"]
-    behaviours = [shared_path(p) for p in as_list(r2d2["behaviours"])]
-    if not behaviours:
-        return {"r2d2_behaviours": "results/data/train_harmful.parquet"}
-    inputs = {"r2d2_behaviours": behaviours}
-    targets = [shared_path(p) for p in as_list(r2d2["targets"])]
-    if targets:
-        inputs["r2d2_targets"] = targets
-    return inputs
+    return {
+        "r2d2_behaviours": as_list(r2d2["behaviours"]),
+        "r2d2_targets": as_list(r2d2["targets"]) if as_list(r2d2["behaviours"]) else [],
+    }
+
+
+def r2d2_inputs():
+    """The pool's workflow-made input: train_harmful when no shared files are named (shared
+    files are tracked by content in train_params, not as inputs)."""
+    if r2d2_files()["r2d2_behaviours"]:
+        return {}
+    return {"r2d2_behaviours": "results/data/train_harmful.parquet"}
 
 
 def deepspeed_config():
@@ -257,7 +327,19 @@ def train_params(wildcards):
             for k, v in config["r2d2"].items()
             if k not in ("behaviours", "targets")
         }
+        files = r2d2_files()
+        sections["r2d2_files"] = content_key(
+            files["r2d2_behaviours"] + files["r2d2_targets"]
+        )
     return params_json(**sections)
+
+
+def train_launcher(wildcards, resources):
+    from rgeom.slurm_rank import launcher
+
+    keys = ("mpi", "tasks")
+    found = {k: getattr(resources, k) for k in keys if k in resources.keys()}
+    return launcher(found, config["train"]["num_gpus"])
 
 
 def arm_checkpoints(wildcards):
@@ -265,11 +347,19 @@ def arm_checkpoints(wildcards):
 
 
 def extra_flags(wildcards, input):
-    """``--extra NAME=PATH`` per extra input; several files join with "," (one NAME each)."""
-    names = ("r2d2_behaviours", "r2d2_targets", "deepspeed")
-    return " ".join(
-        f"--extra {n}={','.join(as_list(input[n]))}" for n in names if n in input.keys()
-    )
+    """``--extra NAME=PATH`` per extra input; several files join with "," (one NAME each).
+    The R2D2 pool's shared files come from the config (tracked by content, not path)."""
+    paths = {
+        n: as_list(input[n])
+        for n in ("r2d2_behaviours", "deepspeed")
+        if n in input.keys()
+    }
+    if wildcards.arm == "r2d2":
+        for name, files in r2d2_files().items():
+            if files:
+                paths[name] = [shared_path(f) for f in files]
+    order = ("r2d2_behaviours", "r2d2_targets", "deepspeed")
+    return " ".join(f"--extra {n}={','.join(paths[n])}" for n in order if n in paths)
 
 
 # --- attacks (workflow/rules/attacks.smk) ---
@@ -301,8 +391,18 @@ def attack_source():
 
 
 def gcg_targets():
+    """The GCG targets file as the config names it ([] when the set's column is used);
+    tracked by content (targets_key), passed by targets_flag, never a path input."""
     targets = ATTACKS["gcg"]["targets"]
-    return {"targets": shared_path(targets)} if targets else {}
+    return [targets] if targets else []
+
+
+def targets_key():
+    return content_key(gcg_targets())
+
+
+def targets_flag():
+    return " ".join(f"--targets {shared_path(t)}" for t in gcg_targets())
 
 
 def attack_inputs(wildcards):
@@ -313,11 +413,31 @@ def attack_inputs(wildcards):
 
 
 def attack_gcg_inputs(wildcards):
-    inputs = {"behaviors": attack_behaviours(), **gcg_targets()}
+    inputs = {"behaviors": attack_behaviours()}
     path, is_file = attack_source()
     if is_file:
         inputs["model"] = path
     return inputs
+
+
+def gcg_chunks():
+    """GCG-transfer's chunk files: one SLURM job each (attacks.gcg.jobs)."""
+    n = ATTACKS["gcg"]["jobs"]
+    return [f"results/attacks/GCG-transfer/chunk-{k}.parquet" for k in range(n)]
+
+
+def gcg_params(chunk=None):
+    """GCG-transfer's parameters; a chunk job adds [k, n]. attacks.gcg.jobs itself is left
+    out, so the merged table's provenance equals one unchunked job's."""
+    gcg = {k: v for k, v in ATTACKS["gcg"].items() if k not in ("targets", "jobs")}
+    sections = {
+        "model": model_params(),
+        "attacks": {"source_model": ATTACKS["source_model"], "gcg": gcg},
+    }
+    if chunk is not None:
+        sections["chunk"] = [chunk, ATTACKS["gcg"]["jobs"]]
+        sections["targets"] = targets_key()
+    return params_json(**sections)
 
 
 def attack_autodan_inputs(wildcards):
@@ -336,15 +456,42 @@ def attack_params(wildcards):
 
 
 def optional_flags(input, *names):
-    return " ".join(f"--{n} {input[n]}" for n in names if n in input.keys())
+    """``--NAME PATH`` per named input present; ``targets`` is the GCG targets file."""
+    flags = [f"--{n} {input[n]}" for n in names if n in input.keys()]
+    if "targets" in names:
+        flags.append(targets_flag())
+    return " ".join(f for f in flags if f)
 
 
 def adaptive_inputs(wildcards):
     return {
         "model": model_dir(wildcards),
         "behaviors": attack_behaviours(),
-        **gcg_targets(),
     }
+
+
+def adaptive_params(wildcards, perf=True):
+    return params_json(
+        model=model_params(),
+        attacks={
+            "adaptive": {k: v for k, v in ATTACKS["adaptive"].items() if k != "enabled"}
+        },
+        generate=generate_settings(perf),
+        arm=wildcards.arm,
+        step=int(wildcards.step),
+        targets=targets_key(),
+    )
+
+
+def generate_params(wildcards, perf=True):
+    """One generate cell's parameters; perf=False leaves out GENERATE_PERF (the key)."""
+    return params_json(
+        model=model_params(),
+        generate=generate_settings(perf),
+        arm=wildcards.arm,
+        step=int(wildcards.step),
+        benchmark=wildcards.benchmark,
+    )
 
 
 def adaptive_metrics():
@@ -420,18 +567,23 @@ def check_slurm_resources(workflow):
         raise WorkflowError(f"SLURM profile: {exc}") from None
 
 
-def validate_inputs(wildcards):
+def validate_files():
+    """{labelled, prompts}: the validation files under data.shared_dir the config names."""
     spec = config["validate"]
-    inputs = {}
+    files = {}
     if not spec["labelled"].startswith("builtin:"):
-        inputs["labelled"] = shared_path(spec["labelled"])
+        files["labelled"] = spec["labelled"]
     if spec["prompts"]:
-        inputs["prompts"] = shared_path(spec["prompts"])
+        files["prompts"] = spec["prompts"]
+    return files
+
+
+def validate_inputs(wildcards):
+    """Local judge model folders (the shared files are tracked by content: validate_files)."""
     # Only the judges that label validation tasks (HarmBench classifier, XSTest judge).
     judges = {
         k: v
         for k, v in model_judges().items()
         if k in ("harmbench_classifier", "xstest_llm")
     }
-    inputs.update(judge_model_files(judges))
-    return inputs
+    return judge_model_files(judges)

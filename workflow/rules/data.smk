@@ -1,6 +1,6 @@
 rule prepare_data:
     input:
-        source=dataset_input,
+        # The set's file is tracked by content (params.key), not path: see content_key.
         tokenizer="results/model/base",
     output:
         table="results/data/{dataset}.parquet",
@@ -15,11 +15,8 @@ rule prepare_data:
         mem_mb=2000,
         runtime=10,
     params:
-        json=lambda w: params_json(
-            spec=config["data"]["sets"][w.dataset],
-            shared_dir=config["data"]["shared_dir"],
-            max_prompt_tokens=config["data"]["max_prompt_tokens"],
-        ),
+        json=untracked(prepare_data_params),
+        key=lambda w: prepare_data_params(w, tracked=True),
     shell:
         "rgeom prepare-data --name {wildcards.dataset} --out {output.table}"
         " --tokenizer {input.tokenizer} --params {params.json:q} > {log} 2>&1"
@@ -46,12 +43,22 @@ rule sft_data:
         runtime=60,
         gpu=GPU,
     params:
-        json=params_json(
+        # generate.batch_size only sizes the batches: untracked (common.smk: untracked).
+        json=untracked(
+            lambda w: params_json(
+                model=model_params(),
+                train={
+                    k: config["train"][k]
+                    for k in ("refusals", "helpful_max_new_tokens")
+                },
+                generate={"batch_size": config["generate"]["batch_size"]},
+            )
+        ),
+        key=params_json(
             model=model_params(),
             train={
                 k: config["train"][k] for k in ("refusals", "helpful_max_new_tokens")
             },
-            generate={"batch_size": config["generate"]["batch_size"]},
         ),
     shell:
         "rgeom sft-data --model {input.model} --harmful {input.harmful}"

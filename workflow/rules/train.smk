@@ -26,11 +26,9 @@ rule train:
     params:
         json=train_params,
         extra=extra_flags,
-        launcher=(
-            f"torchrun --standalone --nproc_per_node {config['train']['num_gpus']} -m rgeom.cli"
-            if config["train"]["num_gpus"] > 1
-            else "rgeom"
-        ),
+        # torchrun on one node; srun + rgeom.slurm_rank under the SLURM plugin's mpi route
+        # (docs/cluster.md). Derived from resources: a launcher never reruns a segment.
+        launcher=train_launcher,
     shell:
         "{params.launcher} train --arm {wildcards.arm} --model {input.model}"
         " --data {input.data} --out-dir results/{wildcards.arm}/checkpoints"

@@ -24,9 +24,21 @@ rule validate_judges:
         gpu=judge_gpu(),
     params:
         json=params_json(judge=config["judge"], validate=config["validate"]),
-        labelled=lambda w, input: input.get("labelled", config["validate"]["labelled"]),
-        prompts=lambda w, input: (
-            f"--prompts {input.prompts}" if "prompts" in input.keys() else ""
+        # Evaluated only when the job is in the DAG: a disabled validation needs no files.
+        key=lambda w: content_key(validate_files().values()),
+        labelled=untracked(
+            lambda w: (
+                shared_path(validate_files().get("labelled"))
+                if "labelled" in validate_files()
+                else config["validate"]["labelled"]
+            )
+        ),
+        prompts=untracked(
+            lambda w: (
+                f"--prompts {shared_path(validate_files()['prompts'])}"
+                if "prompts" in validate_files()
+                else ""
+            )
         ),
     shell:
         "rgeom validate-judge --labelled {params.labelled} {params.prompts}"

@@ -303,6 +303,37 @@ def plan_buckets(
     return buckets[::-1]
 
 
+#: The most expanded key/value cache one forward pass of GCG candidates may hold when no
+#: ``batch_size`` is set. HarmBench's contextual behaviours run to ~1,000 prompt tokens; on a
+#: Mistral-7B (32 layers x 8 KV heads x 128 dims x K and V x 2 bytes = 128 KiB per token)
+#: that is ~125 MiB per candidate and ~62 GiB for all 512 at once, beside 14 GB of weights.
+#: 16 GiB keeps a pass to ~128 such candidates on an 80 GB card; short prompts (a 100-token
+#: behaviour: 512 candidates in ~8 GiB) still run in one pass, so results are unchanged there.
+MAX_CACHE_BYTES = 16 << 30
+
+
+def cache_bounded_batch(
+    kv: list[tuple[torch.Tensor, torch.Tensor]],
+    new_tokens: int,
+    n: int,
+    batch_size: int | None,
+    max_bytes: int = MAX_CACHE_BYTES,
+) -> int | None:
+    """``batch_size``, lowered so one pass's cache (``kv``'s tokens plus ``new_tokens`` per
+    row, for every row) stays within ``max_bytes``; unchanged when it already fits.
+
+    Depends only on the prompt's length and the model, never on which positions a step
+    sampled, so every rank of a ZeRO-3 run that shares a prompt length bounds alike.
+    """
+    seq = kv[0][0].shape[2]
+    per_token = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+    per_row = per_token / max(seq, 1) * (seq + new_tokens)
+    cap = max(1, int(max_bytes // max(per_row, 1)))
+    if cap >= (batch_size or n):
+        return batch_size
+    return cap
+
+
 def _first_difference(candidates: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
     """Per row, the first position differing from ``current`` (its length if none does)."""
     diff = candidates != current.unsqueeze(0)
@@ -321,6 +352,7 @@ def candidate_losses(
     batch_size: int | None = None,
     current: torch.Tensor | None = None,
     overhead: float = CALL_OVERHEAD_TOKENS,
+    max_cache_bytes: int = MAX_CACHE_BYTES,
 ) -> torch.Tensor:
     """Target CE of every candidate suffix (rows of ``candidates``), cached context reused.
 
@@ -329,10 +361,12 @@ def candidate_losses(
     one token swapped, so the positions before its swap are already in that cache (causal
     attention) and the pass starts at the swap. :func:`plan_buckets` groups the rows so the
     saved tokens are not eaten by extra passes; the losses are the same either way, up to
-    floating-point summation order.
+    floating-point summation order. ``max_cache_bytes`` bounds a pass's expanded cache
+    (:func:`cache_bounded_batch`): long contextual prompts run in several passes.
     """
     n, width = candidates.shape
     tail = torch.cat([post, target]).unsqueeze(0)
+    batch_size = cache_bounded_batch(kv, width + tail.shape[1], n, batch_size, max_cache_bytes)
     if current is None:
         starts = torch.zeros(n, dtype=torch.long)
         context = kv[0][0].shape[2]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rgeom.errors import RgeomError
 from rgeom.stages import _load, _meta, seed_everything
 
 
@@ -26,6 +27,7 @@ def attack(
     seed_everything(seed)
     section = params.get("attacks", {})
     source = section.get("source_model") or model or "none"
+    chunk = params.get("chunk")
     lm = tokenizer = None
     if method in MODEL_METHODS and model:
         lm, tokenizer = _load(model, params)
@@ -41,7 +43,71 @@ def attack(
         tokenizer=tokenizer,
         templates=templates,
         targets=targets,
+        chunk=_chunk(chunk),
     )
+
+
+def _chunk(value) -> tuple[int, int] | None:
+    """``--params``' ``chunk`` ([k, n]: the k-th of n jobs) as a checked pair."""
+    if value is None:
+        return None
+    try:
+        k, n = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise RgeomError(f"params chunk must be [k, n], got {value!r}") from None
+    if not 0 <= k < n:
+        raise RgeomError(f"params chunk [k, n] needs 0 <= k < n, got {value!r}")
+    return k, n
+
+
+def attack_merge(
+    method: str, parts: list[str], behaviors: str, out: str, params: dict[str, Any]
+) -> None:
+    """Merge the chunk files of one method (``rgeom attack`` with ``chunk`` [k, n] in
+    ``--params``, one SLURM job each) into the table one unchunked job writes: rows in the
+    behaviour file's order, provenance of the unchunked parameters. Every chunk 0..n-1 must
+    be there exactly once, and no behaviour twice."""
+    import pyarrow as pa
+
+    from rgeom.attacks.testcases import TEST_CASE_SCHEMA, read_behaviours
+    from rgeom.io import read_meta, read_table, write_table
+
+    order = {b["prompt_id"]: i for i, b in enumerate(read_behaviours(behaviors))}
+    seen: dict[int, str] = {}
+    sizes = set()
+    tables, owner = [], {}
+    for part in parts:
+        meta = read_meta(part)
+        if meta.get("method") != method or "chunk" not in meta:
+            raise RgeomError(f"{part}: not a {method} chunk (no chunk in its provenance)")
+        k, n = _chunk(meta["chunk"])
+        if k in seen:
+            raise RgeomError(f"{part}: chunk {k} of {n} is also {seen[k]}")
+        seen[k] = part
+        sizes.add(n)
+        table = read_table(part)
+        for i, bid in enumerate(table.column("behavior_id").to_pylist()):
+            if bid not in order:
+                raise RgeomError(f"{part}: row {i}: behaviour {bid!r} is not in {behaviors}")
+            if bid in owner:
+                raise RgeomError(f"{part}: row {i}: behaviour {bid!r} is also in {owner[bid]}")
+            owner[bid] = part
+        tables.append(table)
+    if len(sizes) != 1 or set(seen) != set(range(next(iter(sizes)))):
+        raise RgeomError(
+            f"{method} chunks {sorted(seen)} of {sorted(sizes)} are not one complete set 0..n-1"
+        )
+    merged = pa.concat_tables(tables) if tables else TEST_CASE_SCHEMA.empty_table()
+    rank = [order[b] for b in merged.column("behavior_id").to_pylist()]
+    merged = merged.take(sorted(range(len(rank)), key=rank.__getitem__))
+    first = read_meta(parts[0])
+    record = {
+        **{k: v for k, v in first.items() if k not in ("chunk", "config_hash", "num_rows")},
+        **_meta(params, model=first.get("model")),
+        "method": method,
+        "parts": list(parts),
+    }
+    write_table(out, merged, TEST_CASE_SCHEMA, record)
 
 
 def test_cases(cases: list[str], behaviors: str, out: str, params: dict[str, Any]) -> None:

@@ -422,19 +422,30 @@ def gcg_transfer_cases(
     fingerprint: Mapping[str, Any],
     meta: Mapping[str, Any],
     where: str = "attacks.gcg",
-) -> tuple[list[dict[str, Any]], Shards]:
+    chunk: tuple[int, int] | None = None,
+) -> tuple[list[dict[str, Any]], Shards | None]:
     """One GCG suffix per behaviour (a seeded subset), optimised on the source model.
 
     Each behaviour is one shard of ``out`` (rgeom.io.keyed_shards): a behaviour is hours of
     GCG at HarmBench's 500 steps x 512 candidates on a large model, so a kill loses at most
     the one in progress. A fixed design choice, not a setting: a larger shard would only lose
     more. Returns the test cases and the shards, to be finished once ``out`` is written.
+
+    ``chunk=(k, n)`` attacks only every n-th chosen behaviour from the k-th (one SLURM job of
+    n; :func:`rgeom.attacks.stages.attack_merge` puts the n parts back in file order).
+    Round-robin rather than contiguous: the long contextual behaviours sit together in
+    HarmBench's file, and would otherwise all land in one job. Each behaviour keeps its own
+    seed, so the merged test cases equal one unchunked job's.
     """
     from rgeom.models import encode_chat
 
     chosen = select_behaviours(behaviours, params.get("n_behaviors"), seed)
     if not chosen:
         raise RgeomError(f"{where}: no harmful behaviours to attack")
+    if chunk is not None:
+        chosen = chosen[chunk[0] :: chunk[1]]
+        if not chosen:  # more jobs than behaviours: this one has nothing to do
+            return [], None
     # Every target is checked before the first shard, so a bad one fails the job at once.
     tgts = [target_for(b, targets, where) for b in chosen]
     attack = _GCGRunner(model, tokenizer, params, seed)
@@ -589,8 +600,11 @@ def build_method(
     tokenizer=None,
     templates: str | None = None,
     targets: str | None = None,
+    chunk: tuple[int, int] | None = None,
 ) -> pa.Table:
     """Write the test cases of one fixed-source method to ``out``.
+
+    ``chunk=(k, n)`` (GCG-transfer only) writes the k-th of n parts of its behaviours.
 
     ``params`` is the ``attacks`` config section; ``model``/``tokenizer`` are needed only
     by the methods that optimise (GCG-transfer, AutoDAN). For AutoDAN, ``templates`` is
@@ -627,7 +641,10 @@ def build_method(
             out=out,
             fingerprint=resume_fingerprint(method, source_model=source_model, **resume),
             meta=meta,
+            chunk=chunk,
         )
+        if chunk is not None:
+            extra["chunk"] = list(chunk)
     elif method == "AutoDAN":
         if model is None:
             raise RgeomError("AutoDAN needs a source model (--model)")
@@ -646,6 +663,8 @@ def build_method(
         )
     else:
         raise RgeomError(f"attack method {method!r} is unknown; choose one of {list(METHODS)}")
+    if chunk is not None and method != "GCG-transfer":
+        raise RgeomError(f"attack method {method!r} is not split into chunks (GCG-transfer is)")
     table = _test_case_table(cases)
     record = {
         **meta,
