@@ -637,3 +637,14 @@ def test_pool_is_the_same_for_one_and_two_processes(tiny_model_dir, tmp_path):
     unpadded = [r["forwards"] - r["padded"] for r in two]
     assert unpadded[0] != unpadded[1] and max(r["padded"] for r in two) > 0
     assert one["padded"] == 0
+
+
+def test_config_refuses_a_refresh_that_does_not_split_over_the_gpus(tmp_path):
+    from rgeom.config import load
+
+    path = tmp_path / "c.yaml"
+    path.write_text("arms: [sft, r2d2]\ntrain:\n  num_gpus: 2\nr2d2:\n  updates_per_step: 3\n")
+    with pytest.raises(RgeomError, match=r"r2d2.updates_per_step: 3 .* train.num_gpus=2"):
+        load(path)
+    path.write_text("arms: [sft, r2d2]\ntrain:\n  num_gpus: 4\n")
+    assert load(path)["r2d2"]["updates_per_step"] == 8
