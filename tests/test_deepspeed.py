@@ -223,17 +223,23 @@ def test_two_process_zero3_r2d2_runs_gcg_on_partitioned_weights(
     GCG multiplies a one-hot matrix by the embedding weight outside any module forward, which
     ZeRO-3 leaves partitioned (an empty placeholder) unless GCG gathers it: without that the
     pool refresh finds no vocabulary and the run dies on its first step.
+
+    Under ZeRO-3 every forward pass is a collective, and the number of passes that scoring a
+    GCG candidate batch takes depends on where its swaps fall (``plan_buckets``). At width 8
+    with a 4-token suffix one pass always sufficed; here (width 64, 12-16 tokens, two entries
+    per rank) the ranks' plans differ, and without the padding the run aborts with a
+    collective mismatch at step 0 (test_r2d2.py's two-process pool test counts the passes).
     """
     hb = shared_data / "harmbench"
     params = _params(3, max_steps=4)
     params["r2d2"] = {
         "pool_size": 4,
-        "updates_per_step": 1,
-        "gcg_steps": 1,
-        "search_width": 8,
-        "topk": 8,
-        "suffix_min": 4,
-        "suffix_max": 4,
+        "updates_per_step": 4,
+        "gcg_steps": 2,
+        "search_width": 64,
+        "topk": 32,
+        "suffix_min": 12,
+        "suffix_max": 16,
     }
     proc = _torchrun_train(
         tmp_path,

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
+from rgeom.attacks import gcg as G
 from rgeom.attacks.gcg import build_prompt_ids
 from rgeom.errors import RgeomError
 from rgeom.models import encode_chat, encode_response
@@ -35,13 +41,34 @@ def small_cfg(**kw) -> R.R2D2Config:
     return R.R2D2Config(**{**SMALL, **kw})
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def test_defaults_are_the_reference_values():
+    # HarmBench's run_sft_adv_training.py: NUM_SINGLE_BEHAVIOR_TEST_CASES = 8,
+    # NUM_TEST_CASES_TO_UPDATE_PER_STEP = 8, NUM_GCG_STEPS = 5, GCG_SEARCH_WIDTH = 512,
+    # RESET_EVERY = 50; adv_training_utils.py: topk 256, 20% reset, "! " * [15, 20], the
+    # argmin candidate of every GCG step, 0.5 / 0.5 loss weights, log p floor -5.
     cfg = R.R2D2Config()
-    assert (cfg.updates_per_step, cfg.gcg_steps, cfg.search_width, cfg.topk) == (8, 5, 512, 256)
+    assert (cfg.pool_size, cfg.updates_per_step) == (8, 8)
+    assert (cfg.gcg_steps, cfg.search_width, cfg.topk) == (5, 512, 256)
+    assert cfg.gcg_keep_best is False
     assert (cfg.reset_every, cfg.reset_fraction) == (50, 0.2)
     assert (cfg.suffix_min, cfg.suffix_max, cfg.suffix_unit) == (15, 20, "! ")
     assert (cfg.away_coef, cfg.toward_coef, cfg.away_logp_floor) == (0.5, 0.5, -5.0)
     assert cfg.refusal == "Sorry, I can't do that."
+
+
+def test_schema_defaults_are_the_dataclass_defaults():
+    # The schema is where the paper default lives; the dataclass must not drift from it.
+    schema = yaml.safe_load((REPO / "src/rgeom/schemas/config.schema.yaml").read_text())
+    props = schema["properties"]["r2d2"]["properties"]
+    cfg = R.R2D2Config()
+    for key in R.R2D2Config.__dataclass_fields__:
+        if key == "seed":
+            continue  # the run's seed
+        want = getattr(cfg, key)
+        assert props[key]["default"] == (list(want) if isinstance(want, tuple) else want), key
 
 
 def test_validation_errors(tiny):
@@ -157,7 +184,21 @@ def test_reset_replaces_the_configured_fraction(tiny):
     chosen = pool.reset()
     assert len(chosen) == 4 == len(set(chosen))
     replaced = [i for i, e in enumerate(pool.entries) if e.suffix_ids != [marker]]
-    assert replaced == chosen
+    assert replaced == sorted(chosen)
+    # The reference resets int(0.2 * 8) = 1 entry of its pool of 8 (rounding would give 2).
+    ref = R.R2D2Pool(BEHAVIOURS * 2, tok, small_cfg(pool_size=8, reset_fraction=0.2))
+    assert len(ref.reset()) == 1
+
+
+def test_initial_pool_draws_distinct_behaviours(tiny):
+    _, tok = tiny
+    many = [R.R2D2Behaviour(f"m{i}", f"Do thing number {i}", ("Sure",)) for i in range(12)]
+    for seed in range(5):
+        pool = R.R2D2Pool(many, tok, small_cfg(pool_size=8, updates_per_step=8, seed=seed))
+        assert len({e.behaviour_id for e in pool.entries}) == 8
+    # A pool larger than the behaviour list covers every behaviour before repeating one.
+    pool = R.R2D2Pool(BEHAVIOURS, tok, small_cfg(pool_size=6))
+    assert len({e.behaviour_id for e in pool.entries[:4]}) == 4
 
 
 def test_state_dict_roundtrip_through_json(tiny):
@@ -190,6 +231,11 @@ def test_away_loss_matches_hand_computation():
     assert float(per_tok[1]) == pytest.approx(-math.log(1 - 1 / 3), rel=1e-5)
     # Token 2 has p = e^-3 / (e^-3 + e^5 + 1), log p ~ -8: below the floor, ignored.
     assert keep.tolist() == [True, True, False]
+    # HarmBench's log_1_minus_p_loss: the kept terms summed, divided by ALL three tokens
+    # (the mean over the two kept ones would be 1.5 times larger).
+    want = (-math.log(1 - p0) - math.log(1 - 1 / 3)) / 3
+    assert float(R.away_loss(logp, -5.0)) == pytest.approx(want, rel=1e-5)
+    assert float(R.away_loss(logp, 0.0)) == 0.0
 
 
 def _utility_batch(tok, n=2):
@@ -278,7 +324,9 @@ def test_away_floor_drops_unlikely_tokens(tiny):
     assert 0 < kept.numel() < logp.numel()
     with torch.no_grad():
         out = R.compute_r2d2_losses(model, tok, None, [e], small_cfg(away_logp_floor=floor))
-    assert float(out["away"]) == pytest.approx(float((-torch.log1p(-kept.exp())).mean()), 1e-4)
+    # Dropped tokens count zero but stay in the denominator (the reference's normalisation).
+    want = float((-torch.log1p(-kept.exp())).sum()) / logp.numel()
+    assert float(out["away"]) == pytest.approx(want, 1e-4)
     assert float(out["utility"]) == 0.0
     with torch.no_grad():
         none = R.compute_r2d2_losses(model, tok, None, [e], small_cfg(away_logp_floor=0.0))
@@ -309,7 +357,8 @@ def test_allowed_tokens_are_decoded_once_per_pool(tiny, monkeypatch):
     pool = R.R2D2Pool(BEHAVIOURS, tok, small_cfg())
     for _ in range(3):
         pool.advance(model)
-    assert len(calls) == 1 and len(passed) == 3
+    # One GCG call per refreshed entry (each with its own seed): 3 micro-steps x 2 entries.
+    assert len(calls) == 1 and len(passed) == 6
     assert all(torch.equal(p, passed[0]) for p in passed)
 
 
@@ -321,13 +370,46 @@ def test_advance_refreshes_and_resets_on_schedule(tiny):
     assert model.training
     assert len(entries) == 2 and len(losses) == 2 and reset == []
     assert all(e.refreshes == 1 and e.loss == lo for e, lo in zip(entries, losses, strict=True))
+    # The reference resets when the micro-step index is 1 mod reset_every * grad_accum.
+    _, _, reset = pool.advance(model)
+    assert len(reset) == 3 and pool.step == 2
     _, _, reset = pool.advance(model)
     assert reset == []
-    _, _, reset = pool.advance(model)
-    assert len(reset) == 3 and pool.step == 3
 
 
-def _trainer(tok, model, pool, out, max_steps, save_steps=None):
+def test_resets_are_counted_in_optimizer_steps():
+    # reset_every = 2 optimizer steps of grad_accum = 3 micro-steps: micro-steps 5, 11, 17.
+    pool = R.R2D2Pool.__new__(R.R2D2Pool)
+    pool.cfg = small_cfg(reset_every=2)
+    due = []
+    for step in range(18):
+        pool.step = step
+        due.append(pool.reset_due(grad_accum=3))
+    assert [i for i, d in enumerate(due) if d] == [5, 11, 17]
+
+
+def test_refresh_takes_the_argmin_candidate_unless_keep_best(tiny, monkeypatch):
+    # The reference moves to each step's argmin candidate even when it is worse than the
+    # current suffix; gcg_keep_best (rgeom's option) keeps the best suffix found so far.
+    model, tok = tiny
+    worse = 1e6
+
+    def worst_first(model, kv, cands, current, post, target, search):
+        return 0, worse
+
+    monkeypatch.setattr(G, "_best_candidate", worst_first)
+    for keep_best in (False, True):
+        pool = R.R2D2Pool(BEHAVIOURS, tok, small_cfg(gcg_steps=1, gcg_keep_best=keep_best))
+        before = {i: list(e.suffix_ids) for i, e in enumerate(pool.entries)}
+        pool.advance(model)
+        for i in pool.last_refreshed:
+            e = pool.entries[i]
+            moved = e.suffix_ids != before[i]
+            assert moved is (not keep_best)
+            assert (e.loss == worse) is (not keep_best)
+
+
+def _trainer(tok, model, pool, out, max_steps, save_steps=None, grad_accum=1):
     from datasets import Dataset
     from transformers import TrainingArguments
 
@@ -348,6 +430,7 @@ def _trainer(tok, model, pool, out, max_steps, save_steps=None):
         output_dir=str(out),
         max_steps=max_steps,
         per_device_train_batch_size=2,
+        gradient_accumulation_steps=grad_accum,
         use_cpu=True,
         report_to=[],
         save_strategy="steps" if save_steps else "no",
@@ -381,10 +464,26 @@ def test_trainer_runs_a_few_steps(tiny, tmp_path):
     for rec in trainer.r2d2_history:
         assert all(math.isfinite(rec[k]) for k in ("r2d2_total", "r2d2_away", "r2d2_toward"))
         assert len(rec["gcg_losses"]) == cfg.updates_per_step
-    assert len(trainer.r2d2_history[2]["reset"]) == round(cfg.reset_fraction * cfg.pool_size)
+    assert len(trainer.r2d2_history[1]["reset"]) == int(cfg.reset_fraction * cfg.pool_size)
     logged = [h for h in trainer.state.log_history if "r2d2_away" in h]
     assert len(logged) == 3 and all("r2d2_gcg_loss" in h for h in logged)
     assert not torch.equal(before, model.lm_head.weight.detach())
+
+
+def test_trainer_resets_per_optimizer_step_under_grad_accum(tiny, tmp_path):
+    from rgeom.models import build_tiny_model
+
+    _, tok = tiny
+    cfg = small_cfg(reset_every=2, reset_fraction=0.5)
+    pool = R.R2D2Pool(BEHAVIOURS, tok, cfg)
+    trainer = _trainer(
+        tok, build_tiny_model(tok, seed=1), pool, tmp_path / "out", max_steps=2, grad_accum=2
+    )
+    trainer.train()
+    # 2 optimizer steps x 2 micro-steps, every micro-step refreshes; the one reset falls
+    # before the last micro-step of optimizer step 2 (micro-step index 3), not at index 1.
+    assert pool.step == 4 and trainer.state.global_step == 2
+    assert [len(h["reset"]) for h in trainer.r2d2_history] == [0, 0, 0, 3]
 
 
 def test_trainer_saves_and_restores_the_pool(tiny, tmp_path):
@@ -395,7 +494,7 @@ def test_trainer_saves_and_restores_the_pool(tiny, tmp_path):
     out = tmp_path / "out"
     pool = R.R2D2Pool(BEHAVIOURS, tok, cfg)
     _trainer(tok, build_tiny_model(tok, seed=1), pool, out, max_steps=2, save_steps=2).train()
-    saved = out / "checkpoint-2" / R.pool_file(0)
+    saved = out / "checkpoint-2" / R.pool_file()
     assert saved.exists() and (out / "checkpoint-2" / "trainer_state.json").exists()
     expected = json.loads(saved.read_text())
     assert expected["step"] == 2
@@ -405,10 +504,10 @@ def test_trainer_saves_and_restores_the_pool(tiny, tmp_path):
     seen = {}
     original = fresh.advance
 
-    def spy(model):
+    def spy(model, **kw):
         seen.setdefault("step", fresh.step)
         seen.setdefault("entries", fresh.state_dict()["entries"])
-        return original(model)
+        return original(model, **kw)
 
     fresh.advance = spy
     trainer.train(resume_from_checkpoint=str(out / "checkpoint-2"))
@@ -416,7 +515,7 @@ def test_trainer_saves_and_restores_the_pool(tiny, tmp_path):
     assert fresh.step == 3
 
 
-def test_make_r2d2_trainer_from_params(tiny, shared_data, tmp_path):
+def test_make_r2d2_trainer_from_params(tiny, shared_data, tmp_path, monkeypatch):
     _, tok = tiny
     hb = shared_data / "harmbench"
     extra = {
@@ -430,7 +529,122 @@ def test_make_r2d2_trainer_from_params(tiny, shared_data, tmp_path):
     assert len(kwargs["pool"].entries) == 10
     with pytest.raises(RgeomError, match="r2d2.bogus"):
         R.make_r2d2_trainer({"r2d2": {"bogus": 1}}, extra, tok)
+    # Every process gets an equal share of the refresh, as the reference requires.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RgeomError, match=r"updates_per_step \(3\) must be a multiple"):
+        R.make_r2d2_trainer(params, extra, tok)
+    monkeypatch.delenv("WORLD_SIZE")
     with pytest.raises(RgeomError, match="r2d2_targets"):
         R.make_r2d2_trainer(params, {"r2d2_behaviours": extra["r2d2_behaviours"]}, tok)
     with pytest.raises(RgeomError, match="r2d2_behaviours"):
         R.make_r2d2_trainer(params, {}, tok)
+
+
+# Run by torch.distributed.run with 1 or 2 gloo processes: builds the pool, advances it three
+# micro-steps (grad_accum 2, reset every optimizer step) on the same untrained model and
+# writes, per rank, the pool states, the entries it trained on and its forward-pass counts.
+_DIST_WORKER = """
+import json, sys
+import torch, torch.distributed as dist
+from rgeom.attacks import gcg as G
+from rgeom.models import load_model, load_tokenizer
+from rgeom.train import r2d2 as R
+
+model_dir, spec, out = sys.argv[1:4]
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.set_num_threads(1)
+model, tok = load_model(model_dir), load_tokenizer(model_dir)
+spec = json.load(open(spec))
+behaviours = [R.R2D2Behaviour(b, t, tuple(ts)) for b, t, ts in spec["behaviours"]]
+pool = R.R2D2Pool(behaviours, tok, R.R2D2Config(**spec["cfg"]))
+forwards, padded = [0], [0]
+model.register_forward_pre_hook(lambda *a: forwards.__setitem__(0, forwards[0] + 1))
+real_pad = G._pad_passes
+
+def counting_pad(model, planned, tail):
+    before = forwards[0]
+    real_pad(model, planned, tail)
+    padded[0] += forwards[0] - before
+
+G._pad_passes = counting_pad
+states, trained = [pool.state_dict()], []
+for _ in range(3):
+    entries, losses, reset = pool.advance(model, grad_accum=2)
+    trained.append([[e.behaviour_id, e.suffix_ids] for e in entries])
+    states.append(pool.state_dict())
+json.dump(
+    {"states": states, "trained": trained, "forwards": forwards[0], "padded": padded[0]},
+    open(f"{out}/rank{rank}.json", "w"),
+)
+dist.destroy_process_group()
+"""
+
+
+def _run_pool_processes(tmp_path: Path, model_dir: Path, nproc: int, cfg: dict) -> list[dict]:
+    out = tmp_path / f"n{nproc}"
+    out.mkdir()
+    worker, spec = tmp_path / "worker.py", tmp_path / "spec.json"
+    worker.write_text(_DIST_WORKER)
+    spec.write_text(
+        json.dumps(
+            {
+                "cfg": cfg,
+                "behaviours": [[b.behaviour_id, b.behaviour, b.targets] for b in BEHAVIOURS],
+            }
+        )
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += ["--nproc_per_node", str(nproc), str(worker), str(model_dir), str(spec), str(out)]
+    src = str(REPO / "src")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+
+
+@pytest.mark.slow  # three torchrun launches of one or two processes: about a minute
+def test_pool_is_the_same_for_one_and_two_processes(tiny_model_dir, tmp_path):
+    """One global pool: 1 and 2 processes build it and refresh it identically.
+
+    Shapes big enough that the two ranks' GCG candidate batches need different numbers of
+    forward passes (the ZeRO-3 collective mismatch of issue 16): the padding evens them out.
+    """
+    cfg = dict(
+        pool_size=4,
+        updates_per_step=4,
+        gcg_steps=2,
+        search_width=48,
+        topk=16,
+        suffix_min=10,
+        suffix_max=12,
+        reset_every=1,
+        reset_fraction=0.5,
+        seed=3,
+    )
+    (one,) = _run_pool_processes(tmp_path, tiny_model_dir, 1, cfg)
+    two = _run_pool_processes(tmp_path, tiny_model_dir, 2, cfg)
+    assert one["states"] == two[0]["states"] == two[1]["states"]
+    # Resets at micro-steps 1 (index 1 of every 2): entries were restarted, and refreshed.
+    assert one["states"][2]["entries"]["refreshes"] != one["states"][1]["entries"]["refreshes"]
+    # Rank r trains on the r-th half of the refresh order; one process trains on all of it.
+    for step, entries in enumerate(one["trained"]):
+        assert two[0]["trained"][step] + two[1]["trained"][step] == entries
+        assert len(two[0]["trained"][step]) == 2
+    # The same number of forward passes on both ranks, though their own plans differed.
+    assert two[0]["forwards"] == two[1]["forwards"]
+    unpadded = [r["forwards"] - r["padded"] for r in two]
+    assert unpadded[0] != unpadded[1] and max(r["padded"] for r in two) > 0
+    assert one["padded"] == 0
+
+
+def test_config_refuses_a_refresh_that_does_not_split_over_the_gpus(tmp_path):
+    from rgeom.config import load
+
+    path = tmp_path / "c.yaml"
+    path.write_text("arms: [sft, r2d2]\ntrain:\n  num_gpus: 2\nr2d2:\n  updates_per_step: 3\n")
+    with pytest.raises(RgeomError, match=r"r2d2.updates_per_step: 3 .* train.num_gpus=2"):
+        load(path)
+    path.write_text("arms: [sft, r2d2]\ntrain:\n  num_gpus: 4\n")
+    assert load(path)["r2d2"]["updates_per_step"] == 8

@@ -21,6 +21,7 @@ import pytest
 
 from rgeom.io import read_table, write_table
 from rgeom.train.data import SFT_SCHEMA
+from rgeom.train.r2d2 import pool_file
 from rgeom.train.runner import TRAIN_LOG_SCHEMA, anchor_name
 
 # Many more steps than the first save: the kill must land before the run can finish. R2D2
@@ -133,7 +134,7 @@ def references(tmp_path_factory, tiny_model_dir, sft_data, r2d2_extra):
 
 def _final_pool(root: Path, step: int) -> dict:
     """The R2D2 pool state saved with the resume checkpoint at ``step``."""
-    (path,) = root.glob(f"train_state/resume/checkpoint-{step}/r2d2_pool-rank0.json")
+    (path,) = root.glob(f"train_state/resume/checkpoint-{step}/{pool_file()}")
     return json.loads(path.read_text())
 
 

@@ -168,6 +168,13 @@ def _check_semantics(cfg: dict[str, Any], source: str) -> None:
             )
         if r2d2["suffix_min"] > r2d2["suffix_max"]:
             raise RgeomError(f"{source}: key r2d2.suffix_min: larger than r2d2.suffix_max")
+        # Each training process refreshes and trains on an equal share (rgeom.train.r2d2).
+        gpus = cfg["train"]["num_gpus"]
+        if r2d2["updates_per_step"] % gpus:
+            raise RgeomError(
+                f"{source}: key r2d2.updates_per_step: {r2d2['updates_per_step']} is not a "
+                f"multiple of train.num_gpus={gpus}"
+            )
         if bool(r2d2["behaviours"]) != bool(r2d2["targets"]):
             raise RgeomError(
                 f"{source}: keys r2d2.behaviours and r2d2.targets go together (set both or neither)"

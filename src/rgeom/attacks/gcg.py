@@ -343,6 +343,31 @@ def _first_difference(candidates: torch.Tensor, current: torch.Tensor) -> torch.
     )
 
 
+def _max_over_ranks(n: int, device: torch.device) -> int:
+    """The largest ``n`` over the ranks of the default process group."""
+    import torch.distributed as dist
+
+    # NCCL reduces only CUDA tensors; gloo (CPU runs, tests) only CPU ones.
+    on = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([n], dtype=torch.long, device=on)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _pad_passes(model, planned: int, tail: torch.Tensor) -> None:
+    """Run dummy forward passes until this rank has run as many as the busiest rank.
+
+    Under ZeRO-3 every forward pass gathers each layer's weights from all ranks, so every
+    rank must run the same number of them; how many a candidate batch needs depends on
+    where its swaps fall (:func:`plan_buckets`), which differs between ranks refreshing
+    different entries. The dummy pass is one token: its cost is the weights' gathering.
+    """
+    extra = _max_over_ranks(planned, tail.device) - planned
+    with torch.no_grad():
+        for _ in range(extra):
+            model(input_ids=tail[:, :1], use_cache=False, logits_to_keep=1)
+
+
 def candidate_losses(
     model,
     kv: list[tuple[torch.Tensor, torch.Tensor]],
@@ -353,6 +378,7 @@ def candidate_losses(
     current: torch.Tensor | None = None,
     overhead: float = CALL_OVERHEAD_TOKENS,
     max_cache_bytes: int = MAX_CACHE_BYTES,
+    collective: bool = False,
 ) -> torch.Tensor:
     """Target CE of every candidate suffix (rows of ``candidates``), cached context reused.
 
@@ -363,6 +389,9 @@ def candidate_losses(
     saved tokens are not eaten by extra passes; the losses are the same either way, up to
     floating-point summation order. ``max_cache_bytes`` bounds a pass's expanded cache
     (:func:`cache_bounded_batch`): long contextual prompts run in several passes.
+
+    ``collective``: pad to the same number of forward passes on every rank of the default
+    process group (:func:`_pad_passes`); every rank must then call this equally often.
     """
     n, width = candidates.shape
     tail = torch.cat([post, target]).unsqueeze(0)
@@ -375,8 +404,12 @@ def candidate_losses(
         context = kv[0][0].shape[2] - width
     out = torch.empty(n, dtype=torch.float32)
     length = width + tail.shape[1]
+    plan = plan_buckets(starts, length, overhead, batch_size) if n else []
+    if collective:
+        passes = sum(-(-rows.numel() // (batch_size or rows.numel())) for _, rows in plan)
+        _pad_passes(model, passes, tail)
     with torch.no_grad():
-        for start, rows in plan_buckets(starts, length, overhead, batch_size):
+        for start, rows in plan:
             layer_kv = [(k[:, :, : context + start], v[:, :, : context + start]) for k, v in kv]
             chunk = batch_size or rows.numel()
             for lo in range(0, rows.numel(), chunk):
@@ -509,6 +542,8 @@ class _Search:
     screen_dtype: torch.dtype | None
     rescore_top: int
     progress: bool
+    keep_best: bool = True
+    collective: bool = False
 
 
 def gcg(
@@ -528,6 +563,8 @@ def gcg(
     progress: bool = False,
     screen_dtype: torch.dtype | str | None = None,
     rescore_top: int = 8,
+    keep_best: bool = True,
+    collective: bool = False,
 ) -> list[GCGResult]:
     """Run GCG on each (behaviour, target) pair; return the best suffix found for each.
 
@@ -541,6 +578,15 @@ def gcg(
     only on those exact losses: every loss GCG reports or compares is the model's. Off by
     default; it pays on hardware with fast low-precision matmuls (CUDA, CPUs with AMX) for a
     model held in float32, and is a no-op for a model already in that dtype.
+
+    ``keep_best``: move only to a candidate that beats the current suffix (a buffer of one,
+    as nanoGCG does). False moves to each step's lowest-loss candidate even when it is worse,
+    as HarmBench's R2D2 refresh does; the result is then the last step's suffix.
+
+    ``collective``: every rank of the default process group runs this call together (R2D2
+    under ZeRO-3, where each forward pass is a collective); each scoring phase is padded to
+    the same number of forward passes on every rank. The ranks must pass the same number of
+    entries and ``steps``.
 
     The model runs in eval mode (no dropout) and is returned to its previous mode afterwards.
     """
@@ -568,6 +614,8 @@ def gcg(
         screen_dtype=screen_dtype,
         rescore_top=rescore_top,
         progress=progress,
+        keep_best=keep_best,
+        collective=collective,
     )
 
     was_training = model.training
@@ -589,18 +637,25 @@ def gcg(
 
 
 def _best_candidate(model, kv, cands, current, post, target, search: _Search) -> tuple[int, float]:
-    """Index and exact loss of the lowest-loss candidate (screened first when asked)."""
+    """Index and exact loss of the lowest-loss candidate (screened first when asked).
+
+    With no candidates, ``(-1, inf)``: the scoring calls still run, with no rows, so that a
+    collective search makes as many of them as the other ranks.
+    """
     device = search.device
+    score = dict(batch_size=search.batch_size, current=current, collective=search.collective)
     if search.screen_dtype is None:
-        losses = candidate_losses(model, kv, cands, post, target, search.batch_size, current)
+        losses = candidate_losses(model, kv, cands, post, target, **score)
+        if not losses.numel():
+            return -1, float("inf")
         best = int(losses.argmin())
         return best, float(losses[best])
     with torch.autocast(device_type=device.type, dtype=search.screen_dtype):
-        rough = candidate_losses(model, kv, cands, post, target, search.batch_size, current)
+        rough = candidate_losses(model, kv, cands, post, target, **score)
     short = rough.float().topk(min(search.rescore_top, rough.numel()), largest=False).indices
-    exact = candidate_losses(
-        model, kv, cands[short.to(cands.device)], post, target, search.batch_size, current
-    )
+    exact = candidate_losses(model, kv, cands[short.to(cands.device)], post, target, **score)
+    if not exact.numel():
+        return -1, float("inf")
     pick = int(exact.argmin())
     return int(short[pick]), float(exact[pick])
 
@@ -637,14 +692,14 @@ def _gcg_one(
         # Repeated draws of one swap would be scored again for nothing (about 5% of a
         # 128-wide draw from 64 x 20 swaps); sorted unique rows keep the result seeded.
         cands = torch.unique(cands, dim=0)
-        if cands.shape[0] > 0:
-            best, best_loss = _best_candidate(
-                model, suffix_kv, cands.to(device), current.to(device), post, target_ids, search
-            )
-            # Keep the best suffix so far (a buffer of one, as nanoGCG does): a step whose
-            # candidates are all worse changes nothing, and the next draw tries other swaps.
-            if best_loss < current_loss:
-                current, current_loss = cands[best].clone(), best_loss
+        # Scored even when the filter left none, so a collective search stays in step.
+        best, best_loss = _best_candidate(
+            model, suffix_kv, cands.to(device), current.to(device), post, target_ids, search
+        )
+        # keep_best: a step whose candidates are all worse changes nothing, and the next
+        # draw tries other swaps. Otherwise the step's argmin is taken whatever its loss.
+        if best >= 0 and (best_loss < current_loss or not search.keep_best):
+            current, current_loss = cands[best].clone(), best_loss
         losses.append(current_loss)
 
     suffix_ids = current.tolist()

@@ -10,8 +10,15 @@ kept alongside training. Every training micro-step:
    refusal + EOS for the same prompts) and *utility* (SFT CE on chat examples).
 3. total = utility + away_coef * away + toward_coef * toward.
 
-Every ``reset_every`` micro-steps a fraction of the pool restarts from fresh behaviours,
+Every ``reset_every`` optimizer steps a fraction of the pool restarts from fresh behaviours,
 targets and ``"! " * n`` suffixes, so the pool does not collapse onto a few hard cases.
+
+One pool, whatever the number of processes. Every rank builds it from the same seed and
+draws the same refresh order; rank r refreshes and trains on the r-th contiguous slice of
+that order, then the refreshed suffixes are all-gathered so every rank holds the same pool
+again. Each entry's GCG has its own seed, so 1 and N processes refresh it identically. This
+is the reference's split too (HarmBench runs every entry's GCG on all ranks, candidates
+divided between them, and rank r trains on the r-th slice of the refreshed entries).
 
 The pool is plain data (a dict of lists, its RNG state included) so a run can resume.
 """
@@ -48,34 +55,42 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class R2D2Config:
-    """R2D2 hyper-parameters. Defaults are HarmBench's reference values unless noted.
+    """R2D2 hyper-parameters. Defaults are HarmBench's reference values
+    (``run_sft_adv_training.py`` and ``adv_training_utils.py`` in rangell/reinforce-attacks-llms).
 
-    pool_size: persistent test cases. HarmBench ties its pool to the GPU count; here it is
-        one number whatever the hardware, so runs on different machines match.
-        (default 180: our choice, not a verified reference value.)
-    updates_per_step: entries refreshed by GCG per training micro-step (ref 8).
+    pool_size: persistent test cases, one global pool whatever the number of processes
+        (ref ``NUM_SINGLE_BEHAVIOR_TEST_CASES`` = 8). The initial entries are distinct
+        behaviours while the behaviours last.
+    updates_per_step: entries refreshed by GCG per training micro-step, split between the
+        processes (ref ``NUM_TEST_CASES_TO_UPDATE_PER_STEP`` = 8, the whole pool; it must be a
+        multiple of the process count, as in the reference).
     gcg_steps / search_width / topk: GCG per refresh (ref 5 / 512 / 256).
+    gcg_keep_best: GCG moves only to a candidate that beats the current suffix (our option);
+        False, the reference, moves to each step's argmin candidate and keeps the last one.
     gcg_batch_size: candidates per GCG forward pass; None = all at once (memory knob only).
     gcg_screen_dtype / gcg_rescore_top: screen candidates in this precision, rescore the best
         few exactly (see :func:`rgeom.attacks.gcg.gcg`); None = exact scoring (ref).
-    reset_every / reset_fraction: every 50 micro-steps, 20% of the pool restarts (ref).
+    reset_every / reset_fraction: every 50 optimizer steps (``reset_every * grad_accum``
+        micro-steps, before the last micro-step of that optimizer step), int(0.2 * pool_size)
+        entries restart (ref: 1 of 8).
     suffix_unit / suffix_min / suffix_max: fresh suffixes are ``"! " * n``, n uniform in
         [15, 20] per entry (ref).
     refusal: the toward-loss string, followed by EOS (ref "Sorry, I can't do that.").
     away_coef / toward_coef: weights of the two adversarial terms (ref 0.5 each).
-    away_logp_floor: target tokens with log p below this are already unlikely and are left
-        out of the away loss (ref -5).
+    away_logp_floor: target tokens with log p below this are already unlikely and count zero
+        in the away loss, which still divides by all target tokens (ref -5).
     seed: the pool's RNG seed (entry draws, refresh choice, GCG seeds).
     system: optional system prompt for the adversarial prompts.
     exclude: behaviour ids left out of the pool (default: the one standard HarmBench val
         behaviour that ``adv_training_val_targets.json`` has no targets for).
     """
 
-    pool_size: int = 180
+    pool_size: int = 8
     updates_per_step: int = 8
     gcg_steps: int = 5
     search_width: int = 512
     topk: int = 256
+    gcg_keep_best: bool = False
     gcg_batch_size: int | None = None
     gcg_screen_dtype: str | None = None
     gcg_rescore_top: int = 8
@@ -255,7 +270,16 @@ class R2D2Pool:
         self.step = 0
         self.last_refreshed: list[int] = []  # pool indices of the last advance's refresh
         self._allowed: torch.Tensor | None = None  # GCG's ASCII tokens, decoded on first use
-        self.entries = [self._fresh_entry() for _ in range(cfg.pool_size)]
+        self.entries = [self._fresh_entry(b) for b in self._initial_behaviours()]
+
+    def _initial_behaviours(self) -> list[R2D2Behaviour]:
+        # Distinct behaviours, as the reference draws its pool (without replacement); a pool
+        # larger than the behaviour list takes further shuffled passes over it.
+        out: list[R2D2Behaviour] = []
+        while len(out) < self.cfg.pool_size:
+            n = min(len(self.behaviours), self.cfg.pool_size - len(out))
+            out += [self.behaviours[i] for i in self.rng.sample(range(len(self.behaviours)), n)]
+        return out
 
     def _fresh_suffix(self, behaviour: str) -> list[int]:
         n = self.rng.randint(self.cfg.suffix_min, self.cfg.suffix_max)
@@ -265,20 +289,32 @@ class R2D2Pool:
             self.tokenizer, behaviour, self.cfg.suffix_unit * n, self.cfg.system
         )
 
-    def _fresh_entry(self) -> PoolEntry:
-        # Behaviour and target are drawn per entry from one running RNG; reseeding per entry
-        # (as the reference code does) would give every entry the same target index.
-        b = self.rng.choice(self.behaviours)
+    def _fresh_entry(self, b: R2D2Behaviour | None = None) -> PoolEntry:
+        # Target and suffix length are drawn per entry from one running RNG; reseeding per
+        # entry, as the reference's initial pool does, gives every entry the same length and
+        # target index (its resets use one running RNG, as here).
+        if b is None:
+            b = self.rng.choice(self.behaviours)
         target = self.rng.choice(b.targets)
         return PoolEntry(b.behaviour_id, b.behaviour, target, self._fresh_suffix(b.behaviour))
 
     def choose_updates(self) -> list[int]:
-        """Indices of the entries to refresh this micro-step (distinct, uniformly drawn)."""
-        return sorted(self.rng.sample(range(len(self.entries)), self.cfg.updates_per_step))
+        """Entries to refresh this micro-step: distinct, uniformly drawn, in random order.
+
+        The order decides which process trains on which entry (contiguous slices), as the
+        reference's shuffled test-case loader does.
+        """
+        return self.rng.sample(range(len(self.entries)), self.cfg.updates_per_step)
+
+    def reset_due(self, grad_accum: int = 1) -> bool:
+        """Whether this micro-step starts with a reset: the reference's ``step % p == p - 1``
+        for the micro-step index ``step`` and ``p = reset_every * grad_accum``."""
+        period = self.cfg.reset_every * grad_accum
+        return self.step % period == period - 1
 
     def reset(self) -> list[int]:
-        """Restart ``reset_fraction`` of the entries from scratch; returns their indices."""
-        k = round(self.cfg.reset_fraction * len(self.entries))
+        """Restart ``int(reset_fraction * pool_size)`` entries from scratch; their indices."""
+        k = int(self.cfg.reset_fraction * len(self.entries))
         chosen = sorted(self.rng.sample(range(len(self.entries)), k))
         for i in chosen:
             self.entries[i] = self._fresh_entry()
@@ -294,44 +330,82 @@ class R2D2Pool:
             self._allowed = ascii_token_ids(self.tokenizer, _vocab_size(model))
         return self._allowed
 
-    def refresh(self, model, indices: Sequence[int]) -> list[float]:
-        """Run GCG on the chosen entries against ``model``, warm-started; returns their losses."""
-        chosen = [self.entries[i] for i in indices]
-        results = gcg(
+    def _gcg(self, model, index: int, seed: int, collective: bool) -> tuple[list[int], float]:
+        entry = self.entries[index]
+        (res,) = gcg(
             model,
             self.tokenizer,
-            [e.behaviour for e in chosen],
-            [e.target for e in chosen],
-            suffixes=[e.suffix_ids for e in chosen],
+            [entry.behaviour],
+            [entry.target],
+            suffixes=[entry.suffix_ids],
             steps=self.cfg.gcg_steps,
             search_width=self.cfg.search_width,
             topk=self.cfg.topk,
             batch_size=self.cfg.gcg_batch_size,
-            seed=self.next_seed(),
+            seed=seed,
             allowed_tokens=self._allowed_tokens(model),
             system=self.cfg.system,
             screen_dtype=self.cfg.gcg_screen_dtype,
             rescore_top=self.cfg.gcg_rescore_top,
+            keep_best=self.cfg.gcg_keep_best,
+            collective=collective,
         )
-        for entry, res in zip(chosen, results, strict=True):
-            entry.suffix_ids = res.suffix_ids
-            entry.loss = res.loss
-            entry.refreshes += 1
-        return [r.loss for r in results]
+        return res.suffix_ids, res.loss
 
-    def advance(self, model) -> tuple[list[PoolEntry], list[float], list[int]]:
+    def refresh(self, model, indices: Sequence[int], rank: int = 0, world: int = 1) -> list[float]:
+        """GCG on the entries ``indices`` against ``model``, warm-started; their losses.
+
+        Each entry gets its own seed from the pool's RNG, drawn on every rank, so an entry's
+        refresh does not depend on which process runs it. With ``world`` > 1 (an initialised
+        default process group), rank ``rank`` runs the ``rank``-th contiguous slice and the
+        results are all-gathered: every rank ends with the same pool.
+        """
+        indices = list(indices)
+        seeds = [self.next_seed() for _ in indices]
+        if len(indices) % world:
+            raise RgeomError(
+                f"r2d2.updates_per_step ({len(indices)}) must be a multiple of the number of "
+                f"training processes ({world}): each trains on an equal share of the refreshed "
+                "entries, as in the reference"
+            )
+        per = len(indices) // world
+        mine = slice(rank * per, (rank + 1) * per)
+        done = [
+            self._gcg(model, i, seed, world > 1)
+            for i, seed in zip(indices[mine], seeds[mine], strict=True)
+        ]
+        if world > 1:
+            import torch.distributed as dist
+
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, done)
+            done = [item for part in gathered for item in part]
+        for i, (suffix_ids, loss) in zip(indices, done, strict=True):
+            entry = self.entries[i]
+            entry.suffix_ids = list(suffix_ids)
+            entry.loss = loss
+            entry.refreshes += 1
+        return [loss for _, loss in done]
+
+    def advance(
+        self, model, grad_accum: int = 1, rank: int | None = None, world: int | None = None
+    ) -> tuple[list[PoolEntry], list[float], list[int]]:
         """One micro-step of pool upkeep: the scheduled reset, then a refresh.
 
-        Returns the refreshed entries, their GCG losses and the indices reset (if any).
+        ``grad_accum``: micro-steps per optimizer step (resets are counted in optimizer
+        steps). ``rank``/``world`` default to the default process group's, or 0/1.
+        Returns the entries this rank trains on (its slice of the refresh), the GCG losses of
+        every refreshed entry (in the order of ``last_refreshed``) and the indices reset.
         """
-        reset = []
-        if self.step > 0 and self.step % self.cfg.reset_every == 0:
-            reset = self.reset()
+        if rank is None or world is None:
+            rank, world = process_rank_and_world()
+        reset = self.reset() if self.reset_due(grad_accum) else []
         indices = self.choose_updates()
-        losses = self.refresh(model, indices)
+        losses = self.refresh(model, indices, rank, world)
         self.last_refreshed = indices
         self.step += 1
-        return [self.entries[i] for i in indices], losses, reset
+        per = len(indices) // world
+        return [self.entries[i] for i in indices[rank * per : (rank + 1) * per]], losses, reset
 
     def state_dict(self) -> dict[str, Any]:
         version, internal, gauss = self.rng.getstate()
@@ -371,6 +445,15 @@ class R2D2Pool:
         self.load_state_dict(state)
 
 
+def process_rank_and_world() -> tuple[int, int]:
+    """This process's rank and the process count of the default group (0, 1 without one)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def _right_pad(rows: list[list[int]], labels: list[list[int]], pad_id: int, device):
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -405,6 +488,18 @@ def away_loss_terms(logp: torch.Tensor, floor: float) -> tuple[torch.Tensor, tor
     return -torch.log(-torch.expm1(capped)), keep
 
 
+def away_loss(logp: torch.Tensor, floor: float) -> torch.Tensor:
+    """The away loss of target tokens with log-probabilities ``logp`` (HarmBench's).
+
+    ``-log(1 - p)`` summed over the tokens with ``log p >= floor``, divided by ALL the target
+    tokens: a token pushed below the floor counts zero but stays in the denominator, so the
+    term shrinks as training pushes the targets away. Zero (keeping the graph) for no tokens.
+    """
+    per_tok, keep = away_loss_terms(logp, floor)
+    kept = torch.where(keep, per_tok, torch.zeros_like(per_tok))
+    return kept.sum() / max(logp.numel(), 1)
+
+
 def compute_r2d2_losses(
     model,
     tokenizer,
@@ -416,8 +511,8 @@ def compute_r2d2_losses(
 
     Rows: the utility examples (their own labels), then each entry's adversarial prompt
     followed by its affirmative target (away), then the same prompt followed by the refusal
-    and EOS (toward). Each term is a token-level mean over its own tokens; the away mean
-    counts only tokens with ``log p >= cfg.away_logp_floor`` (zero when none do).
+    and EOS (toward). Utility and toward are token-level mean CEs over their own tokens; away
+    is :func:`away_loss` over all away target tokens of the batch, as in the reference.
     """
     rows: list[list[int]] = []
     labels: list[list[int]] = []
@@ -462,9 +557,8 @@ def compute_r2d2_losses(
 
     utility = mean_nll(0)
     toward = mean_nll(2)
-    away_tok, keep = away_loss_terms(logp, cfg.away_logp_floor)
-    away_mask = (token_kind == 1) & keep
-    away = away_tok[away_mask].mean() if away_mask.any() else zero
+    away_rows = token_kind == 1
+    away = away_loss(logp[away_rows], cfg.away_logp_floor) if away_rows.any() else zero
     total = utility + cfg.away_coef * away + cfg.toward_coef * toward
     return {"total": total, "away": away, "toward": toward, "utility": utility}
 
@@ -502,7 +596,9 @@ class R2D2Trainer(Trainer):
         unwrapped = self.accelerator.unwrap_model(model)
         # gcg() switches to eval mode (no dropout) and back; autograd.grad inside it leaves
         # the weights' .grad untouched.
-        entries, gcg_losses, reset = self.pool.advance(unwrapped)
+        entries, gcg_losses, reset = self.pool.advance(
+            unwrapped, grad_accum=self.args.gradient_accumulation_steps
+        )
         batch = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels")}
         losses = compute_r2d2_losses(model, tokenizer, batch, entries, self.r2d2_config)
         terms = {f"r2d2_{k}": float(v.detach()) for k, v in losses.items()}
@@ -518,7 +614,7 @@ class R2D2Trainer(Trainer):
                 **{k: v for k, v in terms.items() if k != "r2d2_gcg_loss"},
                 "gcg_entries": list(self.pool.last_refreshed),
                 "gcg_losses": gcg_losses,
-                "refreshed": [e.behaviour_id for e in entries],
+                "refreshed": [self.pool.entries[i].behaviour_id for i in self.pool.last_refreshed],
                 "reset": reset,
             }
         )
@@ -529,12 +625,14 @@ class R2D2Trainer(Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         # Written before the Trainer's own files: the runner treats trainer_state.json as the
         # mark of a complete checkpoint, so a checkpoint that has it also has the pool.
-        folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / pool_file(self.args.process_index)
-        tmp = path.with_suffix(".partial")
-        self.pool.save(tmp)
-        os.replace(tmp, path)
+        # Every rank holds the same pool: the processes that write checkpoints write it.
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / pool_file()
+            tmp = path.with_suffix(".partial")
+            self.pool.save(tmp)
+            os.replace(tmp, path)
         super()._save_checkpoint(model, trial)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
@@ -544,7 +642,7 @@ class R2D2Trainer(Trainer):
                 from transformers.trainer_utils import get_last_checkpoint
 
                 folder = get_last_checkpoint(self.args.output_dir)
-            path = Path(folder) / pool_file(self.args.process_index) if folder else None
+            path = Path(folder) / pool_file() if folder else None
             if path is not None and path.exists():
                 self.pool.load(path)
             else:
@@ -565,8 +663,9 @@ class R2D2Trainer(Trainer):
         super().log(logs, start_time)
 
 
-def pool_file(rank: int) -> str:
-    return f"r2d2_pool-rank{rank}.json"
+def pool_file() -> str:
+    """The pool state's name in a checkpoint: one file, the pool being the same on every rank."""
+    return "r2d2_pool.json"
 
 
 def config_from_params(params: dict[str, Any]) -> R2D2Config:
@@ -634,13 +733,18 @@ def load_behaviours(extra: dict[str, str], exclude: Iterable[str] = ()) -> list[
 def make_r2d2_trainer(params: dict[str, Any], extra: dict[str, str], tokenizer):
     """``(trainer_class, extra_trainer_kwargs)`` for the training runner's r2d2 arm.
 
-    Each process keeps its own pool of ``pool_size`` entries, seeded ``seed + rank`` so that
-    ranks attack different entries instead of repeating the same GCG.
+    Every process builds the same pool from the run's seed (see the module docstring); the
+    refresh is split between the processes, so ``updates_per_step`` must divide evenly.
     """
     cfg = config_from_params(params)
-    rank = int(os.environ.get("RANK", "0"))
-    pool_cfg = replace(cfg, seed=cfg.seed + rank)
-    pool = R2D2Pool(load_behaviours(extra, cfg.exclude), tokenizer, pool_cfg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.updates_per_step % world:
+        raise RgeomError(
+            f"r2d2.updates_per_step ({cfg.updates_per_step}) must be a multiple of the number "
+            f"of training processes ({world}, train.num_gpus): each trains on an equal share "
+            "of the refreshed entries, as in the reference"
+        )
+    pool = R2D2Pool(load_behaviours(extra, cfg.exclude), tokenizer, cfg)
     return R2D2Trainer, {"pool": pool, "r2d2_config": cfg}
 
 
@@ -650,6 +754,7 @@ __all__ = [
     "R2D2Config",
     "R2D2Pool",
     "R2D2Trainer",
+    "away_loss",
     "away_loss_terms",
     "behaviours_from_pairs",
     "compute_r2d2_losses",
@@ -658,5 +763,7 @@ __all__ = [
     "load_harmbench_behaviours",
     "load_targets",
     "make_r2d2_trainer",
+    "pool_file",
+    "process_rank_and_world",
     "split_paths",
 ]
