@@ -63,19 +63,6 @@ def params_json(**sections):
     return json.dumps({"seed": config["seed"], **sections}, sort_keys=True)
 
 
-def direction_filter(scores_only=False):
-    """The carrier keys of Arditi's prompt filter that the direction prompts use.
-
-    Extraction depends only on whether it stores refusal scores, so a new
-    ``carrier.min_prompts`` reruns the directions but not the extraction; no other carrier
-    key touches either job.
-    """
-    carrier = config["carrier"]
-    if scores_only:
-        return {"filter_prompts": carrier["filter_prompts"]}
-    return {k: carrier[k] for k in ("filter_prompts", "min_prompts")}
-
-
 def model_params():
     # threads and paths are deliberately absent: they do not change any result.
     return {k: config["model"][k] for k in ("dtype", "device", "trust_remote_code")}
