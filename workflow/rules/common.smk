@@ -63,6 +63,24 @@ def params_json(**sections):
     return json.dumps({"seed": config["seed"], **sections}, sort_keys=True)
 
 
+# --- Arditi's prompt filter, decided once on the source model (workflow/rules/geometry.smk) ---
+
+PROMPT_FILTER = "results/prompt_filter.parquet"
+
+
+def filter_on():
+    return config["carrier"]["filter_prompts"]
+
+
+def prompt_filter_input():
+    """Arditi's prompt filter, decided once on the source model for every cell."""
+    return {"prompt_filter": PROMPT_FILTER} if filter_on() else {}
+
+
+def prompt_filter_arg(input):
+    return f"--prompt-filter {input.prompt_filter}" if filter_on() else ""
+
+
 def model_params():
     # threads and paths are deliberately absent: they do not change any result.
     return {k: config["model"][k] for k in ("dtype", "device", "trust_remote_code")}

@@ -1,18 +1,4 @@
 DIRECTION_SETS = ("dir_harmful", "dir_harmless", "val_harmful", "val_harmless")
-PROMPT_FILTER = "results/prompt_filter.parquet"
-
-
-def filter_on():
-    return config["carrier"]["filter_prompts"]
-
-
-def prompt_filter_input():
-    """Arditi's prompt filter, decided once on the source model for every cell."""
-    return {"prompt_filter": PROMPT_FILTER} if filter_on() else {}
-
-
-def prompt_filter_arg(input):
-    return f"--prompt-filter {input.prompt_filter}" if filter_on() else ""
 
 
 rule extract_activations:
