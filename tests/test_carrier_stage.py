@@ -70,6 +70,8 @@ def run_carriers(model_dir, tmp, files, out, carrier):
             files["val_harmless"],
             "--out",
             str(out),
+            "--activations",
+            str(tmp / "acts.parquet"),
             "--params",
             json.dumps(params),
         ]
@@ -97,13 +99,15 @@ def test_carriers_stage_end_to_end(tiny_model_dir, cell, capsys):
     assert meta["selection"]["positions"] == positions
     chosen = [r for r in table.to_pylist() if r["is_carrier"]]
     assert meta["carrier"] == ([chosen[0]["layer"], chosen[0]["position"]] if chosen else None)
-    # Rank-k carriers beside rank 1. Layer 0 sees the same template tokens for every
-    # prompt (no direction), so the window holds one direction: no plane to span, null rows.
+    # Rank-k carriers beside rank 1, around the carrier or the lowest-bypass candidate.
     subs = {s["rank"]: s for s in meta["subspaces"]}
-    assert sorted(subs) == [2, 3]
+    assert sorted(subs) == [2, 3] and meta["selection"]["subspace_ranks"] == [2, 3]
+    scored = [r for r in table.to_pylist() if r["bypass"] == r["bypass"]]
+    low = min(scored, key=lambda r: (r["bypass"], r["layer"]))
+    anchor = meta["carrier"] or [low["layer"], low["position"]]
     for sub in subs.values():
-        assert sub["window_layers"] == [1]
-        assert sub["bypass"] is None and sub["admissible"] is False
+        assert [sub["layer"], sub["position"]] == anchor
+        assert sub["kl"] >= 0 and sub["admissible"] == (sub["induce"] >= 0 and sub["kl"] <= 10)
     print(f"carriers stage on the tiny model: {elapsed:.2f} s")
 
     # The stride keeps only layers whose index is a multiple of it.

@@ -415,13 +415,22 @@ def test_admissible_is_arditis_filter_fn_negated():
 
 
 def test_rank_k_carriers_ablate_the_span_and_add_the_projection(tiny):
-    from rgeom.interventions import subspace_basis
+    from rgeom.causal import subspace_basis
 
     model, tokenizer = tiny
     d = model.config.hidden_size
     ids = refusal_token_ids(tokenizer)
     rng = np.random.default_rng(5)
     directions = {(layer, -1): 3 * rng.normal(size=d) for layer in (0, 1)}
+    # One contrast: r-hat plus one more axis, so rank 2 exists and rank 3 does not.
+    contrasts = rng.normal(size=(1, d))
+    asked = []
+
+    def subspace(anchor, k):
+        asked.append((anchor, k))
+        basis = subspace_basis(directions[anchor], contrasts, k)
+        return basis if len(basis) == k else None
+
     result = select_carrier(
         model,
         tokenizer,
@@ -432,24 +441,28 @@ def test_rank_k_carriers_ablate_the_span_and_add_the_projection(tiny):
         kl_max=100.0,
         max_layer_frac=1.0,
         subspace_ranks=[2, 3],
+        subspace=subspace,
     )
     subs = {sub["rank"]: sub for sub in result.subspaces}
     # Around the carrier, or the lowest-bypass candidate when none is admissible.
     bypass = {(r["layer"], r["position"]): r["bypass"] for r in result.candidates}
     anchor = result.carrier or min(bypass, key=lambda k: (bypass[k], k[0]))
+    assert asked == [(anchor, 2), (anchor, 3)]
     two = subs[2]
-    assert (two["layer"], two["position"]) == anchor and two["window_layers"] == [0, 1]
-    basis, _ = subspace_basis(directions, anchor, 2, 2)
-    # The plane of the two directions: ablating it is the bypass, measured directly.
+    assert (two["layer"], two["position"]) == anchor
+    basis = subspace_basis(directions[anchor], contrasts, 2)
+    # Ablating the plane is the bypass and the KL, measured directly.
     with ablation(model, basis):
         want = refusal_score(model, tokenizer, PROMPTS[:2], ids).mean()
+        edited = last_logits(model, tokenizer, PROMPTS[1:])
     assert two["bypass"] == pytest.approx(want, abs=1e-5)
-    # Induce adds the anchor's direction projected on the plane, i.e. itself (it lies in it).
+    kl = kl_last_position(last_logits(model, tokenizer, PROMPTS[1:]), edited).mean()
+    assert two["kl"] == pytest.approx(float(kl), abs=1e-5)
+    # Induce adds r projected on the plane: r itself, which the nested span holds.
     with addition(model, directions[anchor], anchor[0]):
         want = refusal_score(model, tokenizer, PROMPTS[1:], ids).mean()
     assert two["induce"] == pytest.approx(want, abs=1e-4)
     assert two["admissible"] == (two["induce"] >= 0 and two["kl"] <= 100.0)
-    # Two directions cannot span three dimensions: recorded, not scored.
     assert math.isnan(subs[3]["bypass"]) and not subs[3]["admissible"]
 
 

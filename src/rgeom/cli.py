@@ -260,6 +260,10 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
                 ("--prompt-filter",),
                 {"default": None, "help": "the source model's prompt filter (rgeom prompt-filter)"},
             ),
+            (
+                ("--activations",),
+                {"default": None, "help": "the cell's activations, for the rank-k carriers"},
+            ),
         ],
     ),
     "drift": (

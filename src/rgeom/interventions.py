@@ -17,7 +17,7 @@ import contextlib
 import functools
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -424,33 +424,8 @@ class CarrierSearch:
     prompt_filter: dict[str, Any] = field(default_factory=dict)
     n_boot: int = 0
     ci: float = 0.95
-    # Rank-k carriers around the rank-1 one (see subspace_basis), one dict per rank.
+    # Rank-k carriers around the rank-1 one (select_carrier's subspace_ranks), one per rank.
     subspaces: list[dict[str, Any]] = field(default_factory=list)
-
-
-def subspace_basis(
-    directions: Mapping[tuple[int, int], Any], anchor: tuple[int, int], k: int, window: int
-) -> tuple[np.ndarray | None, list[int]]:
-    """The rank-k subspace around the carrier ``anchor`` = (layer, position): the top-k
-    right singular vectors ([k, d]) of the unit difference-in-means directions at the
-    anchor's position from the layers within ``window`` of its layer, the same stack whose
-    top-k SVD subspace drift compares between cells. None when the stack has rank < k."""
-    layer, pos = anchor
-    layers, units = [], []
-    for lay, p in sorted(directions):
-        if p != pos or abs(lay - layer) > window:
-            continue
-        v = np.asarray(directions[(lay, p)], dtype=np.float64).reshape(-1)
-        norm = np.linalg.norm(v)
-        if np.isfinite(v).all() and norm > 0:
-            layers.append(lay)
-            units.append(v / norm)
-    if len(units) < k:
-        return None, layers
-    _, sv, vt = np.linalg.svd(np.stack(units), full_matrices=False)
-    if (sv[:k] <= 1e-10 * sv[0]).any():
-        return None, layers
-    return vt[:k], layers
 
 
 @functools.lru_cache(maxsize=8)
@@ -496,8 +471,7 @@ def select_carrier(
     ci: float = 0.95,
     seed: int = 0,
     subspace_ranks: Sequence[int] = (),
-    subspace_window: int = 2,
-    all_directions: Mapping[tuple[int, int], Any] | None = None,
+    subspace: Callable[[tuple[int, int], int], np.ndarray | None] | None = None,
 ) -> CarrierSearch:
     """Pick the refusal direction that carries refusal (Arditi et al. 2024, appendix C).
 
@@ -519,12 +493,12 @@ def select_carrier(
     ``n_boot`` > 0 adds prompt-bootstrap ``ci`` intervals to every evaluated candidate's
     three scores (``bypass_ci_low`` ... ``kl_ci_high``), resampled with ``seed``.
 
-    ``subspace_ranks`` (each 2..3) adds rank-k carriers around the rank-1 carrier (or, with
-    none admissible, the lowest-bypass candidate): the span of :func:`subspace_basis` over
-    ``all_directions`` (default ``directions``) within ``subspace_window`` layers. Bypass
-    and KL ablate the whole span; induce adds the anchor's raw direction projected onto the
-    span at the anchor's layer (the rank-1 addition restricted to the subspace); the same
-    :func:`admissible` rule applies.
+    ``subspace_ranks`` adds rank-k carriers around the rank-1 carrier (or, with none
+    admissible, the lowest-bypass candidate): ``subspace(anchor, k)`` gives the span's
+    orthonormal rows [k, d] (None where it has rank < k). Bypass and KL ablate the whole
+    span; induce adds the anchor's raw direction projected onto the span at the anchor's
+    layer (the subspace's component of the mean difference); the same :func:`admissible`
+    rule applies.
     """
     if not harmful or not harmless:
         raise RgeomError("carrier search needs both harmful and harmless validation prompts")
@@ -630,23 +604,21 @@ def select_carrier(
         low = min(scored, key=lambda r: (r["bypass"], r["layer"]))
         anchor = (low["layer"], low["position"])
     subspaces = []
-    pool = candidates if all_directions is None else all_directions
     for k in sorted(set(subspace_ranks)):
-        if anchor is None:
+        if anchor is None or subspace is None:
             break
-        basis, layers = subspace_basis(pool, anchor, k, subspace_window)
+        basis = subspace(anchor, k)
         sub: dict[str, Any] = {
             "rank": k,
             "layer": anchor[0],
             "position": anchor[1],
-            "window_layers": layers,
             "anchor_admissible": carrier is not None,
         }
         if basis is None:
             sub.update(bypass=math.nan, induce=math.nan, kl=math.nan, admissible=False)
             subspaces.append(sub)
             continue
-        raw = np.asarray(pool[anchor], dtype=np.float64).reshape(-1)
+        raw = np.asarray(candidates[anchor], dtype=np.float64).reshape(-1)
         scores = score_direction(
             model,
             tokenizer,
@@ -832,6 +804,7 @@ def carrier_search_table(
     meta: Mapping[str, Any],
     seed: int = 0,
     prompt_filter: str | Path | None = None,
+    activations: str | Path | None = None,
 ) -> CarrierSearch:
     """Run :func:`select_carrier` on a direction table and two validation prompt files and
     write every candidate's scores to ``out``; the carrier (or null) goes in the metadata.
@@ -841,8 +814,10 @@ def carrier_search_table(
     candidate subset (see :func:`select_candidates`): ``layers`` (null), ``layer_stride``
     (1), ``positions`` (null: every post-instruction position); ``n_boot`` (200)
     prompt-bootstrap replicates for ``ci`` (0.95) intervals on every score, drawn with
-    ``seed``; and the rank-k carriers ``subspace_ranks`` ([2, 3]) within
-    ``subspace_window`` (2) layers, written to the metadata (``subspaces``).
+    ``seed``; and the rank-k carriers ``subspace_ranks`` ([2, 3]), written to the metadata
+    (``subspaces``): the interventions' rank-k subspace at the carrier
+    (:func:`rgeom.causal.subspace_basis`: r-hat, then the top per-prompt contrasts of the
+    cell's ``activations`` table), so none without that table.
     ``prompt_filter`` (a :func:`rgeom.geometry.prompt_filter_table` of the source model)
     restricts the validation prompts to its kept ``val`` ids, the same in every cell; its
     kept / total counts go in the metadata (``prompt_filter``) and the ``n_harmful`` /
@@ -868,7 +843,7 @@ def carrier_search_table(
         )
     max_layer_frac = float(params.get("max_layer_frac", 0.8))
     ints = {}
-    for key, default, least in (("n_boot", 200, 0), ("subspace_window", 2, 0)):
+    for key, default, least in (("n_boot", 200, 0),):
         v = params.get(key, default)
         if not isinstance(v, int) or isinstance(v, bool) or v < least:
             raise RgeomError(f"carrier.{key} must be an integer >= {least}, got {v!r}")
@@ -880,8 +855,15 @@ def carrier_search_table(
     ranks = [] if ranks in (None, []) else _int_list(ranks, "subspace_ranks")
     if any(not 2 <= k <= 3 for k in ranks):
         raise RgeomError(f"carrier.subspace_ranks must lie in 2..3, got {ranks}")
-    all_directions = load_directions(directions)
-    candidates = select_candidates(all_directions, n_layers, params, directions)
+    candidates = select_candidates(load_directions(directions), n_layers, params, directions)
+    subspace = None
+    if activations is not None and ranks:
+        from rgeom.causal import contrast_vectors, subspace_basis
+
+        def subspace(anchor: tuple[int, int], k: int) -> np.ndarray | None:
+            basis = subspace_basis(candidates[anchor], contrast_vectors(activations, *anchor), k)
+            return basis if len(basis) == k else None
+
     prefixes = params.get("refusal_prefixes") or REFUSAL_PREFIXES
     refusal_ids = refusal_token_ids(tokenizer, prefixes)
     keep: dict[str, set[str] | None] = {"harmful": None, "harmless": None}
@@ -911,8 +893,7 @@ def carrier_search_table(
         ci=float(ci),
         seed=int(seed),
         subspace_ranks=ranks,
-        subspace_window=ints["subspace_window"],
-        all_directions=all_directions,
+        subspace=subspace,
     )
     rows = result.candidates
     # Rows at or above the layer cut were never scored, so they have no interval keys.
@@ -949,8 +930,7 @@ def carrier_search_table(
             "positions": sorted({pos for _, pos in candidates}),
             "layer_stride": int(params.get("layer_stride") or 1),
             "layer_cut": layer_cut(n_layers, max_layer_frac),
-            "subspace_ranks": ranks,
-            "subspace_window": ints["subspace_window"],
+            "subspace_ranks": ranks if subspace is not None else [],
         },
         prompt_filter=pf,
         bootstrap={"n_boot": result.n_boot, "ci": result.ci, "seed": int(seed)},

@@ -353,6 +353,7 @@ def carriers(
     out: str,
     params: dict[str, Any],
     prompt_filter: str | None = None,
+    activations: str | None = None,
 ) -> None:
     from rgeom.interventions import carrier_search_table
 
@@ -376,6 +377,7 @@ def carriers(
         ),
         seed=int(params.get("seed", 0)),
         prompt_filter=prompt_filter,
+        activations=activations,
     )
 
 
