@@ -12,6 +12,7 @@ import pytest
 from rgeom import stages
 from rgeom.cli import main
 from rgeom.errors import RgeomError
+from rgeom.geometry import load_directions
 from rgeom.interventions import CARRIER_SCHEMA, select_candidates
 from rgeom.io import read_meta, read_table, write_table
 
@@ -69,6 +70,8 @@ def run_carriers(model_dir, tmp, files, out, carrier):
             files["val_harmless"],
             "--out",
             str(out),
+            "--activations",
+            str(tmp / "acts.parquet"),
             "--params",
             json.dumps(params),
         ]
@@ -85,22 +88,40 @@ def test_carriers_stage_end_to_end(tiny_model_dir, cell, capsys):
     table = read_table(out, schema=CARRIER_SCHEMA)
     meta = read_meta(out)
     n_layers = read_meta(tmp / "dirs.parquet")["n_layers"]
-    # Default candidates: every layer below the cut, at position -1 only.
-    assert table.column("layer").to_pylist() == list(range(n_layers))
-    assert set(table.column("position").to_pylist()) == {-1}
+    # Default candidates: every layer below the cut at every post-instruction position
+    # (Arditi et al. search them all), not only the last one.
+    positions = sorted({pos for _, pos in load_directions(tmp / "dirs.parquet")})
+    assert len(positions) > 1 and positions[-1] == -1
+    layers, at = table.column("layer").to_pylist(), table.column("position").to_pylist()
+    got = list(zip(layers, at, strict=True))
+    assert sorted(got) == [(layer, pos) for layer in range(n_layers) for pos in positions]
     assert meta["arm"] == "base" and meta["step"] == 0 and meta["config_hash"]
-    assert meta["selection"]["positions"] == [-1]
+    assert meta["selection"]["positions"] == positions
     chosen = [r for r in table.to_pylist() if r["is_carrier"]]
-    assert meta["carrier"] == ([chosen[0]["layer"], -1] if chosen else None)
+    assert meta["carrier"] == ([chosen[0]["layer"], chosen[0]["position"]] if chosen else None)
+    # Rank-k carriers beside rank 1, around the carrier or the lowest-bypass candidate.
+    subs = {s["rank"]: s for s in meta["subspaces"]}
+    assert sorted(subs) == [2, 3] and meta["selection"]["subspace_ranks"] == [2, 3]
+    scored = [r for r in table.to_pylist() if r["bypass"] == r["bypass"]]
+    low = min(scored, key=lambda r: (r["bypass"], r["layer"]))
+    anchor = meta["carrier"] or [low["layer"], low["position"]]
+    for sub in subs.values():
+        assert [sub["layer"], sub["position"]] == anchor
+        assert sub["kl"] >= 0 and sub["admissible"] == (sub["induce"] >= 0 and sub["kl"] <= 10)
     print(f"carriers stage on the tiny model: {elapsed:.2f} s")
 
     # The stride keeps only layers whose index is a multiple of it.
     strided = tmp / "strided.parquet"
     rc = run_carriers(
-        tiny_model_dir, tmp, files, strided, {"max_layer_frac": 1.0, "layer_stride": 2}
+        tiny_model_dir,
+        tmp,
+        files,
+        strided,
+        {"max_layer_frac": 1.0, "layer_stride": 2, "positions": [-1], "subspace_ranks": []},
     )
     assert rc == 0
     assert read_table(strided).column("layer").to_pylist() == list(range(0, n_layers, 2))
+    assert read_meta(strided)["subspaces"] == []
 
     # drift on this one cell: the activation table gives the label-shuffled null.
     drift_dir = tmp / "drift"
@@ -165,8 +186,10 @@ def test_directions_from_another_tokenizer_are_refused(tiny_model_dir, cell):
 
 def test_select_candidates_rules():
     dirs = {(layer, pos): [1.0] for layer in range(10) for pos in (-2, -1)}
-    # null layers: below 0.8 * 10 and on the stride, at the default position -1.
+    # null layers: below 0.8 * 10 and on the stride; null positions: all of them.
     keys = select_candidates(dirs, 10, {"layer_stride": 3})
+    assert list(keys) == [(0, -2), (0, -1), (3, -2), (3, -1), (6, -2), (6, -1)]
+    keys = select_candidates(dirs, 10, {"layer_stride": 3, "positions": [-1]})
     assert list(keys) == [(0, -1), (3, -1), (6, -1)]
     keys = select_candidates(dirs, 10, {"layers": [2, 9], "positions": [-2, -1]})
     assert list(keys) == [(2, -2), (2, -1), (9, -2), (9, -1)]
@@ -176,3 +199,16 @@ def test_select_candidates_rules():
         select_candidates(dirs, 10, {"positions": [0]})
     with pytest.raises(RgeomError, match=r"\(5, -3\) is not in"):
         select_candidates({**dirs, (4, -3): [1.0]}, 10, {"layers": [4, 5], "positions": [-3]})
+
+
+@pytest.mark.parametrize(("n_layers", "last"), [(30, 23), (32, 24)])
+def test_layer_cut_is_arditis_int_of_80_percent(n_layers, last):
+    """Arditi et al. prune layer >= int(0.8 * L): 24 of 30 and 25 of 32 go (layer < 0.8 * L
+    would keep 25 of 32, exactly where a late-layer carrier would sit)."""
+    from rgeom.interventions import layer_cut
+
+    assert layer_cut(n_layers) == last + 1
+    dirs = {(layer, -1): [1.0] for layer in range(n_layers)}
+    keys = select_candidates(dirs, n_layers, {})
+    assert max(layer for layer, _ in keys) == last
+    assert len(keys) == last + 1

@@ -12,6 +12,7 @@ from rgeom.activations import extract_activations
 from rgeom.errors import RgeomError
 from rgeom.geometry import (
     DIRECTION_SCHEMA,
+    PROMPT_FILTER_SCHEMA,
     cosine,
     diff_in_means,
     diff_in_means_table,
@@ -19,6 +20,7 @@ from rgeom.geometry import (
     effective_rank,
     load_directions,
     principal_angles,
+    prompt_filter_table,
     rank_measures,
 )
 from rgeom.io import read_meta, read_table
@@ -155,7 +157,7 @@ def planted_vector(label, i, layer, pos):
     return rng.normal(size=D_SYN) + (3.0 if label == "harmful" else 0.0)
 
 
-def planted_activations(path, scores=True):
+def planted_activations(path, scores=True, invert=False, prefix="p"):
     from rgeom.activations import activation_schema
     from rgeom.io import write_table
 
@@ -167,10 +169,11 @@ def planted_activations(path, scores=True):
                     for pos in POSITIONS_SYN:
                         # The val rows score the other way: they must never enter the means.
                         score = value if split == "dir" else -value
+                        score = -score if invert else score
                         for key, v in zip(
                             rows,
                             (
-                                f"p{i}",
+                                f"{prefix}{i}",
                                 label,
                                 split,
                                 layer,
@@ -214,38 +217,73 @@ def planted_expected(keep):
     return out
 
 
+def planted_filter(tmp_path, min_prompts=2, name="filter.parquet", **kw):
+    acts = planted_activations(tmp_path / f"src-{name}", **kw)
+    out = tmp_path / name
+    prompt_filter_table(acts, out, {"step": 0}, min_prompts=min_prompts)
+    return out
+
+
 def test_prompt_filter_keeps_exactly_the_rows_with_the_right_sign(tmp_path):
+    flt = planted_filter(tmp_path)
+    rows = read_table(flt, schema=PROMPT_FILTER_SCHEMA).to_pylist()
+    kept = {}
+    for r in rows:
+        if r["kept"]:
+            kept.setdefault((r["split"], r["label"]), []).append(r["prompt_id"])
+    # Harmful 2.0, 0.5, 3.0 (> 0) and harmless -0.5, -2.0 (< 0); the zeros go. The val rows
+    # score the other way round and keep one prompt each: too few, so they stay whole.
+    assert sorted(kept[("dir", "harmful")]) == ["p0", "p2", "p4"]
+    assert sorted(kept[("dir", "harmless")]) == ["p0", "p2"]
+    assert len(kept[("val", "harmful")]) == 5 and len(kept[("val", "harmless")]) == 4
     acts = planted_activations(tmp_path / "acts.parquet")
     out = tmp_path / "dirs.parquet"
-    diff_in_means_table(acts, out, {}, filter_prompts=True, min_prompts=2)
+    diff_in_means_table(acts, out, {}, prompt_filter=flt)
     table = read_table(out, schema=direction_schema(D_SYN)).to_pydict()
-    # Harmful 2.0, 0.5, 3.0 (> 0) and harmless -0.5, -2.0 (< 0); the zeros go.
     assert set(table["n_harmful"]) == {3} and set(table["n_harmless"]) == {2}
     want = planted_expected(lambda lab, v: v > 0 if lab == "harmful" else v < 0)
     got = load_directions(out)
     assert set(got) == set(want)
     for key, r in want.items():
         np.testing.assert_allclose(got[key], r, rtol=1e-10, atol=1e-12)
-    assert read_meta(out)["prompt_filter"] == {
-        "enabled": True,
-        "min_prompts": 2,
-        "harmful_kept": 3,
-        "harmful_total": 5,
-        "harmless_kept": 2,
-        "harmless_total": 4,
-    }
+    record = read_meta(out)["prompt_filter"]
+    assert record["enabled"] and record["rule"] == "source_model_sign"
+    assert (record["harmful_kept"], record["harmful_total"]) == (3, 5)
+    assert (record["harmless_kept"], record["harmless_total"]) == (2, 4)
+    # min_prompts 2: the val sets keep 1 each, too few to filter on, so they stay whole.
+    assert record["starved"] == ["val_harmful", "val_harmless"]
 
 
-def test_prompt_filter_with_too_few_prompts_names_the_counts(tmp_path):
+def test_one_prompt_filter_serves_every_anchor(tmp_path):
+    """A later checkpoint refuses other prompts, but its directions are still taken over
+    the prompts the source model kept: drift compares like with like. (A per-cell filter
+    on the later table's own, inverted, scores would keep the other prompts.)"""
+    flt = planted_filter(tmp_path)
+    later = planted_activations(tmp_path / "later.parquet", invert=True)
+    out = tmp_path / "later-dirs.parquet"
+    diff_in_means_table(later, out, {}, prompt_filter=flt)
+    want = planted_expected(lambda lab, v: v > 0 if lab == "harmful" else v < 0)
+    for key, r in want.items():
+        np.testing.assert_allclose(load_directions(out)[key], r, rtol=1e-10, atol=1e-12)
+    # A table of other prompts cannot use this filter.
+    other = planted_activations(tmp_path / "other.parquet", prefix="q")
+    with pytest.raises(RgeomError, match=r"other\.parquet: its 'dir' prompts differ"):
+        diff_in_means_table(other, tmp_path / "x.parquet", {}, prompt_filter=flt)
+
+
+def test_a_starved_prompt_filter_keeps_the_set_whole_instead_of_failing(tmp_path):
+    """A source model that barely refuses (here: at most 3 of 5 harmful prompts against
+    min_prompts 4) must not stop the study: the set is used unfiltered and flagged."""
+    flt = planted_filter(tmp_path, min_prompts=4)
+    record = read_meta(flt)["prompt_filter"]
+    assert record["starved"] == ["dir_harmful", "dir_harmless", "val_harmful", "val_harmless"]
+    assert record["sets"]["dir_harmful"] == {"kept": 5, "total": 5, "passed_filter": 3}
     acts = planted_activations(tmp_path / "acts.parquet")
     out = tmp_path / "dirs.parquet"
-    with pytest.raises(
-        RgeomError,
-        match=r"too few prompts left after filtering: harmful 3/5 kept .* harmless 2/4 kept "
-        r".*direction prompts.*carrier\.min_prompts is 3",
-    ):
-        diff_in_means_table(acts, out, {}, filter_prompts=True, min_prompts=3)
-    assert not out.exists()
+    diff_in_means_table(acts, out, {}, prompt_filter=flt)
+    want = planted_expected(lambda lab, v: True)
+    for key, r in want.items():
+        np.testing.assert_allclose(load_directions(out)[key], r, rtol=1e-10, atol=1e-12)
 
 
 def test_prompt_filter_off_is_the_unfiltered_table(tmp_path):
@@ -270,26 +308,24 @@ def test_prompt_filter_off_is_the_unfiltered_table(tmp_path):
         assert read_table(out).equals(read_table(off))
         # Filtering needs the scores, and says so rather than filtering on nulls.
         with pytest.raises(RgeomError, match=r"extracted without baseline refusal scores"):
-            diff_in_means_table(source, out, {}, filter_prompts=True)
+            prompt_filter_table(source, tmp_path / "f.parquet", {}, min_prompts=1)
 
 
-def test_directions_stage_passes_the_carrier_filter_keys(tmp_path):
+def test_prompt_filter_and_directions_stages(tmp_path):
     from rgeom import stages
 
     acts = planted_activations(tmp_path / "acts.parquet")
-    out = tmp_path / "dirs.parquet"
-    carrier = {"filter_prompts": True, "min_prompts": 2}
-    stages.directions(str(acts), str(out), {"seed": 0, "carrier": carrier})
+    flt, out = tmp_path / "filter.parquet", tmp_path / "dirs.parquet"
+    stages.prompt_filter(str(acts), str(flt), {"seed": 0, "carrier": {"min_prompts": 2}})
+    stages.directions(str(acts), str(out), {"seed": 0}, prompt_filter=str(flt))
     assert read_meta(out)["prompt_filter"]["harmful_kept"] == 3
-    with pytest.raises(RgeomError, match=r"harmful 3/5 kept .* is 4"):
-        stages.directions(str(acts), str(out), {"carrier": {**carrier, "min_prompts": 4}})
-    with pytest.raises(RgeomError, match="carrier.filter_prompts must be true or false"):
-        stages.directions(str(acts), str(out), {"carrier": {"filter_prompts": "yes"}})
+    with pytest.raises(RgeomError, match="carrier.min_prompts must be an integer"):
+        stages.prompt_filter(str(acts), str(flt), {"carrier": {"min_prompts": 0}})
 
 
 def test_prompt_filter_end_to_end_on_the_tiny_model(extraction, tiny, tmp_path):
-    """A random model refuses nothing: with its real scores the filter keeps no harmful
-    direction prompt, and says so with the counts."""
+    """A random model refuses (almost) nothing: with its real scores the harmful sets are
+    starved, and the filter keeps them whole rather than failing at step 0."""
     from rgeom.models import build_tiny_model
 
     tokenizer = tiny[1]
@@ -308,10 +344,14 @@ def test_prompt_filter_end_to_end_on_the_tiny_model(extraction, tiny, tmp_path):
     t = pq.read_table(acts, columns=["prompt_id", "label", "split", "refusal_score"])
     rows = zip(*(t.column(c).to_pylist() for c in t.column_names), strict=True)
     refused = {pid for pid, lab, sp, s in rows if lab == "harmful" and sp == "dir" and s > 0}
-    n_refused = len(refused)
-    # More than any set holds, so the error is certain; its counts are the model's own.
-    with pytest.raises(RgeomError, match=rf"harmful {n_refused}/{len(HARMFUL)} kept"):
-        diff_in_means_table(acts, tmp_path / "d.parquet", {}, filter_prompts=True, min_prompts=9)
+    flt = tmp_path / "filter.parquet"
+    # More than any set holds, so every set starves; the counts are the model's own.
+    prompt_filter_table(acts, flt, {}, min_prompts=9)
+    record = read_meta(flt)["prompt_filter"]
+    assert "dir_harmful" in record["starved"]
+    assert record["sets"]["dir_harmful"]["passed_filter"] == len(refused)
+    assert record["sets"]["dir_harmful"]["kept"] == len(HARMFUL)
+    diff_in_means_table(acts, tmp_path / "d.parquet", {}, prompt_filter=flt)
 
 
 @pytest.mark.parametrize("kind", ["singular", "energy", "participation"])

@@ -239,7 +239,7 @@ def test_select_carrier_rules(tiny):
     c = rows[(0, -1)]
     assert math.isfinite(c["bypass"]) and c["kl"] >= 0
     assert result.carrier == ((0, -1) if c["admissible"] else None)
-    assert c["admissible"] == (c["induce"] > 0 and c["kl"] <= 10.0)
+    assert c["admissible"] == (c["induce"] >= 0 and c["kl"] <= 10.0)
     assert result.reused_prefix
     # Restarting from cached activations changes nothing but the cost.
     full = select_carrier(
@@ -348,13 +348,44 @@ def test_carrier_search_table_end_to_end(tiny, tmp_path):
     assert read_meta(out)["prompt_filter"] == {
         "enabled": False,
         "harmful_kept": 2,
-        "harmful_total": 2,
         "harmless_kept": 2,
-        "harmless_total": 2,
     }
     assert read_meta(out)["bootstrap"] == {"n_boot": 50, "ci": 0.95, "seed": 3}
-    # The filter on by default: the random model's harmful prompts all score < 0.
-    with pytest.raises(RgeomError, match=r"too few prompts left after filtering: harmful 0/2"):
+
+    # The shared prompt filter (decided on the source model) picks the validation prompts:
+    # here it keeps one harmful prompt, whatever this model's own scores say.
+    from rgeom.geometry import PROMPT_FILTER_SCHEMA
+    from rgeom.io import write_table
+
+    def filter_file(name, harmful_ids):
+        rows = [(pid, "val", "harmful", 1.0, pid == "dh-1") for pid in harmful_ids]
+        rows += [(pid, "val", "harmless", -1.0, True) for pid in ("db-0", "db-1")]
+        path = tmp_path / name
+        cols = PROMPT_FILTER_SCHEMA.names
+        table = pa.table({c: [r[i] for r in rows] for i, c in enumerate(cols)})
+        write_table(path, table, PROMPT_FILTER_SCHEMA, {"prompt_filter": {"enabled": True}})
+        return path
+
+    params = {"max_layer_frac": 1.0, "positions": [-1], "n_boot": 0, "subspace_ranks": []}
+    filtered = tmp_path / "filtered.parquet"
+    carrier_search_table(
+        model,
+        tokenizer,
+        tmp_path / "d.parquet",
+        sets["dir_harmful"],
+        sets["dir_harmless"],
+        filtered,
+        params,
+        {},
+        prompt_filter=filter_file("f.parquet", ["dh-0", "dh-1"]),
+    )
+    record = read_meta(filtered)["prompt_filter"]
+    assert (record["harmful_kept"], record["harmful_total"]) == (1, 2)
+    assert set(read_table(filtered).column("n_harmful").to_pylist()) - {None} == {1}
+    # A filter built on other prompts is refused by name.
+    with pytest.raises(
+        RgeomError, match=r"lacks prompt\(s\) \['zz'\] and has prompt\(s\) \['dh-0'\]"
+    ):
         carrier_search_table(
             model,
             tokenizer,
@@ -362,14 +393,77 @@ def test_carrier_search_table_end_to_end(tiny, tmp_path):
             sets["dir_harmful"],
             sets["dir_harmless"],
             tmp_path / "never.parquet",
-            {"max_layer_frac": 1.0},
+            params,
             {},
+            prompt_filter=filter_file("g.parquet", ["zz", "dh-1"]),
         )
     assert not (tmp_path / "never.parquet").exists()
     meta = read_meta(out)
     assert meta["arm"] == "base" and meta["refusal_tokens"][0] == "I"
     assert meta["carrier"] == (list(result.carrier) if result.carrier else None)
     assert sum(table.column("is_carrier").to_pylist()) == (result.carrier is not None)
+
+
+def test_admissible_is_arditis_filter_fn_negated():
+    from rgeom.interventions import admissible
+
+    # filter_fn discards kl > 0.1 and induce < 0 (not <= 0), and any NaN.
+    assert admissible(-5.0, 0.0, 0.1, 0.1)
+    assert not admissible(-5.0, -1e-9, 0.0, 0.1)
+    assert not admissible(-5.0, 1.0, 0.1000001, 0.1)
+    assert not admissible(math.nan, 1.0, 0.0, 0.1)
+
+
+def test_rank_k_carriers_ablate_the_span_and_add_the_projection(tiny):
+    from rgeom.causal import subspace_basis
+
+    model, tokenizer = tiny
+    d = model.config.hidden_size
+    ids = refusal_token_ids(tokenizer)
+    rng = np.random.default_rng(5)
+    directions = {(layer, -1): 3 * rng.normal(size=d) for layer in (0, 1)}
+    # One contrast: r-hat plus one more axis, so rank 2 exists and rank 3 does not.
+    contrasts = rng.normal(size=(1, d))
+    asked = []
+
+    def subspace(anchor, k):
+        asked.append((anchor, k))
+        basis = subspace_basis(directions[anchor], contrasts, k)
+        return basis if len(basis) == k else None
+
+    result = select_carrier(
+        model,
+        tokenizer,
+        directions,
+        PROMPTS[:2],
+        PROMPTS[1:],
+        refusal_ids=ids,
+        kl_max=100.0,
+        max_layer_frac=1.0,
+        subspace_ranks=[2, 3],
+        subspace=subspace,
+    )
+    subs = {sub["rank"]: sub for sub in result.subspaces}
+    # Around the carrier, or the lowest-bypass candidate when none is admissible.
+    bypass = {(r["layer"], r["position"]): r["bypass"] for r in result.candidates}
+    anchor = result.carrier or min(bypass, key=lambda k: (bypass[k], k[0]))
+    assert asked == [(anchor, 2), (anchor, 3)]
+    two = subs[2]
+    assert (two["layer"], two["position"]) == anchor
+    basis = subspace_basis(directions[anchor], contrasts, 2)
+    # Ablating the plane is the bypass and the KL, measured directly.
+    with ablation(model, basis):
+        want = refusal_score(model, tokenizer, PROMPTS[:2], ids).mean()
+        edited = last_logits(model, tokenizer, PROMPTS[1:])
+    assert two["bypass"] == pytest.approx(want, abs=1e-5)
+    kl = kl_last_position(last_logits(model, tokenizer, PROMPTS[1:]), edited).mean()
+    assert two["kl"] == pytest.approx(float(kl), abs=1e-5)
+    # Induce adds r projected on the plane: r itself, which the nested span holds.
+    with addition(model, directions[anchor], anchor[0]):
+        want = refusal_score(model, tokenizer, PROMPTS[1:], ids).mean()
+    assert two["induce"] == pytest.approx(want, abs=1e-4)
+    assert two["admissible"] == (two["induce"] >= 0 and two["kl"] <= 100.0)
+    assert math.isnan(subs[3]["bypass"]) and not subs[3]["admissible"]
 
 
 def test_filter_by_baseline_counts_and_error():

@@ -201,6 +201,21 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
         [
             (("--activations",), {"required": True}),
             (("--out",), {"required": True}),
+            (
+                ("--prompt-filter",),
+                {"default": None, "help": "the source model's prompt filter (rgeom prompt-filter)"},
+            ),
+        ],
+    ),
+    "prompt-filter": (
+        "Arditi's prompt filter, decided once on the source model's activations (with "
+        "baseline refusal scores) for every cell's directions and carrier search.",
+        "rgeom prompt-filter --activations results/base/step-000000/activations.parquet \\\n"
+        '    --out results/prompt_filter.parquet --params \'{"carrier": {"min_prompts": 8}}\'',
+        "rgeom.stages:prompt_filter",
+        [
+            (("--activations",), {"required": True}),
+            (("--out",), {"required": True}),
         ],
     ),
     "summary": (
@@ -241,6 +256,14 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
             (("--val-harmful",), {"required": True}),
             (("--val-harmless",), {"required": True}),
             (("--out",), {"required": True}),
+            (
+                ("--prompt-filter",),
+                {"default": None, "help": "the source model's prompt filter (rgeom prompt-filter)"},
+            ),
+            (
+                ("--activations",),
+                {"default": None, "help": "the cell's activations, for the rank-k carriers"},
+            ),
         ],
     ),
     "drift": (

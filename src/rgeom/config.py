@@ -104,6 +104,10 @@ def validate(
     if errors:
         raise RgeomError(f"{source}: {_describe(errors[0])}")
     _check_semantics(cfg, source)
+    # Its own module: it reads the configured prompt files, unlike the checks above.
+    from rgeom.contamination import check_contamination
+
+    check_contamination(cfg, source)
     return cfg
 
 

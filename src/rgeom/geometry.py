@@ -5,10 +5,13 @@ harmful and harmless activations (Arditi et al. 2024). Means are accumulated in 
 while streaming the activation table one row group at a time, so a large extraction never
 has to fit in memory.
 
-With ``filter_prompts`` (``carrier.filter_prompts``), only the ``dir`` prompts whose
-baseline behaviour is the expected one enter the means, as in Arditi et al.: harmful prompts
-the model refuses (refusal score > 0) and harmless ones it answers (< 0). The scores are the
-``refusal_score`` column that extraction writes when asked to.
+Arditi et al.'s prompt filter (``carrier.filter_prompts``) keeps the harmful prompts the
+model refuses (baseline refusal score > 0) and the harmless ones it answers (< 0). rgeom
+decides it once, on the source model (step 0), and every cell of both arms reuses those
+prompt ids (:func:`prompt_filter_table`): drift then compares directions and carrier scores
+over the same prompts. A set the source model starves (fewer than ``min_prompts`` kept, e.g.
+a model that barely refuses before safety training) is kept whole and flagged ``starved``:
+the filter cannot tell refusal from compliance in a model that does neither.
 """
 
 from __future__ import annotations
@@ -118,6 +121,139 @@ def filter_by_baseline(
     return keep_h, keep_b, record
 
 
+PROMPT_FILTER_SCHEMA = pa.schema(
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("label", pa.string(), nullable=False),
+        pa.field("refusal_score", pa.float64(), nullable=False),
+        pa.field("kept", pa.bool_(), nullable=False),
+    ]
+)
+FILTERED_SPLITS = (DIRECTION_SPLIT, "val")
+PROMPT_FILTER_RULE = "source_model_sign"
+
+
+def shared_filter(
+    scores: Mapping[tuple[str, str], Mapping[str, float]], min_prompts: int
+) -> tuple[dict[tuple[str, str], set[str]], dict[str, Any]]:
+    """The kept prompt ids of each ``(split, label)`` set from the source model's baseline
+    refusal scores ``{(split, label): {prompt_id: score}}``.
+
+    Harmful prompts are kept when their score is > 0, harmless ones when < 0 (Arditi et
+    al.); a set that keeps fewer than ``min_prompts`` is kept whole and listed as
+    ``starved`` rather than raising, so a source model that never refuses still gets a
+    (then unfiltered) search. Returns the ids and the record for the tables' metadata.
+    """
+    kept: dict[tuple[str, str], set[str]] = {}
+    record: dict[str, Any] = {
+        "enabled": True,
+        "rule": PROMPT_FILTER_RULE,
+        "min_prompts": int(min_prompts),
+        "sets": {},
+        "starved": [],
+    }
+    for (split, label), by_id in sorted(scores.items()):
+        name = f"{split}_{label}"
+        want = (lambda v: v > 0) if label == HARMFUL else (lambda v: v < 0)
+        ids = {pid for pid, v in by_id.items() if want(v)}
+        starved = len(ids) < min_prompts
+        if starved:
+            log.warning(
+                "prompt filter: %s keeps %d/%d on the source model (< min_prompts %d); "
+                "the set is used unfiltered",
+                name,
+                len(ids),
+                len(by_id),
+                min_prompts,
+            )
+            record["starved"].append(name)
+            ids = set(by_id)
+        kept[(split, label)] = ids
+        record["sets"][name] = {
+            "kept": len(ids),
+            "total": len(by_id),
+            "passed_filter": len(ids) if not starved else sum(map(want, by_id.values())),
+        }
+    return kept, record
+
+
+def prompt_filter_table(
+    activations: str | Path, out: str | Path, meta: Mapping[str, Any], min_prompts: int
+) -> None:
+    """The shared prompt filter (:func:`shared_filter`) from the source model's activation
+    table, which must carry baseline refusal scores: one row per ``dir`` and ``val`` prompt
+    with its score and whether it is kept. Every cell's directions and carrier search read
+    this one table."""
+    activations = Path(activations)
+    source = read_meta(activations)
+    try:
+        pf = pq.ParquetFile(activations)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise RgeomError(f"{activations} is not a readable Parquet file") from exc
+    if "refusal_score" not in pf.schema_arrow.names or not source.get("refusal_scores"):
+        raise RgeomError(
+            f"{activations}: extracted without baseline refusal scores, which the prompt "
+            "filter needs; extract the source model again with carrier.filter_prompts on"
+        )
+    scores: dict[tuple[str, str], dict[str, float]] = {}
+    for split in FILTERED_SPLITS:
+        for label, by_id in _prompt_scores(pf, activations, split).items():
+            if by_id:
+                scores[(split, label)] = by_id
+    # The val sets may be absent (a directions-only extraction); the carrier stage then
+    # finds none in the filter and says so.
+    missing = [f"dir_{lab}" for lab in (HARMFUL, HARMLESS) if (DIRECTION_SPLIT, lab) not in scores]
+    if missing:
+        raise RgeomError(f"{activations}: no prompts of {', '.join(missing)} to filter")
+    kept, record = shared_filter(scores, min_prompts)
+    rows = [
+        (pid, split, label, value, pid in kept[(split, label)])
+        for (split, label), by_id in sorted(scores.items())
+        for pid, value in by_id.items()
+    ]
+    table = pa.table(
+        {name: [r[i] for r in rows] for i, name in enumerate(PROMPT_FILTER_SCHEMA.names)}
+    )
+    full = dict(meta)
+    full.update(
+        prompt_filter=record,
+        activations={"path": str(activations), "sha256": file_sha256(activations)},
+        source_arm=source.get("arm"),
+        source_step=source.get("step"),
+    )
+    write_table(out, table, PROMPT_FILTER_SCHEMA, full)
+
+
+def load_prompt_filter(
+    path: str | Path, split: str
+) -> tuple[dict[str, set[str]], dict[str, set[str]], dict[str, Any]]:
+    """``({label: kept ids}, {label: all ids}, record)`` of one split of a prompt-filter
+    table, the record with this split's kept / total counts in the old flat form too."""
+    table = read_table(path, schema=PROMPT_FILTER_SCHEMA).to_pydict()
+    kept: dict[str, set[str]] = {HARMFUL: set(), HARMLESS: set()}
+    every: dict[str, set[str]] = {HARMFUL: set(), HARMLESS: set()}
+    for pid, sp, label, keep in zip(
+        table["prompt_id"], table["split"], table["label"], table["kept"], strict=True
+    ):
+        if sp == split and label in every:
+            every[label].add(pid)
+            if keep:
+                kept[label].add(pid)
+    if not every[HARMFUL] or not every[HARMLESS]:
+        raise RgeomError(f"{path}: no {split!r} prompts of both labels in the prompt filter")
+    meta = read_meta(path)
+    record = dict(meta.get("prompt_filter") or {})
+    record.update(
+        source={"path": str(path), "arm": meta.get("source_arm"), "step": meta.get("source_step")},
+        harmful_kept=len(kept[HARMFUL]),
+        harmful_total=len(every[HARMFUL]),
+        harmless_kept=len(kept[HARMLESS]),
+        harmless_total=len(every[HARMLESS]),
+    )
+    return kept, every, record
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> float | None:
     na, nb = np.linalg.norm(a), np.linalg.norm(b)
     if na == 0 or nb == 0:
@@ -152,46 +288,55 @@ class _MeanAccumulator:
             self.counts[key] += int(rows.sum())
 
 
-def _prompt_scores(pf: pq.ParquetFile, activations: Path) -> dict[str, np.ndarray]:
-    """``{label: baseline refusal scores}`` of the ``dir`` prompts, one per prompt, read
-    from the scalar columns alone (no vectors)."""
+def _prompt_scores(
+    pf: pq.ParquetFile, activations: Path, split: str = DIRECTION_SPLIT
+) -> dict[str, dict[str, float]]:
+    """``{label: {prompt_id: baseline refusal score}}`` of one split's prompts, read from
+    the scalar columns alone (no vectors)."""
     scores: dict[str, dict[str, float]] = {HARMFUL: {}, HARMLESS: {}}
     columns = ["prompt_id", "label", "split", "refusal_score"]
     for g in range(pf.num_row_groups):
         rg = pf.read_row_group(g, columns=columns)
-        split = rg.column("split").to_numpy(zero_copy_only=False)
+        splits = rg.column("split").to_numpy(zero_copy_only=False)
         label = rg.column("label").to_numpy(zero_copy_only=False)
-        keep = (split == DIRECTION_SPLIT) & np.isin(label, (HARMFUL, HARMLESS))
+        keep = (splits == split) & np.isin(label, (HARMFUL, HARMLESS))
         if not keep.any():
             continue
         score_col = rg.column("refusal_score")
         if score_col.filter(pa.array(keep)).null_count:
             raise RgeomError(
-                f"{activations}: {DIRECTION_SPLIT!r} rows without a refusal_score; the prompt "
-                "filter needs every direction prompt scored"
+                f"{activations}: {split!r} rows without a refusal_score; the prompt "
+                "filter needs every such prompt scored"
             )
         pids = rg.column("prompt_id").to_numpy(zero_copy_only=False)[keep]
         values = score_col.to_numpy(zero_copy_only=False)[keep]
         for lab, pid, value in zip(label[keep], pids, values, strict=True):
             # Every row of a prompt repeats its one score: the first is as good as any.
-            scores[lab].setdefault(pid, float(value))
-    return {lab: np.array(list(s.values()), np.float64) for lab, s in scores.items()}
+            scores[lab].setdefault(str(pid), float(value))
+    return scores
+
+
+def _split_ids(pf: pq.ParquetFile, split: str) -> set[str]:
+    ids: set[str] = set()
+    for g in range(pf.num_row_groups):
+        rg = pf.read_row_group(g, columns=["prompt_id", "split"])
+        mask = rg.column("split").to_numpy(zero_copy_only=False) == split
+        ids.update(map(str, rg.column("prompt_id").to_numpy(zero_copy_only=False)[mask]))
+    return ids
 
 
 def diff_in_means_table(
     activations: str | Path,
     out: str | Path,
     meta: Mapping[str, Any],
-    filter_prompts: bool = False,
-    min_prompts: int = 1,
+    prompt_filter: str | Path | None = None,
 ) -> None:
     """One candidate direction per (layer, position) from the ``dir`` split of an
     activation table, with its norm and the cosine to the previous captured layer.
 
-    ``filter_prompts`` keeps only harmful rows with ``refusal_score`` > 0 and harmless rows
-    with < 0 (:func:`filter_by_baseline`; fewer than ``min_prompts`` prompts kept in either
-    set is an error naming the counts); the activations must have been extracted with
-    ``refusal_scores``. The kept / total counts go in the metadata (``prompt_filter``).
+    ``prompt_filter`` (a :func:`prompt_filter_table`, built once on the source model) keeps
+    only its kept ``dir`` prompts, the same ones in every cell; its kept / total counts go
+    in the metadata (``prompt_filter``).
     """
     activations = Path(activations)
     source = read_meta(activations)
@@ -213,30 +358,28 @@ def diff_in_means_table(
     if d <= 0:
         raise RgeomError(f"{activations}: column 'vector' is not a fixed-size list")
 
-    prompt_filter: dict[str, Any] = {"enabled": False}
-    if filter_prompts:
-        if "refusal_score" not in names or not source.get("refusal_scores"):
+    prompt_record: dict[str, Any] = {"enabled": False}
+    kept_ids: dict[str, set[str]] | None = None
+    if prompt_filter is not None:
+        if "prompt_id" not in names:
+            raise RgeomError(f"{activations}: missing column prompt_id, which the filter needs")
+        kept, every, prompt_record = load_prompt_filter(prompt_filter, DIRECTION_SPLIT)
+        here = _split_ids(pf, DIRECTION_SPLIT)
+        if here != every[HARMFUL] | every[HARMLESS]:
             raise RgeomError(
-                f"{activations}: extracted without baseline refusal scores, which "
-                "carrier.filter_prompts needs; extract again with the filter on"
+                f"{activations}: its {DIRECTION_SPLIT!r} prompts differ from those of the "
+                f"prompt filter {prompt_filter}; both must come from the same prompt sets"
             )
-        # A first pass over the scalar columns only: a starved filter fails before any
-        # vector is read, and the counts are per prompt, not per (layer, position) row.
-        scores = _prompt_scores(pf, activations)
-        _, _, prompt_filter = filter_by_baseline(
-            scores[HARMFUL],
-            scores[HARMLESS],
-            min_prompts,
-            sets=f"direction prompts ({DIRECTION_SPLIT!r} split) of {activations}",
-        )
+        kept_ids = kept
+        needed = [*needed, "prompt_id"]
         log.info(
-            "prompt filter: harmful %d/%d, harmless %d/%d kept",
-            prompt_filter["harmful_kept"],
-            prompt_filter["harmful_total"],
-            prompt_filter["harmless_kept"],
-            prompt_filter["harmless_total"],
+            "prompt filter %s: harmful %d/%d, harmless %d/%d kept",
+            prompt_filter,
+            prompt_record["harmful_kept"],
+            prompt_record["harmful_total"],
+            prompt_record["harmless_kept"],
+            prompt_record["harmless_total"],
         )
-        needed = [*needed, "refusal_score"]
 
     acc = _MeanAccumulator(d)
     for g in range(pf.num_row_groups):
@@ -244,10 +387,12 @@ def diff_in_means_table(
         split = rg.column("split").to_numpy(zero_copy_only=False)
         label = rg.column("label").to_numpy(zero_copy_only=False)
         keep = (split == DIRECTION_SPLIT) & np.isin(label, (HARMFUL, HARMLESS))
-        if filter_prompts:
-            # Row by row, the same rule as per prompt: each row carries its prompt's score.
-            score = rg.column("refusal_score").to_numpy(zero_copy_only=False)
-            keep &= ((label == HARMFUL) & (score > 0)) | ((label == HARMLESS) & (score < 0))
+        if kept_ids is not None:
+            # Per label: a harmful and a harmless prompt may share an id.
+            pids = rg.column("prompt_id").to_numpy(zero_copy_only=False)
+            keep &= ((label == HARMFUL) & np.isin(pids, list(kept_ids[HARMFUL]))) | (
+                (label == HARMLESS) & np.isin(pids, list(kept_ids[HARMLESS]))
+            )
         if not keep.any():
             continue
         acc.add(
@@ -301,7 +446,7 @@ def diff_in_means_table(
     record = dict(meta)
     record.update({k: source[k] for k in CARRIED_META if k in source})
     record["activations"] = {"path": str(activations), "sha256": file_sha256(activations)}
-    record["prompt_filter"] = prompt_filter
+    record["prompt_filter"] = prompt_record
     write_table(out, table, schema, record)
     log.info("wrote %d directions to %s", len(cells), out)
 

@@ -17,7 +17,7 @@ import contextlib
 import functools
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -363,6 +363,7 @@ def score_direction(
     batch_size: int = 16,
     cache: PrefixCache | None = None,
     cache_rows: Sequence[int] | None = None,
+    ablate=None,
 ) -> dict[str, Any]:
     """The carrier-search scores of one raw direction ``vec`` read at block ``layer``.
 
@@ -373,8 +374,9 @@ def score_direction(
     ``cache`` (a :class:`PrefixCache` over ``harmless`` holding ``layer``) avoids rerunning
     the blocks before ``layer`` for the addition; ``cache_rows`` are the cache's prompts that
     make up ``harmless`` (all of them when None), for a cache built before a prompt filter.
+    ``ablate`` ([k, d]) ablates that span instead of ``vec``'s, for a rank-k carrier.
     """
-    with ablation(model, vec):
+    with ablation(model, vec if ablate is None else ablate):
         abl_harmful = last_logits(model, tokenizer, harmful, batch_size)
         abl_harmless = last_logits(model, tokenizer, harmless, batch_size)
     if cache is not None and layer in cache.layers:
@@ -397,6 +399,20 @@ def score_direction(
     }
 
 
+def admissible(bypass: float, induce: float, kl: float, kl_max: float) -> bool:
+    """Arditi et al.'s filter_fn, negated: finite scores, KL at most kl_max, and an
+    addition that does not lower the refusal score (induce >= 0)."""
+    finite = all(math.isfinite(v) for v in (bypass, induce, kl))
+    return bool(finite and kl <= kl_max and induce >= 0)
+
+
+def layer_cut(n_layers: int, max_layer_frac: float = 0.8) -> int:
+    """The first layer the search discards: candidates sit at layers < int(frac * n_layers),
+    as in Arditi et al.'s ``filter_fn`` (``layer >= int(n_layer * (1 - 0.2))`` is pruned).
+    The int() matters: for 32 layers the cut is 25, where ``layer < 0.8 * 32`` would keep 25."""
+    return int(max_layer_frac * n_layers)
+
+
 @dataclass
 class CarrierSearch:
     """Every candidate's scores and the chosen carrier (None if no candidate qualifies)."""
@@ -409,6 +425,8 @@ class CarrierSearch:
     prompt_filter: dict[str, Any] = field(default_factory=dict)
     n_boot: int = 0
     ci: float = 0.95
+    # Rank-k carriers around the rank-1 one (select_carrier's subspace_ranks), one per rank.
+    subspaces: list[dict[str, Any]] = field(default_factory=list)
 
 
 @functools.lru_cache(maxsize=8)
@@ -453,6 +471,8 @@ def select_carrier(
     n_boot: int = 0,
     ci: float = 0.95,
     seed: int = 0,
+    subspace_ranks: Sequence[int] = (),
+    subspace: Callable[[tuple[int, int], int], np.ndarray | None] | None = None,
 ) -> CarrierSearch:
     """Pick the refusal direction that carries refusal (Arditi et al. 2024, appendix C).
 
@@ -460,9 +480,11 @@ def select_carrier(
     on the harmful validation prompts with r-hat ablated everywhere; ``induce`` the mean
     score on the harmless ones with r added at its layer's input; ``kl`` the mean
     KL(base || ablated) of the next-token distribution on the harmless ones. Admissible
-    candidates are finite, sit below ``max_layer_frac`` of the depth (later layers tend to
-    act on the output vocabulary, not on the decision), keep ``kl <= kl_max`` and have
-    ``induce > 0``; the carrier is the admissible one with the lowest ``bypass``.
+    candidates are finite, sit below layer ``int(max_layer_frac * n_layers)``
+    (:func:`layer_cut`; later layers tend to act on the output vocabulary, not on the
+    decision), keep ``kl <= kl_max`` and have ``induce >= 0`` (Arditi et al. discard
+    ``kl > 0.1`` and ``induce < 0``); the carrier is the admissible one with the lowest
+    ``bypass``.
     Candidates at or above the layer cut are recorded but not evaluated. With
     ``reuse_prefix`` the addition reruns only the blocks from its layer on, starting from
     cached base activations (see :class:`PrefixCache`).
@@ -471,14 +493,23 @@ def select_carrier(
     wrong one (:func:`filter_by_baseline`); the base logits it needs are computed anyway.
     ``n_boot`` > 0 adds prompt-bootstrap ``ci`` intervals to every evaluated candidate's
     three scores (``bypass_ci_low`` ... ``kl_ci_high``), resampled with ``seed``.
+
+    ``subspace_ranks`` adds rank-k carriers around the rank-1 carrier (or, with none
+    admissible, the lowest-bypass candidate): ``subspace(anchor, k)`` gives the span's
+    orthonormal rows [k, d] (None where it has rank < k). Bypass and KL ablate the whole
+    span; induce adds the anchor's raw direction projected onto the span at the anchor's
+    layer (the subspace's component of the mean difference); the same :func:`admissible`
+    rule applies.
     """
     if not harmful or not harmless:
         raise RgeomError("carrier search needs both harmful and harmless validation prompts")
     n_layers = len(decoder_layers(model))
     refusal_ids = list(refusal_ids) if refusal_ids is not None else refusal_token_ids(tokenizer)
 
+    cut = layer_cut(n_layers, max_layer_frac)
+
     def evaluable(layer: int, vec: np.ndarray) -> bool:
-        return layer < max_layer_frac * n_layers and np.isfinite(vec).all() and vec.any()
+        return layer < cut and np.isfinite(vec).all() and vec.any()
 
     candidates = {
         key: np.asarray(r, dtype=np.float64).reshape(-1) for key, r in sorted(directions.items())
@@ -555,20 +586,68 @@ def select_carrier(
             row[f"{name}_ci_low"], row[f"{name}_ci_high"] = bootstrap_means(
                 values, n_boot, ci, seed, stream
             )
-        finite = all(math.isfinite(v) for v in (bypass, induce, kl))
         row.update(
             bypass=bypass,
             induce=induce,
             kl=kl,
-            admissible=bool(finite and kl <= kl_max and induce > 0),
+            admissible=admissible(bypass, induce, kl, kl_max),
         )
         rows.append(row)
         log.info(
             "candidate L%d p%d: bypass %.3f induce %.3f kl %.4f", layer, pos, bypass, induce, kl
         )
-    admissible = [row for row in rows if row["admissible"]]
-    best = min(admissible, key=lambda row: row["bypass"]) if admissible else None
+    chosen = [row for row in rows if row["admissible"]]
+    best = min(chosen, key=lambda row: row["bypass"]) if chosen else None
     carrier = (best["layer"], best["position"]) if best else None
+    scored = [r for r in rows if math.isfinite(r["bypass"])]
+    anchor = carrier
+    if anchor is None and scored:
+        low = min(scored, key=lambda r: (r["bypass"], r["layer"]))
+        anchor = (low["layer"], low["position"])
+    subspaces = []
+    for k in sorted(set(subspace_ranks)):
+        if anchor is None or subspace is None:
+            break
+        basis = subspace(anchor, k)
+        sub: dict[str, Any] = {
+            "rank": k,
+            "layer": anchor[0],
+            "position": anchor[1],
+            "anchor_admissible": carrier is not None,
+        }
+        if basis is None:
+            sub.update(bypass=math.nan, induce=math.nan, kl=math.nan, admissible=False)
+            subspaces.append(sub)
+            continue
+        raw = np.asarray(candidates[anchor], dtype=np.float64).reshape(-1)
+        scores = score_direction(
+            model,
+            tokenizer,
+            basis.T @ (basis @ raw),
+            anchor[0],
+            harmful,
+            harmless,
+            refusal_ids,
+            base_harmless,
+            batch_size,
+            cache,
+            cache_rows,
+            ablate=basis,
+        )
+        bypass, induce, kl = scores["bypass"], scores["induce"], scores["kl"]
+        sub.update(
+            bypass=bypass, induce=induce, kl=kl, admissible=admissible(bypass, induce, kl, kl_max)
+        )
+        subspaces.append(sub)
+        log.info(
+            "rank-%d subspace at L%d p%d: bypass %.3f induce %.3f kl %.4f",
+            k,
+            anchor[0],
+            anchor[1],
+            bypass,
+            induce,
+            kl,
+        )
     return CarrierSearch(
         carrier=carrier,
         candidates=rows,
@@ -577,6 +656,7 @@ def select_carrier(
         prompt_filter=prompt_filter,
         n_boot=int(n_boot),
         ci=float(ci),
+        subspaces=subspaces,
     )
 
 
@@ -611,12 +691,33 @@ CARRIER_SCHEMA = pa.schema(
 CI_COLUMNS = tuple(f"{s}_ci_{e}" for s in ("bypass", "induce", "kl") for e in ("low", "high"))
 
 
-def _prompt_texts(key: str, path: str | Path) -> list[str]:
+def _prompt_texts(
+    key: str,
+    path: str | Path,
+    keep: set[str] | None = None,
+    expected: set[str] | None = None,
+) -> list[str]:
+    """The chat user messages of a prompt set, in file order; with ``keep``, only the
+    prompts whose ids it holds (a shared prompt filter's kept ids), after checking that the
+    set's ids are the filter's ``expected`` ones."""
     from rgeom.activations import load_prompt_set, prompt_text
 
     table = load_prompt_set(key, path).to_pydict()
     contexts = table.get("context") or [None] * len(table["text"])
-    return [prompt_text(t, c) for t, c in zip(table["text"], contexts, strict=True)]
+    if keep is not None:
+        ids = set(map(str, table["prompt_id"]))
+        strangers, unknown = sorted((expected or keep) - ids), sorted(ids - (expected or ids))
+        if strangers or unknown:
+            raise RgeomError(
+                f"prompt set {key!r}: {path} lacks prompt(s) {strangers[:3]} and has "
+                f"prompt(s) {unknown[:3]} unknown to the prompt filter; the filter was built "
+                "from other prompt sets"
+            )
+    return [
+        prompt_text(t, c)
+        for pid, t, c in zip(table["prompt_id"], table["text"], contexts, strict=True)
+        if keep is None or str(pid) in keep
+    ]
 
 
 def _int_list(value, key: str) -> list[int]:
@@ -636,14 +737,19 @@ def select_candidates(
 ) -> dict[tuple[int, int], Any]:
     """The (layer, position) candidates the carrier search evaluates.
 
-    Every candidate costs three forward passes over the validation sets, so the search is
-    restricted to ``positions`` (default ``[-1]``, the last template token) and to
-    ``layers``: an explicit list, or (null) every layer below ``max_layer_frac * n_layers``
-    whose index is a multiple of ``layer_stride``. Striding on the absolute index, not on
-    the list of captured layers, keeps the same candidates in every (arm, step) cell.
+    Every candidate costs three forward passes over the validation sets. ``positions``
+    null (the default, as in Arditi et al.) takes every post-instruction position in the
+    direction table; a list restricts the search to those. ``layers`` is an explicit list,
+    or (null) every layer below :func:`layer_cut` whose index is a multiple of
+    ``layer_stride``. Striding on the absolute index, not on the list of captured layers,
+    keeps the same candidates in every (arm, step) cell.
     """
+    have = {(int(layer), int(pos)) for layer, pos in directions}
     raw_positions = params.get("positions")
-    positions = _int_list([-1] if raw_positions is None else raw_positions, "positions")
+    if raw_positions is None:
+        positions = sorted({p for _, p in have})
+    else:
+        positions = _int_list(raw_positions, "positions")
     bad = [p for p in positions if p >= 0]
     if bad:
         raise RgeomError(
@@ -654,13 +760,12 @@ def select_candidates(
     stride = 1 if stride is None else stride
     if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
         raise RgeomError(f"carrier.layer_stride must be an integer >= 1, got {stride!r}")
-    have = {(int(layer), int(pos)) for layer, pos in directions}
     for pos in positions:
         if not any(p == pos for _, p in have):
             held = sorted({p for _, p in have})
             raise RgeomError(f"carrier.positions: position {pos} is not in {source} (has {held})")
     if params.get("layers") is None:
-        cut = float(params.get("max_layer_frac", 0.8)) * n_layers
+        cut = layer_cut(n_layers, float(params.get("max_layer_frac", 0.8)))
         keys = [
             (layer, pos)
             for layer, pos in sorted(have)
@@ -668,7 +773,7 @@ def select_candidates(
         ]
         if not keys:
             raise RgeomError(
-                f"carrier: no candidate in {source} below layer {cut:g} with layer_stride "
+                f"carrier: no candidate in {source} below layer {cut} with layer_stride "
                 f"{stride} at positions {positions}"
             )
     else:
@@ -699,18 +804,25 @@ def carrier_search_table(
     params: Mapping[str, Any],
     meta: Mapping[str, Any],
     seed: int = 0,
+    prompt_filter: str | Path | None = None,
+    activations: str | Path | None = None,
 ) -> CarrierSearch:
     """Run :func:`select_carrier` on a direction table and two validation prompt files and
     write every candidate's scores to ``out``; the carrier (or null) goes in the metadata.
 
     params: ``max_layer_frac`` (0.8), ``kl_max`` (0.1), ``batch_size`` (16),
-    ``reuse_prefix`` (true), ``refusal_prefixes`` (the opening words of refusals), and the
+    ``reuse_prefix`` (true), ``refusal_prefixes`` (the opening words of refusals), the
     candidate subset (see :func:`select_candidates`): ``layers`` (null), ``layer_stride``
-    (1), ``positions`` ([-1]); the prompt filter ``filter_prompts`` (true, as in Arditi et
-    al.) with ``min_prompts`` (8) per set; and ``n_boot`` (200) prompt-bootstrap replicates
-    for ``ci`` (0.95) intervals on every score, drawn with ``seed``. The filter's kept / total
-    counts go in the metadata (``prompt_filter``) and the ``n_harmful`` / ``n_harmless``
-    columns.
+    (1), ``positions`` (null: every post-instruction position); ``n_boot`` (200)
+    prompt-bootstrap replicates for ``ci`` (0.95) intervals on every score, drawn with
+    ``seed``; and the rank-k carriers ``subspace_ranks`` ([2, 3]), written to the metadata
+    (``subspaces``): the interventions' rank-k subspace at the carrier
+    (:func:`rgeom.causal.subspace_basis`: r-hat, then the top per-prompt contrasts of the
+    cell's ``activations`` table), so none without that table.
+    ``prompt_filter`` (a :func:`rgeom.geometry.prompt_filter_table` of the source model)
+    restricts the validation prompts to its kept ``val`` ids, the same in every cell; its
+    kept / total counts go in the metadata (``prompt_filter``) and the ``n_harmful`` /
+    ``n_harmless`` columns.
     """
     from rgeom.activations import template_hash, tokenizer_hash
     from rgeom.geometry import load_directions
@@ -731,11 +843,8 @@ def carrier_search_table(
             f"model has {n_layers}"
         )
     max_layer_frac = float(params.get("max_layer_frac", 0.8))
-    filter_prompts = params.get("filter_prompts", True)
-    if not isinstance(filter_prompts, bool):
-        raise RgeomError(f"carrier.filter_prompts must be true or false, got {filter_prompts!r}")
     ints = {}
-    for key, default, least in (("min_prompts", 8, 1), ("n_boot", 200, 0)):
+    for key, default, least in (("n_boot", 200, 0),):
         v = params.get(key, default)
         if not isinstance(v, int) or isinstance(v, bool) or v < least:
             raise RgeomError(f"carrier.{key} must be an integer >= {least}, got {v!r}")
@@ -743,28 +852,51 @@ def carrier_search_table(
     ci = params.get("ci", 0.95)
     if not isinstance(ci, int | float) or isinstance(ci, bool) or not 0 < ci < 1:
         raise RgeomError(f"carrier.ci must be in (0, 1), got {ci!r}")
+    ranks = params.get("subspace_ranks", [2, 3])
+    ranks = [] if ranks in (None, []) else _int_list(ranks, "subspace_ranks")
+    if any(not 2 <= k <= 3 for k in ranks):
+        raise RgeomError(f"carrier.subspace_ranks must lie in 2..3, got {ranks}")
     candidates = select_candidates(load_directions(directions), n_layers, params, directions)
+    subspace = None
+    if activations is not None and ranks:
+        from rgeom.causal import contrast_vectors, subspace_basis
+
+        def subspace(anchor: tuple[int, int], k: int) -> np.ndarray | None:
+            basis = subspace_basis(candidates[anchor], contrast_vectors(activations, *anchor), k)
+            return basis if len(basis) == k else None
+
     prefixes = params.get("refusal_prefixes") or REFUSAL_PREFIXES
     refusal_ids = refusal_token_ids(tokenizer, prefixes)
+    keep: dict[str, set[str] | None] = {"harmful": None, "harmless": None}
+    pf: dict[str, Any] = {"enabled": False}
+    if prompt_filter is not None:
+        from rgeom.geometry import load_prompt_filter
+
+        kept, every, pf = load_prompt_filter(prompt_filter, "val")
+        keep = {label: kept[label] for label in keep}
+    else:
+        every = {"harmful": None, "harmless": None}
+    harmful_texts = _prompt_texts("val_harmful", harmful, keep["harmful"], every["harmful"])
+    harmless_texts = _prompt_texts("val_harmless", harmless, keep["harmless"], every["harmless"])
+    pf.update(harmful_kept=len(harmful_texts), harmless_kept=len(harmless_texts))
     result = select_carrier(
         model,
         tokenizer,
         candidates,
-        _prompt_texts("val_harmful", harmful),
-        _prompt_texts("val_harmless", harmless),
+        harmful_texts,
+        harmless_texts,
         refusal_ids=refusal_ids,
         max_layer_frac=max_layer_frac,
         kl_max=float(params.get("kl_max", 0.1)),
         batch_size=int(params.get("batch_size", 16)),
         reuse_prefix=bool(params.get("reuse_prefix", True)),
-        filter_prompts=filter_prompts,
-        min_prompts=ints["min_prompts"],
         n_boot=ints["n_boot"],
         ci=float(ci),
         seed=int(seed),
+        subspace_ranks=ranks,
+        subspace=subspace,
     )
     rows = result.candidates
-    pf = result.prompt_filter
     # Rows at or above the layer cut were never scored, so they have no interval keys.
     evaluated = ["bypass_ci_low" in r for r in rows]
     table = pa.table(
@@ -798,9 +930,19 @@ def carrier_search_table(
             "layers": sorted({layer for layer, _ in candidates}),
             "positions": sorted({pos for _, pos in candidates}),
             "layer_stride": int(params.get("layer_stride") or 1),
+            "layer_cut": layer_cut(n_layers, max_layer_frac),
+            "subspace_ranks": ranks if subspace is not None else [],
         },
         prompt_filter=pf,
         bootstrap={"n_boot": result.n_boot, "ci": result.ci, "seed": int(seed)},
+        # NaN (a rank the window cannot span) becomes null in the JSON record.
+        subspaces=[
+            {
+                k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                for k, v in sub.items()
+            }
+            for sub in result.subspaces
+        ],
     )
     if result.carrier is None:
         log.warning("no admissible carrier direction among %d candidates", len(rows))

@@ -266,11 +266,11 @@ def utility_shift(
 
 
 def _direction_filter(params: dict[str, Any]) -> tuple[bool, int]:
-    """``carrier.filter_prompts`` and ``carrier.min_prompts`` for the direction prompts.
+    """``carrier.filter_prompts`` and ``carrier.min_prompts``.
 
-    Absent, the filter is off (unlike the carrier stage's default): a bare ``rgeom extract``
-    or ``rgeom directions`` then works as it always did, also on activations extracted
-    without scores. The workflow always passes the validated config's values.
+    Absent, the filter is off (unlike the schema default): a bare ``rgeom extract`` then
+    stores no scores, as it always did. The workflow always passes the validated config's
+    values, and asks for scores only on the source model, where the filter is decided.
     """
     carrier = params.get("carrier") or {}
     enabled = carrier.get("filter_prompts", False)
@@ -286,7 +286,7 @@ def extract(model: str, sets: list[tuple[str, str]], out: str, params: dict[str,
     from rgeom.activations import extract_activations
 
     seed_everything(params.get("seed", 0))
-    # Scores are only worth their extra forward when the direction stage will filter.
+    # Scores are only worth their extra forward where the prompt filter is decided.
     scores, _ = _direction_filter(params)
     lm, tokenizer = _load(model, params)
     extract_activations(
@@ -300,10 +300,26 @@ def extract(model: str, sets: list[tuple[str, str]], out: str, params: dict[str,
     )
 
 
-def directions(activations: str, out: str, params: dict[str, Any]) -> None:
+def prompt_filter(activations: str, out: str, params: dict[str, Any]) -> None:
+    """Arditi et al.'s prompt filter, decided once on the source model's activation table
+    (with its baseline refusal scores) for every cell's directions and carrier search."""
+    from rgeom.geometry import prompt_filter_table
+
+    _, min_prompts = _direction_filter(params)
+    source = read_meta(activations)
+    prompt_filter_table(
+        activations,
+        out,
+        _meta(params, model=source.get("model"), arm=source.get("arm"), step=source.get("step")),
+        min_prompts=min_prompts,
+    )
+
+
+def directions(
+    activations: str, out: str, params: dict[str, Any], prompt_filter: str | None = None
+) -> None:
     from rgeom.geometry import diff_in_means_table
 
-    filter_prompts, min_prompts = _direction_filter(params)
     source = read_meta(activations)
     diff_in_means_table(
         activations=activations,
@@ -311,8 +327,7 @@ def directions(activations: str, out: str, params: dict[str, Any]) -> None:
         meta=_meta(
             params, model=source.get("model"), arm=source.get("arm"), step=source.get("step")
         ),
-        filter_prompts=filter_prompts,
-        min_prompts=min_prompts,
+        prompt_filter=prompt_filter,
     )
 
 
@@ -337,6 +352,8 @@ def carriers(
     val_harmless: str,
     out: str,
     params: dict[str, Any],
+    prompt_filter: str | None = None,
+    activations: str | None = None,
 ) -> None:
     from rgeom.interventions import carrier_search_table
 
@@ -359,6 +376,8 @@ def carriers(
             directions=directions,
         ),
         seed=int(params.get("seed", 0)),
+        prompt_filter=prompt_filter,
+        activations=activations,
     )
 
 

@@ -3,8 +3,11 @@
 
 rule carriers:
     input:
+        unpack(lambda w: prompt_filter_input()),
         model=model_dir,
         directions="results/{arm}/step-{step}/directions.parquet",
+        # Per-prompt contrasts span the rank-k carriers (as in the interventions stage).
+        activations="results/{arm}/step-{step}/activations.parquet",
         val_harmful="results/data/val_harmful.parquet",
         val_harmless="results/data/val_harmless.parquet",
     output:
@@ -28,10 +31,12 @@ rule carriers:
             arm=w.arm,
             step=int(w.step),
         ),
+        prompt_filter=lambda w, input: prompt_filter_arg(input),
     shell:
         "rgeom carriers --model {input.model} --directions {input.directions}"
         " --val-harmful {input.val_harmful} --val-harmless {input.val_harmless}"
-        " --out {output.table} --params {params.json:q} > {log} 2>&1"
+        " --activations {input.activations} --out {output.table} {params.prompt_filter}"
+        " --params {params.json:q} > {log} 2>&1"
 
 
 rule drift:

@@ -119,17 +119,22 @@ def content_key(paths):
     return out
 
 
-def direction_filter(scores_only=False):
-    """The carrier keys of Arditi's prompt filter that the direction prompts use.
+# --- Arditi's prompt filter, decided once on the source model (workflow/rules/geometry.smk) ---
 
-    Extraction depends only on whether it stores refusal scores, so a new
-    ``carrier.min_prompts`` reruns the directions but not the extraction; no other carrier
-    key touches either job.
-    """
-    carrier = config["carrier"]
-    if scores_only:
-        return {"filter_prompts": carrier["filter_prompts"]}
-    return {k: carrier[k] for k in ("filter_prompts", "min_prompts")}
+PROMPT_FILTER = "results/prompt_filter.parquet"
+
+
+def filter_on():
+    return config["carrier"]["filter_prompts"]
+
+
+def prompt_filter_input():
+    """Arditi's prompt filter, decided once on the source model for every cell."""
+    return {"prompt_filter": PROMPT_FILTER} if filter_on() else {}
+
+
+def prompt_filter_arg(input):
+    return f"--prompt-filter {input.prompt_filter}" if filter_on() else ""
 
 
 def model_params():

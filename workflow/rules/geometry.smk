@@ -22,8 +22,8 @@ rule extract_activations:
         json=lambda w: params_json(
             model=model_params(),
             activations=config["activations"],
-            # Whether baseline refusal scores are stored for the directions' prompt filter.
-            carrier=direction_filter(scores_only=True),
+            # Baseline refusal scores only where the prompt filter is decided: the source model.
+            carrier={"filter_prompts": filter_on() and w.arm == BASE},
             arm=w.arm,
             step=int(w.step),
         ),
@@ -33,8 +33,31 @@ rule extract_activations:
         " --params {params.json:q} > {log} 2>&1"
 
 
+rule prompt_filter:
+    input:
+        activations=f"results/{BASE}/step-{tag(0)}/activations.parquet",
+    output:
+        table=PROMPT_FILTER,
+    log:
+        "results/logs/prompt_filter.log",
+    benchmark:
+        "results/benchmarks/prompt_filter.tsv"
+    conda:
+        "../envs/analysis.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        json=params_json(carrier={"min_prompts": config["carrier"]["min_prompts"]}),
+    shell:
+        "rgeom prompt-filter --activations {input.activations} --out {output.table}"
+        " --params {params.json:q} > {log} 2>&1"
+
+
 rule directions:
     input:
+        unpack(lambda w: prompt_filter_input()),
         activations="results/{arm}/step-{step}/activations.parquet",
     output:
         table="results/{arm}/step-{step}/directions.parquet",
@@ -49,7 +72,8 @@ rule directions:
         mem_mb=2000,
         runtime=10,
     params:
-        json=params_json(carrier=direction_filter()),
+        json=params_json(),
+        prompt_filter=lambda w, input: prompt_filter_arg(input),
     shell:
         "rgeom directions --activations {input.activations} --out {output.table}"
-        " --params {params.json:q} > {log} 2>&1"
+        " {params.prompt_filter} --params {params.json:q} > {log} 2>&1"

@@ -67,6 +67,7 @@ SPEC_DEFAULTS: dict[str, Any] = {
     "split": None,
     "label": None,
     "limit": None,
+    "offset": 0,
     "contextual": True,
     "copyright": False,
     "hf_split": "train",
@@ -104,6 +105,9 @@ def _fill_spec(spec: Mapping[str, Any] | None) -> dict[str, Any]:
     limit = filled["limit"]
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise RgeomError(f"dataset limit must be a positive integer or null, got {limit!r}")
+    offset = filled["offset"]
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise RgeomError(f"dataset offset must be an integer >= 0, got {offset!r}")
     if filled["label"] is not None and filled["label"] not in LABELS:
         raise RgeomError(
             f"dataset label {filled['label']!r} is unknown; expected one of {', '.join(LABELS)}"
@@ -411,19 +415,24 @@ _FILE_LOADERS = {
 }
 
 
-def _subsample(rows: list[dict[str, Any]], limit: int | None, seed: int) -> list[dict[str, Any]]:
-    """Keep ``limit`` rows chosen by a seeded hash of each id, in their original order.
+def _subsample(
+    rows: list[dict[str, Any]], limit: int | None, seed: int, offset: int = 0
+) -> list[dict[str, Any]]:
+    """Keep ``limit`` rows chosen by a seeded hash of each id, in their original order,
+    after skipping the first ``offset`` of that seeded order: two sets of one file with
+    offsets 0 / limit 128 and offset 128 / limit 32 are disjoint by construction.
 
     Hashing ids rather than drawing positions keeps a row's fate independent of the file's
     order and of Python's RNG implementation, so a seed picks the same prompts everywhere.
     """
-    if limit is None or limit >= len(rows):
+    if offset == 0 and (limit is None or limit >= len(rows)):
         return rows
 
     def rank(row: dict[str, Any]) -> bytes:
         return hashlib.sha256(f"{seed}\0{row['prompt_id']}".encode()).digest()
 
-    keep = {r["prompt_id"] for r in sorted(rows, key=rank)[:limit]}
+    end = None if limit is None else offset + limit
+    keep = {r["prompt_id"] for r in sorted(rows, key=rank)[offset:end]}
     return [r for r in rows if r["prompt_id"] in keep]
 
 
@@ -481,7 +490,11 @@ def _load(spec: Mapping[str, Any] | None, shared_dir: str | os.PathLike, seed: i
     loaded.source_rows = len(loaded.rows)
     if not loaded.rows:
         raise RgeomError(f"{loaded.origin}: no prompts left after filtering by {_describe(spec)}")
-    loaded.rows = _subsample(loaded.rows, spec["limit"], seed)
+    loaded.rows = _subsample(loaded.rows, spec["limit"], seed, spec["offset"])
+    if not loaded.rows:
+        raise RgeomError(
+            f"{loaded.origin}: offset {spec['offset']} skips all {loaded.source_rows} prompts"
+        )
     return loaded
 
 
