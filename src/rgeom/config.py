@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -94,9 +95,18 @@ def _describe(err: jsonschema.ValidationError) -> str:
 
 
 def validate(
-    config: Mapping[str, Any], source: str = "config", schema: Mapping[str, Any] | None = None
+    config: Mapping[str, Any],
+    source: str = "config",
+    schema: Mapping[str, Any] | None = None,
+    check_files: bool = True,
 ) -> dict[str, Any]:
-    """Return a validated copy of ``config`` with defaults filled in."""
+    """Return a validated copy of ``config`` with defaults filled in.
+
+    ``check_files`` also requires every file-backed data set to exist (relative paths
+    against ``data.shared_dir``, from the current directory): Snakemake plans nothing for a
+    job whose input is missing while its old output exists, so a typo would otherwise
+    leave the old set's numbers in place under the new config.
+    """
     schema = schema or load_schema()
     cfg = _fill_defaults(copy.deepcopy(dict(config)), schema)
     validator = jsonschema.Draft202012Validator(schema)
@@ -104,7 +114,33 @@ def validate(
     if errors:
         raise RgeomError(f"{source}: {_describe(errors[0])}")
     _check_semantics(cfg, source)
+    _check_data_sets(cfg, source, check_files)
     return cfg
+
+
+def dataset_file(spec: Mapping[str, Any], shared_dir: str | os.PathLike) -> Path | None:
+    """The file a data set reads (relative paths under ``shared_dir``); None for builtin/hf."""
+    if spec.get("format", "builtin") in ("builtin", "hf"):
+        return None
+    path = Path(os.path.expanduser(str(spec["path"])))
+    return path if path.is_absolute() else Path(shared_dir) / path
+
+
+def _check_data_sets(cfg: dict[str, Any], source: str, check_files: bool) -> None:
+    from rgeom.data.loaders import BUILTIN_PIECES
+
+    shared_dir = cfg["data"]["shared_dir"]
+    for name, spec in cfg["data"]["sets"].items():
+        key = f"{source}: key data.sets.{name}.path"
+        if spec["format"] == "builtin" and spec["path"] not in BUILTIN_PIECES:
+            raise RgeomError(
+                f"{key}: {spec['path']!r} is not a builtin set "
+                f"(builtin sets: {', '.join(BUILTIN_PIECES)})"
+            )
+        path = dataset_file(spec, shared_dir)
+        if check_files and path is not None and not path.is_file():
+            what = "is a directory, not a file" if path.is_dir() else "does not exist"
+            raise RgeomError(f"{key}: {spec['format']} file {path} {what}")
 
 
 def _check_semantics(cfg: dict[str, Any], source: str) -> None:

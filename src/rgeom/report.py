@@ -575,6 +575,25 @@ def build_summary(
             figures.placeholder(figs / name, formats, f"{name}: this run has no input for it")
 
 
+def publish_summary(staging: str, dest: str, files: Sequence[str]) -> None:
+    """Copy the finished summary ``files`` (paths under ``dest``) from ``staging`` into place.
+
+    The workflow's summary job writes to a staging folder, because Snakemake deletes a
+    job's declared outputs when it starts and when it fails; only this copy, after a
+    successful summary, replaces what a user may be looking at. Each file is swapped in
+    by a rename, and copied rather than linked so its mtime is newer than the staging.
+    """
+    import shutil
+
+    src_root, dest_root = Path(staging), Path(dest)
+    missing = [f for f in files if not (src_root / Path(f).relative_to(dest_root)).is_file()]
+    if missing:
+        raise RgeomError(f"summary: {staging} lacks {len(missing)} file(s), e.g. {missing[0]}")
+    for f in files:
+        with atomic_path(f, suffix=Path(f).suffix) as tmp:
+            shutil.copyfile(src_root / Path(f).relative_to(dest_root), tmp)
+
+
 def summary_cmd(
     metrics: list[str],
     directions: list[str],

@@ -1,11 +1,15 @@
 # Helpers shared by every rule: config validation, the (arm, step) grid, paths and params.
+import hashlib
 import json
+import os
+import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from rgeom.config import validate
+from rgeom.config import dataset_file, validate
 from rgeom.errors import RgeomError
+from rgeom.io import file_sha256
 
 try:
     config.update(
@@ -27,6 +31,13 @@ wildcard_constraints:
     # Only configured set names, so results/data/sft_train.parquet is never a "set".
     dataset="|".join(sorted(config["data"]["sets"])),
 
+
+# The rules call the `rgeom` console script. Snakemake started as .venv/bin/snakemake
+# without the venv activated must still find it: the interpreter's bin folder goes last
+# on PATH, so an activated venv or a conda env (--sdm conda) still comes first.
+os.environ.update(
+    PATH=os.pathsep.join([*os.get_exec_path(), str(Path(sys.executable).parent)])
+)
 
 BASE = "base"  # step 0 is the source model, measured once and shared by every arm
 GPU = 1 if config["model"]["device"] == "cuda" else 0
@@ -82,13 +93,36 @@ def model_params():
 
 
 def dataset_input(wildcards):
-    spec = config["data"]["sets"][wildcards.dataset]
-    if spec["format"] in ("builtin", "hf"):
-        return []
-    path = Path(spec["path"])
-    return str(
-        path if path.is_absolute() else Path(config["data"]["shared_dir"]) / path
+    path = dataset_file(
+        config["data"]["sets"][wildcards.dataset], config["data"]["shared_dir"]
     )
+    return [] if path is None else str(path)
+
+
+_SHA256 = {}
+
+
+def dataset_identity(name):
+    """A set's format, resolved file and content hash (prepare_data's params): a new path
+    or new bytes rerun the set's chain even when the file's mtime is older than the table.
+    """
+    spec = config["data"]["sets"][name]
+    path = dataset_file(spec, config["data"]["shared_dir"])
+    if path is None:
+        return {"format": spec["format"], "path": spec["path"], "sha256": None}
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256:
+        _SHA256[key] = file_sha256(path)
+    return {"format": spec["format"], "path": str(path), "sha256": _SHA256[key]}
+
+
+def config_digest():
+    """record_config's params: a hash of the validated config, short in a dry run's reason."""
+    return hashlib.sha256(params_json(**config).encode()).hexdigest()[:16]
+
+
+SUMMARY_STAGING = "results/staging/summary"
 
 
 def summary_outputs():

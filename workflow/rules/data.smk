@@ -17,6 +17,7 @@ rule prepare_data:
     params:
         json=lambda w: params_json(
             spec=config["data"]["sets"][w.dataset],
+            identity=dataset_identity(w.dataset),
             shared_dir=config["data"]["shared_dir"],
             max_prompt_tokens=config["data"]["max_prompt_tokens"],
         ),

@@ -1,0 +1,101 @@
+"""The summary's place in the workflow: a failed summary keeps the last good one, and its
+error reaches the screen under the shipped profile."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+from dagrun import REPO, snakemake
+
+from rgeom.errors import RgeomError
+from rgeom.report import publish_summary
+
+TARGET = "results/summary/summary.csv"
+ONLY_SUMMARY = ["--allowed-rules", "summary", "publish_summary"]
+
+
+def _summary_inputs(workdir: Path) -> list[str]:
+    """The summary job's inputs, as the dry run names them when they are missing."""
+    res = snakemake(workdir, "-n", *ONLY_SUMMARY, "--", TARGET, cores="1", timeout=300)
+    assert "Missing input files for rule summary" in res.stderr + res.stdout, res.stderr[-2000:]
+    text = (res.stderr + res.stdout).split("affected files:", 1)[1]
+    return re.findall(r"^\s+(results/\S+)$", text, flags=re.MULTILINE)
+
+
+def test_a_failed_summary_keeps_the_earlier_summary_and_shows_its_error(tmp_path):
+    inputs = _summary_inputs(tmp_path)
+    assert "results/drift/drift.parquet" in inputs
+    # An earlier good run: its staging and published summary, an hour old.
+    earlier = tmp_path / TARGET
+    figure = tmp_path / "results/summary/figures/asr_vs_step.png"
+    staged = tmp_path / "results/staging/summary/summary.csv"
+    for path in (earlier, figure, staged):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    earlier.write_text("arm,step\nsft,2\n")
+    figure.write_bytes(b"\x89PNG earlier run")
+    staged.write_text("arm,step\nsft,2\n")
+    hour_ago = time.time() - 3600
+    for path in (earlier, figure, staged, staged.parent):
+        os.utime(path, (hour_ago, hour_ago))
+    # Newer inputs that are not Parquet: the summary stage fails on the first one it reads.
+    for name in inputs:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}" if name.endswith(".json") else "not a table")
+
+    res = snakemake(
+        tmp_path,
+        "--profile",
+        REPO / "profiles" / "local",
+        *ONLY_SUMMARY,
+        "--",
+        TARGET,
+        cores="1",
+        timeout=600,
+    )
+    screen = res.stdout + res.stderr
+    assert res.returncode != 0, screen[-3000:]
+    assert earlier.read_text() == "arm,step\nsft,2\n"
+    assert figure.read_bytes() == b"\x89PNG earlier run"
+    # show-failed-logs in profiles/local: the stage's one-line error is on the screen.
+    assert "rgeom summary: error:" in screen, screen[-3000:]
+
+
+def test_publish_copies_every_declared_file_and_refuses_an_incomplete_staging(tmp_path):
+    staging, dest = tmp_path / "staging", tmp_path / "summary"
+    (staging / "figures").mkdir(parents=True)
+    (staging / "summary.csv").write_text("new")
+    (staging / "figures" / "a.png").write_bytes(b"png")
+    (dest / "figures").mkdir(parents=True)
+    (dest / "summary.csv").write_text("old")
+    files = [str(dest / "summary.csv"), str(dest / "figures" / "a.png")]
+    publish_summary(str(staging), str(dest), files)
+    assert (dest / "summary.csv").read_text() == "new"
+    assert (dest / "figures" / "a.png").read_bytes() == b"png"
+
+    (dest / "summary.csv").write_text("kept")
+    with pytest.raises(RgeomError, match="lacks 1 file"):
+        publish_summary(str(staging), str(dest), [*files, str(dest / "figures" / "b.png")])
+    assert (dest / "summary.csv").read_text() == "kept"
+
+
+def test_rules_find_rgeom_when_the_venv_is_not_activated(tmp_path, tiny_model_dir):
+    """`.venv/bin/snakemake` with a bare PATH: the rules' `rgeom` is the interpreter's."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(tiny_model_dir, tmp_path / "results" / "model" / "base")
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
+    cmd += ["--directory", str(tmp_path), "--configfile", str(REPO / ".test" / "config.yaml")]
+    cmd += ["--cores", "1", "--allowed-rules", "prepare_data", "--show-failed-logs"]
+    cmd += ["--", "results/data/xstest.parquet"]
+    bare = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PATH")}
+    bare["PATH"] = "/usr/bin:/bin"
+    assert not shutil.which("rgeom", path=bare["PATH"])
+    res = subprocess.run(cmd, capture_output=True, text=True, env=bare, timeout=600)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    assert (tmp_path / "results" / "data" / "xstest.parquet").stat().st_size > 0
