@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -73,3 +74,30 @@ def test_provenance_prints_the_record(tmp_path):
     assert res.returncode == 0
     record = json.loads(res.stdout)
     assert record["model"] == "m" and record["num_rows"] == 1 and "packages" in record
+
+
+def _make_targets(repo_root) -> set[str]:
+    text = (repo_root / "Makefile").read_text()
+    return set(re.findall(r"^([a-z][a-z-]*):", text, flags=re.MULTILINE))
+
+
+def test_every_make_command_in_the_docs_is_a_target(repo_root):
+    docs = [repo_root / "README.md", *sorted((repo_root / "docs").glob("*.md"))]
+    shown = {m for d in docs for m in re.findall(r"\bmake ([a-z][a-z-]*)", d.read_text())}
+    assert {"demo", "test", "report", "dry-run"} <= _make_targets(repo_root)
+    assert shown <= _make_targets(repo_root), shown - _make_targets(repo_root)
+
+
+def test_every_snakemake_call_of_the_makefile_shows_failed_logs(repo_root):
+    for target in ("demo", "run", "dry-run", "report", "lint"):
+        res = subprocess.run(
+            ["make", "-n", "-W", ".venv/.rgeom-installed", target],
+            cwd=repo_root,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        # make -n still runs the $(MAKE) lines, so demo's sub-makes show their calls too.
+        calls = [line for line in res.stdout.splitlines() if "bin/snakemake " in line]
+        assert calls, (target, res.stdout, res.stderr)
+        assert all("--show-failed-logs" in c for c in calls), calls

@@ -99,3 +99,20 @@ def test_rules_find_rgeom_when_the_venv_is_not_activated(tmp_path, tiny_model_di
     res = subprocess.run(cmd, capture_output=True, text=True, env=bare, timeout=600)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     assert (tmp_path / "results" / "data" / "xstest.parquet").stat().st_size > 0
+
+
+def test_a_config_edit_gives_record_config_a_short_reason(tmp_path):
+    """record_config's params are a hash: a dry run does not print the config twice."""
+    import yaml
+
+    target = ["--allowed-rules", "record_config", "--", "results/config.json"]
+    res = snakemake(tmp_path, *target, cores="1", timeout=300)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    cfg = yaml.safe_load((REPO / ".test" / "config.yaml").read_text())
+    cfg["seed"] = 1
+    edited = tmp_path / "cfg.yaml"
+    edited.write_text(yaml.safe_dump(cfg))
+    res = snakemake(tmp_path, "-n", *target, configfile=edited, cores="1", timeout=300)
+    reasons = [line for line in res.stdout.splitlines() if "reason:" in line]
+    assert reasons and "params" in reasons[0].lower(), res.stdout[-3000:]
+    assert max(map(len, reasons)) < 300, reasons
