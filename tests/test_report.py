@@ -405,8 +405,28 @@ def test_paper_tables_one_row_per_arm_and_anchor_in_every_format(tmp_path):
         "r2d2": "undetermined",
     }
     text = format_summary(str(out))
-    assert "verdict: sft stable, r2d2 undetermined" in text
+    assert "verdict: sft: stable, r2d2: undetermined" in text
     assert len(text.splitlines()) < 30
+
+
+def test_the_verdict_line_carries_the_tables_qualification():
+    from rgeom.report import verdict_line
+
+    rows = [
+        {
+            "arm": "sft",
+            "verdict": "stable",
+            "admissible": False,
+            "basis": "cross_anchor",
+            "detail": "transfer 0.9; geometry: undetermined (carrier found at 0 of 3 anchors)",
+        },
+        {"arm": "r2d2", "verdict": "rotation", "admissible": True, "detail": "angle 50 deg"},
+        {"arm": "dpo", "verdict": "undetermined", "admissible": None, "detail": "no carrier"},
+    ]
+    assert verdict_line(rows) == (
+        "verdict: sft: stable (no admissible carrier; geometry undetermined), "
+        "r2d2: rotation, dpo: undetermined"
+    )
 
 
 def test_paper_columns_beside_the_run_on_the_paper_anchors(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -663,6 +664,20 @@ def format_summary(out_dir: str, max_metrics: int = 5) -> str:
             )
     verdict = out / "tables" / "verdict.parquet"
     if verdict.exists():
-        rows = read_table(verdict).select(["arm", "verdict"]).to_pylist()
-        lines.append("verdict: " + ", ".join(f"{r['arm']} {r['verdict']}" for r in rows))
+        lines.append(verdict_line(read_table(verdict).to_pylist()))
     return "\n".join(lines)
+
+
+def verdict_line(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The verdict table in one line, with the table's qualifications: a verdict reached
+    on fallback directions says so, and so does a geometry reading that disagrees."""
+    out = []
+    for r in rows:
+        notes = []
+        if r.get("admissible") is False:
+            notes.append("no admissible carrier")
+        geometry = re.search(r"; geometry: (\w+)", r.get("detail") or "")
+        if geometry and geometry.group(1) != r["verdict"]:
+            notes.append(f"geometry {geometry.group(1)}")
+        out.append(f"{r['arm']}: {r['verdict']}" + (f" ({'; '.join(notes)})" if notes else ""))
+    return "verdict: " + ", ".join(out)
