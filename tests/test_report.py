@@ -537,3 +537,54 @@ def test_drift_and_intervention_figures_are_copied_when_fresh_else_redrawn(tmp_p
     # Older than its table: drawn again. No source at all (carrier layers): drawn.
     assert (figs / "frontier_sft.png").read_bytes()[:4] == b"\x89PNG"
     assert (figs / "carrier_layer_vs_step.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _captured_figure(monkeypatch):
+    """Patch ``_save`` (rgeom.report's, and figures' import of it) to keep the figure."""
+    import rgeom.figures
+    import rgeom.report
+
+    kept = []
+    for module in (rgeom.report, rgeom.figures):
+        monkeypatch.setattr(module, "_save", lambda fig, stem, formats: kept.append(fig) or [])
+    return kept
+
+
+def test_bypass_and_induce_share_one_scale_centred_on_zero(tmp_path, monkeypatch):
+    from rgeom import figures, tables
+
+    carriers, _, _ = _geometry_inputs(tmp_path)
+    kept = _captured_figure(monkeypatch)
+    figures.plot_carrier_heatmaps(tables.read_carriers(carriers), ARMS, tmp_path / "h", ["png"])
+    images = {ax.get_title(): ax.get_images()[0] for ax in kept[0].axes if ax.get_images()}
+    # bypass spans -1 .. -6, induce 0 .. 1.5: one shared span of 6 about 0.
+    for title in ("sft: bypass", "sft: induce", "r2d2: bypass", "r2d2: induce"):
+        norm = images[title].norm
+        assert (norm.vmin, norm.vcenter, norm.vmax) == pytest.approx((-6.0, 0.0, 6.0)), title
+    assert images["sft: kl"].norm.vmin == 0.0
+
+
+def test_carrier_layer_figure_marks_no_admissible_carrier_not_the_max_norm_layer(
+    tmp_path, monkeypatch
+):
+    from rgeom.drift import plot_carrier_layers
+
+    _, drift_dir, _ = _geometry_inputs(tmp_path)
+    kept = _captured_figure(monkeypatch)
+    plot_carrier_layers(
+        read_table(Path(drift_dir) / "drift.parquet"), ARMS, LAYERS, tmp_path / "c", []
+    )
+    (ax,) = kept[0].axes
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels[0] == "none"
+    none_y = ax.get_yticks()[0]
+    points = np.concatenate(
+        [line.get_xydata() for line in ax.get_lines()] + [c.get_offsets() for c in ax.collections]
+    )
+    points = points[np.isfinite(points).all(axis=1)]
+    # sft: the carrier at layer 2 for steps 10 and 20; r2d2 (none admissible, max-norm
+    # layer 1): every anchor on the "none" row and nothing at layer 1. Step 0 has none.
+    drawn = {(int(x), float(y)) for x, y in points if y != 0 or x != 0}
+    assert {(10, 2.0), (20, 2.0)} <= drawn
+    assert {(0, none_y), (10, none_y), (20, none_y)} <= drawn
+    assert not [p for p in drawn if p[1] == 1.0]

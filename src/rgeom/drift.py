@@ -1106,26 +1106,30 @@ def build_drift(
 
 
 def plot_carrier_layers(drift: pa.Table, arms: list[str], n_layers: int, stem: Path, formats):
-    """Carrier layer per anchor; hollow markers where no carrier was admissible and the
-    max-norm layer stands in."""
+    """Carrier layer per anchor where a candidate was admissible; crosses on the "none" row
+    below the layers where none was (as the geometry table's carrier column says). The
+    max-norm reference layer is not drawn: it is no carrier, and at 29 it read as one."""
     from rgeom.report import _figure, _save, arm_style
 
     fig, (ax,) = _figure(1, width=5.0, height=3.4)
     rows = drift.to_pylist()
+    none_y = -1.5
     for arm in arms:
         d = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["step"])
         style = arm_style(arm, arms)
         x = [r["step"] for r in d]
         y = [r["carrier_layer"] if r["carrier_layer"] is not None else math.nan for r in d]
         ax.plot(x, y, label=arm, color=style["color"], marker=style["marker"], markersize=5)
-        fx = [r["step"] for r in d if r["carrier_layer"] is None]
-        fy = [r["ref_layer"] for r in d if r["carrier_layer"] is None]
-        if fx:
-            ax.scatter(fx, fy, facecolors="none", edgecolors=style["color"], marker=style["marker"])
-    ax.set_ylim(-0.5, n_layers - 0.5)
+        missing = [r["step"] for r in d if r["carrier_layer"] is None]
+        if missing:
+            ax.scatter(missing, [none_y] * len(missing), color=style["color"], marker="x", s=40)
+    ax.axhline(-0.75, color="grey", linewidth=0.8)
+    ax.set_ylim(none_y - 0.75, n_layers - 0.5)
+    ticks = [t for t in ax.get_yticks() if 0 <= t <= n_layers - 1 and float(t).is_integer()]
+    ax.set_yticks([none_y, *ticks], ["none", *(str(int(t)) for t in ticks)])
     ax.set_xlabel("training step")
     ax.set_ylabel("carrier layer")
-    ax.set_title("carrier layer (hollow: no admissible carrier, max-norm layer)")
+    ax.set_title("carrier layer (x on 'none': no admissible carrier)")
     ax.grid(alpha=0.3)
     ax.legend(title="arm", fontsize="small")
     return _save(fig, stem, formats)

@@ -199,24 +199,31 @@ def plot_carrier_heatmaps(
     )
     fig, axes = _figure(3 * len(present), width=3.8, height=3.2)
     grid_axes = np.asarray(axes).reshape(len(present), 3)
-    for j, (score, label, cmap) in enumerate(scores):
-        values = [
+
+    def finite(score: str) -> list[float]:
+        return [
             c[score]
             for steps in by_arm.values()
             for rows in steps.values()
             for c in rows
             if c[score] is not None and math.isfinite(c[score])
         ]
+
+    # bypass and induce share one diverging scale about 0 (refusal above, compliance
+    # below), so a colour means the same log-odds in both panels and in every arm.
+    refusal = finite("bypass") + finite("induce")
+    span = max((abs(v) for v in refusal), default=0.0) or 1e-9
+    shared = TwoSlopeNorm(vcenter=0.0, vmin=-span, vmax=span)
+    for j, (score, label, cmap) in enumerate(scores):
+        values = finite(score)
         if not values:
             continue
-        lo, hi = min(values), max(values)
         if score == "kl":
+            hi = max(values)
             norm = None
             kw = {"vmin": 0.0, "vmax": hi if hi > 0 else 1.0}
         else:
-            # Diverging about 0: refusal above, compliance below, in both arms alike.
-            span = max(abs(lo), abs(hi), 1e-9)
-            norm, kw = TwoSlopeNorm(vcenter=0.0, vmin=-span, vmax=span), {}
+            norm, kw = shared, {}
         image = None
         for i, arm in enumerate(present):
             ax = grid_axes[i, j]
