@@ -80,10 +80,13 @@ lint: $(STAMP)
 clean-results:
 	rm -rf results .snakemake
 
+# config/README.md: the key table from the schema, the shipped-configs table from the files.
 config-docs: $(STAMP)
-	$(BIN)/python -c "import re, pathlib; from rgeom.config import schema_markdown; \
+	$(BIN)/python -c "import re, pathlib; from rgeom.config import schema_markdown, shipped_configs_markdown; \
 	p = pathlib.Path('config/README.md'); s = p.read_text(); \
-	p.write_text(re.sub(r'(?s)(<!-- keys:start -->\n).*(<!-- keys:end -->)', lambda m: m.group(1) + schema_markdown() + m.group(2), s))"
+	s = re.sub(r'(?s)(<!-- keys:start -->\n).*(<!-- keys:end -->)', lambda m: m.group(1) + schema_markdown() + m.group(2), s); \
+	s = re.sub(r'(?s)(<!-- configs:start -->\n).*(<!-- configs:end -->)', lambda m: m.group(1) + shipped_configs_markdown('.') + m.group(2), s); \
+	p.write_text(s)"
 
 # Refresh the README's figures from the current results/ (run after `make demo`).
 readme-figures:

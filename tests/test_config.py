@@ -38,7 +38,15 @@ def test_defaults_fill_an_empty_config():
     assert set(ROLE_SETS) <= set(cfg["data"]["sets"])
 
 
-@pytest.mark.parametrize("name", ["config/config.yaml", "config/paper.yaml", ".test/config.yaml"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "config/config.yaml",
+        "config/paper.yaml",
+        ".test/config.yaml",
+        "config/examples/single_gpu.yaml",
+    ],
+)
 def test_shipped_configs_validate(repo_root, name):
     cfg = load(repo_root / name)
     assert cfg["anchors"][0] == 0
@@ -171,3 +179,12 @@ def test_a_data_set_reruns_when_its_file_changes_and_stops_when_it_goes(tmp_path
     assert "key data.sets.xstest.path: xstest_csv file" in screen
     assert "nowhere/xstest.csv does not exist" in screen
     assert "Traceback" not in screen
+
+
+def test_config_readme_numbers_come_from_the_shipped_configs(repo_root):
+    from rgeom.config import shipped_configs_markdown
+
+    readme = (repo_root / "config" / "README.md").read_text()
+    table = shipped_configs_markdown(repo_root)
+    assert "anchors 0/6/12 of 12 steps" in table  # config/config.yaml, read from the file
+    assert table in readme, "config/README.md is stale: run `make config-docs`"

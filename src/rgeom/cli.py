@@ -382,10 +382,20 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
         ],
     ),
     "check-config": (
-        "Validate a config file against the schema and print the resolved config.",
+        "Validate a config file (schema, semantics, data files) and end with one OK line.",
         "rgeom check-config config/config.yaml",
         "rgeom.stages:check_config",
-        [(("config",), {"help": "YAML config file"})],
+        [
+            (("config",), {"help": "YAML config file"}),
+            (
+                ("--print",),
+                {
+                    "dest": "print_config",
+                    "action": "store_true",
+                    "help": "also print the resolved config (JSON on stdout; OK line on stderr)",
+                },
+            ),
+        ],
     ),
     "check-profile": (
         "Check a Snakemake profile: its rule names, and under the SLURM executor every "
@@ -414,7 +424,7 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
     "record-config": (
         "Write the validated config, defaults filled in, as JSON (for `rgeom compare`).",
         "rgeom record-config --out results/config.json \\\n"
-        '    --params "$(rgeom check-config config/config.yaml)"',
+        '    --params "$(rgeom check-config --print config/config.yaml)"',
         "rgeom.stages:record_config",
         [(("--out",), {"required": True, "help": "output JSON file"})],
     ),

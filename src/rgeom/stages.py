@@ -316,11 +316,20 @@ def directions(activations: str, out: str, params: dict[str, Any]) -> None:
     )
 
 
-def check_config(config: str) -> None:
-    from rgeom.config import load
+def check_config(config: str, print_config: bool = False) -> None:
+    """Validate; end with one "OK: ..." line. ``--print`` puts the resolved config on stdout
+    (so ``$(rgeom check-config --print F)`` is JSON) and the OK line on stderr."""
+    import sys
+
+    from rgeom.config import describe, load
 
     cfg = load(config)
-    print(json.dumps(cfg, indent=2, sort_keys=True))
+    ok = f"OK: {config}: {describe(cfg)}"
+    if print_config:
+        print(json.dumps(cfg, indent=2, sort_keys=True))
+        print(ok, file=sys.stderr)
+    else:
+        print(ok)
 
 
 def provenance_cmd(file: str) -> None:
