@@ -116,3 +116,85 @@ def test_a_config_edit_gives_record_config_a_short_reason(tmp_path):
     reasons = [line for line in res.stdout.splitlines() if "reason:" in line]
     assert reasons and "params" in reasons[0].lower(), res.stdout[-3000:]
     assert max(map(len, reasons)) < 300, reasons
+
+
+def _wide_table_html() -> str:
+    """The verdict table's page with long details and many columns, as the summary writes."""
+    import polars as pl
+
+    from rgeom.tables import Table, _plain, html
+
+    detail = "transfer 0.93 [0.81, 1.02] (early effect 2.31 / own effect 2.48 log-odds; " * 3
+    frame = pl.DataFrame(
+        {"arm": ["sft", "r2d2"], **{f"c{i}": [1.5 + i, 2.5 + i] for i in range(14)}}
+    ).with_columns(pl.lit(detail).alias("detail"))
+    display = [("arm", _plain("arm"))] + [
+        (f"a long column name {i}", _plain(f"c{i}", lambda v: f"{v:.4f} [{v:.4f}, {v:.4f}]"))
+        for i in range(14)
+    ]
+    display.append(("detail", _plain("detail")))
+    return html(Table("verdict", "Cross-anchor verdict per arm", frame, display, ["a note"]))
+
+
+def test_the_report_shows_plain_parameters_and_wide_tables_fit_1400_px(tmp_path):
+    """publish_summary's outputs in the Snakemake report: parameters in words, not
+    escaped JSON; in headless Chromium at 1400 px a wide table scrolls inside its page."""
+    import json as _json
+    import shutil
+    import subprocess
+
+    res = snakemake(tmp_path, "-n", "--allowed-rules", "publish_summary", "--", TARGET)
+    outputs = re.search(r"^\s+output: (.+)$", res.stdout + res.stderr, re.MULTILINE)
+    assert outputs, (res.stdout + res.stderr)[-3000:]
+    staging = tmp_path / "results" / "staging" / "summary"
+    png = (REPO / "docs" / "demo_asr_vs_step.png").read_bytes()
+    for name in outputs.group(1).split(", "):
+        path = staging / Path(name).relative_to("results/summary")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        body = _wide_table_html() if name.endswith(".html") else "x"
+        path.write_bytes(png) if name.endswith(".png") else path.write_text(body)
+    res = snakemake(tmp_path, "--allowed-rules", "publish_summary", "--", TARGET, cores="1")
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    report = tmp_path / "report.html"
+    res = snakemake(tmp_path, "--report", report, "--", TARGET, cores=None, timeout=600)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    text = report.read_text()
+    start = text.index("var results = {") + len("var results = ")
+    results = _json.loads(text[start : text.index(";\n", start)])
+    params = {v["job_properties"]["params"] for v in results.values()}
+    assert params and all("{" not in p and "\\" not in p for p in params), params
+    assert any("anchors=0 / 2 / 4" in p for p in params), params
+
+    chromium = next(
+        (
+            shutil.which(n)
+            for n in ("chromium", "chromium-browser", "google-chrome")
+            if shutil.which(n)
+        ),
+        None,
+    )
+    if chromium is None:
+        pytest.skip("headless Chromium is not installed (.ci/run installs it)")
+    page = tmp_path / "results" / "summary" / "tables" / "verdict.html"
+    # Measured by the page itself: the document is no wider than the window (nothing is
+    # cut), and the table's box scrolls sideways inside it.
+    probe = tmp_path / "probe.html"
+    probe.write_text(
+        page.read_text().replace(
+            "</body>",
+            "<script>document.title = [document.documentElement.scrollWidth,"
+            " document.querySelector('.scroll').scrollWidth,"
+            " document.querySelector('.scroll').clientWidth].join(' ');</script></body>",
+        )
+    )
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,900"]
+    dom = subprocess.run(
+        [*flags, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=180
+    )
+    title = re.search(r"<title>(\d+) (\d+) (\d+)</title>", dom.stdout)
+    assert title, dom.stderr[-2000:]
+    page_width, table_width, box_width = map(int, title.groups())
+    assert page_width <= 1400 and box_width <= 1400, title.groups()
+    shot = tmp_path / "verdict.png"
+    subprocess.run([*flags, f"--screenshot={shot}", page.as_uri()], timeout=180, check=True)
+    assert shot.stat().st_size > 0

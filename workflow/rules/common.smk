@@ -125,6 +125,17 @@ def config_digest():
 SUMMARY_STAGING = "results/staging/summary"
 
 
+def summary_labels():
+    """publish_summary's params, shown beside every figure and table of the HTML report."""
+    return {
+        "arms": " / ".join(config["arms"]),
+        "anchors": " / ".join(map(str, config["anchors"])),
+        "benchmarks": " / ".join(config["benchmarks"]),
+        "model": config["model"]["path"] or config["model"]["source"],
+        "config": config_digest(),
+    }
+
+
 def summary_outputs():
     figures = REPORT_FIGURES + [f"frontier_{arm}" for arm in config["arms"]]
     return [

@@ -119,6 +119,9 @@ rule publish_summary:
     resources:
         mem_mb=500,
         runtime=5,
+    params:
+        # What the report shows beside each figure and table: plain words, not JSON.
+        **summary_labels(),
     run:
         from rgeom.report import publish_summary
 
