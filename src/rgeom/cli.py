@@ -438,12 +438,24 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
         ],
     ),
     "compare": (
-        "Compare two runs' summaries: A, B and B-A per shared (arm, step) and metric.",
-        "rgeom compare results ../other-run/results --ignore data.shared_dir",
+        "Compare two runs' summaries (A, B with 95% CIs, and B-A per shared (arm, step) and "
+        "metric), or two config files (the keys that differ, defaults filled in).",
+        "rgeom compare results ../other-run/results --ignore data.shared_dir --changed-only\n"
+        "  rgeom compare config/config.yaml my.yaml",
         "rgeom.status:compare_cmd",
         [
-            (("run_a",), {"metavar": "RUN_A", "help": "results folder (or workflow dir) A"}),
-            (("run_b",), {"metavar": "RUN_B", "help": "results folder (or workflow dir) B"}),
+            (
+                ("run_a",),
+                {"metavar": "A", "help": "results folder (or workflow dir), or a config file"},
+            ),
+            (
+                ("run_b",),
+                {"metavar": "B", "help": "results folder (or workflow dir), or a config file"},
+            ),
+            (
+                ("--changed-only",),
+                {"action": "store_true", "help": "only the values that differ between A and B"},
+            ),
             (
                 ("--ignore",),
                 {
