@@ -588,3 +588,42 @@ def test_carrier_layer_figure_marks_no_admissible_carrier_not_the_max_norm_layer
     assert {(10, 2.0), (20, 2.0)} <= drawn
     assert {(0, none_y), (10, none_y), (20, none_y)} <= drawn
     assert not [p for p in drawn if p[1] == 1.0]
+
+
+def test_principal_angles_within_the_bootstrap_noise_are_hatched(tmp_path, monkeypatch):
+    from matplotlib.patches import Rectangle
+
+    from rgeom.drift import ANGLES_SCHEMA
+    from rgeom.figures import plot_angles
+
+    rows = [
+        {"arm_a": "sft", "step_a": s, "arm_b": "base", "step_b": 0, "relation": "step0",
+         "basis": "carrier", "k": 1, "index": 1, "angle_deg": a, "noise_deg": e}
+        for s, a, e in ((10, 30.0, 35.0), (20, 60.0, 10.0))
+    ]  # fmt: skip
+    path = tmp_path / "drift" / "angles.parquet"
+    write_table(path, _fill(ANGLES_SCHEMA, rows), ANGLES_SCHEMA, {})
+    kept = _captured_figure(monkeypatch)
+    plot_angles(str(path), ["sft"], tmp_path / "angles", [])
+    ax = kept[0].axes[0]
+    hatched = [p for p in ax.patches if isinstance(p, Rectangle) and p.get_hatch()]
+    # sft@10 vs base@0, both ways round: 30 deg inside a 35 deg noise band.
+    assert sorted((p.get_x() + 0.5, p.get_y() + 0.5) for p in hatched) == [(0, 1), (1, 0)]
+    texts = {t.get_text() for t in ax.texts}
+    assert {"30\n±35", "60\n±10"} <= texts
+
+
+def test_erank_figure_has_its_band_and_null_and_a_sane_y_axis(tmp_path, monkeypatch):
+    from matplotlib.collections import PolyCollection
+
+    from rgeom.figures import ERANK_MIN_SPAN, plot_erank
+
+    _, drift_dir, _ = _geometry_inputs(tmp_path)
+    kept = _captured_figure(monkeypatch)
+    plot_erank(str(Path(drift_dir) / "drift.parquet"), ARMS, {}, tmp_path / "e", [])
+    (ax,) = kept[0].axes  # one panel: the variant that has a band and a null
+    bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    assert len(bands) == 2 * len(ARMS)  # per arm: the 95% band and the null ± 2 sd
+    assert sum(bool(c.get_hatch()) for c in bands) == len(ARMS)
+    low, high = ax.get_ylim()
+    assert high - low >= ERANK_MIN_SPAN  # values 1.1-1.5 do not fill the axis edge to edge
