@@ -28,6 +28,7 @@ different configs unless the differing keys are ignored explicitly.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
@@ -266,7 +267,9 @@ def config_warning(cfg: Mapping[str, Any], results: str | Path) -> str | None:
     # Both sides validated: a default spelled out in one file is no difference.
     from rgeom.config import validate
 
-    recorded = validate(recorded, source=str(Path(results) / CONFIG_NAME), check_files=False)
+    # A record from an older schema is compared as written.
+    with contextlib.suppress(RgeomError):
+        recorded = validate(recorded, source="recorded", check_files=False)
     current = validate(dict(cfg), check_files=False)
     diffs = config_diff(recorded, current)
     if not diffs:
