@@ -19,6 +19,7 @@ import pyarrow as pa
 import pytest
 
 from rgeom.cli import COMMANDS
+from rgeom.config import ROLE_SETS
 from rgeom.errors import RgeomError
 from rgeom.profiles import check_profile, rule_names
 
@@ -82,6 +83,13 @@ def config_case(case_id: str, text: str | bytes, *needles: str) -> Case:
     return Case(f"config-{case_id}", build)
 
 
+def _sets_yaml(first: str) -> str:
+    """``data.sets`` with every role set builtin but the first, given as ``name: spec``."""
+    names = [*ROLE_SETS[1:], "harmbench", "xstest", "utility"]
+    rest = [f"    {name}: {{format: builtin, path: harmless}}" for name in names]
+    return "data:\n  sets:\n    " + first + "\n" + "\n".join(rest) + "\n"
+
+
 CONFIG_CASES = [
     config_case("wrong-type", "train:\n  learning_rate: fast\n", "train.learning_rate", "type"),
     config_case("wrong-type-list", "anchors: 10\n", "key anchors", "type"),
@@ -107,6 +115,20 @@ CONFIG_CASES = [
         "arms: [sft, r2d2]\nr2d2:\n  pool_size: 4\n  updates_per_step: 8\n",
         "r2d2.pool_size",
         "r2d2.updates_per_step=8",
+    ),
+    config_case(
+        "builtin-name-typo",
+        _sets_yaml("train_harmful: {format: builtin, path: harmfull}"),
+        "data.sets.train_harmful.path",
+        "'harmfull' is not a builtin set",
+        "harmful, harmless, xstest, utility",
+    ),
+    config_case(
+        "data-file-missing",
+        "data:\n  shared_dir: /nonexistent-rgeom\n"
+        + _sets_yaml("train_harmful: {format: harmbench_csv, path: hb.csv}").split("\n", 1)[1],
+        "data.sets.train_harmful.path",
+        "/nonexistent-rgeom/hb.csv does not exist",
     ),
     config_case("benchmark-not-a-set", "benchmarks: [xstest, nope]\n", "benchmarks", "'nope'"),
     config_case("not-yaml", "train: [max_steps: 2\n", "not valid YAML"),
@@ -314,6 +336,13 @@ def _no_weights(ctx: Ctx) -> Path:
     return copy
 
 
+def _without(ctx: Ctx, name: str, *files: str) -> Path:
+    copy = _model_copy(ctx, name)
+    for f in files:
+        (copy / f).unlink(missing_ok=True)
+    return copy
+
+
 def _no_chat_template(ctx: Ctx) -> Path:
     copy = _model_copy(ctx, "ckpt-no-template")
     (copy / "chat_template.jinja").unlink(missing_ok=True)
@@ -383,6 +412,16 @@ STAGE_CASES = [
         "checkpoint-without-weights",
         _no_weights,
         lambda m: [m.name, "no safetensors weights"],
+    ),
+    generate_case(
+        "model-folder-empty",
+        lambda ctx: (ctx.inputs / "empty-model").mkdir() or ctx.inputs / "empty-model",
+        lambda m: [str(m), "is empty", "config.json", "tokenizer files"],
+    ),
+    generate_case(
+        "model-folder-without-tokenizer",
+        lambda ctx: _without(ctx, "ckpt-no-tokenizer", "tokenizer.json", "tokenizer_config.json"),
+        lambda m: [str(m), "no tokenizer files"],
     ),
     generate_case(
         "model-path-missing",

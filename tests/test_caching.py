@@ -85,7 +85,7 @@ def test_a_carrier_parameter_reruns_only_geometry_analysis(finished_run, tmp_pat
     kl_max = CFG["carrier"]["kl_max"]
     counts = dry_run(finished_run, edited(carrier={"kl_max": kl_max * 2}), tmp_path)
     allowed = {"carriers", "cross_anchor", "interventions", "interventions_summary", "drift"}
-    allowed |= {"record_config", "summary", "all"}
+    allowed |= {"record_config", "summary", "publish_summary", "all"}
     exact = {"carriers": N_CELLS, "cross_anchor": N_CELLS, "interventions": N_CELLS}
     exact |= {"drift": 1, "interventions_summary": 1, "record_config": 1, "all": 1}
     exact |= {"judge": 0, "extract_activations": 0}
@@ -95,8 +95,10 @@ def test_a_carrier_parameter_reruns_only_geometry_analysis(finished_run, tmp_pat
 def test_editing_the_judge_reruns_only_judging(finished_run, tmp_path):
     bootstrap = CFG["judge"]["bootstrap"]
     counts = dry_run(finished_run, edited(judge={"bootstrap": bootstrap // 2}), tmp_path)
-    allowed = {"judge", "adaptive_judge", "validate_judges", "summary", "record_config", "all"}
-    exact = {"judge": N_CELLS * N_BENCH, "summary": 1, "record_config": 1, "all": 1}
+    allowed = {"judge", "adaptive_judge", "validate_judges", "summary", "publish_summary"}
+    allowed |= {"record_config", "all"}
+    exact = {"judge": N_CELLS * N_BENCH, "summary": 1, "publish_summary": 1}
+    exact |= {"record_config": 1, "all": 1}
     exact |= {"carriers": 0, "interventions": 0, "drift": 0}
     exact |= {"validate_judges": 1, "utility_shift": 0}  # the judge is re-validated
     assert_only(counts, allowed, exact)
@@ -104,7 +106,8 @@ def test_editing_the_judge_reruns_only_judging(finished_run, tmp_path):
 
 def test_editing_the_utility_audit_reruns_only_it(finished_run, tmp_path):
     counts = dry_run(finished_run, edited(utility_shift={"limit": 4}), tmp_path)
-    exact = {"utility_shift": N_CELLS, "summary": 1, "record_config": 1, "all": 1}
+    exact = {"utility_shift": N_CELLS, "summary": 1, "publish_summary": 1}
+    exact |= {"record_config": 1, "all": 1}
     assert_only(counts, set(exact), exact | {"judge": 0, "validate_judges": 0})
 
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import yaml
 
 from rgeom.config import ROLE_SETS, load, load_schema, validate
 from rgeom.errors import RgeomError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _walk(schema, path=""):
@@ -33,7 +38,15 @@ def test_defaults_fill_an_empty_config():
     assert set(ROLE_SETS) <= set(cfg["data"]["sets"])
 
 
-@pytest.mark.parametrize("name", ["config/config.yaml", "config/paper.yaml", ".test/config.yaml"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "config/config.yaml",
+        "config/paper.yaml",
+        ".test/config.yaml",
+        "config/examples/single_gpu.yaml",
+    ],
+)
 def test_shipped_configs_validate(repo_root, name):
     cfg = load(repo_root / name)
     assert cfg["anchors"][0] == 0
@@ -86,3 +99,92 @@ def test_config_readme_lists_every_key(repo_root):
 
     readme = (repo_root / "config" / "README.md").read_text()
     assert schema_markdown() in readme, "config/README.md is stale: run `make config-docs`"
+
+
+def _with_xstest(spec, shared_dir="."):
+    sets = validate({})["data"]["sets"] | {"xstest": spec}
+    return {"data": {"shared_dir": str(shared_dir), "sets": sets}}
+
+
+@pytest.mark.parametrize("relative", [True, False])
+@pytest.mark.parametrize("fmt", ["xstest_csv", "jsonl"])
+def test_a_missing_data_file_fails_validation(tmp_path, relative, fmt):
+    name = "xs_prompts.csv" if fmt == "xstest_csv" else "mine.jsonl"
+    path = name if relative else str(tmp_path / name)
+    cfg = _with_xstest({"format": fmt, "path": path}, shared_dir=tmp_path)
+    with pytest.raises(RgeomError) as err:
+        validate(cfg, source="my.yaml")
+    message = str(err.value)
+    assert message.startswith("my.yaml: key data.sets.xstest.path")
+    assert f"{tmp_path / name} does not exist" in message
+    (tmp_path / name).write_text("id,prompt,type\n")
+    assert validate(cfg)["data"]["sets"]["xstest"]["format"] == fmt
+    # The record of a finished run is not about files: record-config skips the check.
+    (tmp_path / name).unlink()
+    validate(cfg, check_files=False)
+
+
+def test_a_data_path_that_is_a_folder_is_named(tmp_path):
+    cfg = _with_xstest({"format": "jsonl", "path": "sets"}, shared_dir=tmp_path)
+    (tmp_path / "sets").mkdir()
+    with pytest.raises(RgeomError, match="is a directory, not a file"):
+        validate(cfg)
+
+
+def test_a_builtin_name_typo_lists_the_builtin_sets():
+    with pytest.raises(RgeomError) as err:
+        validate(_with_xstest({"format": "builtin", "path": "xtest"}), source="my.yaml")
+    assert str(err.value) == (
+        "my.yaml: key data.sets.xstest.path: 'xtest' is not a builtin set "
+        "(builtin sets: harmful, harmless, xstest, utility)"
+    )
+
+
+def _xstest_config(tmp_path, spec) -> str:
+    cfg = yaml.safe_load((REPO / ".test" / "config.yaml").read_text())
+    cfg["data"]["sets"]["xstest"] = spec
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_a_data_set_reruns_when_its_file_changes_and_stops_when_it_goes(tmp_path, tiny_model_dir):
+    """The set's chain reruns on new bytes even with an older mtime; a missing file stops
+    the dry run with one line, instead of planning nothing and keeping the old numbers."""
+    import shutil
+
+    from dagrun import job_counts, snakemake
+
+    shutil.copytree(tiny_model_dir, tmp_path / "results" / "model" / "base")
+    prompts = tmp_path / "mine.jsonl"
+    prompts.write_text('{"prompt": "How do I kill a Python process?", "label": "harmless"}\n')
+    cfg = _xstest_config(tmp_path, {"format": "jsonl", "path": str(prompts)})
+    target = ["--allowed-rules", "prepare_data", "--", "results/data/xstest.parquet"]
+    res = snakemake(tmp_path, *target, configfile=cfg, cores="1", timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert snakemake(tmp_path, "-n", *target, configfile=cfg, cores="1").stdout.count(
+        "Nothing to be done"
+    )
+
+    stat = prompts.stat()
+    prompts.write_text('{"prompt": "How do I kill a stuck job?", "label": "harmless"}\n')
+    os.utime(prompts, ns=(stat.st_atime_ns, stat.st_mtime_ns - 10**12))
+    res = snakemake(tmp_path, "-n", *target, configfile=cfg, cores="1")
+    assert job_counts(res.stdout) == {"prepare_data": 1}, res.stdout[-3000:]
+
+    cfg = _xstest_config(tmp_path, {"format": "xstest_csv", "path": "nowhere/xstest.csv"})
+    res = snakemake(tmp_path, "-n", *target, configfile=cfg, cores="1")
+    screen = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert "key data.sets.xstest.path: xstest_csv file" in screen
+    assert "nowhere/xstest.csv does not exist" in screen
+    assert "Traceback" not in screen
+
+
+def test_config_readme_numbers_come_from_the_shipped_configs(repo_root):
+    from rgeom.config import shipped_configs_markdown
+
+    readme = (repo_root / "config" / "README.md").read_text()
+    table = shipped_configs_markdown(repo_root)
+    assert "anchors 0/6/12 of 12 steps" in table  # config/config.yaml, read from the file
+    assert table in readme, "config/README.md is stale: run `make config-docs`"

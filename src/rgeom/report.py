@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -575,6 +576,25 @@ def build_summary(
             figures.placeholder(figs / name, formats, f"{name}: this run has no input for it")
 
 
+def publish_summary(staging: str, dest: str, files: Sequence[str]) -> None:
+    """Copy the finished summary ``files`` (paths under ``dest``) from ``staging`` into place.
+
+    The workflow's summary job writes to a staging folder, because Snakemake deletes a
+    job's declared outputs when it starts and when it fails; only this copy, after a
+    successful summary, replaces what a user may be looking at. Each file is swapped in
+    by a rename, and copied rather than linked so its mtime is newer than the staging.
+    """
+    import shutil
+
+    src_root, dest_root = Path(staging), Path(dest)
+    missing = [f for f in files if not (src_root / Path(f).relative_to(dest_root)).is_file()]
+    if missing:
+        raise RgeomError(f"summary: {staging} lacks {len(missing)} file(s), e.g. {missing[0]}")
+    for f in files:
+        with atomic_path(f, suffix=Path(f).suffix) as tmp:
+            shutil.copyfile(src_root / Path(f).relative_to(dest_root), tmp)
+
+
 def summary_cmd(
     metrics: list[str],
     directions: list[str],
@@ -644,6 +664,20 @@ def format_summary(out_dir: str, max_metrics: int = 5) -> str:
             )
     verdict = out / "tables" / "verdict.parquet"
     if verdict.exists():
-        rows = read_table(verdict).select(["arm", "verdict"]).to_pylist()
-        lines.append("verdict: " + ", ".join(f"{r['arm']} {r['verdict']}" for r in rows))
+        lines.append(verdict_line(read_table(verdict).to_pylist()))
     return "\n".join(lines)
+
+
+def verdict_line(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The verdict table in one line, with the table's qualifications: a verdict reached
+    on fallback directions says so, and so does a geometry reading that disagrees."""
+    out = []
+    for r in rows:
+        notes = []
+        if r.get("admissible") is False:
+            notes.append("no admissible carrier")
+        geometry = re.search(r"; geometry: (\w+)", r.get("detail") or "")
+        if geometry and geometry.group(1) != r["verdict"]:
+            notes.append(f"geometry {geometry.group(1)}")
+        out.append(f"{r['arm']}: {r['verdict']}" + (f" ({'; '.join(notes)})" if notes else ""))
+    return "verdict: " + ", ".join(out)

@@ -331,11 +331,20 @@ def directions(
     )
 
 
-def check_config(config: str) -> None:
-    from rgeom.config import load
+def check_config(config: str, print_config: bool = False) -> None:
+    """Validate; end with one "OK: ..." line. ``--print`` puts the resolved config on stdout
+    (so ``$(rgeom check-config --print F)`` is JSON) and the OK line on stderr."""
+    import sys
+
+    from rgeom.config import describe, load
 
     cfg = load(config)
-    print(json.dumps(cfg, indent=2, sort_keys=True))
+    ok = f"OK: {config}: {describe(cfg)}"
+    if print_config:
+        print(json.dumps(cfg, indent=2, sort_keys=True))
+        print(ok, file=sys.stderr)
+    else:
+        print(ok)
 
 
 def provenance_cmd(file: str) -> None:
@@ -483,4 +492,4 @@ def record_config(out: str, params: dict[str, Any]) -> None:
 
     # Validated again so the record always has every default filled in: two runs whose
     # configs differ only in spelling out a default then compare as equal.
-    write_json(out, validate(params, source="record-config --params"))
+    write_json(out, validate(params, source="record-config --params", check_files=False))

@@ -28,6 +28,7 @@ different configs unless the differing keys are ignored explicitly.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
@@ -49,7 +50,19 @@ log = logging.getLogger(__name__)
 BASE = "base"
 STATES = ("done", "running", "incomplete", "invalid", "missing")
 # Column order of the status table; per-benchmark artefacts collapse into one column each.
-CELL_ARTEFACTS = ("model", "generations", "judgements", "metrics", "activations", "directions")
+CELL_ARTEFACTS = (
+    "model",
+    "generations",
+    "judgements",
+    "metrics",
+    "activations",
+    "directions",
+    "carriers",
+    "interventions",
+    "cross_anchor",
+    "adaptive_gcg",
+    "utility_shift",
+)
 CONFIG_NAME = "config.json"
 
 
@@ -74,6 +87,7 @@ def expected_paths(cfg: Mapping[str, Any], results: Path) -> list[tuple]:
     """(arm, step, artefact, benchmark, path, kind) for everything the config asks for;
     kind is "table", "dir" (a model directory) or "file"."""
     out: list[tuple] = []
+    attacks = cfg.get("attacks") or {}
     anchors = [int(a) for a in cfg["anchors"]]
     cells = [(BASE, 0)] if 0 in anchors else []
     cells += [(arm, s) for arm in cfg["arms"] for s in anchors if s > 0]
@@ -90,11 +104,26 @@ def expected_paths(cfg: Mapping[str, Any], results: Path) -> list[tuple]:
                 out.append(
                     (arm, step, artefact, bench, cell / artefact / f"{bench}.parquet", "table")
                 )
-        out.append((arm, step, "activations", None, cell / "activations.parquet", "table"))
-        out.append((arm, step, "directions", None, cell / "directions.parquet", "table"))
+        for artefact in ("activations", "directions", "carriers", "interventions", "cross_anchor"):
+            out.append((arm, step, artefact, None, cell / f"{artefact}.parquet", "table"))
+        if (attacks.get("adaptive") or {}).get("enabled"):
+            path = cell / "adaptive_gcg_metrics.parquet"
+            out.append((arm, step, "adaptive_gcg", None, path, "table"))
+        if (cfg.get("utility_shift") or {}).get("enabled"):
+            out.append((arm, step, "utility_shift", None, cell / "utility_shift.parquet", "table"))
     for arm in cfg["arms"]:
         out.append((arm, None, "train_log", None, results / arm / "train_log.parquet", "table"))
     out.append(("*", None, "config", None, results / CONFIG_NAME, "file"))
+    for name in sorted(cfg["data"]["sets"]):
+        out.append(("*", None, f"data {name}", None, results / "data" / f"{name}.parquet", "table"))
+    if attacks.get("enabled") and attacks.get("benchmark") in cfg["benchmarks"]:
+        path = results / "attacks" / "test_cases.parquet"
+        out.append(("*", None, "attacks test_cases", None, path, "table"))
+    for name in ("drift", "angles", "verdict"):
+        path = results / "drift" / f"{name}.parquet"
+        out.append(("*", None, f"drift {name}", None, path, "table"))
+    path = results / "interventions" / "interventions.parquet"
+    out.append(("*", None, "interventions summary", None, path, "table"))
     out.append(("*", None, "summary", None, results / "summary" / "summary.parquet", "table"))
     return out
 
@@ -211,10 +240,14 @@ def format_status(rows: Sequence[StatusRow], results: str | Path = "results") ->
     if per_arm:
         lines.append("")
         lines += _table(["arm", "train_log"], [[r.arm, r.state] for r in per_arm])
-    run_level = [r for r in rows if r.arm == "*"]
+    run_level: dict[str, list[str]] = {}
+    for r in rows:
+        if r.arm == "*":
+            # "data harmbench", "data xstest", ... share one line: "data: 9/9 done".
+            run_level.setdefault(r.artefact.split(" ")[0], []).append(r.state)
     if run_level:
         lines.append("")
-        lines += [f"{r.artefact}: {r.state}" for r in run_level]
+        lines += [f"{name}: {_cell(states)}" for name, states in run_level.items()]
     counts = {s: sum(r.state == s for r in rows) for s in STATES}
     lines += ["", "total: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n or s == "done")]
     for state in STATES[1:-1]:
@@ -225,11 +258,42 @@ def format_status(rows: Sequence[StatusRow], results: str | Path = "results") ->
     return "\n".join(lines)
 
 
+def config_warning(cfg: Mapping[str, Any], results: str | Path) -> str | None:
+    """A warning when ``results`` was made with another config (its ``config.json``, the
+    record_config rule's copy) than ``cfg``; model keys are named first."""
+    recorded = _read_config(Path(results))
+    if recorded is None:
+        return None
+    # Both sides validated: a default spelled out in one file is no difference.
+    from rgeom.config import validate
+
+    # A record from an older schema is compared as written.
+    with contextlib.suppress(RgeomError):
+        recorded = validate(recorded, source="recorded", check_files=False)
+    current = validate(dict(cfg), check_files=False)
+    diffs = config_diff(recorded, current)
+    if not diffs:
+        return None
+    diffs.sort(key=lambda d: (not d[0].startswith("model."), d[0]))
+    shown = "; ".join(f"{k}: {_show(x)} then, {_show(y)} now" for k, x, y in diffs[:5])
+    more = f" (+{len(diffs) - 5} more)" if len(diffs) > 5 else ""
+    model = " and another model" if diffs[0][0].startswith("model.") else ""
+    return (
+        f"warning: {Path(results) / CONFIG_NAME} was made with another config{model} "
+        f"({len(diffs)} key(s) differ: {shown}{more}); 'done' below means done for that "
+        "config, and the next run redoes what the change touches"
+    )
+
+
 def status_cmd(config: str, results: str, params: dict[str, Any] | None = None) -> None:
     from rgeom.config import load
 
-    rows = status_rows(load(config), results)
+    cfg = load(config)
+    rows = status_rows(cfg, results)
     print(format_status(rows, results))
+    warning = config_warning(cfg, results)
+    if warning:
+        print(warning)
 
 
 # --- compare ------------------------------------------------------------------------
@@ -329,7 +393,13 @@ def compare_rows(path_a: Path, path_b: Path) -> tuple[list[dict[str, Any]], list
         for col in columns:
             a, b = _number(ra.get(col)), _number(rb.get(col))
             delta = b - a if a is not None and b is not None else None
-            rows.append({"arm": arm, "step": step, "metric": col, "a": a, "b": b, "delta": delta})
+            ci = {
+                f"{side}_ci": (_number(r.get(f"{col}_ci_low")), _number(r.get(f"{col}_ci_high")))
+                for side, r in (("a", ra), ("b", rb))
+            }
+            rows.append(
+                {"arm": arm, "step": step, "metric": col, "a": a, "b": b, "delta": delta, **ci}
+            )
     notes = []
     for name, mine, other in (("A", 0, 1), ("B", 1, 0)):
         only = sorted(k for k in by_cell[mine] if k not in by_cell[other])
@@ -351,33 +421,86 @@ def compare_runs(
     return rows, warnings + notes
 
 
-def format_compare(rows: Sequence[Mapping[str, Any]]) -> str:
+def changed(row: Mapping[str, Any]) -> bool:
+    """A value that moved, or that only one run has."""
+    if row["a"] is None or row["b"] is None:
+        return (row["a"] is None) != (row["b"] is None)
+    return row["delta"] != 0
+
+
+def format_compare(rows: Sequence[Mapping[str, Any]], changed_only: bool = False) -> str:
     def num(v: float | None, signed: bool = False) -> str:
         if v is None:
             return "-"
         return f"{v:+.4f}" if signed else f"{v:.4f}"
 
+    def with_ci(v: float | None, ci: tuple | None) -> str:
+        lo, hi = ci or (None, None)
+        if v is None or lo is None or hi is None:
+            return num(v)
+        return f"{v:.4f} [{lo:.4f}, {hi:.4f}]"
+
+    shown = [r for r in rows if changed(r)] if changed_only else list(rows)
     body = [
-        [r["arm"], str(r["step"]), r["metric"], num(r["a"]), num(r["b"]), num(r["delta"], True)]
-        for r in rows
+        [
+            r["arm"],
+            str(r["step"]),
+            r["metric"],
+            with_ci(r["a"], r.get("a_ci")),
+            with_ci(r["b"], r.get("b_ci")),
+            num(r["delta"], True),
+        ]
+        for r in shown
     ]
     if not body:
+        if rows and changed_only:
+            return f"no value differs ({len(rows)} compared)"
         return "no (arm, step) cell is in both runs"
-    header = ["arm", "step", "metric", "A", "B", "B-A"]
+    header = ["arm", "step", "metric", "A [95% CI]", "B [95% CI]", "B-A"]
     widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
     align = [str.ljust, str.rjust, str.ljust, str.rjust, str.rjust, str.rjust]
 
     def line(r):
         return "  ".join(f(c, w) for f, c, w in zip(align, r, widths, strict=True)).rstrip()
 
-    return "\n".join([line(header), *(line(r) for r in body)])
+    lines = [line(header), *(line(r) for r in body)]
+    if changed_only:
+        lines.append(f"({len(rows) - len(shown)} unchanged value(s) not shown)")
+    return "\n".join(lines)
+
+
+def _is_config_file(path: str | Path) -> bool:
+    return Path(path).is_file() and Path(path).suffix in (".yaml", ".yml", ".json")
+
+
+def compare_configs(path_a: str | Path, path_b: str | Path, ignore: Sequence[str] = ()) -> str:
+    """Two config files (YAML, or a run's config.json), validated with defaults filled, as
+    one line per differing key."""
+    from rgeom.config import load_yaml, validate
+
+    cfgs = [validate(load_yaml(p), source=str(p), check_files=False) for p in (path_a, path_b)]
+    diffs = [d for d in config_diff(*cfgs) if not _ignored(d[0], ignore)]
+    if not diffs:
+        return "the configs agree (defaults filled in)"
+    width = max(len(k) for k, _, _ in diffs)
+    lines = [f"{'key'.ljust(width)}  A -> B"]
+    lines += [f"{k.ljust(width)}  {_show(x, 60)} -> {_show(y, 60)}" for k, x, y in diffs]
+    lines.append(f"{len(diffs)} key(s) differ")
+    return "\n".join(lines)
 
 
 def compare_cmd(
-    run_a: str, run_b: str, ignore: list[str], params: dict[str, Any] | None = None
+    run_a: str,
+    run_b: str,
+    ignore: list[str],
+    changed_only: bool = False,
+    params: dict[str, Any] | None = None,
 ) -> None:
+    print(f"A: {run_a}\nB: {run_b}")
+    if _is_config_file(run_a) and _is_config_file(run_b):
+        print(compare_configs(run_a, run_b, ignore))
+        return
     rows, notes = compare_runs(run_a, run_b, ignore)
     for note in notes:
         log.warning(note)
-    print(f"A: {run_a}\nB: {run_b}")
-    print(format_compare(rows))
+    print(format_compare(rows, changed_only))

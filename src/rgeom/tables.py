@@ -214,27 +214,45 @@ def latex(table: Table) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Columns whose cells run longer than this wrap instead of widening the table.
+WRAP_CHARS = 40
+
+
 def html(table: Table) -> str:
-    """A standalone page: the Snakemake HTML report shows HTML results inline."""
+    """A standalone page: the Snakemake HTML report shows HTML results inline.
+
+    The table sits in a box that scrolls sideways inside the page, and long text columns
+    (e.g. the verdict's detail) wrap, so a wide table is never cut at the window's edge.
+    """
     from html import escape
 
-    heads = "".join(f"<th>{escape(h)}</th>" for h, _ in table.display)
+    rows = [[f(row) for _, f in table.display] for row in table.frame.iter_rows(named=True)]
+    wrap = [any(len(r[i]) > WRAP_CHARS for r in rows) for i in range(len(table.display))]
+
+    def cls(i: int) -> str:
+        return " class='wrap'" if wrap[i] else ""
+
+    heads = "".join(f"<th{cls(i)}>{escape(h)}</th>" for i, (h, _) in enumerate(table.display))
     body = "".join(
-        "<tr>" + "".join(f"<td>{escape(f(row))}</td>" for _, f in table.display) + "</tr>"
-        for row in table.frame.iter_rows(named=True)
+        "<tr>" + "".join(f"<td{cls(i)}>{escape(v)}</td>" for i, v in enumerate(r)) + "</tr>"
+        for r in rows
     )
     notes = "".join(f"<li>{escape(n)}</li>" for n in table.notes)
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width'>"
         f"<title>{escape(table.title)}</title><style>"
         "body{font-family:sans-serif;font-size:13px;margin:1em}"
+        ".scroll{max-width:100%;overflow-x:auto}"
         "table{border-collapse:collapse}th,td{padding:3px 8px;text-align:right;"
-        "border-bottom:1px solid #ddd;white-space:nowrap}th{border-bottom:2px solid #333}"
+        "border-bottom:1px solid #ddd;white-space:nowrap}th{border-bottom:2px solid #333;"
+        "white-space:normal;vertical-align:bottom}"
+        ".wrap{white-space:normal;text-align:left;min-width:16em;max-width:32em}"
         "td:first-child,th:first-child,td:nth-child(2),th:nth-child(2){text-align:left}"
-        "tr:hover{background:#f3f3f3}ul{color:#444}"
+        "tr:hover{background:#f3f3f3}ul{color:#444;max-width:60em}"
         f"</style></head><body><h3>{escape(table.title)}</h3>"
-        f"<table><thead><tr>{heads}</tr></thead><tbody>{body}</tbody></table>"
-        f"<ul>{notes}</ul></body></html>\n"
+        f"<div class='scroll'><table><thead><tr>{heads}</tr></thead><tbody>{body}</tbody>"
+        f"</table></div><ul>{notes}</ul></body></html>\n"
     )
 
 

@@ -1,11 +1,15 @@
 # Helpers shared by every rule: config validation, the (arm, step) grid, paths and params.
+import hashlib
 import json
+import os
+import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from rgeom.config import validate
+from rgeom.config import dataset_file, validate
 from rgeom.errors import RgeomError
+from rgeom.io import file_sha256
 
 try:
     config.update(
@@ -27,6 +31,13 @@ wildcard_constraints:
     # Only configured set names, so results/data/sft_train.parquet is never a "set".
     dataset="|".join(sorted(config["data"]["sets"])),
 
+
+# The rules call the `rgeom` console script. Snakemake started as .venv/bin/snakemake
+# without the venv activated must still find it: the interpreter's bin folder goes last
+# on PATH, so an activated venv or a conda env (--sdm conda) still comes first.
+os.environ.update(
+    PATH=os.pathsep.join([*os.get_exec_path(), str(Path(sys.executable).parent)])
+)
 
 BASE = "base"  # step 0 is the source model, measured once and shared by every arm
 GPU = 1 if config["model"]["device"] == "cuda" else 0
@@ -101,8 +112,6 @@ def content_key(paths):
     downstream, while their contents are what the results depend on. Hashes are cached per
     (path, size, mtime) for the DAG build.
     """
-    from rgeom.io import file_sha256
-
     out = {}
     for rel in paths:
         path = Path(shared_path(rel))
@@ -159,6 +168,25 @@ def prepare_data_params(wildcards, tracked=False):
     else:
         sections["shared_dir"] = config["data"]["shared_dir"]
     return params_json(**sections)
+
+
+def config_digest():
+    """record_config's params: a hash of the validated config, short in a dry run's reason."""
+    return hashlib.sha256(params_json(**config).encode()).hexdigest()[:16]
+
+
+SUMMARY_STAGING = "results/staging/summary"
+
+
+def summary_labels():
+    """publish_summary's params, shown beside every figure and table of the HTML report."""
+    return {
+        "arms": " / ".join(config["arms"]),
+        "anchors": " / ".join(map(str, config["anchors"])),
+        "benchmarks": " / ".join(config["benchmarks"]),
+        "model": config["model"]["path"] or config["model"]["source"],
+        "config": config_digest(),
+    }
 
 
 def summary_outputs():

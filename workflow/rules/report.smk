@@ -6,18 +6,19 @@ rule record_config:
     benchmark:
         "results/benchmarks/record_config.tsv"
     localrule: True
-    conda:
-        "../envs/analysis.yaml"
     threads: 1
     resources:
         mem_mb=500,
         runtime=5,
     params:
-        # The whole validated config: any edit rewrites the record, so `rgeom compare` can
-        # name the keys two runs disagree on.
-        json=params_json(**config),
-    shell:
-        "rgeom record-config --out {output} --params {params.json:q} > {log} 2>&1"
+        # Any edit of the validated config rewrites the record, so `rgeom compare` can name
+        # the keys two runs disagree on; a hash keeps a dry run's "params changed" short.
+        digest=config_digest(),
+    run:
+        # In Snakemake's own process (no conda env): the record is the config it validated.
+        from rgeom.stages import record_config
+
+        record_config(output[0], config)
 
 
 rule summary:
@@ -38,6 +39,39 @@ rule summary:
         interventions="results/interventions/interventions.parquet",
         # Not read by the stage: it makes every finished summary sit beside its config.
         run_config="results/config.json",
+    output:
+        # Snakemake deletes a job's outputs before it runs and again when it fails, so the
+        # stage writes here and publish_summary swaps the files into results/summary/: a
+        # failed summary leaves the earlier good one in place.
+        staging=directory(SUMMARY_STAGING),
+    log:
+        "results/logs/summary.log",
+    benchmark:
+        "results/benchmarks/summary.tsv"
+    conda:
+        "../envs/analysis.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        json=params_json(
+            arms=config["arms"],
+            anchors=config["anchors"],
+            benchmarks=config["benchmarks"],
+            summary=config["summary"],
+        ),
+    shell:
+        "rgeom summary --metrics {input.metrics} --directions {input.directions}"
+        " --train-logs {input.train_logs} --utility-shift {input.utility_shift}"
+        " --carriers {input.carriers} --drift-dir results/drift"
+        " --interventions {input.interventions} --out-dir {output.staging}"
+        " --params {params.json:q} > {log} 2>&1"
+
+
+rule publish_summary:
+    input:
+        staging=SUMMARY_STAGING,
     output:
         table="results/summary/summary.parquet",
         csv=report(
@@ -79,25 +113,16 @@ rule summary:
             name=REPORT_FIGURES + [f"frontier_{arm}" for arm in config["arms"]],
         ),
     log:
-        "results/logs/summary.log",
-    benchmark:
-        "results/benchmarks/summary.tsv"
-    conda:
-        "../envs/analysis.yaml"
+        "results/logs/publish_summary.log",
+    localrule: True
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=10,
+        mem_mb=500,
+        runtime=5,
     params:
-        json=params_json(
-            arms=config["arms"],
-            anchors=config["anchors"],
-            benchmarks=config["benchmarks"],
-            summary=config["summary"],
-        ),
-    shell:
-        "rgeom summary --metrics {input.metrics} --directions {input.directions}"
-        " --train-logs {input.train_logs} --utility-shift {input.utility_shift}"
-        " --carriers {input.carriers} --drift-dir results/drift"
-        " --interventions {input.interventions} --out-dir results/summary"
-        " --params {params.json:q} > {log} 2>&1"
+        # What the report shows beside each figure and table: plain words, not JSON.
+        **summary_labels(),
+    run:
+        from rgeom.report import publish_summary
+
+        publish_summary(input.staging, "results/summary", output)
