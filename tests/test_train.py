@@ -356,3 +356,20 @@ def test_time_limit_saves_a_resumable_state(tmp_path, tiny_model_dir, sft_file):
     assert (out / name / "model.safetensors").read_bytes() == (
         whole / name / "model.safetensors"
     ).read_bytes()
+
+
+def test_time_limit_applies_only_under_slurm(monkeypatch):
+    """The rule passes its runtime everywhere; only a SLURM job stops before it (a
+    workstation run with the rule's runtime must train to the end)."""
+    import rgeom.train
+    from rgeom import stages
+
+    seen = []
+    monkeypatch.setattr(rgeom.train, "train_arm", lambda **kw: seen.append(kw))
+    args = ("sft", "m", "d", "o", "s", None, [], {"train": {}})
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    stages.train(*args, time_limit_min=240, save_every=25)
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    stages.train(*args, time_limit_min=240)
+    assert [kw["time_limit_s"] for kw in seen] == [None, 240 * 60]
+    assert seen[0]["params"]["train"]["save_every"] == 25
