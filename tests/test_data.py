@@ -401,3 +401,116 @@ def test_hf_format_offline(monkeypatch):
         load_set({**spec, "path": "org/missing"}, ".", 0)
     with pytest.raises(RgeomError, match="'prompt'.*question"):
         load_set({**spec, "text_field": "prompt"}, ".", 0)
+
+
+# --- hub sets, through the real datasets.load_dataset on local files ---------------------
+# Each builder writes a small local copy of one hub dataset in its exact upstream layout
+# (file names, README configs, column names and types); a hub set that config/paper.yaml
+# names without a builder here fails test_every_paper_hub_set_loads.
+ULTRACHAT_README = """---
+configs:
+- config_name: default
+  data_files:
+  - split: train_sft
+    path: data/train_sft-*
+  - split: test_sft
+    path: data/test_sft-*
+  - split: train_gen
+    path: data/train_gen-*
+  - split: test_gen
+    path: data/test_gen-*
+---
+"""
+
+
+def _ultrachat(root):
+    """HuggingFaceH4/ultrachat_200k: prompt, prompt_id (sha256 hex), messages."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    turn = pa.struct([("content", pa.string()), ("role", pa.string())])
+    schema = pa.schema(
+        [("prompt", pa.string()), ("prompt_id", pa.string()), ("messages", pa.list_(turn))]
+    )
+    (root / "data").mkdir(parents=True)
+    (root / "README.md").write_text(ULTRACHAT_README)
+    files = {
+        "train_sft": "train_sft-00000-of-00001-a3ecf92756993583.parquet",
+        "test_sft": "test_sft-00000-of-00001-f7dfac4afe5b93f4.parquet",
+        "train_gen": "train_gen-00000-of-00001-3d4cd8309148a71f.parquet",
+        "test_gen": "test_gen-00000-of-00001-3d4cd8309148a71f.parquet",
+    }
+    for split, name in files.items():
+        rows = []
+        for i in range(3):
+            prompt = f"{split} question {i}: how do tides work?"
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "prompt_id": hashlib.sha256(prompt.encode()).hexdigest(),
+                    "messages": [
+                        {"content": prompt, "role": "user"},
+                        {"content": f"Tides follow the moon ({i}).", "role": "assistant"},
+                        {"content": "And the sun?", "role": "user"},
+                        {"content": "It adds a smaller pull.", "role": "assistant"},
+                    ],
+                }
+            )
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), root / "data" / name)
+    return root
+
+
+HUB_FIXTURES = {"HuggingFaceH4/ultrachat_200k": _ultrachat}
+
+
+def _paper_hub_sets():
+    from pathlib import Path
+
+    import yaml
+
+    paper = Path(__file__).resolve().parents[1] / "config" / "paper.yaml"
+    config = yaml.safe_load(paper.read_text())
+    return {k: v for k, v in config["data"]["sets"].items() if v.get("format") == "hf"}
+
+
+def test_every_paper_hub_set_loads(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    sets = _paper_hub_sets()
+    assert sets, "config/paper.yaml names no hub set"
+    for name, spec in sets.items():
+        assert spec["path"] in HUB_FIXTURES, f"no local fixture for hub set {spec['path']}"
+        local = HUB_FIXTURES[spec["path"]](tmp_path / spec["path"].replace("/", "__"))
+        out = tmp_path / f"{name}.parquet"
+        prepare_set(name, {**spec, "path": str(local)}, ".", 0, out, {})
+        table = read_prompts(out).to_pydict()
+        assert len(table["prompt_id"]) == 3, name
+        assert set(table["label"]) == {"harmless"}
+        assert table["split"] == [spec["hf_split"]] * 3
+        if spec["path"] == "HuggingFaceH4/ultrachat_200k":
+            # The whole conversation comes along: the reference's utility data.
+            chats = [json.loads(m) for m in table["messages"]]
+            assert all(len(c) == 4 and c[1]["role"] == "assistant" for c in chats)
+            assert table["text"] == [c[0]["content"] for c in chats]
+
+
+def test_hub_rows_without_label_name_the_fix(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    local = _ultrachat(tmp_path / "uc")
+    spec = {"format": "hf", "path": str(local), "hf_split": "train_sft", "text_field": "prompt"}
+    with pytest.raises(RgeomError, match=r"row 1 .* label None.*set the set's label"):
+        load_set(spec, ".", 0)
+
+
+def test_bad_messages_rejected(tmp_path):
+    bad = tmp_path / "chat.jsonl"
+    bad.write_text(json.dumps({"prompt": "hi", "messages": [{"role": "user"}]}) + "\n")
+    spec = {"format": "jsonl", "path": str(bad), "label": "harmless"}
+    with pytest.raises(RgeomError, match=r"line 1 messages turn 1"):
+        load_set(spec, ".", 0)
+    bad.write_text(json.dumps({"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}))
+    with pytest.raises(RgeomError, match=r"line 1 messages hold no assistant turn"):
+        load_set(spec, ".", 0)

@@ -187,3 +187,189 @@ def test_changed_parameters_discard_the_stored_state(tmp_path, tiny_model_dir, s
     longer["train"]["learning_rate"] = 1e-4
     train_arm("sft", str(tiny_model_dir), str(sft_file), str(out), longer, {}, {})
     assert "already trained" in caplog.text
+
+
+# --- utility data: the reference (dataset) and self-distillation -------------------------
+def _prompt_tables(tmp_path, harmless_spec):
+    from rgeom.data import prepare_set
+
+    bad, good = tmp_path / "bad.parquet", tmp_path / "good.parquet"
+    prepare_set("bad", {"format": "builtin", "path": "harmful", "limit": 3}, ".", 0, bad, {})
+    prepare_set("good", harmless_spec, ".", 0, good, {})
+    return str(bad), str(good)
+
+
+def test_truncated_answer_gets_no_eos(tmp_path, tiny, monkeypatch):
+    """An answer cut at helpful_max_new_tokens must not end in EOS (it would teach the
+    model to stop mid-answer); an answer that stopped by itself keeps its EOS."""
+    import rgeom.generation
+    from rgeom.train.data import build_sft_data, sft_dataset
+
+    _, tokenizer = tiny
+    limit = 4
+
+    def fake_generate(model, tok, prompts, batch_size, max_new_tokens):
+        assert max_new_tokens == limit
+        # Even rows used the whole budget (no EOS came), odd rows stopped after 2 tokens.
+        new = [limit if i % 2 == 0 else 2 for i in range(len(prompts))]
+        return ["the sea is wide"] * len(prompts), [0] * len(prompts), new
+
+    monkeypatch.setattr(rgeom.generation, "generate_completions", fake_generate)
+    bad, good = _prompt_tables(tmp_path, {"format": "builtin", "path": "harmless", "limit": 4})
+    out = tmp_path / "sft.parquet"
+    params = {"train": {"utility_source": "self_distill", "helpful_max_new_tokens": limit}}
+    build_sft_data(object(), tokenizer, bad, good, str(out), params, {})
+    rows = read_table(out).to_pydict()
+    assert rows["complete"] == [True] * 3 + [False, True, False, True]
+    data = sft_dataset(str(out), tokenizer)
+    eos = tokenizer.eos_token_id
+    for i, complete in enumerate(rows["complete"]):
+        ids, mask = data[i]["input_ids"], data[i]["completion_mask"]
+        assert (ids[-1] == eos) == complete, i
+        assert mask[-1] == 1 and mask[0] == 0
+
+
+def test_dataset_utility_trains_on_whole_conversations(tmp_path, tiny):
+    """utility_source dataset (the reference): the set's own multi-turn answers, as one
+    document each with the loss on every token, closed by EOS; no model is needed."""
+    from rgeom.train.data import build_sft_data, sft_dataset
+
+    _, tokenizer = tiny
+    chats = [
+        [
+            {"role": "user", "content": f"How do tides work? {i}"},
+            {"role": "assistant", "content": "The moon pulls the sea."},
+            {"role": "user", "content": "And the sun?"},
+            {"role": "assistant", "content": "Less so."},
+        ]
+        for i in range(2)
+    ]
+    src = tmp_path / "chat.jsonl"
+    src.write_text(
+        "".join(json.dumps({"prompt": c[0]["content"], "messages": c}) + "\n" for c in chats)
+    )
+    bad, good = _prompt_tables(tmp_path, {"format": "jsonl", "path": str(src), "label": "harmless"})
+    out = tmp_path / "sft.parquet"
+    build_sft_data(None, None, bad, good, str(out), {"train": {"utility_source": "dataset"}}, {})
+    rows = read_table(out).to_pydict()
+    assert rows["kind"] == ["refusal"] * 3 + ["helpful"] * 2
+    assert rows["response"][3:] == ["The moon pulls the sea."] * 2
+    data = sft_dataset(str(out), tokenizer)
+    for i, chat in enumerate(chats):
+        text = tokenizer.apply_chat_template(chat, tokenize=False)
+        want = tokenizer(text)["input_ids"]
+        want = want if want[-1] == tokenizer.eos_token_id else want + [tokenizer.eos_token_id]
+        assert data[3 + i]["input_ids"] == want
+        assert data[3 + i]["completion_mask"] == [1] * len(want)
+
+    # A prompt set without conversations cannot be the reference's utility data.
+    bad, plain = _prompt_tables(tmp_path, {"format": "builtin", "path": "harmless", "limit": 2})
+    with pytest.raises(RgeomError, match="no conversation.*utility_source: self_distill"):
+        build_sft_data(None, None, bad, plain, str(out), {"train": {}}, {})
+
+
+def test_trl_packs_rows_into_max_length_blocks(tmp_path, tiny_model_dir, sft_file, monkeypatch):
+    """train.packing hands the rows to TRL's SFTTrainer, which packs them (wrapped, as the
+    reference's packer) into max_length blocks whose labels keep the completion masks."""
+    import trl
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(self, *args, **kwargs):
+        seen["data"] = self.train_dataset
+        raise Stop
+
+    monkeypatch.setattr(trl.SFTTrainer, "train", capture)
+    params = _params(4, [0, 4])
+    params["train"].update(packing=True, max_length=32)
+    with pytest.raises(Stop):
+        train_arm("sft", str(tiny_model_dir), str(sft_file), str(tmp_path / "c"), params, {}, {})
+    rows = seen["data"]
+    lengths = [len(r["input_ids"]) for r in rows]
+    assert set(lengths[:-1]) == {32} and 0 < lengths[-1] <= 32
+    labels = [t for r in rows for t in r["labels"]]
+    # Prompt tokens are masked, responses are not.
+    assert -100 in labels and any(t != -100 for t in labels)
+
+
+def test_paper_training_is_harmbenchs_r2d2_recipe():
+    """config/paper.yaml's start model and optimisation are the reference recipe's
+    (recipes/zephyr-7b-beta/sft_adv_training/config_full.yaml, run_adv_training.sh)."""
+    import hashlib
+    from pathlib import Path
+
+    import yaml
+
+    from rgeom.models import NAMED_CHAT_TEMPLATES
+
+    paper = yaml.safe_load(
+        (Path(__file__).resolve().parents[1] / "config" / "paper.yaml").read_text()
+    )
+    assert paper["model"]["path"] == "mistralai/Mistral-7B-v0.1"
+    assert paper["model"]["chat_template"] == "zephyr"
+    # sha256 of alignment-handbook's DEFAULT_CHAT_TEMPLATE (src/alignment/data.py).
+    digest = hashlib.sha256(NAMED_CHAT_TEMPLATES["zephyr"].encode()).hexdigest()
+    assert digest == "66291cf0045c2425a3a667cf3cbb7af2b11f09e025c02f97245323ab79119362"
+    train = paper["train"]
+    assert {k: train[k] for k in RECIPE} == RECIPE
+    harmless = paper["data"]["sets"]["train_harmless"]
+    assert (harmless["path"], harmless["hf_split"]) == ("HuggingFaceH4/ultrachat_200k", "train_sft")
+
+
+RECIPE = {
+    "learning_rate": 2.0e-5,
+    "lr_scheduler": "cosine",
+    "warmup_steps": 0,
+    "batch_size": 8,
+    "grad_accum": 4,
+    "num_gpus": 8,
+    "max_length": 2048,
+    "packing": True,
+    "utility_source": "dataset",
+}
+
+
+# --- preemption -----------------------------------------------------------------------
+def test_time_limit_saves_a_resumable_state(tmp_path, tiny_model_dir, sft_file):
+    """Near its time limit a run saves resume state and exits as if SIGUSR1 had come; the
+    rerun resumes from that state to the uninterrupted run's weights, bit for bit."""
+    import signal
+
+    whole = tmp_path / "whole" / "checkpoints"
+    train_arm("sft", str(tiny_model_dir), str(sft_file), str(whole), _params(4, [4]), {}, {})
+    out = tmp_path / "cut" / "checkpoints"
+    params = _params(4, [4])
+    params["train"]["save_margin_s"] = 0
+    with pytest.raises(SystemExit) as stop:
+        # Any limit below two steps' time stops after the first step.
+        train_arm(
+            "sft", str(tiny_model_dir), str(sft_file), str(out), params, {}, {}, time_limit_s=1e-3
+        )
+    assert stop.value.code == 128 + signal.SIGUSR1
+    state = tmp_path / "cut" / "train_state" / "resume" / "checkpoint-1" / "trainer_state.json"
+    assert state.exists() and not out.exists()
+    train_arm("sft", str(tiny_model_dir), str(sft_file), str(out), params, {}, {})
+    name = "step-000004"
+    assert (out / name / "model.safetensors").read_bytes() == (
+        whole / name / "model.safetensors"
+    ).read_bytes()
+
+
+def test_time_limit_applies_only_under_slurm(monkeypatch):
+    """The rule passes its runtime everywhere; only a SLURM job stops before it (a
+    workstation run with the rule's runtime must train to the end)."""
+    import rgeom.train
+    from rgeom import stages
+
+    seen = []
+    monkeypatch.setattr(rgeom.train, "train_arm", lambda **kw: seen.append(kw))
+    args = ("sft", "m", "d", "o", "s", None, [], {"train": {}})
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    stages.train(*args, time_limit_min=240, save_every=25)
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    stages.train(*args, time_limit_min=240)
+    assert [kw["time_limit_s"] for kw in seen] == [None, 240 * 60]
+    assert seen[0]["params"]["train"]["save_every"] == 25

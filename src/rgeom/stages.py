@@ -71,6 +71,7 @@ def prepare_model(out: str, params: dict[str, Any]) -> None:
         dtype=model.get("dtype", "float32"),
         trust_remote_code=model.get("trust_remote_code", False),
         seed=params.get("seed", 0),
+        chat_template=model.get("chat_template"),
     )
     log.info("model ready at %s", out)
 
@@ -102,7 +103,10 @@ def sft_data(model: str, harmful: str, harmless: str, out: str, params: dict[str
     from rgeom.train.data import build_sft_data
 
     seed_everything(params.get("seed", 0))
-    lm, tokenizer = _load(model, params)
+    lm = tokenizer = None
+    # The reference's utility data are the set's own answers: no model to load.
+    if params.get("train", {}).get("utility_source", "dataset") == "self_distill":
+        lm, tokenizer = _load(model, params)
     build_sft_data(
         model=lm,
         tokenizer=tokenizer,
@@ -123,11 +127,21 @@ def train(
     log_table: str | None,
     extra: list[tuple[str, str]],
     params: dict[str, Any],
+    time_limit_min: float | None = None,
+    save_every: int | None = None,
 ) -> None:
+    import os
+
     from rgeom.train import train_arm
 
     seed_everything(params.get("seed", 0))
     _model_settings(params)
+    if save_every is not None:
+        # Passed beside --params: how often state is saved changes no result, so the
+        # workflow keeps it out of the job's parameters (no rerun when it changes).
+        params = {**params, "train": {**params.get("train", {}), "save_every": save_every}}
+    # Only SLURM enforces the limit; a workstation run with the rule's runtime must not stop.
+    limit = time_limit_min * 60 if time_limit_min and os.environ.get("SLURM_JOB_ID") else None
     train_arm(
         arm=arm,
         model_dir=model,
@@ -139,6 +153,7 @@ def train(
         params=params,
         extra=dict(extra),
         meta=_meta(params, model=model, arm=arm),
+        time_limit_s=limit,
     )
 
 

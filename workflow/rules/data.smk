@@ -57,7 +57,8 @@ rule sft_data:
         key=params_json(
             model=model_params(),
             train={
-                k: config["train"][k] for k in ("refusals", "helpful_max_new_tokens")
+                k: config["train"][k]
+                for k in ("refusals", "utility_source", "helpful_max_new_tokens")
             },
         ),
     shell:

@@ -23,6 +23,9 @@ rule train:
         mem_mb=8000,
         runtime=240,
         gpu=TRAIN_GPUS,
+        # A resource, not a param: how often state is saved changes no result, so changing
+        # it must not rerun the segments.
+        save_every=config["train"]["save_every"],
     params:
         json=train_params,
         extra=extra_flags,
@@ -33,6 +36,9 @@ rule train:
         "{params.launcher} train --arm {wildcards.arm} --model {input.model}"
         " --data {input.data} --out-dir results/{wildcards.arm}/checkpoints"
         " --state-dir results/{wildcards.arm}/train_state"
+        # Under SLURM the run saves resume state and stops train.save_margin_s before its
+        # time limit (docs/training.md).
+        " --time-limit-min {resources.runtime} --save-every {resources.save_every}"
         " {params.extra} --params {params.json:q} > {log} 2>&1"
 
 

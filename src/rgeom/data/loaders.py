@@ -36,6 +36,11 @@ PROMPT_SCHEMA = pa.schema(
         pa.field("target", pa.string()),
     ]
 )
+#: A chat set (UltraChat's ``messages``) also keeps each row's whole conversation, as JSON
+#: ``[{"role", "content"}, ...]``: the utility data of ``train.utility_source: dataset``.
+#: Readers of PROMPT_SCHEMA ignore the extra column.
+CHAT_PROMPT_SCHEMA = PROMPT_SCHEMA.append(pa.field("messages", pa.string()))
+MESSAGES_FIELD = "messages"
 
 # "utility" is accepted because the config schema allows it as a label override.
 LABELS = ("harmful", "harmless", "safe", "contrast", "utility")
@@ -199,6 +204,7 @@ def _row(
         "label": label,
         "target": _opt(target),
         "split": _opt(split),
+        "messages": None,
         "_where": where,
     }
 
@@ -336,6 +342,28 @@ def _arditi(path: Path, spec: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _messages(value: Any, where: str, origin: str) -> str | None:
+    """A chat (``[{"role", "content"}, ...]``, UltraChat's ``messages``) as canonical JSON."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise RgeomError(f"{origin}: {where} has a 'messages' field that is not a list of turns")
+    turns = []
+    for n, turn in enumerate(value, 1):
+        if (
+            not isinstance(turn, dict)
+            or not isinstance(turn.get("role"), str)
+            or not isinstance(turn.get("content"), str)
+        ):
+            raise RgeomError(
+                f"{origin}: {where} messages turn {n} is not a {{role, content}} object of text"
+            )
+        turns.append({"role": turn["role"], "content": _newlines(turn["content"])})
+    if not any(t["role"] == "assistant" for t in turns):
+        raise RgeomError(f"{origin}: {where} messages hold no assistant turn")
+    return json.dumps(turns, ensure_ascii=False)
+
+
 def _record(obj: Any, where: str, default_id: str, text_field: str, origin: str) -> dict:
     """One JSONL line or hub row; optional fields follow PROMPT_SCHEMA's names."""
     if not isinstance(obj, dict):
@@ -344,7 +372,7 @@ def _record(obj: Any, where: str, default_id: str, text_field: str, origin: str)
         raise RgeomError(f"{origin}: {where} has no {text_field!r} field (the set's text_field)")
     prompt_id = obj.get("prompt_id", obj.get("id"))
     label = obj.get("label")
-    return _row(
+    row = _row(
         default_id if prompt_id is None or str(prompt_id).strip() == "" else prompt_id,
         obj[text_field],
         where,
@@ -354,6 +382,8 @@ def _record(obj: Any, where: str, default_id: str, text_field: str, origin: str)
         target=obj.get("target"),
         split=obj.get("split"),
     )
+    row["messages"] = _messages(obj.get(MESSAGES_FIELD), where, origin)
+    return row
 
 
 def _jsonl(path: Path, spec: dict[str, Any]) -> list[dict[str, Any]]:
@@ -503,9 +533,14 @@ def _describe(spec: dict[str, Any]) -> str:
     return ", ".join(f"{k}={spec[k]!r}" for k in keys)
 
 
+def _schema(rows: list[dict[str, Any]]) -> pa.Schema:
+    return CHAT_PROMPT_SCHEMA if any(r.get("messages") for r in rows) else PROMPT_SCHEMA
+
+
 def _table(rows: list[dict[str, Any]]) -> pa.Table:
+    schema = _schema(rows)
     return pa.Table.from_pylist(
-        [{name: r[name] for name in PROMPT_SCHEMA.names} for r in rows], schema=PROMPT_SCHEMA
+        [{name: r[name] for name in schema.names} for r in rows], schema=schema
     )
 
 
@@ -547,7 +582,7 @@ def prepare_set(
         "dataset_spec": filled,
         "dataset_source_rows": loaded.source_rows,
     }
-    write_table(out, _table(loaded.rows), PROMPT_SCHEMA, record)
+    write_table(out, _table(loaded.rows), _schema(loaded.rows), record)
 
 
 def read_prompts(path: str | os.PathLike) -> pa.Table:

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer
+from trl import SFTTrainer
 
 from rgeom.attacks.gcg import (
     _vocab_size,
@@ -563,12 +563,14 @@ def compute_r2d2_losses(
     return {"total": total, "away": away, "toward": toward, "utility": utility}
 
 
-class R2D2Trainer(Trainer):
-    """A :class:`transformers.Trainer` whose loss is R2D2's.
+class R2D2Trainer(SFTTrainer):
+    """TRL's :class:`~trl.SFTTrainer` whose loss is R2D2's.
 
-    ``inputs`` is the utility batch (``input_ids``, ``attention_mask``, ``labels`` with -100
-    on prompt tokens). Each call first advances the pool (reset when due, GCG refresh with
-    the unwrapped model in eval mode), then computes the combined loss.
+    TRL prepares the utility data exactly as for the SFT arm (labels from completion masks,
+    truncation or packing), so ``inputs`` is its collated batch (``input_ids``,
+    ``attention_mask``, ``labels`` with -100 where no loss is taken). Each call first
+    advances the pool (reset when due, GCG refresh with the unwrapped model in eval mode),
+    then computes the combined loss.
 
     ``r2d2_history`` holds one dict per micro-step (loss terms, the refreshed entries' GCG
     losses, indices reset) for the runner to write out; the means of the loss terms and of

@@ -1,4 +1,9 @@
-"""One training runner for every arm, on HF ``Trainer`` (DeepSpeed ZeRO when configured).
+"""One training runner for every arm, on TRL's ``SFTTrainer`` (DeepSpeed ZeRO when configured).
+
+TRL does the data side: the pre-tokenized rows of :func:`rgeom.train.data.sft_dataset`
+become labels from their completion masks and, with ``train.packing``, are packed into
+``train.max_length`` blocks across document boundaries, as the reference recipe's packer
+did. The R2D2 arm's trainer is an ``SFTTrainer`` with R2D2's loss.
 
 Layout under the arm's results folder::
 
@@ -10,8 +15,11 @@ Layout under the arm's results folder::
     train_log.parquet          the per-step metrics table (rule ``train_log``)
 
 Resume state is saved at every anchor and every ``train.save_every`` steps. On SIGTERM (what
-SLURM sends at the time limit) the runner finishes the current step, saves resume state and
-exits with status 143; SIGKILL loses the steps since the last save.
+SLURM sends at the time limit) or SIGUSR1 (an early warning, ``sbatch --signal``) the runner
+finishes the current step, saves resume state and exits with status 128 + the signal. Given
+the job's time limit (``time_limit_s``), it also stops by itself once the time left would
+not fit another step and a save (``train.save_margin_s``): SLURM's SIGTERM comes only 30 s
+before the kill, too late to save a 7B state. SIGKILL loses the steps since the last save.
 
 Snakemake deletes a job's declared outputs before rerunning it, so anchors are exported
 into ``train_state/anchors`` first and hard-linked into ``checkpoints`` at the end: a
@@ -82,10 +90,14 @@ def anchor_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
+#: The exit status of a run that stopped itself before its time limit: 128 + SIGUSR1, as if
+#: the early-warning signal had come.
+DEADLINE_STOP = int(signal.SIGUSR1)
+
 #: Schedules whose learning rate at step t does not depend on the total number of steps.
 STEP_INDEPENDENT_SCHEDULES = ("constant", "constant_with_warmup")
 #: Training keys that change how often state is saved, never what is trained.
-NON_RESULT_KEYS = ("save_every",)
+NON_RESULT_KEYS = ("save_every", "save_margin_s")
 
 
 def training_fingerprint(params: dict[str, Any]) -> dict[str, Any]:
@@ -131,14 +143,14 @@ def _ensure_launcher_env() -> None:
 
 
 class _StopOnSignal:
-    """Turns SIGTERM into a request to save resume state and stop after the current step.
+    """Turns SIGTERM or SIGUSR1 into a request to save resume state and stop after the current step.
 
     The handler only sets a flag: saving from inside a signal handler could interrupt a
     collective or a half-written checkpoint. A second SIGTERM gets the previous handler, so
     a stuck save can still be terminated.
     """
 
-    signals = (signal.SIGTERM,)
+    signals = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -200,8 +212,10 @@ def _make_callback(runner: _Runner):
                 control.should_training_stop = True
             elif runner.save_every and step % runner.save_every == 0:
                 control.should_save = True
+            if runner.out_of_time():
+                runner.stop.signum = runner.stop.signum or DEADLINE_STOP
             if runner.stop_requested(args.device):
-                log.warning("stop requested by signal: saving resume state at step %d", step)
+                log.warning("stop requested: saving resume state at step %d", step)
                 control.should_save = True
                 control.should_training_stop = True
             return control
@@ -214,7 +228,19 @@ def _make_callback(runner: _Runner):
 
 
 class _Runner:
-    def __init__(self, arm, model_dir, data, out_dir, state_dir, log_table, params, extra, meta):
+    def __init__(
+        self,
+        arm,
+        model_dir,
+        data,
+        out_dir,
+        state_dir,
+        log_table,
+        params,
+        extra,
+        meta,
+        time_limit_s: float | None = None,
+    ):
         self.arm = arm
         self.model_dir = Path(model_dir)
         self.data = data
@@ -238,6 +264,16 @@ class _Runner:
         self.collator = None
         self.tokenizer = None
         self.stop = _StopOnSignal()
+        self.started = time.monotonic()
+        self.time_limit_s = time_limit_s
+        self.save_margin_s = float(self.train_cfg.get("save_margin_s", 600))
+
+    def out_of_time(self) -> bool:
+        """True when another step and a save might not fit in the job's time limit."""
+        if not self.time_limit_s:
+            return False
+        left = self.time_limit_s - (time.monotonic() - self.started)
+        return left < self.save_margin_s + 2 * self.step_seconds
 
     def stop_requested(self, device) -> bool:
         flag = self.stop.signum is not None
@@ -378,15 +414,17 @@ class _Runner:
 
     # -- training ----------------------------------------------------------------------
     def training_args(self):
-        from transformers import TrainingArguments
+        from trl import SFTConfig
 
         cfg = self.train_cfg
         seed = self.params.get("seed", 0)
         dtype = self.params.get("model", {}).get("dtype", "float32")
         cuda = torch.cuda.is_available() and self.params.get("model", {}).get("device") != "cpu"
-        kwargs: dict[str, Any] = {}
-        if cfg.get("gradient_checkpointing"):
-            kwargs["gradient_checkpointing"] = True
+        # Explicit: SFTConfig defaults to checkpointing on, which would slow every small run
+        # (activation_checkpointing is the transformers 5 name of gradient_checkpointing).
+        kwargs: dict[str, Any] = {
+            "activation_checkpointing": bool(cfg.get("gradient_checkpointing"))
+        }
         stage = cfg.get("zero_stage", 0)
         expected = deepspeed_config_path(stage, cfg.get("offload", False))
         if expected is not None:
@@ -394,8 +432,17 @@ class _Runner:
                 self.extra.get("deepspeed"), stage, expected
             )
             _ensure_launcher_env()
-        return TrainingArguments(
+        return SFTConfig(
             output_dir=str(self.resume_dir),
+            # The rows are pre-tokenized (input_ids + completion_mask): TRL builds the labels,
+            # truncates to max_length or packs into max_length blocks.
+            max_length=cfg.get("max_length", 256),
+            completion_only_loss=True,
+            packing=cfg.get("packing", False),
+            # The reference's packer concatenates documents and cuts fixed-length blocks,
+            # attention crossing document boundaries: TRL's "wrapped" strategy.
+            packing_strategy="wrapped",
+            dataset_num_proc=None,
             # Under a decaying schedule the total sets the learning rate at every step;
             # otherwise it is the last anchor, where training stops.
             max_steps=cfg.get("max_steps", max(self.anchors, default=0)),
@@ -424,10 +471,10 @@ class _Runner:
         )
 
     def run(self) -> None:
-        from transformers import Trainer
+        from trl import SFTTrainer
 
         from rgeom.models import load_model, load_tokenizer
-        from rgeom.train.data import ChatSFTDataset, PadCollator
+        from rgeom.train.data import sft_dataset
 
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.check_fingerprint()
@@ -440,19 +487,15 @@ class _Runner:
             self.tokenizer = load_tokenizer(self.model_dir, trust_remote_code=trust)
             model = load_model(self.model_dir, dtype="float32", trust_remote_code=trust)
             model.train()
-            dataset = ChatSFTDataset(
-                self.data, self.tokenizer, self.train_cfg.get("max_length", 256)
-            )
-            self.collator = PadCollator(self.tokenizer.pad_token_id)
+            dataset = sft_dataset(self.data, self.tokenizer)
             args = self.training_args()
             # Stop at the last anchor: later steps would be computed and thrown away.
             self.stop_at = last_anchor
-            trainer_cls, trainer_kwargs = self._arm_trainer(Trainer)
+            trainer_cls, trainer_kwargs = self._arm_trainer(SFTTrainer)
             self.trainer = trainer_cls(
                 model=model,
                 args=args,
                 train_dataset=dataset,
-                data_collator=self.collator,
                 processing_class=self.tokenizer,
                 callbacks=[_make_callback(self)],
                 **trainer_kwargs,
@@ -469,7 +512,8 @@ class _Runner:
             done = self.trainer.state.global_step
             if self.stop.signum is not None and done < last_anchor:
                 log.warning(
-                    "arm %s stopped by signal %d at step %d of %d; rerun to resume",
+                    "arm %s stopped by signal %d at step %d of %d (resume state saved; "
+                    "rerun to resume)",
                     self.arm,
                     self.stop.signum,
                     done,
@@ -529,11 +573,14 @@ def train_arm(
     state_dir: str | None = None,
     log_table: str | None = None,
     write_log: bool = True,
+    time_limit_s: float | None = None,
 ) -> None:
     """Train ``arm`` from ``model_dir`` on ``data``; export every anchor under ``out_dir``.
 
     The per-step metrics go to ``log_table`` (default: beside ``out_dir``) unless
     ``write_log`` is false: the workflow writes them in a rule of their own.
+    ``time_limit_s``: the job's wall-clock limit, counted from this call; the run saves and
+    stops ``train.save_margin_s`` (plus two steps) before it.
     """
     out = Path(out_dir)
     runner = _Runner(
@@ -546,6 +593,7 @@ def train_arm(
         params,
         extra,
         meta,
+        time_limit_s=time_limit_s,
     )
     runner.run()
 
