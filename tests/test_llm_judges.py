@@ -512,3 +512,36 @@ def test_no_model_judge_keeps_the_embedded_run_unchanged(tmp_path):
     assert all(v is None for v in lab.column("verdict").to_pylist())
     assert {j for _, j in values} == {"refusal_matcher"}
     assert not any(m.startswith("n_") for m, _ in values)
+
+
+def test_paper_scale_copyright_count_is_the_test_csvs_real_count(tmp_path, tiny, shared_data):
+    """config/paper.yaml's HarmBench set (test CSV, contextual, copyright left out by the
+    loader): n_copyright_excluded must be the CSV's 80 hash_check behaviours, not 0."""
+    import csv
+
+    import yaml
+
+    from rgeom.data import prepare_set
+
+    _, tok = tiny
+    paper = yaml.safe_load(Path(__file__).parents[1].joinpath("config/paper.yaml").read_text())
+    spec = paper["data"]["sets"]["harmbench"]
+    assert spec["path"] == "harmbench/harmbench_behaviors_text_test.csv"
+    with open(shared_data / spec["path"], encoding="utf-8") as f:
+        real = sum("hash_check" in r["Tags"] for r in csv.DictReader(f))
+    assert real == 80
+    prompts = tmp_path / "harmbench.parquet"
+    prepare_set("harmbench", spec, shared_data, 0, prompts, {})
+    table = read_table(prompts).to_pylist()
+    assert not any(r["category"] == "copyright" for r in table)
+    rows = [
+        {"prompt_id": r["prompt_id"], "label": "harmful", "category": r["category"]}
+        | {"completion": "x"}
+        for r in table
+    ]
+    judge = ScriptedJudge(tok, lambda p: "yes")
+    _, values = _judge(
+        tmp_path, _write_gen(tmp_path, rows), HB_PARAMS, str(prompts), _loader_of(judge)
+    )
+    assert values[("n_copyright_excluded", "harmbench_classifier")][0] == real
+    assert values[("asr", "harmbench_classifier")] == (1.0, len(table))

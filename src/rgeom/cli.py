@@ -379,6 +379,10 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
             (("--completions",), {"required": True}),
             (("--out",), {"required": True, "help": "per-behaviour labels and success"}),
             (("--metrics",), {"required": True, "help": "metrics table (benchmark adaptive_gcg)"}),
+            (
+                ("--prompts",),
+                {"default": None, "help": "behaviour set: the text a model judge reads"},
+            ),
         ],
     ),
     "check-config": (

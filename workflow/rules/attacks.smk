@@ -158,9 +158,21 @@ rule adaptive_gcg:
         " --out {output.table} {params.flags} --params {params.json:q} > {log} 2>&1"
 
 
+def adaptive_judge_inputs(wildcards):
+    """The completions; with a model judge also the behaviours it reads and its files."""
+    cell = f"results/{wildcards.arm}/step-{wildcards.step}"
+    inputs = {"completions": f"{cell}/adaptive_gcg_completions.parquet"}
+    if model_judges():
+        inputs["prompts"] = attack_behaviours()
+        inputs.update(judge_model_files())
+    return inputs
+
+
+# The configured judge (judge.harmbench etc.), not the embedded matcher alone, decides
+# success, exactly as in the judge rule.
 rule adaptive_judge:
     input:
-        completions="results/{arm}/step-{step}/adaptive_gcg_completions.parquet",
+        unpack(adaptive_judge_inputs),
     output:
         table="results/{arm}/step-{step}/adaptive_gcg.parquet",
         metrics="results/{arm}/step-{step}/adaptive_gcg_metrics.parquet",
@@ -169,13 +181,17 @@ rule adaptive_judge:
     benchmark:
         "results/benchmarks/adaptive_judge/{arm}-{step}.tsv"
     conda:
-        "../envs/analysis.yaml"
+        "../envs/train.yaml" if model_judges() else "../envs/analysis.yaml"
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=10,
+        mem_mb=40000 if model_judges() else 1000,
+        runtime=60 if model_judges() else 10,
+        gpu=judge_gpu(),
     params:
         json=params_json(judge=config["judge"]),
+        prompts=lambda w, input: (
+            f"--prompts {input.prompts}" if "prompts" in input.keys() else ""
+        ),
     shell:
         "rgeom adaptive-judge --completions {input.completions} --out {output.table}"
-        " --metrics {output.metrics} --params {params.json:q} > {log} 2>&1"
+        " --metrics {output.metrics} {params.prompts} --params {params.json:q} > {log} 2>&1"

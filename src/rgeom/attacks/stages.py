@@ -74,11 +74,18 @@ def adaptive_gcg(
     )
 
 
-def adaptive_judge(completions: str, out: str, metrics: str, params: dict[str, Any]) -> None:
+def adaptive_judge(
+    completions: str,
+    out: str,
+    metrics: str,
+    params: dict[str, Any],
+    prompts: str | None = None,
+) -> None:
     from rgeom.attacks.testcases import judge_adaptive
     from rgeom.io import read_meta
 
     seed = int(params.get("seed", 0))
+    seed_everything(seed)
     source = read_meta(completions)
     judge_adaptive(
         completions=completions,
@@ -87,4 +94,5 @@ def adaptive_judge(completions: str, out: str, metrics: str, params: dict[str, A
         judge=params.get("judge", {}),
         seed=seed,
         meta=_meta(params, model=source.get("model")),
+        prompts=prompts,
     )

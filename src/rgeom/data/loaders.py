@@ -208,6 +208,24 @@ def _slug(value: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", value.lower()).strip("_")
 
 
+def copyright_left_out(spec: Mapping[str, Any] | None, shared_dir: str | os.PathLike) -> int:
+    """How many copyright behaviours (HarmBench's ``hash_check`` rows) a HarmBench CSV set
+    with ``copyright: false`` leaves out, counted over the whole file; 0 for other sets.
+    The judge stage reports them in ``n_copyright_excluded``: HarmBench scores them by
+    hashing, not with its classifier, so rgeom leaves them out of the ASR and says so."""
+    filled = _fill_spec(spec)
+    if filled["format"] != "harmbench_csv" or filled["copyright"]:
+        return 0
+    path = _resolve(filled["path"], shared_dir)
+    required = ("Behavior", "Tags", "ContextString", "BehaviorID")
+    n = 0
+    for _, r in _read_csv(path, required):
+        tags = {t.strip().lower() for t in r["Tags"].split(",") if t.strip()}
+        functional = r.get("FunctionalCategory", "").strip().lower()
+        n += "hash_check" in tags or functional == "copyright"
+    return n
+
+
 def _harmbench(path: Path, spec: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for i, r in _read_csv(path, ("Behavior", "Tags", "ContextString", "BehaviorID")):
@@ -533,6 +551,7 @@ def prepare_set(
         "dataset_sha256": loaded.sha256,
         "dataset_spec": filled,
         "dataset_source_rows": loaded.source_rows,
+        "dataset_copyright_left_out": copyright_left_out(filled, shared_dir),
     }
     write_table(out, _table(loaded.rows), PROMPT_SCHEMA, record)
 
