@@ -158,16 +158,6 @@ rule adaptive_gcg:
         " --out {output.table} {params.flags} --params {params.json:q} > {log} 2>&1"
 
 
-def adaptive_judge_inputs(wildcards):
-    """The completions; with a model judge also the behaviours it reads and its files."""
-    cell = f"results/{wildcards.arm}/step-{wildcards.step}"
-    inputs = {"completions": f"{cell}/adaptive_gcg_completions.parquet"}
-    if model_judges():
-        inputs["prompts"] = attack_behaviours()
-        inputs.update(judge_model_files())
-    return inputs
-
-
 # The configured judge (judge.harmbench etc.), not the embedded matcher alone, decides
 # success, exactly as in the judge rule.
 rule adaptive_judge:

@@ -347,6 +347,16 @@ def adaptive_inputs(wildcards):
     }
 
 
+def adaptive_judge_inputs(wildcards):
+    """The completions; with a model judge also the behaviours it reads and its files."""
+    cell = f"results/{wildcards.arm}/step-{wildcards.step}"
+    inputs = {"completions": f"{cell}/adaptive_gcg_completions.parquet"}
+    if model_judges():
+        inputs["prompts"] = attack_behaviours()
+        inputs.update(judge_model_files())
+    return inputs
+
+
 def adaptive_metrics():
     """Per-cell adaptive-GCG metrics for the summary (empty when disabled)."""
     if not ATTACKS["adaptive"]["enabled"]:
