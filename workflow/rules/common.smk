@@ -86,6 +86,12 @@ def dataset_input(wildcards):
     if spec["format"] in ("builtin", "hf"):
         return []
     path = Path(spec["path"])
+    if spec["format"] in ("mmlu_hf", "arc_hf") and path.suffix not in (
+        ".parquet",
+        ".json",
+        ".jsonl",
+    ):
+        return []  # a hub dataset id
     return str(
         path if path.is_absolute() else Path(config["data"]["shared_dir"]) / path
     )
