@@ -57,6 +57,8 @@ class Ref:
 #   anchors. 0.664 and 0.228 go to 250 and 500, where R2D2's ASR leaves 0 (0.035, 0.250);
 #   1.000 goes to 100, the last anchor of the zero-ASR phase, and 50 stays blank rather
 #   than repeating a number the paper does not state for it.
+# - R2D2's step 50 "remains closed under both adaptive GCG and AutoDAN" (v2 abstract): no
+#   number, so ≈0 beside adaptive_gcg.asr and adaptive_autodan.asr at (r2d2, 50).
 # - The effective rank "≈1.24" is the paper's reading of the refusal direction across
 #   adjacent layers, not tied to an arm or anchor; it matches the ``energy`` variant
 #   (rgeom.drift's docstring), so it stands beside ``erank_energy`` on every row.
@@ -73,7 +75,12 @@ PAPER_REFERENCE: dict[str, dict[tuple[str, int], Ref]] = {
         ("r2d2", 250): Ref(0.664),
         ("r2d2", 500): Ref(0.228),
     },
-    "adaptive_gcg.asr": {("r2d2", 250): Ref(0.415), ("r2d2", 500): Ref(0.613)},
+    "adaptive_gcg.asr": {
+        ("r2d2", 50): Ref(0.0, approx=True),
+        ("r2d2", 250): Ref(0.415),
+        ("r2d2", 500): Ref(0.613),
+    },
+    "adaptive_autodan.asr": {("r2d2", 50): Ref(0.0, approx=True)},
     "erank_energy": {
         (a, s): Ref(1.24, approx=True) for a in ("sft", "r2d2") for s in PAPER_ANCHORS
     },
@@ -280,6 +287,8 @@ def _behaviour_columns(stems: Sequence[str]) -> list[tuple[str, str]]:
         add(s, POOLED_ASR_HEADER if methods else "HarmBench ASR")
     for s in family("adaptive_gcg.asr"):
         add(s, "adaptive GCG ASR")
+    for s in family("adaptive_autodan.asr"):
+        add(s, "adaptive AutoDAN ASR")
     for s in sorted(s for s in stems if ".strongreject" in s):
         add(s, s.split(".", 1)[1].replace("_", " "))
     for metric, header in (

@@ -2,8 +2,8 @@
 # AutoDAN) are built once against the source model
 # (results/attacks/{method}.parquet), merged into results/attacks/test_cases.parquet and
 # replayed unchanged by the attack benchmark's generate job at every anchor of both arms;
-# adaptive GCG is re-optimised against each checkpoint
-# (results/{arm}/step-{step}/adaptive_gcg.parquet and adaptive_gcg_metrics.parquet).
+# adaptive GCG and adaptive AutoDAN (attacks.adaptive.methods) are re-optimised against each
+# checkpoint (results/{arm}/step-{step}/adaptive_{gcg,autodan}.parquet and _metrics.parquet).
 
 # Helpers (ATTACKS, generate_prompts, attack_inputs, ...) live in common.smk.
 
@@ -158,18 +158,57 @@ rule adaptive_gcg:
         " --out {output.table} {params.flags} --params {params.json:q} > {log} 2>&1"
 
 
+# Adaptive AutoDAN: attacks.autodan's genetic search re-run against each checkpoint on
+# the adaptive subset (attacks.adaptive.n_behaviors), judged by adaptive_judge below.
+rule adaptive_autodan:
+    input:
+        unpack(adaptive_autodan_inputs),
+    output:
+        table="results/{arm}/step-{step}/adaptive_autodan_completions.parquet",
+    log:
+        "results/logs/adaptive_autodan/{arm}-{step}.log",
+    benchmark:
+        "results/benchmarks/adaptive_autodan/{arm}-{step}.tsv"
+    conda:
+        "../envs/train.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=240,
+        gpu=GPU,
+    params:
+        json=lambda w: params_json(
+            model=model_params(),
+            attacks={
+                "adaptive": {"n_behaviors": ATTACKS["adaptive"]["n_behaviors"]},
+                "autodan": {
+                    k: v for k, v in ATTACKS["autodan"].items() if k != "prototypes"
+                },
+            },
+            generate=config["generate"],
+            arm=w.arm,
+            step=int(w.step),
+        ),
+        flags=lambda w, input: optional_flags(input, "targets", "templates"),
+    shell:
+        "rgeom adaptive-autodan --model {input.model} --behaviors {input.behaviors}"
+        " --out {output.table} {params.flags} --params {params.json:q} > {log} 2>&1"
+
+
 # The configured judge (judge.harmbench etc.), not the embedded matcher alone, decides
 # success, exactly as in the judge rule.
 rule adaptive_judge:
     input:
         unpack(adaptive_judge_inputs),
     output:
-        table="results/{arm}/step-{step}/adaptive_gcg.parquet",
-        metrics="results/{arm}/step-{step}/adaptive_gcg_metrics.parquet",
+        table="results/{arm}/step-{step}/adaptive_{attack}.parquet",
+        metrics="results/{arm}/step-{step}/adaptive_{attack}_metrics.parquet",
     log:
-        "results/logs/adaptive_judge/{arm}-{step}.log",
+        "results/logs/adaptive_judge/{arm}-{step}-{attack}.log",
     benchmark:
-        "results/benchmarks/adaptive_judge/{arm}-{step}.tsv"
+        "results/benchmarks/adaptive_judge/{arm}-{step}-{attack}.tsv"
+    wildcard_constraints:
+        attack="gcg|autodan",
     conda:
         "../envs/train.yaml" if model_judges() else "../envs/analysis.yaml"
     threads: 1

@@ -356,18 +356,30 @@ def adaptive_inputs(wildcards):
 def adaptive_judge_inputs(wildcards):
     """The completions; with a model judge also the behaviours it reads and its files."""
     cell = f"results/{wildcards.arm}/step-{wildcards.step}"
-    inputs = {"completions": f"{cell}/adaptive_gcg_completions.parquet"}
+    inputs = {"completions": f"{cell}/adaptive_{wildcards.attack}_completions.parquet"}
     if model_judges():
         inputs["prompts"] = attack_behaviours()
         inputs.update(judge_model_files())
     return inputs
 
 
+def adaptive_autodan_inputs(wildcards):
+    """Adaptive AutoDAN: adaptive GCG's inputs, plus AutoDAN's prototypes file when set."""
+    inputs = adaptive_inputs(wildcards)
+    if ATTACKS["autodan"]["prototypes"]:
+        inputs["templates"] = ATTACKS["autodan"]["prototypes"]
+    return inputs
+
+
 def adaptive_metrics():
-    """Per-cell adaptive-GCG metrics for the summary (empty when disabled)."""
+    """Per-cell adaptive-attack metrics for the summary (empty when disabled)."""
     if not ATTACKS["adaptive"]["enabled"]:
         return []
-    return cell_paths("results/{arm}/step-{step}/adaptive_gcg_metrics.parquet")
+    return [
+        f"results/{arm}/step-{step}/adaptive_{method}_metrics.parquet"
+        for method in ATTACKS["adaptive"]["methods"]
+        for arm, step in cells()
+    ]
 
 
 def model_judges():

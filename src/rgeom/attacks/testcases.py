@@ -818,7 +818,94 @@ def adaptive_gcg_cell(
         },
         schema=ADAPTIVE_COMPLETION_SCHEMA,
     )
-    write_table(out, table, ADAPTIVE_COMPLETION_SCHEMA, {**meta, "targets": targets})
+    record = {**meta, "benchmark": ADAPTIVE_BENCHMARK, "targets": targets}
+    write_table(out, table, ADAPTIVE_COMPLETION_SCHEMA, record)
+    shards.finish()
+    return table
+
+
+ADAPTIVE_AUTODAN_BENCHMARK = "adaptive_autodan"
+ADAPTIVE_METHODS = {"gcg": ADAPTIVE_BENCHMARK, "autodan": ADAPTIVE_AUTODAN_BENCHMARK}
+
+
+def adaptive_autodan_cell(
+    model,
+    tokenizer,
+    behaviours_path: str,
+    out: str,
+    params: Mapping[str, Any],
+    autodan: Mapping[str, Any],
+    generate: Mapping[str, Any],
+    seed: int,
+    arm: str,
+    step: int,
+    meta: Mapping[str, Any],
+    targets: str | None = None,
+    prototypes: str | None = None,
+) -> pa.Table:
+    """AutoDAN against this checkpoint on the adaptive subset, and its completions.
+
+    The paper reports that step 50 "remains closed under both adaptive GCG and AutoDAN":
+    this is the AutoDAN half, evolved against the checkpoint itself rather than replayed
+    from the source model. ``params`` is ``attacks.adaptive`` (its ``n_behaviors`` picks the
+    same seeded subset as adaptive GCG); ``autodan`` is ``attacks.autodan`` (population,
+    generations, ...). ``suffix`` holds the evolved template, ``test_case`` the user
+    message, whose greedy completion is generated through the chat template. Writes
+    ADAPTIVE_COMPLETION_SCHEMA; each behaviour is one resumable shard, as for AutoDAN.
+    """
+    from rgeom.generation import generate_completions
+
+    where = "attacks.adaptive (autodan)"
+    behaviours = read_behaviours(behaviours_path)
+    section = {**autodan, "n_behaviors": params.get("n_behaviors", 2)}
+    fingerprint = resume_fingerprint(
+        "adaptive_autodan", behaviours_path, section, seed, meta, arm=arm, step=step
+    )
+    cases, record, shards = autodan_cases(
+        model,
+        tokenizer,
+        behaviours,
+        load_targets(targets),
+        section,
+        seed,
+        str(meta.get("model") or "checkpoint"),
+        out=out,
+        fingerprint=fingerprint,
+        meta=meta,
+        prototypes=prototypes,
+        where=where,
+    )
+    texts, _, _ = generate_completions(
+        model,
+        tokenizer,
+        [c["test_case"] for c in cases],
+        batch_size=int(generate.get("batch_size", 16)),
+        max_new_tokens=int(generate.get("max_new_tokens", 48)),
+    )
+    history = record["behaviours"]
+    n = len(cases)
+    table = pa.table(
+        {
+            "arm": [arm] * n,
+            "step": [step] * n,
+            "behavior_id": [c["behavior_id"] for c in cases],
+            "category": [c["category"] for c in cases],
+            "target": [c["target"] for c in cases],
+            "suffix": [history[c["behavior_id"]]["template"] for c in cases],
+            "test_case": [c["test_case"] for c in cases],
+            "loss": [c["loss"] for c in cases],
+            "initial_loss": [c["initial_loss"] for c in cases],
+            "completion": texts,
+        },
+        schema=ADAPTIVE_COMPLETION_SCHEMA,
+    )
+    record = {
+        **meta,
+        "benchmark": ADAPTIVE_AUTODAN_BENCHMARK,
+        "targets": targets,
+        "autodan": record,
+    }
+    write_table(out, table, ADAPTIVE_COMPLETION_SCHEMA, record)
     shards.finish()
     return table
 
