@@ -321,3 +321,62 @@ def test_cli_autodan_end_to_end(tiny_model_dir, behaviours, tmp_path):
     (row,) = read_table(out, T.TEST_CASE_SCHEMA).to_pylist()
     assert row["method"] == "AutoDAN" and row["source_model"] == str(tiny_model_dir)
     assert read_meta(out)["autodan"]["settings"]["generations"] == 1
+
+
+def test_adaptive_autodan_attacks_the_checkpoint_and_reports_its_asr(
+    tiny_model_dir, behaviours, tmp_path
+):
+    """rgeom adaptive-autodan then rgeom adaptive-judge: AutoDAN evolved against this
+    checkpoint on the adaptive subset, its completions judged into adaptive_autodan.asr."""
+    import subprocess
+    import sys
+
+    completions = tmp_path / "adaptive_autodan_completions.parquet"
+    params = {"model": {"device": "cpu"}, "seed": 0, "arm": "r2d2", "step": 50}
+    params["attacks"] = {"adaptive": {"n_behaviors": 2}, "autodan": {**TINY, "generations": 1}}
+    params["generate"] = {"max_new_tokens": 4}
+    res = subprocess.run(
+        [sys.executable, "-m", "rgeom.cli", "adaptive-autodan", "--model", str(tiny_model_dir),
+         "--behaviors", str(behaviours), "--out", str(completions), "--params",
+         json.dumps(params)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = read_table(completions, T.ADAPTIVE_COMPLETION_SCHEMA).to_pylist()
+    # The same seeded subset as adaptive GCG, attacked at this (arm, step).
+    chosen = [r["prompt_id"] for r in T.select_behaviours(T.read_behaviours(behaviours), 2, 0)]
+    assert [r["behavior_id"] for r in rows] == chosen
+    meta = read_meta(completions)
+    assert meta["benchmark"] == "adaptive_autodan"
+    for r in rows:
+        b = next(x for x in BEHAVIOURS if x["prompt_id"] == r["behavior_id"])
+        assert r["test_case"] == r["suffix"].replace(A.SLOT, prompt_text(b["text"], b["context"]))
+        assert (r["arm"], r["step"]) == ("r2d2", 50) and r["loss"] <= r["initial_loss"]
+        assert isinstance(r["completion"], str)
+        assert meta["autodan"]["behaviours"][r["behavior_id"]]["generations_run"] == 1
+    out, metrics = tmp_path / "adaptive_autodan.parquet", tmp_path / "metrics.parquet"
+    res = subprocess.run(
+        [sys.executable, "-m", "rgeom.cli", "adaptive-judge", "--completions", str(completions),
+         "--out", str(out), "--metrics", str(metrics), "--params",
+         json.dumps({"seed": 0, "judge": {"bootstrap": 10}})],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    (metric,) = read_table(metrics).to_pylist()
+    assert (metric["benchmark"], metric["metric"]) == ("adaptive_autodan", "asr")
+    judged = read_table(out, T.ADAPTIVE_SCHEMA).to_pylist()
+    assert metric["value"] == pytest.approx(np.mean([r["success"] for r in judged]))
+
+
+def test_adaptive_autodan_is_on_at_paper_scale_and_off_in_the_demo():
+    from pathlib import Path
+
+    import yaml
+
+    from rgeom.config import validate
+
+    root = Path(__file__).parents[1]
+    paper = validate(yaml.safe_load((root / "config/paper.yaml").read_text()), source="paper")
+    assert paper["attacks"]["adaptive"]["methods"] == ["gcg", "autodan"]
+    demo = validate(yaml.safe_load((root / "config/config.yaml").read_text()), source="demo")
+    assert demo["attacks"]["adaptive"]["methods"] == ["gcg"]

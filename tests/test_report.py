@@ -443,9 +443,48 @@ def test_paper_columns_beside_the_run_on_the_paper_anchors(tmp_path):
     assert paper[("sft", 0)]["paper:harmbench.asr"] is None
     assert paper[("r2d2", 250)]["harmbench.asr"] == pytest.approx(0.05)
     md = (out / "tables" / "behaviour.md").read_text()
-    assert "HarmBench ASR (all methods) (paper)" in md and "0.505–0.588" in md
+    # Without attack methods the run's ASR is plain HarmBench ASR, and the paper column
+    # names the column it sits beside.
+    assert "| paper, beside HarmBench ASR |" in md and "0.505–0.588" in md
     tex = (out / "tables" / "behaviour.tex").read_text()
     assert "0.505--0.588" in tex
+
+
+def test_asr_per_method_is_the_headline_and_pooled_a_labelled_extra(tmp_path):
+    rows = {k: [] for k in METRIC_SCHEMA.names}
+    for arm, step in (("base", 0), ("sft", 250)):
+        for metric, value in (
+            ("asr", 0.5),
+            ("asr/DirectRequest", 0.2),
+            ("asr/Templates", 0.7),
+            ("asr_category/chem", 0.4),
+        ):
+            for k, v in zip(
+                METRIC_SCHEMA.names,
+                (arm, step, "harmbench", metric, value, value, value, 5, "refusal_matcher"),
+                strict=True,
+            ):
+                rows[k].append(v)
+    path = tmp_path / "m.parquet"
+    write_table(path, pa.table(rows), METRIC_SCHEMA, {})
+    out = tmp_path / "s"
+    params = {"arms": ARMS, "anchors": list(PAPER_ANCHORS)}
+    build_summary([str(path)], [], str(out), params, {})
+    md = (out / "tables" / "behaviour.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| arm"))
+    heads = [h.strip() for h in header.strip("|").split("|")]
+    # Per-method ASR first (the headline), then the pooled number under its own label, and
+    # the paper's one ASR per anchor beside the column its header names.
+    assert heads[2:6] == [
+        "HarmBench ASR, DirectRequest",
+        "HarmBench ASR, Templates",
+        "pooled ASR, all test cases (extra)",
+        "paper, beside pooled ASR, all test cases (extra)",
+    ]
+    assert "weighs k times" in md
+    text = format_summary(str(out))
+    shown = text.splitlines()[1].split()
+    assert shown[2:5] == ["harmbench.asr/DirectRequest", "harmbench.asr/Templates", "harmbench.asr"]
 
 
 def test_the_paper_reference_is_the_briefs_numbers():

@@ -27,8 +27,9 @@ KL(base || edited) of the next-token distribution at the last position of the ha
 prompts, the mean cross-entropy of the base model's own greedy completions of the harmless
 prompts (``ce_harmless``; its rise is the utility cost), and from greedy generations the
 refusal rate and attack success rate of the first ``n_generate`` prompts of
-``generate_set`` (labelled by the ``refusal_matcher`` judge) and the answer accuracy on the
-first ``n_utility`` checkable prompts of ``utility_set``.
+``generate_set`` (labelled by the configured judge as the judge stage labels generations:
+the HarmBench classifier decides ASR where ``judge.harmbench`` names it) and the answer
+accuracy on the first ``n_utility`` checkable prompts of ``utility_set``.
 
 Rank-k subspace: r-hat followed by the top k - 1 right singular vectors of the per-prompt
 contrast vectors ``x_i - mean_harmless`` (the ``dir`` harmful prompts' activations at the
@@ -426,7 +427,6 @@ def _measure(model, tokenizer, sets: _Sets, refusal_ids, s: Mapping[str, Any]) -
     from rgeom.generation import generate_completions
     from rgeom.interventions import kl_last_position, last_logits, refusal_score_from_logits
     from rgeom.judges.metrics import check_answer
-    from rgeom.judges.refusal import classify
 
     bs = s["batch_size"]
     harmful = last_logits(model, tokenizer, sets.harmful, bs)
@@ -443,10 +443,10 @@ def _measure(model, tokenizer, sets: _Sets, refusal_ids, s: Mapping[str, Any]) -
         "utility_accuracy": None,
     }
     if sets.generate:
-        texts = generate_completions(model, tokenizer, sets.generate, bs, s["max_new_tokens"])[0]
-        verdicts = [classify(t) for t in texts]
-        row["refusal_rate"] = float(np.mean([v.refused for v in verdicts]))
-        row["asr"] = float(np.mean([not v.refused and not v.degenerate for v in verdicts]))
+        # Judged after every condition has run, with one load of the configured judge.
+        row["_completions"] = generate_completions(
+            model, tokenizer, sets.generate, bs, s["max_new_tokens"]
+        )[0]
     if sets.utility:
         texts = generate_completions(
             model, tokenizer, sets.utility, bs, s["utility_max_new_tokens"]
@@ -455,6 +455,55 @@ def _measure(model, tokenizer, sets: _Sets, refusal_ids, s: Mapping[str, Any]) -
             np.mean([check_answer(t, g) for t, g in zip(texts, sets.utility_targets, strict=True)])
         )
     return row
+
+
+def judge_generations(
+    rows: list[dict[str, Any]],
+    prompts: str | Path,
+    n: int,
+    judge: Mapping[str, Any],
+    meta: Mapping[str, Any],
+    loader=None,
+) -> str:
+    """Fill ``refusal_rate`` and ``asr`` of every condition row from its ``_completions`` on
+    the first ``n`` prompts of ``prompts``, under the configured judge (the judge stage's
+    :func:`rgeom.judges.label_completions`): the HarmBench classifier's "yes" is success
+    when ``judge.harmbench`` names it, else "neither refused nor degenerate". Returns the
+    judge's name."""
+    from rgeom.activations import load_prompt_set, prompt_text
+    from rgeom.judges import JUDGE_NAME, attack_success, label_completions
+    from rgeom.judges.model_judges import configured
+
+    name = "+".join([judge.get("name", JUDGE_NAME), *configured(dict(judge))])
+    done = [r for r in rows if r.get("_completions") is not None]
+    if not done:
+        return name
+    cols = load_prompt_set("generate_set", prompts).slice(0, n).to_pydict()
+    k = len(cols["prompt_id"])
+    contexts = cols.get("context") or [None] * k
+    users = [prompt_text(t, c) for t, c in zip(cols["text"], contexts, strict=True)]
+    table = pa.table(
+        {
+            "prompt_id": [str(p) for _ in done for p in cols["prompt_id"]],
+            "label": ["harmful"] * (k * len(done)),
+            "category": [c for _ in done for c in (cols.get("category") or [None] * k)],
+            "prompt": users * len(done),
+            "target": pa.nulls(k * len(done), pa.string()),
+            "completion": [t for r in done for t in r["_completions"]],
+            "arm": [str(meta.get("arm"))] * (k * len(done)),
+            "step": pa.array([int(meta.get("step") or 0)] * (k * len(done)), pa.int32()),
+            "benchmark": [f"interventions/{i}" for i in range(len(done)) for _ in range(k)],
+        }
+    )
+    labels, _ = label_completions(table, str(prompts), dict(judge), str(prompts), loader)
+    refused = labels.column("refused").to_pylist()
+    success = attack_success(labels)
+    for i, r in enumerate(done):
+        part = slice(i * k, (i + 1) * k)
+        r["refusal_rate"] = float(np.mean(refused[part]))
+        counted = [s for s in success[part] if s is not None]
+        r["asr"] = float(np.mean(counted)) if counted else None
+    return name
 
 
 def interventions_table(
@@ -470,11 +519,15 @@ def interventions_table(
     out: str | Path,
     params: Mapping[str, Any],
     meta: Mapping[str, Any],
+    loader=None,
 ) -> pa.Table:
-    """Measure every intervention at the cell's direction and write one row per condition."""
+    """Measure every intervention at the cell's direction and write one row per condition.
+
+    ``params["judge"]`` is the run's judge section: the generations' refusal rate and ASR
+    are scored by the configured judge (``loader`` loads its models; tests pass fakes)."""
     from rgeom.geometry import load_directions
     from rgeom.interventions import ablation, addition, last_logits
-    from rgeom.judges.refusal import JUDGE_NAME, JUDGE_VERSION
+    from rgeom.judges.refusal import JUDGE_VERSION
 
     s = settings(params)
     max_layer_frac, kl_max, _ = _carrier_settings(params)
@@ -553,8 +606,12 @@ def interventions_table(
             measured["refusal_rate"],
             time.perf_counter() - t0,
         )
+    judge_name = judge_generations(
+        rows, generate_prompts, s["n_generate"], params.get("judge") or {}, meta, loader
+    )
     base = rows[0]
     for row in rows:
+        row.pop("_completions", None)
         for key in ("refusal_rate", "asr"):
             row[f"{key}_delta"] = (
                 None if row[key] is None or base[key] is None else row[key] - base[key]
@@ -566,7 +623,7 @@ def interventions_table(
             position=choice.position,
             admissible=choice.admissible,
             carrier_source=choice.source,
-            judge=JUDGE_NAME,
+            judge=judge_name,
         )
     table = pa.table(
         {name: [row[name] for row in rows] for name in INTERVENTION_SCHEMA.names},
@@ -583,7 +640,7 @@ def interventions_table(
         ranks_skipped=skipped,
         reused=reused,
         refusal_token_ids=refusal_ids,
-        judge={"name": JUDGE_NAME, "version": JUDGE_VERSION},
+        judge={"name": judge_name, "version": JUDGE_VERSION},
         inputs={
             "directions": str(directions),
             "carriers": str(carriers),

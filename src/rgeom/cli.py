@@ -414,8 +414,23 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
             (("--targets",), {"default": None, "help": "HarmBench targets JSON"}),
         ],
     ),
+    "adaptive-autodan": (
+        "AutoDAN evolved against this checkpoint on the adaptive subset, and the completions.",
+        "rgeom adaptive-autodan --model results/sft/checkpoints/step-000010 \\\n"
+        "    --behaviors results/data/harmbench.parquet \\\n"
+        "    --out results/sft/step-000010/adaptive_autodan_completions.parquet \\\n"
+        '    --params \'{"arm": "sft", "step": 10, "attacks": {"adaptive": {"n_behaviors": 2}}}\'',
+        "rgeom.attacks.stages:adaptive_autodan",
+        [
+            (("--model",), {"required": True}),
+            (("--behaviors",), {"required": True, "help": "behaviour set (prompt Parquet)"}),
+            (("--out",), {"required": True, "help": "templates and completions"}),
+            (("--targets",), {"default": None, "help": "HarmBench targets JSON"}),
+            (("--templates",), {"default": None, "help": "AutoDAN prototypes JSONL"}),
+        ],
+    ),
     "adaptive-judge": (
-        "Judge adaptive-GCG completions: per-behaviour success and the cell's ASR.",
+        "Judge adaptive-attack completions: per-behaviour success and the cell's ASR.",
         "rgeom adaptive-judge \\\n"
         "    --completions results/sft/step-000010/adaptive_gcg_completions.parquet \\\n"
         "    --out results/sft/step-000010/adaptive_gcg.parquet \\\n"
@@ -425,6 +440,10 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
             (("--completions",), {"required": True}),
             (("--out",), {"required": True, "help": "per-behaviour labels and success"}),
             (("--metrics",), {"required": True, "help": "metrics table (benchmark adaptive_gcg)"}),
+            (
+                ("--prompts",),
+                {"default": None, "help": "behaviour set: the text a model judge reads"},
+            ),
         ],
     ),
     "check-config": (

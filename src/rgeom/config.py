@@ -123,11 +123,18 @@ def validate(
     return cfg
 
 
+#: Multiple-choice sets name a hub id or a local file in the hub's format; these suffixes
+#: mark the local file.
+HUB_FILE_SUFFIXES = (".parquet", ".json", ".jsonl")
+
+
 def dataset_file(spec: Mapping[str, Any], shared_dir: str | os.PathLike) -> Path | None:
     """The file a data set reads (relative paths under ``shared_dir``); None for builtin/hf."""
     if spec.get("format", "builtin") in ("builtin", "hf"):
         return None
     path = Path(os.path.expanduser(str(spec["path"])))
+    if spec["format"] in ("mmlu_hf", "arc_hf") and path.suffix not in HUB_FILE_SUFFIXES:
+        return None  # a hub dataset id, read through `datasets`
     return path if path.is_absolute() else Path(shared_dir) / path
 
 

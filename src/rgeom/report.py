@@ -634,6 +634,9 @@ def format_summary(out_dir: str, max_metrics: int = 5) -> str:
 
     def key(stem: str) -> tuple:
         metric = stem.split(".", 1)[-1].split("@")[0]
+        # Per-method ASR is HarmBench's headline: shown first; the pooled "asr" follows.
+        if metric.startswith("asr/"):
+            return (-1, stem)
         return (rank.get(metric, len(rank)), stem)
 
     geo = [s for s in stems if s.startswith("dir.max_norm")]

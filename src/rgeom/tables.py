@@ -48,14 +48,17 @@ class Ref:
 
 # The paper's numbers (arXiv 2604.27019), keyed by the run's column and (arm, anchor); the
 # one place they live. Mapping decisions where the paper's text leaves them open:
-# - HarmBench ASR is set beside the run's aggregate over fixed-source methods
-#   (``harmbench.asr``): the paper gives one ASR per anchor, not one per method.
+# - HarmBench ASR is set beside the run's pooled aggregate over fixed-source methods
+#   (``harmbench.asr``; with attacks its header is POOLED_ASR_HEADER, and the paper column's
+#   header names it): the paper gives one ASR per anchor, not one per method.
 # - SFT's "0.505-0.588" is a range over its trained anchors without a per-anchor split, so
 #   every trained SFT anchor shows the range.
 # - R2D2's XSTest any-refusal "1.000 -> 0.664 -> 0.228" has three values for four trained
 #   anchors. 0.664 and 0.228 go to 250 and 500, where R2D2's ASR leaves 0 (0.035, 0.250);
 #   1.000 goes to 100, the last anchor of the zero-ASR phase, and 50 stays blank rather
 #   than repeating a number the paper does not state for it.
+# - R2D2's step 50 "remains closed under both adaptive GCG and AutoDAN" (v2 abstract): no
+#   number, so ≈0 beside adaptive_gcg.asr and adaptive_autodan.asr at (r2d2, 50).
 # - The effective rank "≈1.24" is the paper's reading of the refusal direction across
 #   adjacent layers, not tied to an arm or anchor; it matches the ``energy`` variant
 #   (rgeom.drift's docstring), so it stands beside ``erank_energy`` on every row.
@@ -72,7 +75,12 @@ PAPER_REFERENCE: dict[str, dict[tuple[str, int], Ref]] = {
         ("r2d2", 250): Ref(0.664),
         ("r2d2", 500): Ref(0.228),
     },
-    "adaptive_gcg.asr": {("r2d2", 250): Ref(0.415), ("r2d2", 500): Ref(0.613)},
+    "adaptive_gcg.asr": {
+        ("r2d2", 50): Ref(0.0, approx=True),
+        ("r2d2", 250): Ref(0.415),
+        ("r2d2", 500): Ref(0.613),
+    },
+    "adaptive_autodan.asr": {("r2d2", 50): Ref(0.0, approx=True)},
     "erank_energy": {
         (a, s): Ref(1.24, approx=True) for a in ("sft", "r2d2") for s in PAPER_ANCHORS
     },
@@ -272,6 +280,9 @@ def write_tables(tables: Sequence[Table], out_dir: str | Path, meta: Mapping[str
 # --- behaviour ----------------------------------------------------------------------
 
 
+POOLED_ASR_HEADER = "pooled ASR, all test cases (extra)"
+
+
 def _behaviour_columns(stems: Sequence[str]) -> list[tuple[str, str]]:
     """(stem, header) of the behaviour columns present, in the paper's reading order."""
     present = set(stems)
@@ -284,13 +295,18 @@ def _behaviour_columns(stems: Sequence[str]) -> list[tuple[str, str]]:
     def family(prefix: str) -> list[str]:
         return sorted(s for s in stems if s.split("@")[0] == prefix or s.startswith(prefix + "@"))
 
-    for s in family("harmbench.asr"):
-        add(s, "HarmBench ASR (all methods)")
+    # HarmBench reports ASR per attack method: those are the headline columns. The pooled
+    # number (every test case of every method, so Templates' three test cases per behaviour
+    # weigh three times) follows as a labelled extra; without methods it is the ASR.
     methods = sorted(s for s in stems if s.startswith("harmbench.asr/"))
     for s in methods:
-        add(s, f"ASR {s.split('/', 1)[1]}")
+        add(s, f"HarmBench ASR, {s.split('/', 1)[1]}")
+    for s in family("harmbench.asr"):
+        add(s, POOLED_ASR_HEADER if methods else "HarmBench ASR")
     for s in family("adaptive_gcg.asr"):
         add(s, "adaptive GCG ASR")
+    for s in family("adaptive_autodan.asr"):
+        add(s, "adaptive AutoDAN ASR")
     for s in sorted(s for s in stems if ".strongreject" in s):
         add(s, s.split(".", 1)[1].replace("_", " "))
     for metric, header in (
@@ -351,8 +367,16 @@ def behaviour_table(named: pl.DataFrame, params: Mapping[str, Any]) -> Table:
                     )
                     .alias(ref_col)
                 )
-            display.append((f"{header} (paper)", _plain(ref_col, lambda v: v or "")))
+            # The header names the run column the paper's number is set beside.
+            display.append((f"paper, beside {header}", _plain(ref_col, lambda v: v or "")))
     notes = ["95% percentile-bootstrap intervals in brackets; step 0 is the source model."]
+    if any(s.startswith("harmbench.asr/") for s, _ in cols):
+        notes.append(
+            "HarmBench ASR, <method>: HarmBench's per-method ASR (mean over behaviours of the "
+            "success rate over that method's test cases), the headline. "
+            f"{POOLED_ASR_HEADER}: the same mean over every method's test cases pooled, so a "
+            "method with k test cases per behaviour (Templates) weighs k times."
+        )
     by_judge: dict[str, list[str]] = {}
     for stem, header in cols:
         by_judge.setdefault(", ".join(judges[stem]) or "?", []).append(header)
@@ -360,8 +384,9 @@ def behaviour_table(named: pl.DataFrame, params: Mapping[str, Any]) -> Table:
         notes.append(f"judge {judge}: {'; '.join(headers)}")
     if paper:
         notes.append(
-            "(paper): the numbers arXiv 2604.27019 reports for this arm and anchor "
-            "(rgeom.tables.PAPER_REFERENCE); blank where it gives none."
+            "paper, beside <column>: the numbers arXiv 2604.27019 reports for this arm and "
+            "anchor (rgeom.tables.PAPER_REFERENCE), set beside the run column named in the "
+            "header; blank where it gives none."
         )
     return Table("behaviour", "Behaviour per arm and anchor", frame, display, notes)
 
@@ -558,7 +583,9 @@ def geometry_table(
             )
             .alias("paper:erank_energy")
         )
-        display.insert(9, ("erank energy (paper)", _plain("paper:erank_energy", lambda v: v or "")))
+        display.insert(
+            9, ("paper, beside erank energy", _plain("paper:erank_energy", lambda v: v or ""))
+        )
     nulls = sorted(set(frame.get_column("null_kind").drop_nulls().to_list()))
     notes = [
         "carrier: the (layer, position) the causal search selected among admissible "

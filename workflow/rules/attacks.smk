@@ -2,8 +2,8 @@
 # AutoDAN) are built once against the source model
 # (results/attacks/{method}.parquet), merged into results/attacks/test_cases.parquet and
 # replayed unchanged by the attack benchmark's generate job at every anchor of both arms;
-# adaptive GCG is re-optimised against each checkpoint
-# (results/{arm}/step-{step}/adaptive_gcg.parquet and adaptive_gcg_metrics.parquet).
+# adaptive GCG and adaptive AutoDAN (attacks.adaptive.methods) are re-optimised against each
+# checkpoint (results/{arm}/step-{step}/adaptive_{gcg,autodan}.parquet and _metrics.parquet).
 
 # Helpers (ATTACKS, generate_prompts, attack_inputs, ...) live in common.smk.
 
@@ -172,16 +172,47 @@ rule adaptive_gcg:
         " --out {output.table} {params.flags} --params {params.json:q} > {log} 2>&1"
 
 
+# Adaptive AutoDAN: attacks.autodan's genetic search re-run against each checkpoint on
+# the adaptive subset (attacks.adaptive.n_behaviors), judged by adaptive_judge below.
+rule adaptive_autodan:
+    input:
+        unpack(adaptive_autodan_inputs),
+    output:
+        table="results/{arm}/step-{step}/adaptive_autodan_completions.parquet",
+    log:
+        "results/logs/adaptive_autodan/{arm}-{step}.log",
+    benchmark:
+        "results/benchmarks/adaptive_autodan/{arm}-{step}.tsv"
+    conda:
+        "../envs/train.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=240,
+        gpu=GPU,
+    params:
+        json=untracked(lambda w: adaptive_autodan_params(w)),
+        key=lambda w: adaptive_autodan_params(w, perf=False),
+        flags=lambda w, input: optional_flags(input, "targets", "templates"),
+    shell:
+        "rgeom adaptive-autodan --model {input.model} --behaviors {input.behaviors}"
+        " --out {output.table} {params.flags} --params {params.json:q} > {log} 2>&1"
+
+
+# The configured judge (judge.harmbench etc.), not the embedded matcher alone, decides
+# success, exactly as in the judge rule.
 rule adaptive_judge:
     input:
-        completions="results/{arm}/step-{step}/adaptive_gcg_completions.parquet",
+        unpack(adaptive_judge_inputs),
     output:
-        table="results/{arm}/step-{step}/adaptive_gcg.parquet",
-        metrics="results/{arm}/step-{step}/adaptive_gcg_metrics.parquet",
+        table="results/{arm}/step-{step}/adaptive_{attack}.parquet",
+        metrics="results/{arm}/step-{step}/adaptive_{attack}_metrics.parquet",
     log:
-        "results/logs/adaptive_judge/{arm}-{step}.log",
+        "results/logs/adaptive_judge/{arm}-{step}-{attack}.log",
     benchmark:
-        "results/benchmarks/adaptive_judge/{arm}-{step}.tsv"
+        "results/benchmarks/adaptive_judge/{arm}-{step}-{attack}.tsv"
+    wildcard_constraints:
+        attack="gcg|autodan",
     conda:
         # Model judges need torch, transformers and peft (as rule judge).
         "../envs/train.yaml" if model_judges() else "../envs/analysis.yaml"
@@ -192,6 +223,9 @@ rule adaptive_judge:
         gpu=judge_gpu(),
     params:
         json=params_json(judge=config["judge"]),
+        prompts=lambda w, input: (
+            f"--prompts {input.prompts}" if "prompts" in input.keys() else ""
+        ),
     shell:
         "rgeom adaptive-judge --completions {input.completions} --out {output.table}"
-        " --metrics {output.metrics} --params {params.json:q} > {log} 2>&1"
+        " --metrics {output.metrics} {params.prompts} --params {params.json:q} > {log} 2>&1"

@@ -154,7 +154,7 @@ def model_params():
 def dataset_files(dataset):
     """The shared file a set is read from ([] for builtin and hub sets)."""
     spec = config["data"]["sets"][dataset]
-    return [] if spec["format"] in ("builtin", "hf") else [spec["path"]]
+    return [] if dataset_file(spec, ".") is None else [spec["path"]]
 
 
 def prepare_data_params(wildcards, tracked=False):
@@ -527,11 +527,48 @@ def generate_params(wildcards, perf=True):
     )
 
 
+def adaptive_judge_inputs(wildcards):
+    """The completions; with a model judge also the behaviours it reads and its files."""
+    cell = f"results/{wildcards.arm}/step-{wildcards.step}"
+    inputs = {"completions": f"{cell}/adaptive_{wildcards.attack}_completions.parquet"}
+    if model_judges():
+        inputs["prompts"] = attack_behaviours()
+        inputs.update(judge_model_files())
+    return inputs
+
+
+def adaptive_autodan_inputs(wildcards):
+    """Adaptive AutoDAN: adaptive GCG's inputs, plus AutoDAN's prototypes file when set."""
+    inputs = adaptive_inputs(wildcards)
+    if ATTACKS["autodan"]["prototypes"]:
+        inputs["templates"] = ATTACKS["autodan"]["prototypes"]
+    return inputs
+
+
+def adaptive_autodan_params(wildcards, perf=True):
+    return params_json(
+        model=model_params(),
+        attacks={
+            "adaptive": {"n_behaviors": ATTACKS["adaptive"]["n_behaviors"]},
+            "autodan": {
+                k: v for k, v in ATTACKS["autodan"].items() if k != "prototypes"
+            },
+        },
+        generate=generate_settings(perf),
+        arm=wildcards.arm,
+        step=int(wildcards.step),
+    )
+
+
 def adaptive_metrics():
-    """Per-cell adaptive-GCG metrics for the summary (empty when disabled)."""
+    """Per-cell adaptive-attack metrics for the summary (empty when disabled)."""
     if not ATTACKS["adaptive"]["enabled"]:
         return []
-    return cell_paths("results/{arm}/step-{step}/adaptive_gcg_metrics.parquet")
+    return [
+        f"results/{arm}/step-{step}/adaptive_{method}_metrics.parquet"
+        for method in ATTACKS["adaptive"]["methods"]
+        for arm, step in cells()
+    ]
 
 
 def model_judges():

@@ -30,6 +30,8 @@ rule interventions:
             model=model_params(),
             carrier=config.get("carrier", {}),
             interventions=config["interventions"],
+            # The configured judge scores the generations' refusal rate and ASR.
+            judge=config["judge"],
             arm=w.arm,
             step=int(w.step),
         ),

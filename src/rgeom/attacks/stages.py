@@ -1,4 +1,5 @@
-"""The ``rgeom attack``, ``rgeom test-cases`` and ``rgeom adaptive-gcg`` stages (thin glue).
+"""The ``rgeom attack``, ``rgeom test-cases``, ``rgeom adaptive-gcg``, ``rgeom adaptive-autodan``
+and ``rgeom adaptive-judge`` stages (thin glue).
 
 The logic lives in :mod:`rgeom.attacks.testcases`; these functions unpack ``--params``,
 seed, load the model when one is needed and assemble provenance, like :mod:`rgeom.stages`.
@@ -140,11 +141,50 @@ def adaptive_gcg(
     )
 
 
-def adaptive_judge(completions: str, out: str, metrics: str, params: dict[str, Any]) -> None:
-    from rgeom.attacks.testcases import judge_adaptive
+def adaptive_autodan(
+    model: str,
+    behaviors: str,
+    out: str,
+    targets: str | None,
+    templates: str | None,
+    params: dict[str, Any],
+) -> None:
+    from rgeom.attacks.testcases import adaptive_autodan_cell
+
+    seed = int(params.get("seed", 0))
+    seed_everything(seed)
+    lm, tokenizer = _load(model, params)
+    arm, step = params.get("arm", "base"), int(params.get("step", 0))
+    attacks = params.get("attacks", {})
+    adaptive_autodan_cell(
+        model=lm,
+        tokenizer=tokenizer,
+        behaviours_path=behaviors,
+        out=out,
+        params=attacks.get("adaptive", {}),
+        autodan=attacks.get("autodan", {}),
+        generate=params.get("generate", {}),
+        seed=seed,
+        arm=arm,
+        step=step,
+        meta=_meta(params, model=model, arm=arm, step=step),
+        targets=targets,
+        prototypes=templates,
+    )
+
+
+def adaptive_judge(
+    completions: str,
+    out: str,
+    metrics: str,
+    params: dict[str, Any],
+    prompts: str | None = None,
+) -> None:
+    from rgeom.attacks.testcases import ADAPTIVE_BENCHMARK, judge_adaptive
     from rgeom.io import read_meta
 
     seed = int(params.get("seed", 0))
+    seed_everything(seed)
     source = read_meta(completions)
     judge_adaptive(
         completions=completions,
@@ -153,4 +193,7 @@ def adaptive_judge(completions: str, out: str, metrics: str, params: dict[str, A
         judge=params.get("judge", {}),
         seed=seed,
         meta=_meta(params, model=source.get("model")),
+        prompts=prompts,
+        # adaptive_gcg or adaptive_autodan, as the attack's own job recorded it.
+        benchmark=source.get("benchmark") or ADAPTIVE_BENCHMARK,
     )

@@ -837,7 +837,94 @@ def adaptive_gcg_cell(
         },
         schema=ADAPTIVE_COMPLETION_SCHEMA,
     )
-    write_table(out, table, ADAPTIVE_COMPLETION_SCHEMA, {**meta, "targets": targets})
+    record = {**meta, "benchmark": ADAPTIVE_BENCHMARK, "targets": targets}
+    write_table(out, table, ADAPTIVE_COMPLETION_SCHEMA, record)
+    shards.finish()
+    return table
+
+
+ADAPTIVE_AUTODAN_BENCHMARK = "adaptive_autodan"
+ADAPTIVE_METHODS = {"gcg": ADAPTIVE_BENCHMARK, "autodan": ADAPTIVE_AUTODAN_BENCHMARK}
+
+
+def adaptive_autodan_cell(
+    model,
+    tokenizer,
+    behaviours_path: str,
+    out: str,
+    params: Mapping[str, Any],
+    autodan: Mapping[str, Any],
+    generate: Mapping[str, Any],
+    seed: int,
+    arm: str,
+    step: int,
+    meta: Mapping[str, Any],
+    targets: str | None = None,
+    prototypes: str | None = None,
+) -> pa.Table:
+    """AutoDAN against this checkpoint on the adaptive subset, and its completions.
+
+    The paper reports that step 50 "remains closed under both adaptive GCG and AutoDAN":
+    this is the AutoDAN half, evolved against the checkpoint itself rather than replayed
+    from the source model. ``params`` is ``attacks.adaptive`` (its ``n_behaviors`` picks the
+    same seeded subset as adaptive GCG); ``autodan`` is ``attacks.autodan`` (population,
+    generations, ...). ``suffix`` holds the evolved template, ``test_case`` the user
+    message, whose greedy completion is generated through the chat template. Writes
+    ADAPTIVE_COMPLETION_SCHEMA; each behaviour is one resumable shard, as for AutoDAN.
+    """
+    from rgeom.generation import generate_completions
+
+    where = "attacks.adaptive (autodan)"
+    behaviours = read_behaviours(behaviours_path)
+    section = {**autodan, "n_behaviors": params.get("n_behaviors", 2)}
+    fingerprint = resume_fingerprint(
+        "adaptive_autodan", behaviours_path, section, seed, meta, arm=arm, step=step
+    )
+    cases, record, shards = autodan_cases(
+        model,
+        tokenizer,
+        behaviours,
+        load_targets(targets),
+        section,
+        seed,
+        str(meta.get("model") or "checkpoint"),
+        out=out,
+        fingerprint=fingerprint,
+        meta=meta,
+        prototypes=prototypes,
+        where=where,
+    )
+    texts, _, _ = generate_completions(
+        model,
+        tokenizer,
+        [c["test_case"] for c in cases],
+        batch_size=int(generate.get("batch_size", 16)),
+        max_new_tokens=int(generate.get("max_new_tokens", 48)),
+    )
+    history = record["behaviours"]
+    n = len(cases)
+    table = pa.table(
+        {
+            "arm": [arm] * n,
+            "step": [step] * n,
+            "behavior_id": [c["behavior_id"] for c in cases],
+            "category": [c["category"] for c in cases],
+            "target": [c["target"] for c in cases],
+            "suffix": [history[c["behavior_id"]]["template"] for c in cases],
+            "test_case": [c["test_case"] for c in cases],
+            "loss": [c["loss"] for c in cases],
+            "initial_loss": [c["initial_loss"] for c in cases],
+            "completion": texts,
+        },
+        schema=ADAPTIVE_COMPLETION_SCHEMA,
+    )
+    record = {
+        **meta,
+        "benchmark": ADAPTIVE_AUTODAN_BENCHMARK,
+        "targets": targets,
+        "autodan": record,
+    }
+    write_table(out, table, ADAPTIVE_COMPLETION_SCHEMA, record)
     shards.finish()
     return table
 
@@ -849,61 +936,74 @@ def judge_adaptive(
     judge: Mapping[str, Any],
     seed: int,
     meta: Mapping[str, Any],
+    prompts: str | None = None,
+    benchmark: str = ADAPTIVE_BENCHMARK,
+    loader=None,
 ) -> pa.Table:
-    """Label adaptive-GCG completions; write ADAPTIVE_SCHEMA and its ASR as a metrics table.
+    """Label adaptive-attack completions with the configured judge; write ADAPTIVE_SCHEMA
+    and the ASR as a metrics table.
 
-    The metrics table has the judges' METRIC_SCHEMA (benchmark ``adaptive_gcg``, metric
-    ``asr``), so the summary shows it as ``adaptive_gcg.asr`` like any benchmark metric.
-    One test case per behaviour: the per-behaviour mean is the success itself.
+    The labels come from :func:`rgeom.judges.label_completions`, the judge stage's own path:
+    with ``judge.harmbench: harmbench_classifier`` the classifier decides success (reading
+    the original behaviour and context from ``prompts``), else the embedded matcher. The
+    metrics table has the judges' METRIC_SCHEMA (``benchmark``, metric ``asr`` and, with the
+    classifier, its ``n_`` counts), so the summary shows ``{benchmark}.asr`` like any
+    benchmark metric. One test case per behaviour: the per-behaviour mean is the success.
     """
-    from rgeom.judges import JUDGE_NAME, JUDGES, METRIC_SCHEMA
-    from rgeom.judges.metrics import bootstrap_mean_ci, metric_rng
+    from rgeom.judges import (
+        JUDGE_NAME,
+        METRIC_SCHEMA,
+        attack_success,
+        compute_metrics,
+        label_completions,
+    )
 
     if not Path(completions).exists():
         raise RgeomError(f"missing file: {completions}")
     table = read_table(completions, ADAPTIVE_COMPLETION_SCHEMA)
-    name = judge.get("name", JUDGE_NAME)
-    if name not in JUDGES:
-        raise RgeomError(f"judge.name {name!r} is not known; choose one of {sorted(JUDGES)}")
-    verdicts = [JUDGES[name](c) for c in table.column("completion").to_pylist()]
-    success = [not v.refused and not v.degenerate for v in verdicts]
-    n = table.num_rows
-    labelled = table.select(ADAPTIVE_COMPLETION_SCHEMA.names)
-    for field, values in (
-        ("judge", [name] * n),
-        ("refusal", [v.refusal for v in verdicts]),
-        ("refused", [v.refused for v in verdicts]),
-        ("degenerate", [v.degenerate for v in verdicts]),
-        ("success", success),
-    ):
-        labelled = labelled.append_column(ADAPTIVE_SCHEMA.field(field), pa.array(values))
     steps = set(table.column("step").to_pylist())
     arms = set(table.column("arm").to_pylist())
     if len(steps) != 1 or len(arms) != 1:
         raise RgeomError(f"{completions}: expected one (arm, step), got {arms} x {steps}")
     arm, step = arms.pop(), int(steps.pop())
-    values = np.asarray(success, dtype=np.float64)
-    n_boot = int(judge.get("bootstrap", 1000))
-    lo, hi = bootstrap_mean_ci(
-        values, n_boot, metric_rng(seed, arm, str(step), ADAPTIVE_BENCHMARK, "asr")
-    )
-    metrics = pa.table(
+    n = table.num_rows
+    generations = pa.table(
         {
-            "arm": [arm],
-            "step": [step],
-            "benchmark": [ADAPTIVE_BENCHMARK],
-            "metric": ["asr"],
-            "value": [float(values.mean())],
-            "ci_low": [lo],
-            "ci_high": [hi],
-            "n": [n],
-            "judge": [name],
-        },
-        schema=METRIC_SCHEMA,
+            "prompt_id": table.column("behavior_id"),
+            "label": ["harmful"] * n,
+            "category": table.column("category"),
+            "prompt": table.column("test_case"),
+            "target": table.column("target"),
+            "completion": table.column("completion"),
+            "arm": table.column("arm"),
+            "step": table.column("step"),
+            "benchmark": [benchmark] * n,
+        }
     )
-    record = {**meta, "arm": arm, "step": step, "benchmark": ADAPTIVE_BENCHMARK, "judge": name}
+    labels, judges = label_completions(generations, completions, dict(judge), prompts, loader)
+    success = [bool(s) for s in attack_success(labels)]
+    cols = labels.to_pydict()
+    labelled = table.select(ADAPTIVE_COMPLETION_SCHEMA.names)
+    for field, values in (
+        ("judge", cols["judge"]),
+        ("refusal", cols["refusal"]),
+        ("refused", cols["refused"]),
+        ("degenerate", cols["degenerate"]),
+        # A copyright behaviour the classifier leaves out counts as no success here and is
+        # left out of the ASR below.
+        ("success", success),
+    ):
+        labelled = labelled.append_column(ADAPTIVE_SCHEMA.field(field), pa.array(values))
+    n_boot = int(judge.get("bootstrap", 1000))
+    metrics = compute_metrics(labels, n_boot, seed)
+    kept = ("asr", "n_classifier_invalid", "n_copyright_excluded")
+    metrics = metrics.filter(pa.array([m in kept for m in metrics.column("metric").to_pylist()]))
+    name = "+".join([judge.get("name", JUDGE_NAME), *judges])
+    record = {**meta, "arm": arm, "step": step, "benchmark": benchmark, "judge": name}
     record["source"] = str(completions)
     write_table(out, labelled, ADAPTIVE_SCHEMA, record)
     write_table(metrics_out, metrics, METRIC_SCHEMA, record)
-    log.info("adaptive GCG %s step %d: ASR %.3f over %d behaviours", arm, step, values.mean(), n)
+    by_metric = dict(zip(*metrics.select(["metric", "value"]).to_pydict().values(), strict=True))
+    asr = by_metric.get("asr")
+    log.info("%s %s step %d: ASR %s over %d behaviours (%s)", benchmark, arm, step, asr, n, name)
     return labelled
