@@ -83,3 +83,10 @@ def test_judge_bootstrap_and_clip(paper):
     assert paper["judge"]["max_generation_tokens"] == 512
     # Copyright behaviours are judged by hashing upstream, never by the classifier.
     assert paper["judge"]["exclude_copyright"] is True
+
+
+def test_deepspeed_stage_is_the_r2d2_runs(paper):
+    # adversarial_training/alignment-handbook/scripts/run_adv_training.sh launches
+    # recipes/accelerate_configs/deepspeed_config.yaml: ZeRO stage 2 on 8 processes.
+    assert paper["train"]["zero_stage"] == 2
+    assert paper["train"]["num_gpus"] == 8
