@@ -308,8 +308,8 @@ SHIPPED_CONFIGS = (
     ),
     (
         "config/paper.yaml",
-        "paper scale: a 7B chat model, DeepSpeed ZeRO-2 (as the reference), the upstream benchmark files at full "
-        "size, R2D2 at its reference values",
+        "paper scale: a 7B chat model, DeepSpeed ZeRO-2 (as the reference), the upstream "
+        "benchmark files at full size, R2D2 at its reference values",
     ),
     (".test/config.yaml", "CI: the real DAG on a 2-layer random Llama"),
 )
