@@ -2,7 +2,7 @@
 
 A fake ``sinfo`` (and the ``sacct``/``squeue`` the SLURM plugin looks for at import) on
 PATH stands in for a typical GPU cluster's login node; the paper config's data folder is
-faked with empty files at the paths it names (a dry run only checks that they exist).
+faked by copies of the upstream files at the paths it names.
 ``rgeom check-profile --configfile`` resolves every job's resources through Snakemake
 itself, and the sbatch lines come from snakemake-executor-plugin-slurm's own builders.
 """
@@ -10,6 +10,7 @@ itself, and the sbatch lines come from snakemake-executor-plugin-slurm's own bui
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import pytest
 import yaml
 from dagrun import REPO, env
 
-from rgeom.config import load
+from rgeom.config import dataset_file, load
 from rgeom.errors import RgeomError
 from rgeom.profiles import (
     by_rule_max,
@@ -58,12 +59,21 @@ def cluster(tmp_path_factory):
 
 def _data_paths(cfg: dict) -> list[str]:
     """Every file under data.shared_dir the config reads."""
-    paths = [
-        s["path"] for s in cfg["data"]["sets"].values() if s["format"] not in ("builtin", "hf")
-    ]
+    paths = [s["path"] for s in cfg["data"]["sets"].values() if dataset_file(s, ".") is not None]
     paths += list(cfg["r2d2"]["behaviours"] or []) + list(cfg["r2d2"]["targets"] or [])
     paths += [cfg["attacks"]["gcg"]["targets"], cfg["validate"]["prompts"]]
     return [p for p in paths if p]
+
+
+def fake_fetched_data(data: Path) -> None:
+    """The files paper.yaml reads, copied into a fresh data folder as a fetch would lay them
+    out. Copies, not empty files: config validation reads the prompt sets (the contamination
+    check compares direction/validation prompts with the training behaviours)."""
+    from conftest import SHARED_DATA
+
+    for rel in _data_paths(load(PAPER)):
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(SHARED_DATA / rel, data / rel)
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +81,7 @@ def paper(tmp_path_factory):
     """config/paper.yaml with data.shared_dir at a fake fetched-data folder."""
     root = tmp_path_factory.mktemp("paper")
     data = root / "data"
-    for rel in _data_paths(load(PAPER)):
-        (data / rel).parent.mkdir(parents=True, exist_ok=True)
-        (data / rel).touch()
+    fake_fetched_data(data)
     raw = yaml.safe_load(PAPER.read_text())
     raw["data"]["shared_dir"] = str(data)
     cfg = root / "paper.yaml"
@@ -172,13 +180,13 @@ def test_check_profile_fails_on_a_mismatched_profile(tmp_path, paper, cluster):
     assert "rule train: runtime=2880 min exceeds the time limit of partition 'gpu'" in err
     assert "rule generate: cpus_per_task=2 overrides cpus_per_gpu=8" in err
     assert "rule train: gpu=2 without nodes" in err
-    assert "rule train: gpu=2 but train.num_gpus=4" in err
+    assert "rule train: gpu=2 but train.num_gpus=8" in err
 
 
 def test_resolved_resources_follow_paper_yaml(jobs):
     rules = by_rule_max(jobs)
     cfg = load(PAPER)
-    assert rules["train"]["gpu"] == cfg["train"]["num_gpus"] == 4
+    assert rules["train"]["gpu"] == cfg["train"]["num_gpus"] == 8
     for rule in ("judge", "validate_judges", "adaptive_judge"):
         assert rules[rule]["gpu"] == 1 and rules[rule]["slurm_partition"] == "gpu", rule
     # No job in the paper DAG asks for more than 24 h.
@@ -190,7 +198,7 @@ def test_resolved_resources_follow_paper_yaml(jobs):
 def test_sbatch_lines_the_plugin_builds(jobs):
     rules = by_rule_max(jobs)
     train = sbatch_line("train", rules["train"]).split()
-    assert "--gpus=4" in train and "--nodes=1" in train and "--cpus-per-gpu=8" in train
+    assert "--gpus=8" in train and "--nodes=1" in train and "--cpus-per-gpu=8" in train
     assert not [a for a in train if a.startswith("--cpus-per-task")], train
     assert train[train.index("-t") + 1] == "720" and train[train.index("-p") + 1] == "gpu"
     judge = sbatch_line("judge", rules["judge"]).split()

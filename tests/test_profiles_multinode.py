@@ -135,14 +135,10 @@ def test_the_train_rule_launches_srun_under_the_mpi_route(tmp_path):
     """A dry run of paper.yaml (8 GPUs) with the multi-node profile entry: train's shell
     command starts its ranks with srun, and check_conventions accepts it."""
     import yaml
-    from test_profiles import PAPER, PROFILE, _data_paths
-
-    from rgeom.config import load
+    from test_profiles import PAPER, PROFILE, fake_fetched_data
 
     data = tmp_path / "data"
-    for rel in _data_paths(load(PAPER)):
-        (data / rel).parent.mkdir(parents=True, exist_ok=True)
-        (data / rel).touch()
+    fake_fetched_data(data)
     raw = yaml.safe_load(PAPER.read_text())
     raw["data"]["shared_dir"] = str(data)
     raw["train"]["num_gpus"] = 8
