@@ -265,6 +265,8 @@ def test_only_present_labels_give_metrics(tmp_path):
         "xstest_full_refusal",
         "xstest_partial_refusal",
         "xstest_any_refusal",
+        # The embedded matcher has measured error rates (builtin:rgeom's test split).
+        "xstest_any_refusal_corrected",
         "degenerate_rate",
     }
 
