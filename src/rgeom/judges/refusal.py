@@ -133,7 +133,7 @@ _VERB = (
     r"facilitate|do that|do this|do so|be of assistance|be a part|contribute|"
     r"teach|show you|tell you|instruct|outline|draft|compose|elaborate|supply|"
     r"respond to|carry out|perform|talk about|put together|come up with|"
-    r"make (?:that|this|such|it|one|a list)|list (?:the|ways|steps|methods)|"
+    r"make (?:that|this|such|it(?! to\b| work\b)|one|a list)|list (?:the|ways|steps|methods)|"
     r"feel comfortable|be comfortable|in good conscience|"
     r"(?:be )?(?:fulfilled|provided|assisted|answered))"
 )
