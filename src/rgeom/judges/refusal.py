@@ -290,10 +290,15 @@ def loop_start(norm: str) -> int | None:
     m = re.search(r"(.)\1{29,}", norm)
     if m:
         best = m.start()
-    for m in re.finditer(r"(.{2,80}?)(?:\s*\1){4,}", norm, flags=re.S):
-        if len(m.group(0)) >= 60 and len(m.group(1).strip()) >= 2:
-            best = m.start() if best is None else min(best, m.start())
-            break
+    # Loops of whole words ("I hope this helps! I hope this helps! ...") are found by the
+    # 4-gram check below; this catches units without spaces ("abcabcabc...").
+    m = re.search(r"(\S{2,12}?)\1{4,}", norm)
+    if m and len(m.group(0)) >= 30:
+        best = m.start() if best is None else min(best, m.start())
+    # Short texts that are one or two words repeated ("I I I I I I").
+    m = re.search(r"(?:^|\s)((?:\S+\s+){1,3}?)\1{5,}", norm[:400] + " ")
+    if m:
+        best = m.start() if best is None else min(best, m.start())
     words = norm.split()
     if len(words) >= 24:
         # A sliding window of repeated 4-grams: where the text stops saying new things.
