@@ -629,3 +629,31 @@ def test_judge_table_with_the_harmfulness_judge_reports_raw_and_corrected_asr(tm
 )
 def test_class8_a_rubric_echo_is_not_a_verdict(output):
     assert parse_judge_answer(output) is None
+
+
+def test_judges_table_puts_validity_beside_the_numbers(tmp_path):
+    from rgeom.judges.validation import validate_judge
+    from rgeom.report import read_metrics
+    from rgeom.tables import judges_table, markdown
+
+    rows = [
+        {"prompt_id": "h0", "label": "harmful", "prompt": BEHAVIOUR, "completion": HARMFUL_ANSWER},
+        {"prompt_id": "h1", "label": "harmful", "prompt": BEHAVIOUR, "completion": REFUSE},
+        {"prompt_id": "s0", "label": "safe", "completion": COMPLY},
+    ]
+    gen = _write_gen(tmp_path, rows)
+    labels, metrics = tmp_path / "l.parquet", tmp_path / "m.parquet"
+    params = {"name": JUDGE_NAME, "bootstrap": 50, "harmbench": "harmfulness_judge"}
+    judge_table(gen, str(labels), str(metrics), params, 0, {"model": "m"})
+    out = {k: str(tmp_path / f"v_{k}") for k in ("agreement", "confusion", "predictions")}
+    out = {k: v + ".parquet" for k, v in out.items()} | {"markdown": str(tmp_path / "v.md")}
+    validate_judge("builtin:rgeom", None, out, params, {})
+    table = judges_table(read_metrics([str(metrics)]), [str(metrics)], out["agreement"])
+    frame = table.frame
+    hj = frame.filter(frame["judge"] == "harmfulness_judge")
+    assert set(hj["validation"].to_list()) == {"builtin:rgeom (test split)", "validate_judges"}
+    assert all(0.5 < k <= 1 for k in hj["kappa"].to_list())
+    assert "sft@10 0.50→" in hj["produced"][0]
+    xs = frame.filter(frame["metric"] == "xstest_any_refusal")
+    assert xs["judge"].to_list()[0] == JUDGE_NAME and xs["invalid_rate"][0] == 0.0
+    assert "Cohen's κ" in markdown(table)
