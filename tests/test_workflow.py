@@ -151,7 +151,9 @@ def test_judge_validation_and_utility_shift_run_in_the_dag(finished_run, repo_ro
     # builtin:rgeom also scores the configured ASR judge.
     assert rows["harmbench"]["judge"] == cfg["judge"]["harmbench"] == "harmfulness_judge"
     judges = read_table(results / "summary" / "tables" / "judges.parquet").to_pylist()
-    assert {r["judge"] for r in judges if r["metric"] == "asr"} == {"harmfulness_judge"}
+    # (adaptive GCG's own judge step keeps the matcher's rule, and says so)
+    asr = {(r["benchmark"], r["judge"]) for r in judges if r["metric"] == "asr"}
+    assert {j for b, j in asr if b != "adaptive_gcg"} == {"harmfulness_judge"}
     assert "Cohen's kappa" in (results / "validation" / "judge_validation.md").read_text()
     by_step = {
         r["step"]: r for r in read_table(results / "summary" / "summary.parquet").to_pylist()

@@ -775,9 +775,9 @@ def judges_table(
     rows: list[dict[str, Any]] = []
     present = (
         metrics.filter(pl.col("metric").is_in(list(_JUDGED)))
-        .select("metric", "judge")
+        .select("benchmark", "metric", "judge")
         .unique()
-        .sort(["metric", "judge"])
+        .sort(["benchmark", "metric", "judge"])
         if not metrics.is_empty()
         else pl.DataFrame(
             {"metric": [], "judge": []}, schema={"metric": pl.String, "judge": pl.String}
@@ -785,8 +785,9 @@ def judges_table(
     )
     agree = pl.from_arrow(read_table(agreement)) if agreement else None
 
-    def produced(metric: str, judge: str) -> str:
-        sub = metrics.filter((pl.col("metric") == metric) & (pl.col("judge") == judge))
+    def produced(bench: str, metric: str, judge: str) -> str:
+        mine = (pl.col("benchmark") == bench) & (pl.col("judge") == judge)
+        sub = metrics.filter(mine & (pl.col("metric") == metric))
         cor = metrics.filter(
             (pl.col("metric") == f"{metric}_corrected") & (pl.col("judge") == judge)
         )
@@ -800,9 +801,14 @@ def judges_table(
             cells.append(text + (f"→{c:.2f}" if c is not None else ""))
         return "; ".join(cells)
 
-    for metric, judge in present.iter_rows():
+    for bench, metric, judge in present.iter_rows():
         key = _RATE_KEY.get((metric, judge))
-        base = {"metric": metric, "judge": judge, "produced": produced(metric, judge)}
+        base = {
+            "benchmark": bench,
+            "metric": metric,
+            "judge": judge,
+            "produced": produced(bench, metric, judge),
+        }
         if key in rates:
             rows.append(
                 {
@@ -830,7 +836,10 @@ def judges_table(
                     }
                 )
         if key not in rates and (
-            agree is None or not any(r["judge"] == judge and r["metric"] == metric for r in rows)
+            agree is None
+            or not any(
+                (r["benchmark"], r["metric"], r["judge"]) == (bench, metric, judge) for r in rows
+            )
         ):
             rows.append(
                 {
@@ -845,6 +854,7 @@ def judges_table(
                 }
             )
     schema = {
+        "benchmark": pl.String,
         "metric": pl.String,
         "judge": pl.String,
         "validation": pl.String,
@@ -858,6 +868,7 @@ def judges_table(
     }
     frame = pl.DataFrame(rows, schema=schema) if rows else pl.DataFrame(schema=schema)
     display: list[tuple[str, Callable[[dict], str]]] = [
+        ("benchmark", _plain("benchmark")),
         ("metric", _plain("metric")),
         ("judge", _plain("judge")),
         ("validated on", _plain("validation")),
