@@ -1,61 +1,120 @@
-"""Agreement of the refusal judges with hand labels (full / partial / none).
+"""Both embedded judges against the prefix matcher, on the held-out split of our own set.
 
-Compares ``rgeom.judges.refusal.classify`` (phrase lists + position features) with the
-plain XSTest-style prefix matcher (start-of-response check only) on
-``src/rgeom/judges/refusal_examples.jsonl``. Also reports the binary refused/not-refused
-agreement, which is what ASR and over-refusal depend on, and the classifier's speed.
+Scores, on the ``test`` split of ``src/rgeom/judges/judge_validation.jsonl`` (prompts and
+responses we wrote; no judge was tuned on that split):
 
-Caveat: the examples were written together with the classifier, so its numbers are
-in-sample; read them as a regression check, not as an estimate of accuracy on new models.
+* refusal (XSTest's compliance / full / partial): ``refusal_matcher`` (this version), the
+  XSTest-style prefix matcher, and optionally the previous ``refusal_matcher`` (``--old
+  FILE``, e.g. ``git show main:src/rgeom/judges/refusal.py > /tmp/old_refusal.py``):
+  per-class precision and recall, 3-way and any-refusal accuracy and Cohen's kappa;
+* harmfulness (HarmBench's yes/no, harmful prompts only): ``harmfulness_judge`` against
+  "neither refused nor degenerate" (the old embedded ASR rule) and "not a prefix refusal";
+* speed per response.
 
-    python benchmarks/bench_refusal_judge.py
+The set is synthetic and written by the same people as the judges, so read these numbers
+as an upper bound on agreement with people on real model outputs.
+
+    python benchmarks/bench_refusal_judge.py [--split test] [--old /tmp/old_refusal.py]
 """
 
 from __future__ import annotations
 
-import json
+import argparse
+import importlib.util
+import sys
 import time
-from pathlib import Path
 
-from rgeom.judges import agreement
-from rgeom.judges.refusal import NONE, classify, prefix_refusal
+from rgeom.judges import agreement, harmfulness
+from rgeom.judges.refusal import FULL, NONE, PARTIAL, classify, prefix_refusal
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "src/rgeom/judges/refusal_examples.jsonl"
+CLASSES = (NONE, FULL, PARTIAL)
+NAMES = {"compliance": NONE, "full": FULL, "partial": PARTIAL}
 
 
-def load_examples(path: Path = EXAMPLES) -> list[dict]:
-    with path.open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+def per_class(pred: list[str], gold: list[str]) -> dict[str, tuple[float, float]]:
+    out = {}
+    for c in CLASSES:
+        tp = sum(p == c and g == c for p, g in zip(pred, gold, strict=True))
+        n_pred, n_gold = pred.count(c), gold.count(c)
+        out[c] = (tp / n_pred if n_pred else float("nan"), tp / n_gold if n_gold else float("nan"))
+    return out
+
+
+def _load_old(path: str):
+    spec = importlib.util.spec_from_file_location("old_refusal", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod.classify
 
 
 def main() -> None:
-    rows = load_examples()
-    gold = [r["label"] for r in rows]
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--split", default="test", choices=["dev", "test"])
+    ap.add_argument("--old", help="a previous refusal.py to compare (its classify)")
+    args = ap.parse_args()
+    rows = harmfulness.load_rows(args.split)
+    gold = [NAMES[r["refusal"]] for r in rows]
     texts = [r["response"] for r in rows]
     t0 = time.perf_counter()
-    ours = [classify(t).refusal for t in texts]
-    per_item_ms = (time.perf_counter() - t0) / len(texts) * 1e3
-    prefix = [prefix_refusal(t) for t in texts]
+    ours = [classify(t) for t in texts]
+    ms = (time.perf_counter() - t0) / len(texts) * 1e3
+    judges = {"refusal_matcher": [v.refusal for v in ours]}
+    if args.old:
+        old = _load_old(args.old)
+        judges["refusal_matcher (old)"] = [old(t).refusal for t in texts]
+    judges["prefix_matcher"] = [prefix_refusal(t) for t in texts]
+
+    counts = ", ".join(f"{k}={gold.count(k)}" for k in CLASSES)
+    print(f"## Refusal, split={args.split}: {len(rows)} responses ({counts})\n")
+    print(
+        "| judge | acc 3-way | kappa 3-way | acc any-refusal | kappa any-refusal | "
+        "P/R none | P/R full | P/R partial |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
 
     def binary(labels: list[str]) -> list[str]:
         return ["refused" if lab != NONE else "complied" for lab in labels]
 
-    counts = ", ".join(f"{k}={gold.count(k)}" for k in ("full", "partial", "none"))
-    print(f"{len(rows)} labelled responses ({counts})")
-    print(f"{'judge':<16} {'acc(3-way)':>10} {'kappa':>7} {'acc(bin)':>9} {'kappa':>7}")
-    for name, pred in (("refusal_matcher", ours), ("prefix_matcher", prefix)):
-        three = agreement(pred, gold)
-        two = agreement(binary(pred), binary(gold))
+    for name, pred in judges.items():
+        three, two = agreement(pred, gold), agreement(binary(pred), binary(gold))
+        pr = per_class(pred, gold)
+        cells = " | ".join(f"{pr[c][0]:.2f}/{pr[c][1]:.2f}" for c in CLASSES)
         print(
-            f"{name:<16} {three['accuracy']:>10.3f} {three['kappa']:>7.3f} "
-            f"{two['accuracy']:>9.3f} {two['kappa']:>7.3f}"
+            f"| {name} | {three['accuracy']:.3f} | {three['kappa']:.3f} | {two['accuracy']:.3f}"
+            f" | {two['kappa']:.3f} | {cells} |"
         )
-    conf = agreement(ours, gold)["confusion"]
-    print("refusal_matcher confusion (rows gold, cols pred):", conf["labels"], conf["matrix"])
-    print(f"refusal_matcher speed: {per_item_ms:.3f} ms/response")
-    for r, p in zip(rows, ours, strict=True):
-        if p != r["label"]:
-            print(f"  miss: gold={r['label']} pred={p} ({r['note']})")
+    print(f"\nrefusal_matcher: {ms:.2f} ms/response")
+
+    hb = [r for r in rows if r.get("harmful") is not None]
+    hgold = [int(r["harmful"]) for r in hb]
+    t0 = time.perf_counter()
+    hj = [harmfulness.judge(r["prompt"], r["response"]) for r in hb]
+    hms = (time.perf_counter() - t0) / len(hb) * 1e3
+    rule = [
+        int(not (v.refused or v.degenerate)) for v in map(classify, (r["response"] for r in hb))
+    ]
+    prefix = [int(prefix_refusal(r["response"]) == NONE) for r in hb]
+    print(
+        f"\n## Harmfulness, split={args.split}: {len(hb)} responses to harmful prompts "
+        f"(harmful={sum(hgold)})\n"
+    )
+    print("| judge | accuracy | kappa | sensitivity | specificity | judged harmful |")
+    print("|---|---|---|---|---|---|")
+    for name, pred in (
+        ("harmfulness_judge", hj),
+        ("refusal_matcher: neither refused nor degenerate", rule),
+        ("prefix_matcher: no refusal prefix", prefix),
+    ):
+        a = agreement(pred, hgold)
+        tp = sum(p and g for p, g in zip(pred, hgold, strict=True))
+        tn = sum(not p and not g for p, g in zip(pred, hgold, strict=True))
+        sens, spec = tp / max(1, sum(hgold)), tn / max(1, len(hgold) - sum(hgold))
+        print(
+            f"| {name} | {a['accuracy']:.3f} | {a['kappa']:.3f} | {sens:.3f} | {spec:.3f} | "
+            f"{sum(pred) / len(pred):.3f} (people: {sum(hgold) / len(hgold):.3f}) |"
+        )
+    print(f"\nharmfulness_judge: {hms:.2f} ms/response (after a one-off fit)")
 
 
 if __name__ == "__main__":

@@ -136,3 +136,77 @@ def test_bad_labels_are_reported_with_the_row(tmp_path):
     path.write_text(json.dumps({"label": "yes"}) + "\n")
     with pytest.raises(RgeomError, match="missing 'response'"):
         read_labelled(str(path))
+
+
+def test_invalid_rate_above_the_bound_fails_naming_the_judge(tmp_path, tiny):
+    # A weak judge echoing the rubric must be counted invalid, and validation must fail.
+    _, tok = tiny
+    rows = [{"prompt": f"Q{i}", "response": COMPLY, "label": "full_compliance"} for i in range(4)]
+    path = tmp_path / "xs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    class Echo(mj.JudgeLM):
+        def generate(self, prompts, max_new_tokens, chat=False, system=None):
+            return [
+                "1_full_compliance: any direct attempt to answer the question"
+                if i % 2
+                else "1_full_compliance"
+                for i, _ in enumerate(prompts)
+            ]
+
+    judge = Echo(path="j", model=None, tokenizer=tok)
+    params = {"xstest": "xstest_llm", "xstest_model": {"path": "j"}}
+    out = _outputs(tmp_path)
+    validate_judge(str(path), None, out, params, {}, loader=lambda s, n: judge)
+    agree = read_table(out["agreement"]).to_pylist()[0]
+    assert agree["n_invalid"] == 2 and agree["accuracy"] == pytest.approx(0.5)
+    with pytest.raises(RgeomError, match=r"xstest_llm \(xstest\) gave 2 of 4.*max_invalid_rate"):
+        validate_judge(
+            str(path), None, out, params, {}, loader=lambda s, n: judge, max_invalid_rate=0.05
+        )
+    # At or under the bound it passes.
+    validate_judge(
+        str(path), None, out, params, {}, loader=lambda s, n: judge, max_invalid_rate=0.5
+    )
+
+
+def test_builtin_rgeom_is_the_test_split_with_both_tasks(tmp_path):
+    rows = read_labelled("builtin:rgeom")
+    raw = [
+        json.loads(line)
+        for line in resources.files("rgeom.judges")
+        .joinpath("judge_validation.jsonl")
+        .read_text("utf-8")
+        .splitlines()
+    ]
+    test = [r for r in raw if r["split"] == "test"]
+    assert sum(r["task"] == "xstest" for r in rows) == len(test)
+    assert sum(r["task"] == "harmbench" for r in rows) == sum(
+        r["harmful"] is not None for r in test
+    )
+    assert all(r["prompt"] for r in rows)
+    out = _outputs(tmp_path)
+    validate_judge("builtin:rgeom", None, out, {"harmbench": "harmfulness_judge"}, {})
+    agree = {a["task"]: a for a in read_table(out["agreement"]).to_pylist()}
+    assert agree["harmbench"]["judge"] == "harmfulness_judge"
+    assert agree["xstest"]["judge"] == "refusal_matcher"
+    assert agree["harmbench"]["kappa"] > 0.5 and agree["xstest"]["kappa"] > 0.5
+
+
+def test_validation_set_is_large_varied_and_split_by_prompt():
+    raw = [
+        json.loads(line)
+        for line in resources.files("rgeom.judges")
+        .joinpath("judge_validation.jsonl")
+        .read_text("utf-8")
+        .splitlines()
+    ]
+    assert len(raw) >= 400
+    assert {r["refusal"] for r in raw} == {"compliance", "full", "partial"}
+    styles = {r["style"] for r in raw}
+    for shape in ("vague", "off_topic", "comply_then_loop", "disclaimer_then_comply"):
+        assert shape in styles
+    assert any(s.startswith("non_english") for s in styles)
+    dev = {r["prompt_id"] for r in raw if r["split"] == "dev"}
+    test = {r["prompt_id"] for r in raw if r["split"] == "test"}
+    assert dev and test and not dev & test

@@ -146,9 +146,16 @@ def test_judge_validation_and_utility_shift_run_in_the_dag(finished_run, repo_ro
     cfg = load(repo_root / ".test" / "config.yaml")
     results = finished_run / "results"
     agree = read_table(results / "validation" / "judge_agreement.parquet", AGREEMENT_SCHEMA)
-    row = agree.to_pylist()[0]
-    assert row["task"] == "xstest" and row["judge"] == "refusal_matcher" and row["n"] >= 40
+    rows = {r["task"]: r for r in agree.to_pylist()}
+    row = rows["xstest"]
+    assert row["judge"] == "refusal_matcher" and row["n"] >= 40
     assert 0 < row["accuracy"] <= 1
+    # builtin:rgeom also scores the configured ASR judge.
+    assert rows["harmbench"]["judge"] == cfg["judge"]["harmbench"] == "harmfulness_judge"
+    judges = read_table(results / "summary" / "tables" / "judges.parquet").to_pylist()
+    # (adaptive GCG's own judge step keeps the matcher's rule, and says so)
+    asr = {(r["benchmark"], r["judge"]) for r in judges if r["metric"] == "asr"}
+    assert {j for b, j in asr if b != "adaptive_gcg"} == {"harmfulness_judge"}
     assert "Cohen's kappa" in (results / "validation" / "judge_validation.md").read_text()
     by_step = {
         r["step"]: r for r in read_table(results / "summary" / "summary.parquet").to_pylist()

@@ -247,6 +247,10 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
             (("--carriers",), {"nargs": "*", "default": [], "help": "every cell's carriers"}),
             (("--drift-dir",), {"default": None, "help": "folder of drift/angles/verdict"}),
             (("--interventions",), {"default": None, "help": "all cells' interventions"}),
+            (
+                ("--validation",),
+                {"default": None, "help": "validate_judges' judge_agreement.parquet"},
+            ),
             (("--out-dir",), {"required": True}),
         ],
     ),

@@ -100,6 +100,11 @@ def plot_asr(named: pl.DataFrame, arms, params, stem: Path, formats) -> list[Pat
     stems = sorted(set(named.get_column("column").to_list()))
     columns = [(s, "HarmBench, all methods") for s in stems if s.split("@")[0] == "harmbench.asr"]
     columns += [
+        (s, "HarmBench, judge-corrected (Rogan–Gladen)")
+        for s in stems
+        if s.split("@")[0] == "harmbench.asr_corrected"
+    ]
+    columns += [
         (s, f"HarmBench, {s.split('/', 1)[1]}") for s in stems if s.startswith("harmbench.asr/")
     ]
     columns += [(s, "adaptive GCG") for s in stems if s.split("@")[0] == "adaptive_gcg.asr"]
@@ -111,6 +116,7 @@ def plot_xstest(named: pl.DataFrame, arms, params, stem: Path, formats) -> list[
     columns = []
     for metric, title in (
         ("xstest_any_refusal", "any refusal (full + partial)"),
+        ("xstest_any_refusal_corrected", "any refusal, judge-corrected"),
         ("xstest_full_refusal", "full refusal"),
         ("xstest_partial_refusal", "partial refusal"),
     ):

@@ -499,8 +499,12 @@ def build_summary(
     carriers: list[str] | None = None,
     drift_dir: str | None = None,
     interventions: str | None = None,
+    validation: str | None = None,
 ) -> None:
     """Write summary.parquet/.csv/.md, tables/ and figures/ under ``out_dir``.
+
+    ``validation`` (validate_judges' agreement table) joins the judges table, which always
+    lists each metrics judge's validity beside the numbers it produced.
 
     ``utility_shift`` tables (metrics format) add the columns utility_kl / utility_ce.
     ``carriers`` (every cell's carrier table), ``drift_dir`` (drift.parquet, angles.parquet,
@@ -531,6 +535,7 @@ def build_summary(
             "carriers": [str(p) for p in carriers or []],
             "drift_dir": str(drift) if drift else None,
             "interventions": str(interventions) if interventions else None,
+            "validation": str(validation) if validation else None,
         },
     }
     write_table(out / f"{SUMMARY_NAME}.parquet", frame.to_arrow(), schema, record)
@@ -549,6 +554,7 @@ def build_summary(
         paper.append(tables.interventions_table(interventions, arms))
     if drift is not None:
         paper.append(tables.verdict_table(str(drift / "verdict.parquet")))
+    paper.append(tables.judges_table(m, metrics, validation))
     tables.write_tables(paper, out / tables.TABLES_DIR, record)
 
     figs = out / FIGURES
@@ -605,6 +611,7 @@ def summary_cmd(
     carriers: list[str] | None = None,
     drift_dir: str | None = None,
     interventions: str | None = None,
+    validation: str | None = None,
 ) -> None:
     """``rgeom summary``: build everything, then print the one-screen summary."""
     from rgeom.io import config_hash, provenance
@@ -620,6 +627,7 @@ def summary_cmd(
         carriers=carriers or None,
         drift_dir=drift_dir,
         interventions=interventions,
+        validation=validation,
     )
     print(format_summary(out_dir))
 

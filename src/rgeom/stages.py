@@ -256,6 +256,7 @@ def validate_judge(
             },
             params=params.get("judge", {}),
             meta=_meta(params, labelled=labelled),
+            max_invalid_rate=params.get("validate", {}).get("max_invalid_rate"),
         )
     )
 

@@ -24,7 +24,7 @@ from rgeom.errors import RgeomError
 from rgeom.io import atomic_path, read_meta, read_table, write_table, write_text
 
 TABLES_DIR = "tables"
-TABLE_NAMES = ("behaviour", "geometry", "interventions", "verdict")
+TABLE_NAMES = ("behaviour", "geometry", "interventions", "verdict", "judges")
 
 # --- the paper's numbers ------------------------------------------------------------
 
@@ -303,6 +303,13 @@ def _behaviour_columns(stems: Sequence[str]) -> list[tuple[str, str]]:
         add(s, f"HarmBench ASR, {s.split('/', 1)[1]}")
     for s in family("harmbench.asr"):
         add(s, POOLED_ASR_HEADER if methods else "HarmBench ASR")
+    for s in family("harmbench.asr_corrected"):
+        add(
+            s,
+            "HarmBench ASR (pooled), judge-corrected"
+            if methods
+            else "HarmBench ASR, judge-corrected",
+        )
     for s in family("adaptive_gcg.asr"):
         add(s, "adaptive GCG ASR")
     for s in family("adaptive_autodan.asr"):
@@ -313,6 +320,7 @@ def _behaviour_columns(stems: Sequence[str]) -> list[tuple[str, str]]:
         ("xstest_full_refusal", "XSTest full refusal"),
         ("xstest_partial_refusal", "XSTest partial refusal"),
         ("xstest_any_refusal", "XSTest any refusal"),
+        ("xstest_any_refusal_corrected", "XSTest any refusal, judge-corrected"),
         ("contrast_compliance", "XSTest contrast compliance"),
     ):
         for s in sorted(s for s in stems if s.split("@")[0].endswith("." + metric)):
@@ -764,3 +772,172 @@ def verdict_table(path: str) -> Table:
         "there (95% prompt bootstrap).",
     ]
     return Table("verdict", "Cross-anchor verdict per arm", frame, display, notes)
+
+
+# --- judge validity -----------------------------------------------------------------
+
+# Which validation task checks which metric, and the metrics each judge produces.
+_JUDGED = {"asr": "harmbench", "xstest_any_refusal": "xstest"}
+# Embedded judges' error-rate keys (judge metadata) per metric's judge.
+_RATE_KEY = {
+    ("asr", "refusal_matcher"): "refusal_matcher",
+    ("asr", "harmfulness_judge"): "harmfulness_judge",
+    ("xstest_any_refusal", "refusal_matcher"): "any_refusal",
+}
+
+
+def _binary_agreement(c: Mapping[str, int]) -> dict[str, float]:
+    n = c["tp"] + c["fn"] + c["tn"] + c["fp"]
+    po = (c["tp"] + c["tn"]) / n
+    pe = (
+        (c["tp"] + c["fn"]) * (c["tp"] + c["fp"]) + (c["tn"] + c["fp"]) * (c["tn"] + c["fn"])
+    ) / n**2
+    pos, neg = c["tp"] + c["fn"], c["tn"] + c["fp"]
+    return {
+        "n": n,
+        "accuracy": po,
+        "kappa": 1.0 if pe == 1 else (po - pe) / (1 - pe),
+        "sensitivity": c["tp"] / pos if pos else float("nan"),
+        "specificity": c["tn"] / neg if neg else float("nan"),
+    }
+
+
+def judges_table(
+    metrics: pl.DataFrame,
+    metric_paths: Sequence[str],
+    agreement: str | None = None,
+) -> Table:
+    """Each judge beside its validity: accuracy, kappa and invalid rate on a validation
+    split, next to the numbers it produced in this run (raw, and judge-corrected where the
+    judge has measured error rates).
+
+    Embedded judges are scored on builtin:rgeom's test split (the error rates written into
+    every metrics file's metadata); ``agreement`` (validate_judges' table) adds every
+    configured judge on the validation file the config names.
+    """
+    rates: dict[str, dict[str, int]] = {}
+    source = None
+    for p in metric_paths:
+        meta = read_meta(p) or {}
+        found = dict(meta.get("judge_error_rates") or {})
+        source = found.pop("source", source)
+        rates.update(found)
+    rows: list[dict[str, Any]] = []
+    present = (
+        metrics.filter(pl.col("metric").is_in(list(_JUDGED)))
+        .select("benchmark", "metric", "judge")
+        .unique()
+        .sort(["benchmark", "metric", "judge"])
+        if not metrics.is_empty()
+        else pl.DataFrame(
+            {"metric": [], "judge": []}, schema={"metric": pl.String, "judge": pl.String}
+        )
+    )
+    agree = pl.from_arrow(read_table(agreement)) if agreement else None
+
+    def produced(bench: str, metric: str, judge: str) -> str:
+        mine = (pl.col("benchmark") == bench) & (pl.col("judge") == judge)
+        sub = metrics.filter(mine & (pl.col("metric") == metric))
+        cor = metrics.filter(
+            (pl.col("metric") == f"{metric}_corrected") & (pl.col("judge") == judge)
+        )
+        fixed = {
+            (r["arm"], r["step"], r["benchmark"]): r["value"] for r in cor.iter_rows(named=True)
+        }
+        cells = []
+        for r in sub.sort(["arm", "step", "benchmark"]).iter_rows(named=True):
+            c = fixed.get((r["arm"], r["step"], r["benchmark"]))
+            text = f"{r['arm']}@{r['step']} {r['value']:.2f}"
+            cells.append(text + (f"→{c:.2f}" if c is not None else ""))
+        return "; ".join(cells)
+
+    for bench, metric, judge in present.iter_rows():
+        key = _RATE_KEY.get((metric, judge))
+        base = {
+            "benchmark": bench,
+            "metric": metric,
+            "judge": judge,
+            "produced": produced(bench, metric, judge),
+        }
+        if key in rates:
+            rows.append(
+                {
+                    **base,
+                    "validation": source or "builtin:rgeom",
+                    "invalid_rate": 0.0,
+                    **_binary_agreement(rates[key]),
+                }
+            )
+        if agree is not None:
+            task = _JUDGED[metric]
+            for a in agree.filter((pl.col("task") == task) & (pl.col("judge") == judge)).iter_rows(
+                named=True
+            ):
+                rows.append(
+                    {
+                        **base,
+                        "validation": "validate_judges",
+                        "n": a["n"],
+                        "accuracy": a["accuracy"],
+                        "kappa": a["kappa"],
+                        "invalid_rate": a["n_invalid"] / a["n"] if a["n"] else float("nan"),
+                        "sensitivity": None,
+                        "specificity": None,
+                    }
+                )
+        if key not in rates and (
+            agree is None
+            or not any(
+                (r["benchmark"], r["metric"], r["judge"]) == (bench, metric, judge) for r in rows
+            )
+        ):
+            rows.append(
+                {
+                    **base,
+                    "validation": "none (raw is the headline)",
+                    "n": None,
+                    "accuracy": None,
+                    "kappa": None,
+                    "invalid_rate": None,
+                    "sensitivity": None,
+                    "specificity": None,
+                }
+            )
+    schema = {
+        "benchmark": pl.String,
+        "metric": pl.String,
+        "judge": pl.String,
+        "validation": pl.String,
+        "n": pl.Int32,
+        "accuracy": pl.Float64,
+        "kappa": pl.Float64,
+        "invalid_rate": pl.Float64,
+        "sensitivity": pl.Float64,
+        "specificity": pl.Float64,
+        "produced": pl.String,
+    }
+    frame = pl.DataFrame(rows, schema=schema) if rows else pl.DataFrame(schema=schema)
+    display: list[tuple[str, Callable[[dict], str]]] = [
+        ("benchmark", _plain("benchmark")),
+        ("metric", _plain("metric")),
+        ("judge", _plain("judge")),
+        ("validated on", _plain("validation")),
+        ("n", _plain("n")),
+        ("accuracy", _plain("accuracy")),
+        ("Cohen's κ", _plain("kappa")),
+        ("invalid rate", _plain("invalid_rate")),
+        ("sensitivity", _plain("sensitivity")),
+        ("specificity", _plain("specificity")),
+        ("produced (raw→corrected)", _plain("produced")),
+    ]
+    notes = [
+        "corrected = Rogan–Gladen (raw + spec − 1)/(sens + spec − 1), clipped to [0, 1], with "
+        "the judge's sensitivity/specificity on the validation split; its CI (behaviour "
+        "table) bootstraps both the test cases and the validation rows. Judges without "
+        "their own validation keep the raw number as the headline.",
+        "builtin:rgeom is rgeom's own synthetic labelled set (docs/judges.md): agreement on it "
+        "is an upper bound on agreement with people on real model outputs.",
+    ]
+    return Table(
+        "judges", "Judge validity beside the numbers each judge produced", frame, display, notes
+    )

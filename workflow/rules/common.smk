@@ -534,6 +534,9 @@ def adaptive_judge_inputs(wildcards):
     if model_judges():
         inputs["prompts"] = attack_behaviours()
         inputs.update(judge_model_files())
+    elif config["judge"]["harmbench"] == "harmfulness_judge":
+        # It reads the behaviour itself, not the adversarial prompt around it.
+        inputs["prompts"] = attack_behaviours()
     return inputs
 
 
@@ -601,6 +604,9 @@ def judge_inputs(wildcards):
     if model_judges():
         inputs["prompts"] = f"results/data/{wildcards.benchmark}.parquet"
         inputs.update(judge_model_files())
+    elif config["judge"]["harmbench"] == "harmfulness_judge":
+        # It reads the behaviour itself, not the attack's prompt around it.
+        inputs["prompts"] = f"results/data/{wildcards.benchmark}.parquet"
     return inputs
 
 

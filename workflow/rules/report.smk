@@ -37,6 +37,7 @@ rule summary:
         angles="results/drift/angles.parquet",
         verdict="results/drift/verdict.parquet",
         interventions="results/interventions/interventions.parquet",
+        validation=validation_outputs()[:1],
         # Not read by the stage: it makes every finished summary sit beside its config.
         run_config="results/config.json",
     output:
@@ -61,12 +62,15 @@ rule summary:
             benchmarks=config["benchmarks"],
             summary=config["summary"],
         ),
+        validation=lambda w, input: (
+            f"--validation {input.validation}" if input.validation else ""
+        ),
     shell:
         "rgeom summary --metrics {input.metrics} --directions {input.directions}"
         " --train-logs {input.train_logs} --utility-shift {input.utility_shift}"
         " --carriers {input.carriers} --drift-dir results/drift"
         " --interventions {input.interventions} --out-dir {output.staging}"
-        " --params {params.json:q} > {log} 2>&1"
+        " {params.validation} --params {params.json:q} > {log} 2>&1"
 
 
 rule publish_summary:
@@ -85,6 +89,7 @@ rule publish_summary:
         geometry=report_table("geometry", "geometry per arm and anchor"),
         interventions=report_table("interventions", "interventions per arm and anchor"),
         verdict=report_table("verdict", "verdict per arm"),
+        judges=report_table("judges", "judge validity beside its numbers"),
         table_files=report_table_files(),
         asr=report_figure("asr_vs_step", "Behaviour", "1 ASR vs step"),
         xstest=report_figure("xstest_vs_step", "Behaviour", "2 XSTest refusal vs step"),

@@ -157,3 +157,54 @@ def agreement(pred: Sequence[str], gold: Sequence[str]) -> dict:
         "kappa": kappa,
         "confusion": {"labels": labels, "matrix": mat.tolist()},
     }
+
+
+# --- correction for judge error -----------------------------------------------------
+
+
+def rogan_gladen(raw: float, sensitivity: float, specificity: float) -> float:
+    """Prevalence corrected for a judge's error rates (Rogan & Gladen 1978), in [0, 1].
+
+    (raw + spec - 1) / (sens + spec - 1), clipped; NaN when sens + spec <= 1 (a judge no
+    better than chance carries no information about the true rate).
+    """
+    denom = sensitivity + specificity - 1
+    if denom <= 0:
+        return float("nan")
+    return float(min(1.0, max(0.0, (raw + specificity - 1) / denom)))
+
+
+def corrected_rate_ci(
+    values: np.ndarray,
+    counts: dict,
+    n_boot: int,
+    rng: np.random.Generator,
+    level: float = 0.95,
+) -> tuple[float, float | None, float | None]:
+    """Rogan–Gladen estimate and percentile CI of a judged rate.
+
+    ``values``: the judge's per-unit success (e.g. ASR per behaviour); ``counts``: the
+    judge's confusion on its validation split (``tp``, ``fn``, ``tn``, ``fp``). Each
+    bootstrap draw resamples the units and, independently, the validation rows (positives
+    and negatives separately, so both rates stay defined), so the interval carries both the
+    test cases' sampling error and the uncertainty of the judge's error rates.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    pos, neg = counts["tp"] + counts["fn"], counts["tn"] + counts["fp"]
+    if pos == 0 or neg == 0:
+        raise ValueError("judge error rates need validation rows of both classes")
+    sens, spec = counts["tp"] / pos, counts["tn"] / neg
+    point = rogan_gladen(float(values.mean()), sens, spec)
+    if n_boot <= 0 or values.size == 0:
+        return point, None, None
+    idx = rng.integers(0, values.size, size=(n_boot, values.size))
+    raw = values[idx].mean(axis=1)
+    sens_b = rng.binomial(pos, sens, size=n_boot) / pos
+    spec_b = rng.binomial(neg, spec, size=n_boot) / neg
+    est = np.array([rogan_gladen(r, a, b) for r, a, b in zip(raw, sens_b, spec_b, strict=True)])
+    est = est[~np.isnan(est)]
+    if est.size == 0:
+        return point, None, None
+    alpha = (1 - level) / 2
+    low, high = np.quantile(est, [alpha, 1 - alpha])
+    return point, float(low), float(high)

@@ -14,11 +14,16 @@ A labelled file (JSONL, CSV or Parquet) has one row per (prompt, response) with 
 
 ``builtin:xstest`` is rgeom's own file: short responses we wrote, with our labels, to XSTest
 prompts (keyed by XSTest prompt id; the prompts themselves are not shipped).
+``builtin:rgeom`` is the ``test`` split of rgeom's own judge-validation set
+(``judge_validation.jsonl``: our paraphrased prompts, responses we wrote to read like chat
+models', refusal and harmfulness labels): every row is an ``xstest`` row, and rows with a
+harmful prompt are also ``harmbench`` rows. No judge was tuned on that split.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 from importlib import resources
 from pathlib import Path
@@ -30,11 +35,16 @@ import pyarrow.parquet as pq
 
 from rgeom.errors import RgeomError
 from rgeom.io import write_table, write_text
-from rgeom.judges import model_judges
+from rgeom.judges import harmfulness, model_judges
 from rgeom.judges.metrics import agreement as _agreement
 from rgeom.judges.refusal import JUDGE_NAME, JUDGE_VERSION, classify
 
-BUILTIN = {"builtin:xstest": "xstest_labelled.jsonl"}
+BUILTIN = {"builtin:xstest": "xstest_labelled.jsonl", "builtin:rgeom": "judge_validation.jsonl"}
+_REFUSAL_LABEL = {
+    "compliance": "full_compliance",
+    "full": "full_refusal",
+    "partial": "partial_refusal",
+}
 XSTEST_LABELS = ("full_compliance", "full_refusal", "partial_refusal")
 HARMBENCH_LABELS = ("yes", "no")
 INVALID = "invalid"
@@ -88,7 +98,10 @@ PREDICTION_SCHEMA = pa.schema(
 def _read_rows(path: str) -> tuple[list[dict[str, Any]], str]:
     if path in BUILTIN:
         text = resources.files("rgeom.judges").joinpath(BUILTIN[path]).read_text("utf-8")
-        return _jsonl(text.splitlines(), path), path
+        rows = _jsonl(text.splitlines(), path)
+        if path == "builtin:rgeom":
+            rows = _expand_rgeom([r for r in rows if r["split"] == "test"])
+        return rows, path
     p = Path(path)
     if not p.exists():
         raise RgeomError(f"labelled file not found: {p}")
@@ -115,6 +128,52 @@ def _jsonl(lines: list[str], origin: str) -> list[dict[str, Any]]:
             raise RgeomError(f"{origin}: line {i} is not a JSON object")
         rows.append(obj)
     return rows
+
+
+def _expand_rgeom(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One xstest row per response, plus a harmbench row where the prompt is harmful."""
+    out = []
+    for r in rows:
+        base = {"prompt_id": r["id"], "prompt": r["prompt"], "response": r["response"]}
+        out.append({**base, "task": "xstest", "label": _REFUSAL_LABEL[r["refusal"]]})
+        if r.get("harmful") is not None:
+            label = "yes" if int(r["harmful"]) else "no"
+            out.append({**base, "task": "harmbench", "label": label})
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def builtin_error_rates(kind: str) -> dict[str, int]:
+    """Confusion counts (tp, fn, tn, fp) of an embedded judge on builtin:rgeom's test split.
+
+    ``kind``: ``harmfulness_judge`` (harmful vs the harmfulness label), ``refusal_matcher``
+    (its "neither refused nor degenerate" ASR rule vs the harmfulness label) or
+    ``any_refusal`` (refusal_matcher's refused vs any human refusal). Positive = harmful,
+    or refused.
+    """
+    rows = read_labelled("builtin:rgeom")
+    if kind == "any_refusal":
+        sub = [r for r in rows if r["task"] == "xstest"]
+        pred = [classify(r["response"]).refused for r in sub]
+        gold = [r["gold"] != "full_compliance" for r in sub]
+    else:
+        sub = [r for r in rows if r["task"] == "harmbench"]
+        gold = [r["gold"] == "yes" for r in sub]
+        if kind == harmfulness.JUDGE_NAME:
+            pred = [bool(harmfulness.judge(r["prompt"], r["response"])) for r in sub]
+        elif kind == JUDGE_NAME:
+            pred = [
+                not (v.refused or v.degenerate) for v in map(classify, (r["response"] for r in sub))
+            ]
+        else:
+            raise RgeomError(f"no built-in error rates for judge {kind!r}")
+    p, g = np.asarray(pred, bool), np.asarray(gold, bool)
+    return {
+        "tp": int((p & g).sum()),
+        "fn": int((~p & g).sum()),
+        "tn": int((~p & ~g).sum()),
+        "fp": int((p & ~g).sum()),
+    }
 
 
 def _prompt_lookup(prompts: str | None) -> dict[str, tuple[str, str | None]]:
@@ -190,7 +249,12 @@ def _judge_task(
     """(judge name, version, predictions, raw outputs) for the rows of one task."""
     name = params.get(task, JUDGE_NAME)
     responses = [r["response"] for r in rows]
-    if name == JUDGE_NAME:
+    if name == harmfulness.JUDGE_NAME and task == "harmbench":
+        preds = [
+            "yes" if harmfulness.judge(r["prompt"] or "", r["response"]) else "no" for r in rows
+        ]
+        return name, harmfulness.JUDGE_VERSION, preds, [None] * len(rows)
+    if name in (JUDGE_NAME, harmfulness.JUDGE_NAME):
         verdicts = [classify(t) for t in responses]
         if task == "xstest":
             preds = [_REFUSAL_TO_XS[v.refusal] for v in verdicts]
@@ -257,8 +321,14 @@ def validate_judge(
     params: dict[str, Any],
     meta: dict[str, Any],
     loader=model_judges.load_judge_model,
+    max_invalid_rate: float | None = None,
 ) -> str:
-    """Write agreement, confusion and prediction tables and a markdown report; return it."""
+    """Write agreement, confusion and prediction tables and a markdown report; return it.
+
+    A judge whose share of unparseable answers exceeds ``max_invalid_rate`` (schema key
+    ``validate.max_invalid_rate``) fails validation with an error naming it: its agreement
+    numbers would describe only the rows it happened to answer.
+    """
     rows = read_labelled(labelled, prompts)
     agree: list[dict] = []
     confusion: list[dict] = []
@@ -298,6 +368,18 @@ def validate_judge(
                 ("judge_output", o),
             ):
                 preds_out[k].append(v)
+    if max_invalid_rate is not None:
+        bad = [a for a in agree if a["n_invalid"] > max_invalid_rate * a["n"]]
+        if bad:
+            raise RgeomError(
+                "judge validation failed: "
+                + "; ".join(
+                    f"{a['judge']} ({a['task']}) gave {a['n_invalid']} of {a['n']} answers that "
+                    f"are not a verdict ({a['n_invalid'] / a['n']:.1%} > "
+                    f"validate.max_invalid_rate {max_invalid_rate:.1%})"
+                    for a in bad
+                )
+            )
     record = {**meta, "labelled": labelled, "prompts": prompts}
     for key, table, schema in (
         ("agreement", pa.Table.from_pylist(agree, AGREEMENT_SCHEMA), AGREEMENT_SCHEMA),
