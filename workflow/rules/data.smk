@@ -49,7 +49,7 @@ rule sft_data:
                 model=model_params(),
                 train={
                     k: config["train"][k]
-                    for k in ("refusals", "helpful_max_new_tokens")
+                    for k in ("refusals", "utility_source", "helpful_max_new_tokens")
                 },
                 generate={"batch_size": config["generate"]["batch_size"]},
             )
