@@ -168,8 +168,9 @@ def test_an_added_anchor_runs_only_the_new_cells(added_anchor, finished_run):
             assert (work / rel).stat().st_mtime_ns == (finished_run / rel).stat().st_mtime_ns
 
 
-#: What any config edit reruns: the config record, and the summary that sits beside it.
-RECORD = {"record_config": 1, "summary": 1, "all": 1}
+#: What any config edit reruns: the config record, and the summary (staged, then published)
+#: that sits beside it.
+RECORD = {"record_config": 1, "summary": 1, "publish_summary": 1, "all": 1}
 
 
 def test_a_memory_knob_reruns_nothing_but_the_config_record(finished_run, tmp_path):
@@ -190,7 +191,8 @@ def test_moving_the_shared_data_folder_reruns_nothing_but_the_config_record(fini
 def test_generate_max_new_tokens_reruns_generation_but_not_training(finished_run, tmp_path):
     new = CFG["generate"]["max_new_tokens"] + 2
     counts = dry_run(finished_run, edited(generate={"max_new_tokens": new}), tmp_path)
-    allowed = {"generate", "judge", "adaptive_gcg", "adaptive_judge"} | set(RECORD)
+    allowed = {"generate", "judge", "adaptive_gcg", "adaptive_autodan", "adaptive_judge"}
+    allowed |= set(RECORD)
     exact = {"generate": N_CELLS * N_BENCH, "judge": N_CELLS * N_BENCH, **RECORD}
     for rule in ("prepare_model", "prepare_data", "sft_data", "train", "attack_gcg"):
         assert counts.get(rule, 0) == 0, f"{rule} must not rerun: {counts}"

@@ -30,8 +30,9 @@ rule interventions:
             model=model_params(),
             carrier=config.get("carrier", {}),
             interventions=config["interventions"],
-            # The configured judge scores the generations' refusal rate and ASR.
-            judge=config["judge"],
+            # The configured judge scores the generations' refusal rate and ASR; its
+            # bootstrap count only sizes the judge stage's CIs, so it reruns nothing here.
+            judge={k: v for k, v in config["judge"].items() if k != "bootstrap"},
             arm=w.arm,
             step=int(w.step),
         ),
