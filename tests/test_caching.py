@@ -192,7 +192,8 @@ def test_generate_max_new_tokens_reruns_generation_but_not_training(finished_run
     new = CFG["generate"]["max_new_tokens"] + 2
     counts = dry_run(finished_run, edited(generate={"max_new_tokens": new}), tmp_path)
     allowed = {"generate", "judge", "adaptive_gcg", "adaptive_autodan", "adaptive_judge"}
-    allowed |= set(RECORD)
+    # utility_shift scores the base model's (regenerated) answers to harmless prompts.
+    allowed |= {"utility_shift"} | set(RECORD)
     exact = {"generate": N_CELLS * N_BENCH, "judge": N_CELLS * N_BENCH, **RECORD}
     for rule in ("prepare_model", "prepare_data", "sft_data", "train", "attack_gcg"):
         assert counts.get(rule, 0) == 0, f"{rule} must not rerun: {counts}"
