@@ -32,6 +32,8 @@ import torch
 from rgeom.errors import RgeomError
 from rgeom.io import Shards, TableWriter, file_sha256, files_fingerprint
 from rgeom.models import decoder_layers, encode_chat, left_pad
+from rgeom.schemas import ACTIVATION_SCHEMA as ACTIVATION_SCHEMA
+from rgeom.schemas import activation_schema as _activation_schema
 
 log = logging.getLogger(__name__)
 
@@ -42,23 +44,6 @@ PROMPT_COLUMNS = ("prompt_id", "text", "label")
 # on a 135M model, while the embedded direction sets fit one shard and skip the parts folder.
 DEFAULT_SHARD_SIZE = 2048
 
-# The scalar columns every activation table has; ``activation_schema`` appends the vector
-# column, whose width depends on the model. Reading with this schema checks those columns.
-ACTIVATION_SCHEMA = pa.schema(
-    [
-        pa.field("prompt_id", pa.string(), nullable=False),
-        pa.field("label", pa.string(), nullable=False),
-        pa.field("split", pa.string(), nullable=False),
-        pa.field("layer", pa.int16(), nullable=False),
-        pa.field("position", pa.int16(), nullable=False),
-        # The prompt's baseline refusal score, log p_R - log(1 - p_R) at the last position
-        # (interventions.refusal_score_from_logits), repeated on each of its rows. Null when
-        # extraction ran without scores (carrier.filter_prompts off): the column is always
-        # there, so readers need no second schema.
-        pa.field("refusal_score", pa.float32(), nullable=True),
-    ]
-)
-
 
 def activation_schema(d_model: int, dtype: str = "float32") -> pa.Schema:
     """The full activation-table schema for a model of width ``d_model``."""
@@ -66,8 +51,7 @@ def activation_schema(d_model: int, dtype: str = "float32") -> pa.Schema:
         raise RgeomError(
             f"activations.dtype: {dtype!r} is not one of {', '.join(sorted(STORAGE_DTYPES))}"
         )
-    value = STORAGE_DTYPES[dtype][0]
-    return ACTIVATION_SCHEMA.append(pa.field("vector", pa.list_(value, d_model), nullable=False))
+    return _activation_schema(d_model, dtype)
 
 
 def _prompt_text_fallback(text: str, context: str | None) -> str:

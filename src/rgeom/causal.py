@@ -53,21 +53,25 @@ unedited harmful scores are stored, so ``rgeom drift`` can bootstrap the transfe
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from rgeom.errors import RgeomError
 from rgeom.io import read_meta, read_table, write_table
+from rgeom.schemas import CARRIER_BASE_SCHEMA, CROSS_SCHEMA, INTERVENTION_SCHEMA
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -87,58 +91,6 @@ DEFAULTS: dict[str, Any] = {
     "generate_set": "harmbench",
     "utility_set": "utility",
 }
-
-INTERVENTION_SCHEMA = pa.schema(
-    [
-        pa.field("arm", pa.string(), nullable=False),
-        pa.field("step", pa.int32(), nullable=False),
-        # none / ablation / addition / subspace_ablation
-        pa.field("intervention", pa.string(), nullable=False),
-        pa.field("coeff", pa.float64()),
-        pa.field("k", pa.int16()),
-        pa.field("layer", pa.int16(), nullable=False),
-        pa.field("position", pa.int16(), nullable=False),
-        pa.field("admissible", pa.bool_(), nullable=False),
-        pa.field("carrier_source", pa.string(), nullable=False),
-        pa.field("refusal_score_harmful", pa.float64()),
-        pa.field("refusal_score_harmless", pa.float64()),
-        pa.field("kl_harmless", pa.float64()),
-        pa.field("ce_harmless", pa.float64()),
-        pa.field("n_generate", pa.int32(), nullable=False),
-        pa.field("refusal_rate", pa.float64()),
-        pa.field("asr", pa.float64()),
-        pa.field("refusal_rate_delta", pa.float64()),
-        pa.field("asr_delta", pa.float64()),
-        pa.field("n_utility", pa.int32(), nullable=False),
-        pa.field("utility_accuracy", pa.float64()),
-        pa.field("judge", pa.string(), nullable=False),
-    ]
-)
-
-CROSS_SCHEMA = pa.schema(
-    [
-        # The model the direction is applied to (b) ...
-        pa.field("arm", pa.string(), nullable=False),
-        pa.field("step", pa.int32(), nullable=False),
-        # ... and the cell the direction comes from (a).
-        pa.field("source_arm", pa.string(), nullable=False),
-        pa.field("source_step", pa.int32(), nullable=False),
-        pa.field("layer", pa.int16(), nullable=False),
-        pa.field("position", pa.int16(), nullable=False),
-        pa.field("admissible", pa.bool_(), nullable=False),
-        pa.field("carrier_source", pa.string(), nullable=False),
-        # Cosine between a's direction and b's own direction at the same site.
-        pa.field("cos_same_site", pa.float64()),
-        pa.field("baseline_harmful", pa.float64()),
-        pa.field("baseline_harmless", pa.float64()),
-        pa.field("bypass", pa.float64()),
-        pa.field("induce", pa.float64()),
-        pa.field("kl", pa.float64()),
-        pa.field("baseline_scores", pa.list_(pa.float64()), nullable=False),
-        pa.field("bypass_scores", pa.list_(pa.float64()), nullable=False),
-    ]
-)
-
 
 # --- the direction of a cell --------------------------------------------------------
 
@@ -162,8 +114,6 @@ def choose_direction(
     kl_max: float = 0.1,
 ) -> Choice:
     """The carrier of a cell, or the labelled fallback (see the module docstring)."""
-    from rgeom.interventions import CARRIER_BASE_SCHEMA
-
     rows = read_table(carriers, schema=CARRIER_BASE_SCHEMA).to_pylist()
     chosen = [r for r in rows if r["is_carrier"]]
     if len(chosen) > 1:
@@ -353,12 +303,28 @@ def subspace_basis(direction, contrasts: np.ndarray | None, k: int) -> np.ndarra
 # --- measurement --------------------------------------------------------------------
 
 
-@torch.inference_mode()
+def _inference_mode(fn):
+    """``torch.inference_mode()`` as a decorator that imports torch only when called: this
+    module's readers (drift, interventions-summary, summary) run without torch."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        import torch
+
+        with torch.inference_mode():
+            return fn(*args, **kwargs)
+
+    return run
+
+
+@_inference_mode
 def completion_nll(
     model, tokenizer, prompts: Sequence[str], completions: Sequence[Sequence[int]], batch_size=16
 ) -> tuple[float, int]:
     """Token-weighted mean negative log-likelihood of each chat prompt's ``completions``
     (token ids, teacher-forced) and the number of tokens scored."""
+    import torch
+
     from rgeom.activations import padded_positions
     from rgeom.models import encode_chat, left_pad
 
@@ -385,7 +351,7 @@ def completion_nll(
     return (total / count if count else math.nan), count
 
 
-@torch.inference_mode()
+@_inference_mode
 def greedy_ids(model, tokenizer, prompts: Sequence[str], batch_size: int, max_new_tokens: int):
     """Greedy continuation token ids per prompt, up to and including the end-of-turn token
     (so never empty when ``max_new_tokens`` > 0)."""

@@ -105,6 +105,13 @@ from rgeom.geometry import (
     rank_measures,
 )
 from rgeom.io import read_meta, read_table, write_table
+from rgeom.schemas import (
+    ANGLES_SCHEMA,
+    CARRIER_BASE_SCHEMA,
+    CROSS_SCHEMA,
+    DRIFT_SCHEMA,
+    VERDICT_SCHEMA,
+)
 
 log = logging.getLogger(__name__)
 
@@ -128,101 +135,6 @@ DEFAULTS: dict[str, Any] = {
     "transfer_min": 0.5,
     "min_effect": 0.5,
 }
-
-DRIFT_SCHEMA = pa.schema(
-    [
-        pa.field("arm", pa.string(), nullable=False),
-        pa.field("step", pa.int32(), nullable=False),
-        pa.field("carrier_layer", pa.int16()),
-        pa.field("carrier_position", pa.int16()),
-        pa.field("n_admissible", pa.int32(), nullable=False),
-        pa.field("ref_layer", pa.int16(), nullable=False),
-        pa.field("ref_position", pa.int16(), nullable=False),
-        pa.field("window_layers", pa.list_(pa.int16()), nullable=False),
-        pa.field("erank_singular", pa.float64()),
-        pa.field("erank_energy", pa.float64()),
-        pa.field("erank_participation", pa.float64()),
-        pa.field("erank_ci_low", pa.float64()),
-        pa.field("erank_ci_high", pa.float64()),
-        pa.field("erank_null_mean", pa.float64()),
-        pa.field("erank_null_sd", pa.float64()),
-        pa.field("null_kind", pa.string(), nullable=False),
-        pa.field("angle_prev_deg", pa.float64()),
-        pa.field("angle_step0_deg", pa.float64()),
-        pa.field("angle_prev_ci_low", pa.float64()),
-        pa.field("angle_prev_ci_high", pa.float64()),
-        pa.field("angle_step0_ci_low", pa.float64()),
-        pa.field("angle_step0_ci_high", pa.float64()),
-        pa.field("cos_prev_same_layer", pa.float64()),
-        # Label-shuffled null mean of every variant for the window stack (erank_null_mean
-        # and _sd above are for drift.rank_kind).
-        pa.field("erank_null_singular", pa.float64()),
-        pa.field("erank_null_energy", pa.float64()),
-        pa.field("erank_null_participation", pa.float64()),
-        # Effective rank of the per-prompt contrast vectors at the reference (x_i minus the
-        # harmless mean, harmful prompts), and its label-shuffled null mean.
-        pa.field("erank_contrast_singular", pa.float64()),
-        pa.field("erank_contrast_energy", pa.float64()),
-        pa.field("erank_contrast_participation", pa.float64()),
-        pa.field("erank_contrast_null_singular", pa.float64()),
-        pa.field("erank_contrast_null_energy", pa.float64()),
-        pa.field("erank_contrast_null_participation", pa.float64()),
-        # Effective rank of the stack of bootstrap-resampled unit reference directions, and
-        # of an equally tall stack of label-shuffled ones.
-        pa.field("erank_boot_singular", pa.float64()),
-        pa.field("erank_boot_energy", pa.float64()),
-        pa.field("erank_boot_participation", pa.float64()),
-        pa.field("erank_boot_null_singular", pa.float64()),
-        pa.field("erank_boot_null_energy", pa.float64()),
-        pa.field("erank_boot_null_participation", pa.float64()),
-        # Angle calibration (see module docstring): this cell's bootstrap-noise angle, and
-        # for each angle above the pair's combined noise angle and angle / noise.
-        pa.field("boot_angle_deg", pa.float64()),
-        pa.field("angle_prev_noise_deg", pa.float64()),
-        pa.field("angle_prev_ratio", pa.float64()),
-        pa.field("angle_step0_noise_deg", pa.float64()),
-        pa.field("angle_step0_ratio", pa.float64()),
-    ]
-)
-
-ANGLES_SCHEMA = pa.schema(
-    [
-        pa.field("arm_a", pa.string(), nullable=False),
-        pa.field("step_a", pa.int32(), nullable=False),
-        pa.field("arm_b", pa.string(), nullable=False),
-        pa.field("step_b", pa.int32(), nullable=False),
-        # prev: b is a's previous anchor; step0: b is the base; arm: same step, other arm.
-        pa.field("relation", pa.string(), nullable=False),
-        # carrier: the 1-D span of the reference direction; window: top-k SVD of the stack.
-        pa.field("basis", pa.string(), nullable=False),
-        pa.field("k", pa.int16(), nullable=False),
-        pa.field("index", pa.int16(), nullable=False),
-        pa.field("angle_deg", pa.float64()),
-        # Calibration against the within-checkpoint bootstrap: the pair's noise angle at this
-        # index, angle / noise and angle - noise (null without activation tables).
-        pa.field("noise_deg", pa.float64()),
-        pa.field("ratio", pa.float64()),
-        pa.field("excess_deg", pa.float64()),
-    ]
-)
-
-VERDICT_SCHEMA = pa.schema(
-    [
-        pa.field("arm", pa.string(), nullable=False),
-        pa.field("verdict", pa.string(), nullable=False),
-        pa.field("statistic", pa.float64()),
-        pa.field("detail", pa.string(), nullable=False),
-        # cross_anchor: decided by the transfer test; geometry: carrier layers and angles.
-        pa.field("basis", pa.string(), nullable=False),
-        # Share of the last anchor's own bypass effect that step 0's direction achieves
-        # there, with its paired prompt-bootstrap interval (see rgeom.causal.transfer).
-        pa.field("transfer", pa.float64()),
-        pa.field("transfer_ci_low", pa.float64()),
-        pa.field("transfer_ci_high", pa.float64()),
-        # Both directions of the transfer test are admissible carriers (not fallbacks).
-        pa.field("admissible", pa.bool_()),
-    ]
-)
 
 
 @dataclass
@@ -292,8 +204,6 @@ def read_cells(
 ) -> tuple[list[Cell], dict[str, Any]]:
     """One :class:`Cell` per direction table, matched to its carrier (and activation) table
     by the (arm, step) in their provenance; also the model facts all files share."""
-    from rgeom.interventions import CARRIER_BASE_SCHEMA
-
     if not directions:
         raise RgeomError("drift: no direction tables given")
     cells: dict[tuple[str, int], Cell] = {}
@@ -1085,8 +995,6 @@ def build_drift(
     ):
         write_table(out / f"{name}.parquet", tables[name], schema, record)
     if cross is not None:
-        from rgeom.causal import CROSS_SCHEMA
-
         tables["cross_anchor"] = cross
         write_table(out / "cross_anchor.parquet", cross, CROSS_SCHEMA, record)
 

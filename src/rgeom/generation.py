@@ -17,32 +17,11 @@ from tqdm.auto import tqdm
 from rgeom.errors import RgeomError
 from rgeom.io import Shards, file_sha256, files_fingerprint, read_table, write_table
 from rgeom.models import encode_chat, left_pad
+from rgeom.schemas import GENERATION_SCHEMA
+from rgeom.schemas import GENERATION_SHARD_SCHEMA as SHARD_SCHEMA
 
 log = logging.getLogger(__name__)
 
-GENERATION_SCHEMA = pa.schema(
-    [
-        ("prompt_id", pa.string()),
-        ("label", pa.string()),
-        ("category", pa.string()),
-        ("prompt", pa.string()),
-        ("target", pa.string()),
-        ("completion", pa.string()),
-        ("n_prompt_tokens", pa.int32()),
-        ("n_new_tokens", pa.int32()),
-        ("arm", pa.string()),
-        ("step", pa.int32()),
-        ("benchmark", pa.string()),
-        # The attack method of a test case (DirectRequest, Templates, GCG-transfer, ...) when
-        # the prompts are a test-case file; null for plain prompt sets.
-        ("method", pa.string()),
-    ]
-)
-
-# A shard's completions in the length-sorted order; ``row`` is the input row they belong to.
-SHARD_SCHEMA = pa.schema(
-    [("row", pa.int64()), ("completion", pa.string()), ("n_new_tokens", pa.int32())]
-)
 # Test cases per shard: minutes of decoding on a CPU, seconds on a GPU, so a preempted job
 # loses little, while the embedded benchmark sets fit one shard and skip the parts folder.
 DEFAULT_SHARD_SIZE = 512

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from rgeom.errors import RgeomError
 from rgeom.io import file_sha256, read_meta, read_table, write_table
+from rgeom.schemas import DIRECTION_SCHEMA, PROMPT_FILTER_SCHEMA, direction_schema
 
 log = logging.getLogger(__name__)
 
@@ -45,26 +46,6 @@ CARRIED_META = (
     "tokenizer_hash",
     "prompt_sets",
 )
-
-# The scalar columns of a direction table; ``direction_schema`` appends the two vector
-# columns, whose width depends on the model. Reading with this schema checks those columns.
-DIRECTION_SCHEMA = pa.schema(
-    [
-        pa.field("layer", pa.int16(), nullable=False),
-        pa.field("position", pa.int16(), nullable=False),
-        pa.field("n_harmful", pa.int32(), nullable=False),
-        pa.field("n_harmless", pa.int32(), nullable=False),
-        pa.field("norm", pa.float64(), nullable=False),
-        pa.field("cos_prev_layer", pa.float64(), nullable=True),
-    ]
-)
-
-
-def direction_schema(d_model: int) -> pa.Schema:
-    vec = pa.list_(pa.float64(), d_model)
-    schema = DIRECTION_SCHEMA
-    schema = schema.insert(5, pa.field("direction", vec, nullable=False))
-    return schema.insert(6, pa.field("unit", vec, nullable=False))
 
 
 def diff_in_means(harmful, harmless) -> np.ndarray:
@@ -121,15 +102,6 @@ def filter_by_baseline(
     return keep_h, keep_b, record
 
 
-PROMPT_FILTER_SCHEMA = pa.schema(
-    [
-        pa.field("prompt_id", pa.string(), nullable=False),
-        pa.field("split", pa.string(), nullable=False),
-        pa.field("label", pa.string(), nullable=False),
-        pa.field("refusal_score", pa.float64(), nullable=False),
-        pa.field("kept", pa.bool_(), nullable=False),
-    ]
-)
 FILTERED_SPLITS = (DIRECTION_SPLIT, "val")
 PROMPT_FILTER_RULE = "source_model_sign"
 

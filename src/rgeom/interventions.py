@@ -33,6 +33,7 @@ from rgeom.errors import RgeomError
 # carrier search keep importing it from here.
 from rgeom.geometry import filter_by_baseline
 from rgeom.models import decoder_layers, encode_chat, encode_response, left_pad
+from rgeom.schemas import CARRIER_SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -660,34 +661,6 @@ def select_carrier(
     )
 
 
-# The scores every reader needs; tables written before the interval columns existed still
-# read when checked against this part alone.
-CARRIER_BASE_SCHEMA = pa.schema(
-    [
-        pa.field("layer", pa.int16(), nullable=False),
-        pa.field("position", pa.int16(), nullable=False),
-        pa.field("bypass", pa.float64()),
-        pa.field("induce", pa.float64()),
-        pa.field("kl", pa.float64()),
-        pa.field("admissible", pa.bool_(), nullable=False),
-        pa.field("is_carrier", pa.bool_(), nullable=False),
-    ]
-)
-CARRIER_SCHEMA = pa.schema(
-    [
-        *CARRIER_BASE_SCHEMA,
-        # Prompt-bootstrap percentile intervals of the three means (null where not evaluated
-        # or carrier.n_boot is 0), and the validation prompts left after the prompt filter.
-        pa.field("bypass_ci_low", pa.float64()),
-        pa.field("bypass_ci_high", pa.float64()),
-        pa.field("induce_ci_low", pa.float64()),
-        pa.field("induce_ci_high", pa.float64()),
-        pa.field("kl_ci_low", pa.float64()),
-        pa.field("kl_ci_high", pa.float64()),
-        pa.field("n_harmful", pa.int32()),
-        pa.field("n_harmless", pa.int32()),
-    ]
-)
 CI_COLUMNS = tuple(f"{s}_ci_{e}" for s in ("bypass", "induce", "kl") for e in ("low", "high"))
 
 

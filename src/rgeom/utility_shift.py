@@ -27,9 +27,9 @@ import torch
 
 from rgeom.errors import RgeomError
 from rgeom.io import read_meta, read_table, write_table
-from rgeom.judges import METRIC_SCHEMA
 from rgeom.judges.metrics import bootstrap_mean_ci, metric_rng
 from rgeom.models import encode_chat, encode_response
+from rgeom.schemas import METRIC_SCHEMA
 
 log = logging.getLogger(__name__)
 

@@ -23,23 +23,8 @@ import pyarrow as pa
 
 from rgeom.errors import RgeomError
 from rgeom.io import file_sha256, read_table, write_table
+from rgeom.schemas import CHAT_PROMPT_SCHEMA, PROMPT_SCHEMA
 
-PROMPT_SCHEMA = pa.schema(
-    [
-        pa.field("prompt_id", pa.string(), nullable=False),
-        pa.field("source", pa.string(), nullable=False),
-        pa.field("split", pa.string(), nullable=False),
-        pa.field("text", pa.string(), nullable=False),
-        pa.field("context", pa.string()),
-        pa.field("category", pa.string()),
-        pa.field("label", pa.string(), nullable=False),
-        pa.field("target", pa.string()),
-    ]
-)
-#: A chat set (UltraChat's ``messages``) also keeps each row's whole conversation, as JSON
-#: ``[{"role", "content"}, ...]``: the utility data of ``train.utility_source: dataset``.
-#: Readers of PROMPT_SCHEMA ignore the extra column.
-CHAT_PROMPT_SCHEMA = PROMPT_SCHEMA.append(pa.field("messages", pa.string()))
 MESSAGES_FIELD = "messages"
 
 # "utility" is accepted because the config schema allows it as a label override.

@@ -26,6 +26,7 @@ from rgeom.judges.metrics import (
     metric_rng,
 )
 from rgeom.judges.refusal import JUDGE_NAME, JUDGE_VERSION, classify, prefix_refusal
+from rgeom.schemas import LABEL_SCHEMA, METRIC_SCHEMA
 
 __all__ = [
     "JUDGE_NAME",
@@ -43,53 +44,6 @@ __all__ = [
     "label_table",
     "prefix_refusal",
 ]
-
-LABEL_SCHEMA = pa.schema(
-    [
-        pa.field("prompt_id", pa.string(), nullable=False),
-        pa.field("label", pa.string(), nullable=False),
-        pa.field("category", pa.string()),
-        pa.field("judge", pa.string(), nullable=False),
-        pa.field("judge_version", pa.string(), nullable=False),
-        pa.field("refusal", pa.string(), nullable=False),
-        pa.field("refused", pa.bool_(), nullable=False),
-        pa.field("correct", pa.bool_()),
-        pa.field("score", pa.float64(), nullable=False),
-        # Empty or looping output: neither a refusal nor a successful attack.
-        pa.field("degenerate", pa.bool_(), nullable=False),
-        # Carried so metrics can be recomputed from the labels file alone.
-        pa.field("arm", pa.string(), nullable=False),
-        pa.field("step", pa.int32(), nullable=False),
-        pa.field("benchmark", pa.string(), nullable=False),
-        pa.field("has_target", pa.bool_(), nullable=False),
-        # Attack method of a test case (generation's ``method``); null for plain prompts.
-        pa.field("method", pa.string()),
-        # Model judges (rgeom.judges.model_judges); null where none ran on the row.
-        # HarmBench classifier: 1 yes, 0 no, -1 anything else (a failure).
-        pa.field("verdict", pa.int8()),
-        # Left out of the classifier ASR (copyright behaviours); counted in the metrics.
-        pa.field("excluded", pa.bool_()),
-        # StrongREJECT score in [0, 1] and its refusal item; NaN when unparseable.
-        pa.field("sr_score", pa.float64()),
-        pa.field("sr_refused", pa.float64()),
-        # The model judges' raw answers, one "[judge] answer" line each.
-        pa.field("judge_output", pa.string()),
-    ]
-)
-
-METRIC_SCHEMA = pa.schema(
-    [
-        pa.field("arm", pa.string(), nullable=False),
-        pa.field("step", pa.int32(), nullable=False),
-        pa.field("benchmark", pa.string(), nullable=False),
-        pa.field("metric", pa.string(), nullable=False),
-        pa.field("value", pa.float64(), nullable=False),
-        pa.field("ci_low", pa.float64()),
-        pa.field("ci_high", pa.float64()),
-        pa.field("n", pa.int32(), nullable=False),
-        pa.field("judge", pa.string(), nullable=False),
-    ]
-)
 
 REQUIRED_COLUMNS = (
     "prompt_id",

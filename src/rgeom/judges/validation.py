@@ -38,6 +38,7 @@ from rgeom.io import write_table, write_text
 from rgeom.judges import harmfulness, model_judges
 from rgeom.judges.metrics import agreement as _agreement
 from rgeom.judges.refusal import JUDGE_NAME, JUDGE_VERSION, classify
+from rgeom.schemas import AGREEMENT_SCHEMA, CONFUSION_SCHEMA, PREDICTION_SCHEMA
 
 BUILTIN = {"builtin:xstest": "xstest_labelled.jsonl", "builtin:rgeom": "judge_validation.jsonl"}
 _REFUSAL_LABEL = {
@@ -58,38 +59,6 @@ _XS_ALIASES = {
 }
 _HB_ALIASES = {"1": "yes", "0": "no", "true": "yes", "false": "no"}
 _REFUSAL_TO_XS = {"none": "full_compliance", "full": "full_refusal", "partial": "partial_refusal"}
-
-AGREEMENT_SCHEMA = pa.schema(
-    [
-        pa.field("task", pa.string(), nullable=False),
-        pa.field("judge", pa.string(), nullable=False),
-        pa.field("judge_version", pa.string(), nullable=False),
-        pa.field("n", pa.int32(), nullable=False),
-        pa.field("n_invalid", pa.int32(), nullable=False),
-        pa.field("accuracy", pa.float64(), nullable=False),
-        pa.field("kappa", pa.float64(), nullable=False),
-    ]
-)
-CONFUSION_SCHEMA = pa.schema(
-    [
-        pa.field("task", pa.string(), nullable=False),
-        pa.field("judge", pa.string(), nullable=False),
-        pa.field("gold", pa.string(), nullable=False),
-        pa.field("pred", pa.string(), nullable=False),
-        pa.field("count", pa.int32(), nullable=False),
-    ]
-)
-PREDICTION_SCHEMA = pa.schema(
-    [
-        pa.field("row", pa.int32(), nullable=False),
-        pa.field("prompt_id", pa.string()),
-        pa.field("task", pa.string(), nullable=False),
-        pa.field("gold", pa.string(), nullable=False),
-        pa.field("pred", pa.string(), nullable=False),
-        pa.field("judge", pa.string(), nullable=False),
-        pa.field("judge_output", pa.string()),
-    ]
-)
 
 
 # --- reading ------------------------------------------------------------------------

@@ -29,26 +29,10 @@ import pyarrow as pa
 from rgeom.errors import RgeomError
 from rgeom.io import read_table, write_table
 from rgeom.models import encode_chat, encode_response
+from rgeom.schemas import SFT_FULL_SCHEMA, SFT_SCHEMA
 
 log = logging.getLogger(__name__)
 
-SFT_SCHEMA = pa.schema(
-    [
-        ("prompt_id", pa.string()),
-        ("kind", pa.string()),  # refusal | helpful
-        ("prompt", pa.string()),
-        ("response", pa.string()),
-    ]
-)
-#: What sft_data writes. A table without these columns (hand-made) reads as complete pairs.
-SFT_FULL_SCHEMA = SFT_SCHEMA.append(
-    # False: the response was cut at helpful_max_new_tokens and gets no end-of-turn token.
-    pa.field("complete", pa.bool_())
-).append(
-    # A helpful row's whole conversation (JSON turns), trained on as a document; null for a
-    # (prompt, response) pair.
-    pa.field("messages", pa.string())
-)
 UTILITY_SOURCES = ("dataset", "self_distill")
 
 # Varied on purpose: a single refusal string would teach one token sequence, not refusal.

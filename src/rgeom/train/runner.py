@@ -51,24 +51,10 @@ import torch
 
 from rgeom.errors import RgeomError
 from rgeom.io import atomic_dir, file_sha256, write_table
+from rgeom.schemas import TRAIN_LOG_SCHEMA
 
 log = logging.getLogger(__name__)
 
-TRAIN_LOG_SCHEMA = pa.schema(
-    [
-        ("step", pa.int32()),
-        ("loss", pa.float64()),
-        ("learning_rate", pa.float64()),
-        ("grad_norm", pa.float64()),
-        ("tokens_per_s", pa.float64()),
-        ("seconds", pa.float64()),
-        ("extra", pa.string()),  # JSON of arm-specific terms (R2D2: away/toward/utility/GCG)
-        # R2D2: the pool entries refreshed in this optimizer step (every micro-step's, in
-        # order) and the GCG loss each ended at; null for arms without a pool.
-        ("gcg_entries", pa.list_(pa.int32())),
-        ("gcg_losses", pa.list_(pa.float64())),
-    ]
-)
 KNOWN_LOG_KEYS = {"loss", "learning_rate", "grad_norm"}
 #: Trainer log keys that become the list columns above instead of ``extra`` JSON.
 LIST_LOG_KEYS = {"r2d2_gcg_entries": "gcg_entries", "r2d2_gcg_losses": "gcg_losses"}
