@@ -207,11 +207,16 @@ def _check_tables(tokenizer, model, *paths: str | Path) -> dict[str, Any]:
 
     n_layers = len(decoder_layers(model))
     first: dict[str, Any] = {}
+    # Hashed once, not per table: the vocabulary's hash costs about 0.3 s on SmolLM2, and
+    # cross-anchor checks two tables per source cell.
+    hashes: dict[str, str] = {}
     for path in paths:
         meta = read_meta(path)
         first = first or meta
         for key, fn in (("template_hash", template_hash), ("tokenizer_hash", tokenizer_hash)):
-            if key in meta and meta[key] != fn(tokenizer):
+            if key in meta and key not in hashes:
+                hashes[key] = fn(tokenizer)
+            if key in meta and meta[key] != hashes[key]:
                 raise RgeomError(
                     f"{path}: {key} differs from the model's tokenizer; it was written with "
                     "another chat template or vocabulary"
@@ -389,14 +394,17 @@ class _Sets:
     base_harmless: torch.Tensor  # unedited last-position logits on harmless
 
 
-def _measure(model, tokenizer, sets: _Sets, refusal_ids, s: Mapping[str, Any]) -> dict[str, Any]:
+def _measure(
+    model, tokenizer, sets: _Sets, refusal_ids, s: Mapping[str, Any], edited: bool = True
+) -> dict[str, Any]:
     from rgeom.generation import generate_completions
     from rgeom.interventions import kl_last_position, last_logits, refusal_score_from_logits
     from rgeom.judges.metrics import check_answer
 
     bs = s["batch_size"]
     harmful = last_logits(model, tokenizer, sets.harmful, bs)
-    harmless = last_logits(model, tokenizer, sets.harmless, bs)
+    # Unedited, the harmless logits are sets.base_harmless: the same call, already made.
+    harmless = last_logits(model, tokenizer, sets.harmless, bs) if edited else sets.base_harmless
     row: dict[str, Any] = {
         "refusal_score_harmful": float(refusal_score_from_logits(harmful, refusal_ids).mean()),
         "refusal_score_harmless": float(refusal_score_from_logits(harmless, refusal_ids).mean()),
@@ -554,7 +562,7 @@ def interventions_table(
             measured = dict(done[same])
             reused[f"{name} {'coeff=0' if coeff == 0 else 'k=1'}"] = same
         elif hook is None:
-            measured = _measure(model, tokenizer, sets, refusal_ids, s)
+            measured = _measure(model, tokenizer, sets, refusal_ids, s, edited=False)
         else:
             with hook():
                 measured = _measure(model, tokenizer, sets, refusal_ids, s)

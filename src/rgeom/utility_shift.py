@@ -115,14 +115,16 @@ def token_shift(model, base, tokenizer, pairs, batch_size: int = 8) -> dict[str,
             lp = lq
         else:
             lp = base(input_ids=ids.to(dev_p), attention_mask=mask.to(dev_p)).logits.float().cpu()
-        lq, lp = torch.log_softmax(lq, -1), torch.log_softmax(lp, -1)
         for r, i in enumerate(rows):
             # Logits at t-1 predict token t, for every completion token t.
             pos = torch.arange(starts[i] - 1, len(seqs[i]) - 1)
             tgt = torch.tensor(seqs[i][starts[i] :])
             if tgt.numel() == 0:
                 continue
-            q, p = lq[r, pos], lp[r, pos]
+            # Normalised at the completion positions only: the prompt's positions are most
+            # of the batch (vocabulary-wide rows), and each row's log-softmax is its own.
+            q = torch.log_softmax(lq[r, pos], -1)
+            p = q if lp is lq else torch.log_softmax(lp[r, pos], -1)
             out["ce"][i] = float(-q.gather(1, tgt[:, None]).mean())
             out["ce_base"][i] = float(-p.gather(1, tgt[:, None]).mean())
             out["kl"][i] = float((p.exp() * (p - q)).sum(-1).clamp_min(0).mean())
