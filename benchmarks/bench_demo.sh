@@ -5,8 +5,9 @@
 #
 #   benchmarks/bench_demo.sh                    # a3428b0 (the baseline of issue 20) vs HEAD
 #   benchmarks/bench_demo.sh BASE NEW           # any two commits (or branches, tags)
-#   benchmarks/bench_demo.sh -n                 # dry run of both: checks the setup in seconds
-#   CORES=2 KEEP=1 WORK=/tmp/bench benchmarks/bench_demo.sh ...
+#   benchmarks/bench_demo.sh -- -n              # dry run of both: checks the setup in seconds
+#   benchmarks/bench_demo.sh a3428b0 HEAD -- results/config.json   # one small target
+#   CORES=2 KEEP=1 WORK=/tmp/bench VENV=.venv benchmarks/bench_demo.sh ...
 #
 # Each commit is cloned (git clone --shared, then checked out) into $WORK/<label>/repo, with
 # $WORK/<label>/shared linked to this checkout's ../shared, so data.shared_dir
@@ -18,15 +19,19 @@
 #
 # What is timed: `snakemake --cores $CORES --configfile config/config.yaml` from an empty
 # results/ (model conversion included, `make demo`'s install, report and summary not).
-# Extra arguments after the commits go to both snakemake calls (e.g. -n, or a target).
+# Arguments after `--` go to both snakemake calls (-n, a target, ...). KEEP=1 keeps $WORK.
 # Timings on a shared machine are noisy: the load average before each run is printed.
 set -euo pipefail
 
 REPO=$(git -C "$(dirname "$0")/.." rev-parse --show-toplevel)
 BASE=a3428b0
 NEW=HEAD
-if [[ $# -gt 0 && $1 != -* ]]; then BASE=$1; shift; fi
-if [[ $# -gt 0 && $1 != -* ]]; then NEW=$1; shift; fi
+if [[ $# -gt 0 && $1 != -- ]]; then BASE=$1; shift; fi
+if [[ $# -gt 0 && $1 != -- ]]; then NEW=$1; shift; fi
+if [[ $# -gt 0 ]]; then
+    [[ $1 == -- ]] || { echo "usage: $0 [BASE [NEW]] [-- SNAKEMAKE_ARGS...]" >&2; exit 2; }
+    shift
+fi
 EXTRA=("$@")
 CORES=${CORES:-2}
 VENV=${VENV:-$REPO/.venv}
@@ -52,8 +57,9 @@ run_one() {  # label sha -> prints seconds on the last line of stdout
     start=$(date +%s.%N)
     (
         cd "$dir/repo"
-        PYTHONPATH="$dir/repo/src" "$VENV/bin/snakemake" --cores "$CORES" \
-            --configfile config/config.yaml "${EXTRA[@]}" >"$dir/snakemake.log" 2>&1
+        # The extra arguments first: --configfile would swallow a target after it.
+        PYTHONPATH="$dir/repo/src" "$VENV/bin/snakemake" "${EXTRA[@]}" --cores "$CORES" \
+            --configfile config/config.yaml >"$dir/snakemake.log" 2>&1
     ) || { echo "$label: snakemake failed:" >&2; tail -n 40 "$dir/snakemake.log" >&2; exit 1; }
     end=$(date +%s.%N)
     awk -v a="$start" -v b="$end" 'BEGIN { printf "%.2f\n", b - a }'
