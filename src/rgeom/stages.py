@@ -34,7 +34,10 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % (2**32))
     torch = sys.modules.get("torch")
     if torch is None:
-        spec = importlib.util.find_spec("torch")
+        try:
+            spec = importlib.util.find_spec("torch")
+        except ImportError:
+            return
         if spec is None:
             return
         if type(spec.loader) is importlib.machinery.SourceFileLoader:
