@@ -439,3 +439,26 @@ def manifest_markdown(entries: Iterable[Entry] | None = None) -> str:
             ats.append(f"[commit {commit.group(1)[:7]}]({url})" if commit else f"[main]({url})")
         rows.append(f"| `{e.path}` | {e.source} | {', '.join(ats)} | {e.licence} | {read_by} |")
     return "\n".join(rows) + "\n"
+
+
+#: docs/data.md keeps the generated table between these lines.
+TABLE_MARKERS = ("<!-- manifest:start -->\n", "<!-- manifest:end -->")
+
+
+def manifest_table_in(text: str) -> str | None:
+    """The generated table inside ``text`` (docs/data.md), or None without the markers."""
+    start, end = TABLE_MARKERS
+    if start not in text or end not in text.split(start, 1)[1]:
+        return None
+    return text.split(start, 1)[1].split(end, 1)[0]
+
+
+def write_manifest_table(path: str | os.PathLike = "docs/data.md") -> None:
+    """Regenerate the manifest table of docs/data.md (after editing the manifest)."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    old = manifest_table_in(text)
+    if old is None:
+        raise RgeomError(f"{path}: no {' ... '.join(m.strip() for m in TABLE_MARKERS)} block")
+    start = TABLE_MARKERS[0]
+    path.write_text(text.replace(start + old, start + manifest_markdown(), 1), encoding="utf-8")
