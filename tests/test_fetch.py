@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import re
 import socket
 import subprocess
 import sys
@@ -207,6 +208,26 @@ def test_a_config_fetches_its_files_and_names_those_rgeom_cannot(upstream, tmp_p
     assert (tmp_path / "data/alpha/a.csv").read_bytes() == FAKE["alpha/a.csv"]
     assert not (tmp_path / "data/c.txt").exists()
     assert calls == []  # no hub sets in this config
+
+
+@pytest.mark.parametrize(
+    ("entry", "needle"),
+    [
+        ({"path": "a.csv", "urls": ["https://x/a.csv"]}, "files entry 1: missing sha256"),
+        ({"path": "../a.csv", "sha256": "0" * 64, "urls": ["u"]}, "entry ../a.csv: path must"),
+        ({"path": "a.csv", "sha256": "abc", "urls": ["u"]}, "entry a.csv: sha256 is not 64"),
+        ({"path": "a.csv", "sha256": "0" * 64, "urls": "u"}, "entry a.csv: urls must be a list"),
+    ],
+)
+def test_a_bad_manifest_entry_is_named(tmp_path, entry, needle):
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump({"files": [entry]}))
+    with pytest.raises(RgeomError, match=re.escape(f"{path}: {needle}")):
+        load_manifest(path)
+    twice = {"path": "a.csv", "sha256": "0" * 64, "urls": ["u"]}
+    path.write_text(yaml.safe_dump({"files": [twice, twice]}))
+    with pytest.raises(RgeomError, match="entry a.csv: listed twice"):
+        load_manifest(path)
 
 
 # --- the real manifest against the reference files and config/paper.yaml ----------------
