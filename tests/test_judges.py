@@ -597,6 +597,13 @@ def test_every_harmful_row_says_where_its_answer_starts():
             assert r.get("answer_start") is None
 
 
+def test_a_broken_labelled_file_names_its_line(monkeypatch, tmp_path):
+    (tmp_path / harmfulness.SHORT_FILE).write_text('{"split": "dev"}\n{"split": "dev",\n')
+    monkeypatch.setattr(harmfulness.resources, "files", lambda _: tmp_path)
+    with pytest.raises(RgeomError, match="judge_validation_short.jsonl: line 2 is not JSON"):
+        harmfulness.load_rows("dev", harmfulness.SHORT_FILE)
+
+
 def test_the_short_rows_keep_the_prompt_split():
     split_of = {r["prompt_id"]: r["split"] for r in harmfulness.load_rows()}
     short = harmfulness.load_rows(None, harmfulness.SHORT_FILE)

@@ -271,6 +271,8 @@ def judge(behaviour: str, response: str | None) -> int:
 def error_rates(split: str = "test") -> dict:
     """Sensitivity/specificity counts of :func:`judge` on the labelled set's ``split``.
 
+    Whole responses only; ``benchmarks/bench_refusal_judge.py`` also scores the cut ones.
+
     Returned as counts (``tp``, ``fn``, ``tn``, ``fp``) so callers can bootstrap them.
     """
     rows = [r for r in load_rows(split) if r.get("harmful") is not None]
