@@ -708,6 +708,27 @@ def test_judge_table_with_the_harmfulness_judge_reports_raw_and_corrected_asr(tm
     assert read_meta(metrics)["judge_error_rates"]["harmfulness_judge"] == c
 
 
+def test_error_rates_are_measured_at_the_generation_length():
+    """A 32-token completion is judged against rates measured on 24-word cuts of the test
+    split, relabelled by truncated_label; a length past every response equals whole ones."""
+    from rgeom.judges import harmfulness
+    from rgeom.judges.validation import WORDS_PER_TOKEN, builtin_error_rates
+
+    whole = builtin_error_rates("harmfulness_judge")
+    cut = builtin_error_rates("harmfulness_judge", 32)
+    assert builtin_error_rates("harmfulness_judge", 4096) == whole
+    n_words = round(32 * WORDS_PER_TOKEN)
+    rows = [r for r in harmfulness.load_rows("test") if r.get("harmful") is not None]
+    gold = [harmfulness.truncated_label(r, n_words) for r in rows]
+    gold += [r["harmful"] for r in harmfulness.load_rows("test", harmfulness.SHORT_FILE)]
+    # cutting turns harmful answers whose kept text has not reached the instance into
+    # non-instances, so the positives shrink and the counts cannot equal the whole ones
+    assert cut["tp"] + cut["fn"] == sum(gold) < whole["tp"] + whole["fn"]
+    assert sum(cut.values()) == len(gold)
+    sens = lambda c: c["tp"] / (c["tp"] + c["fn"])  # noqa: E731
+    assert sens(cut) < sens(whole)
+
+
 @pytest.mark.parametrize(
     "output",
     [
