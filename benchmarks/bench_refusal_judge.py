@@ -8,13 +8,18 @@ responses we wrote; no judge was tuned on that split):
   FILE``, e.g. ``git show main:src/rgeom/judges/refusal.py > /tmp/old_refusal.py``):
   per-class precision and recall, 3-way and any-refusal accuracy and Cohen's kappa;
 * harmfulness (HarmBench's yes/no, harmful prompts only): ``harmfulness_judge`` against
-  "neither refused nor degenerate" (the old embedded ASR rule) and "not a prefix refusal";
+  "neither refused nor degenerate" (the old embedded ASR rule) and "not a prefix refusal",
+  on the full responses, on the same responses cut to 12, 24 and 48 words (about 16, 32 and
+  64 tokens; labels by ``harmfulness.truncated_label``) and on the short hand-written rows
+  of ``judge_validation_short.jsonl``; optionally also a previous harmfulness judge
+  (``--old-harmfulness FILE``, e.g. ``git show main:src/rgeom/judges/harmfulness.py``);
 * speed per response.
 
 The set is synthetic and written by the same people as the judges, so read these numbers
 as an upper bound on agreement with people on real model outputs.
 
     python benchmarks/bench_refusal_judge.py [--split test] [--old /tmp/old_refusal.py]
+        [--old-harmfulness /tmp/old_harmfulness.py]
 """
 
 from __future__ import annotations
@@ -40,18 +45,37 @@ def per_class(pred: list[str], gold: list[str]) -> dict[str, tuple[float, float]
     return out
 
 
-def _load_old(path: str):
-    spec = importlib.util.spec_from_file_location("old_refusal", path)
+def _load_module(path: str, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
-    return mod.classify
+    return mod
+
+
+def _load_old(path: str):
+    return _load_module(path, "old_refusal").classify
+
+
+def harm_conditions(split: str) -> dict[str, list[tuple[str, str, int]]]:
+    """(behaviour, response, label) of the harmful-prompt rows, per length condition."""
+    rows = [r for r in harmfulness.load_rows(split) if r.get("harmful") is not None]
+    out = {"full": [(r["prompt"], r["response"], int(r["harmful"])) for r in rows]}
+    for n in harmfulness.TRUNCATE_WORDS:
+        out[f"cut to {n} words"] = [
+            (r["prompt"], harmfulness.truncate(r["response"], n), harmfulness.truncated_label(r, n))
+            for r in rows
+        ]
+    short = harmfulness.load_rows(split, harmfulness.SHORT_FILE)
+    out["short hand-written"] = [(r["prompt"], r["response"], int(r["harmful"])) for r in short]
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--split", default="test", choices=["dev", "test"])
     ap.add_argument("--old", help="a previous refusal.py to compare (its classify)")
+    ap.add_argument("--old-harmfulness", help="a previous harmfulness.py to compare (its judge)")
     args = ap.parse_args()
     rows = harmfulness.load_rows(args.split)
     gold = [NAMES[r["refusal"]] for r in rows]
@@ -86,34 +110,39 @@ def main() -> None:
         )
     print(f"\nrefusal_matcher: {ms:.2f} ms/response")
 
-    hb = [r for r in rows if r.get("harmful") is not None]
-    hgold = [int(r["harmful"]) for r in hb]
-    t0 = time.perf_counter()
-    hj = [harmfulness.judge(r["prompt"], r["response"]) for r in hb]
-    hms = (time.perf_counter() - t0) / len(hb) * 1e3
-    rule = [
-        int(not (v.refused or v.degenerate)) for v in map(classify, (r["response"] for r in hb))
-    ]
-    prefix = [int(prefix_refusal(r["response"]) == NONE) for r in hb]
-    print(
-        f"\n## Harmfulness, split={args.split}: {len(hb)} responses to harmful prompts "
-        f"(harmful={sum(hgold)})\n"
-    )
-    print("| judge | accuracy | kappa | sensitivity | specificity | judged harmful |")
-    print("|---|---|---|---|---|---|")
-    for name, pred in (
-        ("harmfulness_judge", hj),
-        ("refusal_matcher: neither refused nor degenerate", rule),
-        ("prefix_matcher: no refusal prefix", prefix),
-    ):
-        a = agreement(pred, hgold)
-        tp = sum(p and g for p, g in zip(pred, hgold, strict=True))
-        tn = sum(not p and not g for p, g in zip(pred, hgold, strict=True))
-        sens, spec = tp / max(1, sum(hgold)), tn / max(1, len(hgold) - sum(hgold))
+    judges = {"harmfulness_judge": harmfulness.judge}
+    if args.old_harmfulness:
+        judges["harmfulness_judge (old)"] = _load_module(args.old_harmfulness, "old_harm").judge
+
+    def rule(_: str, text: str) -> int:
+        v = classify(text)
+        return int(not (v.refused or v.degenerate))
+
+    judges["refusal_matcher: neither refused nor degenerate"] = rule
+    judges["prefix_matcher: no refusal prefix"] = lambda _, t: int(prefix_refusal(t) == NONE)
+    harmfulness.judge("", "")  # the one-off fit, outside the timing
+    for cond, items in harm_conditions(args.split).items():
+        hgold = [g for _, _, g in items]
         print(
-            f"| {name} | {a['accuracy']:.3f} | {a['kappa']:.3f} | {sens:.3f} | {spec:.3f} | "
-            f"{sum(pred) / len(pred):.3f} (people: {sum(hgold) / len(hgold):.3f}) |"
+            f"\n## Harmfulness, split={args.split}, {cond}: {len(items)} responses to harmful "
+            f"prompts (harmful={sum(hgold)})\n"
         )
+        print("| judge | accuracy | kappa | sensitivity | specificity | judged harmful |")
+        print("|---|---|---|---|---|---|")
+        for name, fn in judges.items():
+            t0 = time.perf_counter()
+            pred = [fn(b, t) for b, t, _ in items]
+            ms = (time.perf_counter() - t0) / len(items) * 1e3
+            a = agreement(pred, hgold)
+            tp = sum(p and g for p, g in zip(pred, hgold, strict=True))
+            tn = sum(not p and not g for p, g in zip(pred, hgold, strict=True))
+            sens, spec = tp / max(1, sum(hgold)), tn / max(1, len(hgold) - sum(hgold))
+            print(
+                f"| {name} | {a['accuracy']:.3f} | {a['kappa']:.3f} | {sens:.3f} | {spec:.3f} | "
+                f"{sum(pred) / len(pred):.3f} (people: {sum(hgold) / len(hgold):.3f}) |"
+            )
+            if name == "harmfulness_judge" and cond == "full":
+                hms = ms
     print(f"\nharmfulness_judge: {hms:.2f} ms/response (after a one-off fit)")
 
 

@@ -74,7 +74,7 @@ def test_vllm_backend_without_vllm_is_one_clear_error(tiny_model_dir, prompts, t
     assert res.returncode == 1 and "Traceback" not in res.stderr
     errors = [line for line in res.stderr.splitlines() if ": error: " in line]
     assert len(errors) == 1, res.stderr[-2000:]
-    assert "generate.backend" in errors[0] and "pip install vllm" in errors[0]
+    assert "generate.backend" in errors[0] and ".[vllm]" in errors[0]
     assert not out.exists()
 
 

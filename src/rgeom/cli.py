@@ -499,6 +499,52 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
         "rgeom.stages:provenance_cmd",
         [(("file",), {"help": "Parquet file written by rgeom"})],
     ),
+    "fetch-data": (
+        "Download the upstream data files a config reads (every manifest file without "
+        "--configfile) into the data folder, each checked against its sha256 pin, and load "
+        "its hub data sets once into the datasets cache (docs/data.md).",
+        "rgeom fetch-data --configfile config/paper.yaml\n"
+        "  rgeom fetch-data --dest data --source /mnt/mirror/rgeom-data",
+        "rgeom.fetch:fetch_data_cmd",
+        [
+            (("--configfile",), {"default": None, "help": "config whose files to fetch"}),
+            (
+                ("--dest",),
+                {"default": None, "help": "data folder (default: the config's data.shared_dir)"},
+            ),
+            (
+                ("--source",),
+                {
+                    "default": None,
+                    "help": "a mirror instead of the upstream URLs: a base URL or a local "
+                    "folder laid out like the data folder",
+                },
+            ),
+            (("--manifest",), {"default": None, "help": "another manifest YAML (tests)"}),
+            (
+                ("--force",),
+                {"action": "store_true", "help": "replace present files with other bytes"},
+            ),
+            (
+                ("--no-hub",),
+                {"dest": "hub", "action": "store_false", "help": "skip the hub data sets"},
+            ),
+        ],
+    ),
+    "fetch-models": (
+        "Download every hub model a config loads (studied model, attack source, judges and "
+        "their adapters) into the Hugging Face cache, for compute nodes without internet.",
+        "rgeom fetch-models --configfile config/paper.yaml",
+        "rgeom.fetch:fetch_models_cmd",
+        [
+            (("--configfile",), {"required": True, "help": "config whose models to fetch"}),
+            (("--cache-dir",), {"default": None, "help": "default: the hub cache (HF_HOME)"}),
+            (
+                ("--dry-run",),
+                {"action": "store_true", "help": "list the repo ids and the keys naming them"},
+            ),
+        ],
+    ),
     "record-config": (
         "Write the validated config, defaults filled in, as JSON (for `rgeom compare`).",
         "rgeom record-config --out results/config.json \\\n"
@@ -566,7 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
         )
         for flags, kwargs in args:
             p.add_argument(*flags, **kwargs)
-        if name not in ("check-config", "check-profile", "provenance", "status", "compare"):
+        no_params = ("check-config", "check-profile", "provenance", "status", "compare")
+        if name not in (*no_params, "fetch-data", "fetch-models"):
             p.add_argument("--params", type=_json, default={}, help="stage parameters as JSON")
     return parser
 

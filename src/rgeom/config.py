@@ -94,6 +94,24 @@ def _describe(err: jsonschema.ValidationError) -> str:
     return f"key {where}: {err.message}"
 
 
+#: Where the upstream data files live on this machine, when the config does not say.
+SHARED_DATA_ENV = "RGEOM_SHARED_DATA"
+
+
+def _shared_dir_from_env(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``data.shared_dir`` from RGEOM_SHARED_DATA when the config leaves it out.
+
+    An explicit key wins: a config that names its folder (or a test that points one at
+    tmp_path) must not be redirected by a variable set for another run. The schema default
+    applies only when neither is set. A malformed ``data`` is left to schema validation.
+    """
+    env = os.environ.get(SHARED_DATA_ENV)
+    data = cfg.get("data", {})
+    if env and isinstance(data, dict) and "shared_dir" not in data:
+        cfg["data"] = {**data, "shared_dir": env}
+    return cfg
+
+
 def validate(
     config: Mapping[str, Any],
     source: str = "config",
@@ -108,7 +126,7 @@ def validate(
     leave the old set's numbers in place under the new config.
     """
     schema = schema or load_schema()
-    cfg = _fill_defaults(copy.deepcopy(dict(config)), schema)
+    cfg = _fill_defaults(_shared_dir_from_env(copy.deepcopy(dict(config))), schema)
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.absolute_path), e.path))
     if errors:

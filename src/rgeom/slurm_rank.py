@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import sys
 import zlib
 from collections.abc import Mapping
@@ -76,15 +77,45 @@ def launcher(resources: Mapping, num_gpus: int) -> str:
     return "rgeom"
 
 
+def _process_group() -> tuple[int, int, str] | None:
+    """(rank, world size, backend) of the process group this process trained in, if any."""
+    # Only a run that imported torch can have joined a group; importing it here would cost
+    # seconds for a command that never trains.
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return None
+    return dist.get_rank(), dist.get_world_size(), str(dist.get_backend())
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        os.environ.update(rank_env(os.environ))
+        mapped = rank_env(os.environ)
     except RgeomError as exc:
         print(f"rgeom.slurm_rank: error: {exc}", file=sys.stderr)
         return 1
+    os.environ.update(mapped)
+    # One line per task in the job's log: a rendezvous that hangs shows which ranks started,
+    # on which host, and where they wait for the others.
+    print(
+        f"rgeom.slurm_rank: task {os.environ['SLURM_PROCID']} on {socket.gethostname()}: "
+        f"rank {mapped['RANK']} of {mapped['WORLD_SIZE']}, "
+        f"rendezvous {mapped['MASTER_ADDR']}:{mapped['MASTER_PORT']}",
+        file=sys.stderr,
+        flush=True,
+    )
     from rgeom.cli import main as cli_main
 
-    return cli_main(sys.argv[1:] if argv is None else argv)
+    code = cli_main(sys.argv[1:] if argv is None else argv)
+    group = _process_group()
+    if group is not None:
+        # From torch's process group, not the environment: the world this rank really ran in.
+        rank, world, backend = group
+        print(
+            f"rgeom.slurm_rank: rank {rank} of {world} ({backend}) joined; exit {code}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return code
 
 
 if __name__ == "__main__":

@@ -31,7 +31,10 @@ from rgeom.errors import RgeomError
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install vllm (a CUDA machine is needed), or set generate.backend: hf"
+INSTALL_HINT = (
+    "pip install -e '.[vllm]' (the vllm extra; a CUDA machine is needed), "
+    "or set generate.backend: hf"
+)
 
 
 def import_vllm():

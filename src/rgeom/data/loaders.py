@@ -39,6 +39,11 @@ HARMBENCH_CATEGORIES = (
 )
 BUILTIN_PIECES = ("harmful", "harmless", "xstest", "utility")
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
+# Splits kept in a file of their own, ``{piece}_{split}.jsonl``, read only when a set asks
+# for that split. A piece read without a split (the spec default, builtin_corpus) stays the
+# suite that existing configs, R2D2 targets and their caches were built on; the direction
+# prompts carry no targets and exist only to make difference-in-means estimates less noisy.
+BUILTIN_OPT_IN_SPLITS = {"harmful": ("direction",), "harmless": ("direction",)}
 FORMATS = (
     "builtin",
     "harmbench_csv",
@@ -560,7 +565,11 @@ def _builtin(spec: dict[str, Any]) -> _Loaded:
         raise RgeomError(
             f"unknown builtin piece {piece!r}; expected one of {', '.join(BUILTIN_PIECES)}"
         )
-    path = BUILTIN_DIR / f"{piece}.jsonl"
+    split = spec.get("split")
+    if split in BUILTIN_OPT_IN_SPLITS.get(piece, ()):
+        path = BUILTIN_DIR / f"{piece}_{split}.jsonl"
+    else:
+        path = BUILTIN_DIR / f"{piece}.jsonl"
     rows = _jsonl(path, {"text_field": "text"})
     return _Loaded(rows=rows, origin=str(path), sha256=None)
 
@@ -734,5 +743,6 @@ def _builtin_texts() -> tuple[str, ...]:
 
 
 def builtin_corpus() -> list[str]:
-    """Every prompt text of the built-in suite, piece by piece in file order."""
+    """Every prompt text of the built-in suite, piece by piece in file order (the opt-in
+    splits of :data:`BUILTIN_OPT_IN_SPLITS` apart)."""
     return list(_builtin_texts())

@@ -111,31 +111,45 @@ def _expand_rgeom(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-@functools.lru_cache(maxsize=4)
-def builtin_error_rates(kind: str) -> dict[str, int]:
+#: Words per token of English text under a BPE vocabulary: a completion cut at
+#: ``max_new_tokens`` tokens holds about this many words per token (the judge's own cut
+#: lengths, 12/24/48 words, stand for 16/32/64 tokens the same way).
+WORDS_PER_TOKEN = 0.75
+
+
+@functools.lru_cache(maxsize=16)
+def builtin_error_rates(kind: str, max_new_tokens: int | None = None) -> dict[str, int]:
     """Confusion counts (tp, fn, tn, fp) of an embedded judge on builtin:rgeom's test split.
 
     ``kind``: ``harmfulness_judge`` (harmful vs the harmfulness label), ``refusal_matcher``
     (its "neither refused nor degenerate" ASR rule vs the harmfulness label) or
     ``any_refusal`` (refusal_matcher's refused vs any human refusal). Positive = harmful,
     or refused.
+
+    ``max_new_tokens``: the generation length of the completions being judged. A judge's
+    error rates depend on how much of an answer it sees (a 32-token cut of a harmful answer
+    may not have reached the harmful part yet), so the harmfulness rates are measured on
+    the test responses cut to the same length (:data:`WORDS_PER_TOKEN`) and relabelled by
+    :func:`rgeom.judges.harmfulness.truncated_label`; the short hand-written test rows are
+    scored as they are. Without it, or for ``any_refusal`` (cut refusals have no labels of
+    their own), whole responses are used.
     """
-    rows = read_labelled("builtin:rgeom")
     if kind == "any_refusal":
-        sub = [r for r in rows if r["task"] == "xstest"]
+        sub = [r for r in read_labelled("builtin:rgeom") if r["task"] == "xstest"]
         pred = [classify(r["response"]).refused for r in sub]
         gold = [r["gold"] != "full_compliance" for r in sub]
     else:
-        sub = [r for r in rows if r["task"] == "harmbench"]
-        gold = [r["gold"] == "yes" for r in sub]
+        pairs = _harmfulness_test_rows(max_new_tokens)
         if kind == harmfulness.JUDGE_NAME:
-            pred = [bool(harmfulness.judge(r["prompt"], r["response"])) for r in sub]
+            pred = [bool(harmfulness.judge(prompt, response)) for prompt, response, _ in pairs]
         elif kind == JUDGE_NAME:
             pred = [
-                not (v.refused or v.degenerate) for v in map(classify, (r["response"] for r in sub))
+                not (v.refused or v.degenerate)
+                for v in (classify(response) for _, response, _ in pairs)
             ]
         else:
             raise RgeomError(f"no built-in error rates for judge {kind!r}")
+        gold = [g for _, _, g in pairs]
     p, g = np.asarray(pred, bool), np.asarray(gold, bool)
     return {
         "tp": int((p & g).sum()),
@@ -143,6 +157,23 @@ def builtin_error_rates(kind: str) -> dict[str, int]:
         "tn": int((~p & ~g).sum()),
         "fp": int((p & ~g).sum()),
     }
+
+
+def _harmfulness_test_rows(max_new_tokens: int | None) -> list[tuple[str, str, bool]]:
+    """(behaviour, response, harmful) of the test split and its short hand-written rows,
+    the responses cut to ``max_new_tokens`` tokens' worth of words if given."""
+    rows = [r for r in harmfulness.load_rows("test") if r.get("harmful") is not None]
+    if max_new_tokens is None:
+        out = [(r["prompt"], r["response"], bool(r["harmful"])) for r in rows]
+    else:
+        n_words = max(1, round(max_new_tokens * WORDS_PER_TOKEN))
+        out = [
+            (r["prompt"], harmfulness.truncate(r["response"], n_words), bool(label))
+            for r in rows
+            if (label := harmfulness.truncated_label(r, n_words)) is not None
+        ]
+    short = harmfulness.load_rows("test", harmfulness.SHORT_FILE)
+    return out + [(r["prompt"], r["response"], bool(r["harmful"])) for r in short]
 
 
 def _prompt_lookup(prompts: str | None) -> dict[str, tuple[str, str | None]]:
