@@ -37,7 +37,9 @@ rule sft_data:
     priority: 50
     conda:
         "../envs/train.yaml"
-    threads: 2
+    # One thread, as for train: a 2-thread job waits until both cores are free at once, and
+    # the demo started this link of the longest path 160 s late behind 1-thread cell jobs.
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=60,

@@ -18,7 +18,10 @@ rule train:
     priority: 50
     conda:
         "../envs/train.yaml"
-    threads: 2
+    # One thread: on a few CPU cores a 2-thread segment holds every core, so no cell job
+    # runs beside it and the demo's training ran alone for 280 of its 990 s. One thread per
+    # job keeps both cores busy. GPU jobs take their CPUs from cpus_per_gpu (profiles/slurm).
+    threads: 1
     resources:
         mem_mb=8000,
         runtime=240,
