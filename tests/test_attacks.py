@@ -320,11 +320,19 @@ def test_labels_without_methods_give_no_method_rows():
 def test_adaptive_gcg_attacks_the_checkpoint_and_judges_it(tiny, behaviours, tmp_path):
     model, tok = tiny
     params = {"n_behaviors": 2, "steps": 2, "search_width": 8, "topk": 8, "init_suffix": "! ! !"}
+    cases = tmp_path / "adaptive_gcg_cases.parquet"
     completions = tmp_path / "adaptive_gcg_completions.parquet"
-    T.adaptive_gcg_cell(
-        model, tok, str(behaviours), str(completions), params, {"max_new_tokens": 4},
-        seed=0, arm="sft", step=2, meta={},
-    )  # fmt: skip
+    T.adaptive_gcg_search(
+        model, tok, str(behaviours), str(cases), params, seed=0, arm="sft", step=2, meta={}
+    )
+    found = read_table(cases, T.ADAPTIVE_CASES_SCHEMA).to_pylist()
+    T.adaptive_completions(model, tok, str(cases), str(completions), {"max_new_tokens": 4}, {})
+    done = read_table(completions, T.ADAPTIVE_COMPLETION_SCHEMA).to_pylist()
+    # The completions job adds the completion to the search's rows, and reads GCG's own ids.
+    assert [{k: v for k, v in r.items() if k != "prompt_ids"} for r in found] == [
+        {k: v for k, v in r.items() if k != "completion"} for r in done
+    ]
+    assert all(r["prompt_ids"] for r in found)
     out, metrics_out = tmp_path / "adaptive_gcg.parquet", tmp_path / "metrics.parquet"
     table = T.judge_adaptive(
         str(completions), str(out), str(metrics_out), {"bootstrap": 50}, seed=0, meta={}

@@ -326,19 +326,29 @@ def test_cli_autodan_end_to_end(tiny_model_dir, behaviours, tmp_path):
 def test_adaptive_autodan_attacks_the_checkpoint_and_reports_its_asr(
     tiny_model_dir, behaviours, tmp_path
 ):
-    """rgeom adaptive-autodan then rgeom adaptive-judge: AutoDAN evolved against this
-    checkpoint on the adaptive subset, its completions judged into adaptive_autodan.asr."""
+    """rgeom adaptive-autodan, adaptive-generate, adaptive-judge, adaptive-metrics: AutoDAN
+    evolved against this checkpoint on the adaptive subset, its completions judged into
+    adaptive_autodan.asr."""
     import subprocess
     import sys
 
+    cases = tmp_path / "adaptive_autodan_cases.parquet"
     completions = tmp_path / "adaptive_autodan_completions.parquet"
     params = {"model": {"device": "cpu"}, "seed": 0, "arm": "r2d2", "step": 50}
     params["attacks"] = {"adaptive": {"n_behaviors": 2}, "autodan": {**TINY, "generations": 1}}
-    params["generate"] = {"max_new_tokens": 4}
     res = subprocess.run(
         [sys.executable, "-m", "rgeom.cli", "adaptive-autodan", "--model", str(tiny_model_dir),
-         "--behaviors", str(behaviours), "--out", str(completions), "--params",
+         "--behaviors", str(behaviours), "--out", str(cases), "--params",
          json.dumps(params)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    # AutoDAN's test cases are text, encoded through the chat template when generated.
+    assert read_table(cases, T.ADAPTIVE_CASES_SCHEMA).column("prompt_ids").null_count == 2
+    gen = {"model": {"device": "cpu"}, "seed": 0, "generate": {"max_new_tokens": 4}}
+    res = subprocess.run(
+        [sys.executable, "-m", "rgeom.cli", "adaptive-generate", "--model", str(tiny_model_dir),
+         "--cases", str(cases), "--out", str(completions), "--params", json.dumps(gen)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
@@ -357,8 +367,13 @@ def test_adaptive_autodan_attacks_the_checkpoint_and_reports_its_asr(
     out, metrics = tmp_path / "adaptive_autodan.parquet", tmp_path / "metrics.parquet"
     res = subprocess.run(
         [sys.executable, "-m", "rgeom.cli", "adaptive-judge", "--completions", str(completions),
-         "--out", str(out), "--metrics", str(metrics), "--params",
-         json.dumps({"seed": 0, "judge": {"bootstrap": 10}})],
+         "--out", str(out), "--params", json.dumps({"seed": 0, "judge": {}})],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = subprocess.run(
+        [sys.executable, "-m", "rgeom.cli", "adaptive-metrics", "--labels", str(out),
+         "--out", str(metrics), "--params", json.dumps({"seed": 0, "judge": {"bootstrap": 10}})],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]

@@ -27,10 +27,14 @@ RAW = yaml.safe_load(TEST_CONFIG)
 CFG = load(REPO / ".test" / "config.yaml")
 N_CELLS = 1 + len(CFG["arms"]) * (len(CFG["anchors"]) - 1)  # the base once, then each arm
 N_BENCH = len(CFG["benchmarks"])
+#: Adaptive attacks per cell (GCG and AutoDAN in .test/config.yaml).
+N_ADAPTIVE = (
+    len(CFG["attacks"]["adaptive"]["methods"]) if CFG["attacks"]["adaptive"]["enabled"] else 0
+)
 #: Jobs that are never cheap: an edit downstream of them must not rerun them.
 EXPENSIVE = ("prepare_model", "prepare_data", "sft_data", "train", "generate")
 EXPENSIVE += ("extract_activations", "directions", "attack", "attack_gcg", "adaptive_gcg")
-EXPENSIVE += ("test_cases",)
+EXPENSIVE += ("adaptive_autodan", "test_cases")
 
 
 def edited(**sections) -> str:
@@ -92,15 +96,26 @@ def test_a_carrier_parameter_reruns_only_geometry_analysis(finished_run, tmp_pat
     assert_only(counts, allowed, exact)
 
 
-def test_editing_the_judge_reruns_only_judging(finished_run, tmp_path):
+def test_the_bootstrap_count_reruns_only_the_metrics(finished_run, tmp_path):
+    # judge.bootstrap only sizes intervals: the per-cell metrics jobs recompute them from the
+    # labels. Before: every judge, adaptive_judge and validate_judges job (model judges at
+    # paper scale) reran.
     bootstrap = CFG["judge"]["bootstrap"]
     counts = dry_run(finished_run, edited(judge={"bootstrap": bootstrap // 2}), tmp_path)
-    allowed = {"judge", "adaptive_judge", "validate_judges", "summary", "publish_summary"}
-    allowed |= {"record_config", "all"}
-    exact = {"judge": N_CELLS * N_BENCH, "summary": 1, "publish_summary": 1}
-    exact |= {"record_config": 1, "all": 1}
-    exact |= {"carriers": 0, "interventions": 0, "drift": 0}
-    exact |= {"validate_judges": 1, "utility_shift": 0}  # the judge is re-validated
+    exact = {"metrics": N_CELLS, "adaptive_metrics": N_CELLS if N_ADAPTIVE else 0, **RECORD}
+    assert counts == {rule: n for rule, n in exact.items() if n}, counts
+
+
+def test_editing_the_judge_reruns_only_judging(finished_run, tmp_path):
+    # A judge that labels differently: every scoring job and what reads its labels.
+    counts = dry_run(finished_run, edited(judge={"harmbench": "refusal_matcher"}), tmp_path)
+    allowed = {"judge", "adaptive_judge", "metrics", "adaptive_metrics", "validate_judges"}
+    # Interventions score their generations with the configured judge.
+    allowed |= {"interventions", "interventions_summary"} | set(RECORD)
+    exact = {"judge": N_CELLS * N_BENCH, "metrics": N_CELLS, **RECORD}
+    exact |= {"adaptive_judge": N_CELLS * N_ADAPTIVE, "adaptive_metrics": N_CELLS}
+    exact |= {"validate_judges": 1, "adaptive_generate": 0, "utility_shift": 0}
+    exact |= {"carriers": 0, "drift": 0}
     assert_only(counts, allowed, exact)
 
 
@@ -156,6 +171,7 @@ def test_an_added_anchor_runs_only_the_new_cells(added_anchor, finished_run):
     # Per arm: one training segment and the new cell's jobs; nothing of the old cells.
     per_cell = {"generate": N_BENCH, "judge": N_BENCH, "extract_activations": 1}
     per_cell |= {"directions": 1, "carriers": 1, "interventions": 1, "utility_shift": 1}
+    per_cell |= {"metrics": 1, "adaptive_gcg": 1, "adaptive_generate": N_ADAPTIVE}
     for rule, n in per_cell.items():
         assert counts.get(rule, 0) == arms * n, f"{rule}: {counts}"
     assert counts["train"] == arms and counts["train_log"] == arms
@@ -191,12 +207,13 @@ def test_moving_the_shared_data_folder_reruns_nothing_but_the_config_record(fini
 def test_generate_max_new_tokens_reruns_generation_but_not_training(finished_run, tmp_path):
     new = CFG["generate"]["max_new_tokens"] + 2
     counts = dry_run(finished_run, edited(generate={"max_new_tokens": new}), tmp_path)
-    allowed = {"generate", "judge", "adaptive_gcg", "adaptive_autodan", "adaptive_judge"}
-    # utility_shift scores the base model's (regenerated) answers to harmless prompts.
-    allowed |= {"utility_shift"} | set(RECORD)
-    exact = {"generate": N_CELLS * N_BENCH, "judge": N_CELLS * N_BENCH, **RECORD}
+    # Completions, their labels and metrics; utility_shift scores the base model's
+    # (regenerated) answers to harmless prompts. Not the adaptive searches: GCG and AutoDAN
+    # (whose early stop generates attacks.autodan.early_stop_tokens of its own) never read
+    # generate.*; before, both reran in every cell.
+    exact = {"generate": N_CELLS * N_BENCH, "judge": N_CELLS * N_BENCH, "metrics": N_CELLS}
+    exact |= {"adaptive_generate": N_CELLS * N_ADAPTIVE, "adaptive_judge": N_CELLS * N_ADAPTIVE}
+    exact |= {"adaptive_metrics": N_CELLS, "utility_shift": N_CELLS, **RECORD}
     for rule in ("prepare_model", "prepare_data", "sft_data", "train", "attack_gcg"):
         assert counts.get(rule, 0) == 0, f"{rule} must not rerun: {counts}"
-    assert set(counts) <= allowed, counts
-    for rule, n in exact.items():
-        assert counts.get(rule, 0) == n, f"{rule}: {counts}"
+    assert counts == {rule: n for rule, n in exact.items() if n}, counts

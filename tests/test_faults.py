@@ -361,18 +361,17 @@ def run_attack(tiny, tiny_model_dir, behaviours: Path, out: Path, method: str, *
 
 
 def run_adaptive(tiny, tiny_model_dir, behaviours: Path, out: Path, **changes):
-    from rgeom.attacks.testcases import adaptive_gcg_cell
+    from rgeom.attacks.testcases import adaptive_gcg_search
 
     model, tokenizer = tiny
     params = {**GCG, "n_behaviors": 3, **changes}
     meta = {"model": str(tiny_model_dir), "seed": SEED, "arm": "base", "step": 0}
-    return lambda: adaptive_gcg_cell(
+    return lambda: adaptive_gcg_search(
         model,
         tokenizer,
         str(behaviours),
         str(out),
         params,
-        {"batch_size": 2, "max_new_tokens": 4},
         seed=SEED,
         arm="base",
         step=0,
@@ -467,12 +466,12 @@ def test_gcg_suffix_depends_only_on_seed_and_behaviour(
 def test_adaptive_gcg_killed_after_a_behaviour_resumes(
     tiny, tiny_model_dir, behaviours, attack_reference, tmp_path, caplog
 ):
-    from rgeom.attacks.testcases import ADAPTIVE_COMPLETION_SCHEMA
+    from rgeom.attacks.testcases import ADAPTIVE_CASES_SCHEMA
 
     reference = attack_reference("adaptive")
-    out = tmp_path / "adaptive_gcg_completions.parquet"
+    out = tmp_path / "adaptive_gcg_cases.parquet"
     run = run_adaptive(tiny, tiny_model_dir, behaviours, out)
-    killed(run, "shard@2:adaptive_gcg_completions.parquet")
+    killed(run, "shard@2:adaptive_gcg_cases.parquet")
     no_visible_output(out)
     assert manifest(out)["complete"] == [0, 1]
     with one_thread(), caplog.at_level(logging.INFO, logger="rgeom"):
@@ -480,7 +479,7 @@ def test_adaptive_gcg_killed_after_a_behaviour_resumes(
     assert "2 of 3 shards already done" in caplog.text
     assert len(attacked("\n".join(caplog.messages), "adaptive")) == 1
     assert_same_file(out, reference)
-    assert read_table(out, ADAPTIVE_COMPLETION_SCHEMA).num_rows == 3
+    assert read_table(out, ADAPTIVE_CASES_SCHEMA).num_rows == 3
     assert not parts_dir(out).exists()
     # A changed setting discards the shards: the other run attacks all three again.
     caplog.clear()

@@ -129,6 +129,7 @@ def test_editing_gcg_transfer_reruns_only_the_attack_and_its_replay(finished_run
         "test_cases": 1,
         "generate": n_cells,
         "judge": n_cells,
+        "metrics": n_cells,
         "record_config": 1,
         "summary": 1,
         "publish_summary": 1,

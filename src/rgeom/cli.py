@@ -121,17 +121,27 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
         ],
     ),
     "judge": (
-        "Label completions and compute the benchmark's metrics.",
-        "rgeom judge --generations gen.parquet --labels labels.parquet --metrics metrics.parquet",
+        "Label completions (and, with --metrics, compute the benchmark's metrics).",
+        "rgeom judge --generations gen.parquet --labels labels.parquet",
         "rgeom.stages:judge",
         [
             (("--generations",), {"required": True}),
             (("--labels",), {"required": True}),
-            (("--metrics",), {"required": True}),
+            (("--metrics",), {"default": None, "help": "also write the metrics (rgeom metrics)"}),
             (
                 ("--prompts",),
                 {"default": None, "help": "the prompt set (behaviour text for model judges)"},
             ),
+        ],
+    ),
+    "metrics": (
+        "Metrics with bootstrap CIs from judged labels (judge.bootstrap resamples).",
+        "rgeom metrics --labels results/sft/step-000010/judgements/xstest.parquet \\\n"
+        "    --out results/sft/step-000010/metrics/xstest.parquet",
+        "rgeom.stages:metrics",
+        [
+            (("--labels",), {"nargs": "+", "required": True, "help": "rgeom judge's labels"}),
+            (("--out",), {"nargs": "+", "required": True, "help": "one metrics table each"}),
         ],
     ),
     "validate-judge": (
@@ -405,49 +415,73 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
         ],
     ),
     "adaptive-gcg": (
-        "GCG optimised against this checkpoint on a few behaviours, and the completions.",
+        "GCG optimised against this checkpoint on a few behaviours: the suffixes.",
         "rgeom adaptive-gcg --model results/sft/checkpoints/step-000010 \\\n"
         "    --behaviors results/data/harmbench.parquet \\\n"
-        "    --out results/sft/step-000010/adaptive_gcg_completions.parquet \\\n"
+        "    --out results/sft/step-000010/adaptive_gcg_cases.parquet \\\n"
         '    --params \'{"arm": "sft", "step": 10, "attacks": {"adaptive": {"n_behaviors": 2}}}\'',
         "rgeom.attacks.stages:adaptive_gcg",
         [
             (("--model",), {"required": True}),
             (("--behaviors",), {"required": True, "help": "behaviour set (prompt Parquet)"}),
-            (("--out",), {"required": True, "help": "suffixes and completions"}),
+            (("--out",), {"required": True, "help": "suffixes and their token ids"}),
             (("--targets",), {"default": None, "help": "HarmBench targets JSON"}),
         ],
     ),
     "adaptive-autodan": (
-        "AutoDAN evolved against this checkpoint on the adaptive subset, and the completions.",
+        "AutoDAN evolved against this checkpoint on the adaptive subset: the jailbreaks.",
         "rgeom adaptive-autodan --model results/sft/checkpoints/step-000010 \\\n"
         "    --behaviors results/data/harmbench.parquet \\\n"
-        "    --out results/sft/step-000010/adaptive_autodan_completions.parquet \\\n"
+        "    --out results/sft/step-000010/adaptive_autodan_cases.parquet \\\n"
         '    --params \'{"arm": "sft", "step": 10, "attacks": {"adaptive": {"n_behaviors": 2}}}\'',
         "rgeom.attacks.stages:adaptive_autodan",
         [
             (("--model",), {"required": True}),
             (("--behaviors",), {"required": True, "help": "behaviour set (prompt Parquet)"}),
-            (("--out",), {"required": True, "help": "templates and completions"}),
+            (("--out",), {"required": True, "help": "evolved templates and test cases"}),
             (("--targets",), {"default": None, "help": "HarmBench targets JSON"}),
             (("--templates",), {"default": None, "help": "AutoDAN prototypes JSONL"}),
         ],
     ),
+    "adaptive-generate": (
+        "Greedy completions of an adaptive search's test cases (GCG's exact token ids).",
+        "rgeom adaptive-generate --model results/sft/checkpoints/step-000010 \\\n"
+        "    --cases results/sft/step-000010/adaptive_gcg_cases.parquet \\\n"
+        "    --out results/sft/step-000010/adaptive_gcg_completions.parquet",
+        "rgeom.attacks.stages:adaptive_generate",
+        [
+            (("--model",), {"required": True}),
+            (("--cases",), {"required": True, "help": "rgeom adaptive-gcg/-autodan output"}),
+            (("--out",), {"required": True, "help": "the cases with their completions"}),
+        ],
+    ),
     "adaptive-judge": (
-        "Judge adaptive-attack completions: per-behaviour success and the cell's ASR.",
+        "Judge adaptive-attack completions: per-behaviour labels and success.",
         "rgeom adaptive-judge \\\n"
         "    --completions results/sft/step-000010/adaptive_gcg_completions.parquet \\\n"
-        "    --out results/sft/step-000010/adaptive_gcg.parquet \\\n"
-        "    --metrics results/sft/step-000010/adaptive_gcg_metrics.parquet",
+        "    --out results/sft/step-000010/adaptive_gcg.parquet",
         "rgeom.attacks.stages:adaptive_judge",
         [
             (("--completions",), {"required": True}),
             (("--out",), {"required": True, "help": "per-behaviour labels and success"}),
-            (("--metrics",), {"required": True, "help": "metrics table (benchmark adaptive_gcg)"}),
+            (
+                ("--metrics",),
+                {"default": None, "help": "also write the ASR table (rgeom adaptive-metrics)"},
+            ),
             (
                 ("--prompts",),
                 {"default": None, "help": "behaviour set: the text a model judge reads"},
             ),
+        ],
+    ),
+    "adaptive-metrics": (
+        "The ASR of judged adaptive attacks, with its bootstrap CI.",
+        "rgeom adaptive-metrics --labels results/sft/step-000010/adaptive_gcg.parquet \\\n"
+        "    --out results/sft/step-000010/adaptive_gcg_metrics.parquet",
+        "rgeom.attacks.stages:adaptive_metrics",
+        [
+            (("--labels",), {"nargs": "+", "required": True, "help": "rgeom adaptive-judge's"}),
+            (("--out",), {"nargs": "+", "required": True, "help": "one metrics table each"}),
         ],
     ),
     "check-config": (

@@ -256,7 +256,7 @@ def generate(model: str, prompts: str, out: str, params: dict[str, Any]) -> None
 def judge(
     generations: str,
     labels: str,
-    metrics: str,
+    metrics: str | None,
     params: dict[str, Any],
     prompts: str | None = None,
 ) -> None:
@@ -279,6 +279,18 @@ def judge(
         ),
         prompts=prompts,
     )
+
+
+def metrics(labels: list[str], out: list[str], params: dict[str, Any]) -> None:
+    """Each judged cell's metrics with bootstrap CIs, ``labels[i]`` -> ``out[i]``: the cheap
+    half of judging, the only one ``judge.bootstrap`` reaches."""
+    from rgeom.judges import bootstrap_count, metrics_table
+
+    if len(labels) != len(out):
+        raise RgeomError(f"--labels names {len(labels)} files but --out {len(out)}")
+    n_boot = bootstrap_count(params.get("judge", {}))
+    for src, dst in zip(labels, out, strict=True):
+        metrics_table(src, dst, n_boot, int(params.get("seed", 0)), _meta(params))
 
 
 def validate_judge(

@@ -3,7 +3,8 @@
 # (results/attacks/{method}.parquet), merged into results/attacks/test_cases.parquet and
 # replayed unchanged by the attack benchmark's generate job at every anchor of both arms;
 # adaptive GCG and adaptive AutoDAN (attacks.adaptive.methods) are re-optimised against each
-# checkpoint (results/{arm}/step-{step}/adaptive_{gcg,autodan}.parquet and _metrics.parquet).
+# checkpoint (results/{arm}/step-{step}/adaptive_{gcg,autodan}_cases.parquet, then
+# _completions, the judged adaptive_{gcg,autodan}.parquet and _metrics.parquet).
 
 # Helpers (ATTACKS, generate_prompts, attack_inputs, ...) live in common.smk.
 
@@ -147,11 +148,15 @@ rule test_cases:
         " --params {params.json:q} > {log} 2>&1"
 
 
+# Adaptive attacks are four jobs per (cell, attack), so that each setting reruns only what
+# it changes: the search (attacks.adaptive / attacks.autodan; hours per behaviour at paper
+# scale), adaptive_generate (generate.max_new_tokens), adaptive_judge (judge.*) and
+# adaptive_metrics (judge.bootstrap).
 rule adaptive_gcg:
     input:
         unpack(adaptive_inputs),
     output:
-        table="results/{arm}/step-{step}/adaptive_gcg_completions.parquet",
+        table="results/{arm}/step-{step}/adaptive_gcg_cases.parquet",
     log:
         "results/logs/adaptive_gcg/{arm}-{step}.log",
     benchmark:
@@ -164,8 +169,7 @@ rule adaptive_gcg:
         runtime=240,
         gpu=GPU,
     params:
-        json=untracked(lambda w: adaptive_params(w)),
-        key=lambda w: adaptive_params(w, perf=False),
+        json=lambda w: adaptive_params(w),
         flags=lambda w, input: optional_flags(input, "targets"),
     shell:
         "rgeom adaptive-gcg --model {input.model} --behaviors {input.behaviors}"
@@ -173,12 +177,12 @@ rule adaptive_gcg:
 
 
 # Adaptive AutoDAN: attacks.autodan's genetic search re-run against each checkpoint on
-# the adaptive subset (attacks.adaptive.n_behaviors), judged by adaptive_judge below.
+# the adaptive subset (attacks.adaptive.n_behaviors), then generated and judged as above.
 rule adaptive_autodan:
     input:
         unpack(adaptive_autodan_inputs),
     output:
-        table="results/{arm}/step-{step}/adaptive_autodan_completions.parquet",
+        table="results/{arm}/step-{step}/adaptive_autodan_cases.parquet",
     log:
         "results/logs/adaptive_autodan/{arm}-{step}.log",
     benchmark:
@@ -191,12 +195,38 @@ rule adaptive_autodan:
         runtime=240,
         gpu=GPU,
     params:
-        json=untracked(lambda w: adaptive_autodan_params(w)),
-        key=lambda w: adaptive_autodan_params(w, perf=False),
+        json=lambda w: adaptive_autodan_params(w),
         flags=lambda w, input: optional_flags(input, "targets", "templates"),
     shell:
         "rgeom adaptive-autodan --model {input.model} --behaviors {input.behaviors}"
         " --out {output.table} {params.flags} --params {params.json:q} > {log} 2>&1"
+
+
+rule adaptive_generate:
+    input:
+        model=model_dir,
+        cases="results/{arm}/step-{step}/adaptive_{attack}_cases.parquet",
+    output:
+        table="results/{arm}/step-{step}/adaptive_{attack}_completions.parquet",
+    log:
+        "results/logs/adaptive_generate/{arm}-{step}-{attack}.log",
+    benchmark:
+        "results/benchmarks/adaptive_generate/{arm}-{step}-{attack}.tsv"
+    wildcard_constraints:
+        attack="gcg|autodan",
+    conda:
+        "../envs/train.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+        gpu=GPU,
+    params:
+        json=untracked(lambda w: adaptive_generate_params(w)),
+        key=lambda w: adaptive_generate_params(w, perf=False),
+    shell:
+        "rgeom adaptive-generate --model {input.model} --cases {input.cases}"
+        " --out {output.table} --params {params.json:q} > {log} 2>&1"
 
 
 # The configured judge (judge.harmbench etc.), not the embedded matcher alone, decides
@@ -206,7 +236,6 @@ rule adaptive_judge:
         unpack(adaptive_judge_inputs),
     output:
         table="results/{arm}/step-{step}/adaptive_{attack}.parquet",
-        metrics="results/{arm}/step-{step}/adaptive_{attack}_metrics.parquet",
     log:
         "results/logs/adaptive_judge/{arm}-{step}-{attack}.log",
     benchmark:
@@ -222,10 +251,39 @@ rule adaptive_judge:
         runtime=60 if model_judges() else 10,
         gpu=judge_gpu(),
     params:
-        json=params_json(judge=config["judge"]),
+        json=params_json(judge=judge_params()),
         prompts=lambda w, input: (
             f"--prompts {input.prompts}" if "prompts" in input.keys() else ""
         ),
     shell:
         "rgeom adaptive-judge --completions {input.completions} --out {output.table}"
-        " --metrics {output.metrics} {params.prompts} --params {params.json:q} > {log} 2>&1"
+        " {params.prompts} --params {params.json:q} > {log} 2>&1"
+
+
+# Each adaptive attack's ASR and its bootstrap CI, from the judged rows of one cell: seconds,
+# a local rule like metrics (behaviour.smk).
+rule adaptive_metrics:
+    input:
+        labels=cell_files(
+            "adaptive_{attack}.parquet", attack=ATTACKS["adaptive"]["methods"]
+        ),
+    output:
+        metrics=cell_files(
+            "adaptive_{attack}_metrics.parquet", attack=ATTACKS["adaptive"]["methods"]
+        ),
+    log:
+        "results/logs/adaptive_metrics/{arm}-{step}.log",
+    benchmark:
+        "results/benchmarks/adaptive_metrics/{arm}-{step}.tsv"
+    localrule: True
+    conda:
+        "../envs/analysis.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    params:
+        json=params_json(judge=metrics_params()),
+    shell:
+        "rgeom adaptive-metrics --labels {input.labels} --out {output.metrics}"
+        " --params {params.json:q} > {log} 2>&1"

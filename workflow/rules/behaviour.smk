@@ -30,7 +30,6 @@ rule judge:
         unpack(judge_inputs),
     output:
         labels="results/{arm}/step-{step}/judgements/{benchmark}.parquet",
-        metrics="results/{arm}/step-{step}/metrics/{benchmark}.parquet",
     log:
         "results/logs/judge/{arm}-{step}-{benchmark}.log",
     benchmark:
@@ -44,10 +43,40 @@ rule judge:
         runtime=120 if model_judges() else 10,
         gpu=judge_gpu(),
     params:
-        json=params_json(judge=config["judge"]),
+        json=params_json(judge=judge_params()),
         prompts=lambda w, input: (
             f"--prompts {input.prompts}" if "prompts" in input.keys() else ""
         ),
     shell:
         "rgeom judge --generations {input.generations} --labels {output.labels}"
-        " --metrics {output.metrics} {params.prompts} --params {params.json:q} > {log} 2>&1"
+        " {params.prompts} --params {params.json:q} > {log} 2>&1"
+
+
+# The cheap half of judging: metrics and their bootstrap CIs from every benchmark's labels
+# of one cell, in seconds, so judge.bootstrap reruns this and never a judge model. A local
+# rule: under SLURM a job of seconds would mostly wait in the queue.
+rule metrics:
+    input:
+        labels=cell_files(
+            "judgements/{benchmark}.parquet", benchmark=config["benchmarks"]
+        ),
+    output:
+        metrics=cell_files(
+            "metrics/{benchmark}.parquet", benchmark=config["benchmarks"]
+        ),
+    log:
+        "results/logs/metrics/{arm}-{step}.log",
+    benchmark:
+        "results/benchmarks/metrics/{arm}-{step}.tsv"
+    localrule: True
+    conda:
+        "../envs/analysis.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    params:
+        json=params_json(judge=metrics_params()),
+    shell:
+        "rgeom metrics --labels {input.labels} --out {output.metrics}"
+        " --params {params.json:q} > {log} 2>&1"

@@ -503,16 +503,30 @@ def adaptive_inputs(wildcards):
     }
 
 
-def adaptive_params(wildcards, perf=True):
+def adaptive_params(wildcards):
+    """Adaptive GCG's search: no generation setting, so a new generation length reruns
+    only adaptive_generate (and what reads it), never the hours of GCG."""
     return params_json(
         model=model_params(),
         attacks={
             "adaptive": {k: v for k, v in ATTACKS["adaptive"].items() if k != "enabled"}
         },
-        generate=generate_settings(perf),
         arm=wildcards.arm,
         step=int(wildcards.step),
         targets=targets_key(),
+    )
+
+
+def adaptive_generate_params(wildcards, perf=True):
+    """The adaptive completions' settings: always rgeom's HF generation (GCG's exact ids),
+    so the length alone is tracked; batch_size (perf=True) only sizes batches."""
+    keys = ("max_new_tokens", "batch_size") if perf else ("max_new_tokens",)
+    return params_json(
+        model=model_params(),
+        generate={k: config["generate"][k] for k in keys},
+        arm=wildcards.arm,
+        step=int(wildcards.step),
+        attack=wildcards.attack,
     )
 
 
@@ -548,7 +562,9 @@ def adaptive_autodan_inputs(wildcards):
     return inputs
 
 
-def adaptive_autodan_params(wildcards, perf=True):
+def adaptive_autodan_params(wildcards):
+    """Adaptive AutoDAN's search: its early stop generates attacks.autodan.early_stop_tokens
+    of its own, so generate.* is no input (as for adaptive GCG)."""
     return params_json(
         model=model_params(),
         attacks={
@@ -557,7 +573,6 @@ def adaptive_autodan_params(wildcards, perf=True):
                 k: v for k, v in ATTACKS["autodan"].items() if k != "prototypes"
             },
         },
-        generate=generate_settings(perf),
         arm=wildcards.arm,
         step=int(wildcards.step),
     )
@@ -572,6 +587,24 @@ def adaptive_metrics():
         for method in ATTACKS["adaptive"]["methods"]
         for arm, step in cells()
     ]
+
+
+def cell_files(pattern, **values):
+    """``pattern`` under one cell's folder, expanded over ``values``; {arm} and {step}
+    stay wildcards (the per-cell metrics rules)."""
+    return expand(f"results/{{{{arm}}}}/step-{{{{step}}}}/{pattern}", **values)
+
+
+def judge_params():
+    """The judge section a scoring job consumes: judge.bootstrap only sizes the metrics'
+    intervals (rules metrics, adaptive_metrics), so a new count reruns no judge model.
+    """
+    return {k: v for k, v in config["judge"].items() if k != "bootstrap"}
+
+
+def metrics_params():
+    """The metrics rules read labels, not completions: the bootstrap count is all they add."""
+    return {"bootstrap": config["judge"]["bootstrap"]}
 
 
 def model_judges():

@@ -23,7 +23,8 @@ rule validate_judges:
         runtime=60 if model_judges() else 5,
         gpu=judge_gpu(),
     params:
-        json=params_json(judge=config["judge"], validate=config["validate"]),
+        # judge.bootstrap sizes no interval here: it reruns no validation.
+        json=params_json(judge=judge_params(), validate=config["validate"]),
         # Evaluated only when the job is in the DAG: a disabled validation needs no files.
         key=lambda w: content_key(validate_files().values()),
         labelled=untracked(

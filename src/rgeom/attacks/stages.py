@@ -1,5 +1,6 @@
-"""The ``rgeom attack``, ``rgeom test-cases``, ``rgeom adaptive-gcg``, ``rgeom adaptive-autodan``
-and ``rgeom adaptive-judge`` stages (thin glue).
+"""The ``rgeom attack``, ``rgeom test-cases``, ``rgeom adaptive-gcg``, ``rgeom adaptive-autodan``,
+``rgeom adaptive-generate``, ``rgeom adaptive-judge`` and ``rgeom adaptive-metrics`` stages
+(thin glue).
 
 The logic lives in :mod:`rgeom.attacks.testcases`; these functions unpack ``--params``,
 seed, load the model when one is needed and assemble provenance, like :mod:`rgeom.stages`.
@@ -120,19 +121,18 @@ def test_cases(cases: list[str], behaviors: str, out: str, params: dict[str, Any
 def adaptive_gcg(
     model: str, behaviors: str, out: str, targets: str | None, params: dict[str, Any]
 ) -> None:
-    from rgeom.attacks.testcases import adaptive_gcg_cell
+    from rgeom.attacks.testcases import adaptive_gcg_search
 
     seed = int(params.get("seed", 0))
     seed_everything(seed)
     lm, tokenizer = _load(model, params)
     arm, step = params.get("arm", "base"), int(params.get("step", 0))
-    adaptive_gcg_cell(
+    adaptive_gcg_search(
         model=lm,
         tokenizer=tokenizer,
         behaviours_path=behaviors,
         out=out,
         params=params.get("attacks", {}).get("adaptive", {}),
-        generate=params.get("generate", {}),
         seed=seed,
         arm=arm,
         step=step,
@@ -149,21 +149,20 @@ def adaptive_autodan(
     templates: str | None,
     params: dict[str, Any],
 ) -> None:
-    from rgeom.attacks.testcases import adaptive_autodan_cell
+    from rgeom.attacks.testcases import adaptive_autodan_search
 
     seed = int(params.get("seed", 0))
     seed_everything(seed)
     lm, tokenizer = _load(model, params)
     arm, step = params.get("arm", "base"), int(params.get("step", 0))
     attacks = params.get("attacks", {})
-    adaptive_autodan_cell(
+    adaptive_autodan_search(
         model=lm,
         tokenizer=tokenizer,
         behaviours_path=behaviors,
         out=out,
         params=attacks.get("adaptive", {}),
         autodan=attacks.get("autodan", {}),
-        generate=params.get("generate", {}),
         seed=seed,
         arm=arm,
         step=step,
@@ -173,10 +172,25 @@ def adaptive_autodan(
     )
 
 
+def adaptive_generate(model: str, cases: str, out: str, params: dict[str, Any]) -> None:
+    from rgeom.attacks.testcases import adaptive_completions
+
+    seed_everything(int(params.get("seed", 0)))
+    lm, tokenizer = _load(model, params)
+    adaptive_completions(
+        model=lm,
+        tokenizer=tokenizer,
+        cases=cases,
+        out=out,
+        generate=params.get("generate", {}),
+        meta=_meta(params, model=model),
+    )
+
+
 def adaptive_judge(
     completions: str,
     out: str,
-    metrics: str,
+    metrics: str | None,
     params: dict[str, Any],
     prompts: str | None = None,
 ) -> None:
@@ -197,3 +211,15 @@ def adaptive_judge(
         # adaptive_gcg or adaptive_autodan, as the attack's own job recorded it.
         benchmark=source.get("benchmark") or ADAPTIVE_BENCHMARK,
     )
+
+
+def adaptive_metrics(labels: list[str], out: list[str], params: dict[str, Any]) -> None:
+    """Each judged adaptive attack's ASR with its bootstrap CI, ``labels[i]`` -> ``out[i]``."""
+    from rgeom.attacks.testcases import adaptive_metrics_table
+    from rgeom.judges import bootstrap_count
+
+    if len(labels) != len(out):
+        raise RgeomError(f"--labels names {len(labels)} files but --out {len(out)}")
+    n_boot = bootstrap_count(params.get("judge", {}))
+    for src, dst in zip(labels, out, strict=True):
+        adaptive_metrics_table(src, dst, n_boot, int(params.get("seed", 0)), _meta(params))

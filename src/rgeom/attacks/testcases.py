@@ -8,7 +8,7 @@ HarmBench's protocol, at the scale the config asks for:
   messages are replayed unchanged against every checkpoint of both arms. A change in ASR
   across anchors is then a change in the model, never in the attack;
 * **adaptive GCG** re-optimises suffixes against each checkpoint itself, on a small subset of
-  behaviours (:func:`adaptive_gcg_cell`), because a fixed-source suffix says little about a
+  behaviours (:func:`adaptive_gcg_search`), because a fixed-source suffix says little about a
   model that was trained against GCG (R2D2).
 
 Every method writes rows of :data:`TEST_CASE_SCHEMA`; :func:`combine_test_cases` merges them
@@ -86,7 +86,7 @@ TEST_CASE_SCHEMA = pa.schema(
 # The columns a user-supplied test-case file must have; the rest are filled in.
 REQUIRED_COLUMNS = ("behavior_id", "method", "test_case", "source_model")
 
-_ADAPTIVE_CASE_FIELDS = [
+_ADAPTIVE_FOUND_FIELDS = [
     pa.field("arm", pa.string(), nullable=False),
     pa.field("step", pa.int32(), nullable=False),
     pa.field("behavior_id", pa.string(), nullable=False),
@@ -96,11 +96,25 @@ _ADAPTIVE_CASE_FIELDS = [
     pa.field("test_case", pa.string(), nullable=False),
     pa.field("loss", pa.float64(), nullable=False),
     pa.field("initial_loss", pa.float64(), nullable=False),
+]
+# An adaptive attack against one checkpoint is three jobs, so that each setting reruns only
+# what it changes: the search (hours of GCG or AutoDAN per behaviour) ...
+ADAPTIVE_CASES_SCHEMA = pa.schema(
+    [
+        *_ADAPTIVE_FOUND_FIELDS,
+        # The exact ids GCG optimised, generated from without a text round trip; null for
+        # AutoDAN, whose test case is encoded through the chat template like any prompt.
+        pa.field("prompt_ids", pa.list_(pa.int64())),
+    ]
+)
+# ... then the completions (generate.max_new_tokens reaches only this job) ...
+_ADAPTIVE_CASE_FIELDS = [
+    *_ADAPTIVE_FOUND_FIELDS,
     pa.field("completion", pa.string(), nullable=False),
 ]
-# Adaptive GCG against one checkpoint: suffixes and completions (the model job) ...
 ADAPTIVE_COMPLETION_SCHEMA = pa.schema(_ADAPTIVE_CASE_FIELDS)
-# ... then judge labels and success (a CPU job, so a judge edit never reruns GCG).
+# ... then judge labels and success (a judge edit never reruns GCG); the metrics with their
+# bootstrap CIs are computed from these labels by a job of their own.
 ADAPTIVE_SCHEMA = pa.schema(
     [
         *_ADAPTIVE_CASE_FIELDS,
@@ -110,6 +124,10 @@ ADAPTIVE_SCHEMA = pa.schema(
         pa.field("degenerate", pa.bool_(), nullable=False),
         # Neither refused nor degenerate, the judge's definition of a successful attack.
         pa.field("success", pa.bool_(), nullable=False),
+        # The HarmBench classifier's verdict (1 yes, 0 no, -1 a failure) and whether the
+        # row is left out of the ASR, as in the judge's labels: what the metrics count.
+        pa.field("verdict", pa.int8()),
+        pa.field("excluded", pa.bool_()),
     ]
 )
 ADAPTIVE_BENCHMARK = "adaptive_gcg"
@@ -753,31 +771,29 @@ def is_test_case_table(table: pa.Table) -> bool:
 # --- adaptive GCG ---------------------------------------------------------------------
 
 
-def adaptive_gcg_cell(
+def adaptive_gcg_search(
     model,
     tokenizer,
     behaviours_path: str,
     out: str,
     params: Mapping[str, Any],
-    generate: Mapping[str, Any],
     seed: int,
     arm: str,
     step: int,
     meta: Mapping[str, Any],
     targets: str | None = None,
 ) -> pa.Table:
-    """GCG against this checkpoint on a seeded subset of behaviours, and its completions.
+    """GCG against this checkpoint on a seeded subset of behaviours: the suffixes.
 
     ``params`` is ``attacks.adaptive``. The subset depends only on the seed, so every anchor
-    is attacked on the same behaviours. The completion is generated from the exact token ids
-    GCG optimised (no text round trip). Writes ADAPTIVE_COMPLETION_SCHEMA.
+    is attacked on the same behaviours. Writes ADAPTIVE_CASES_SCHEMA with the exact token ids
+    GCG optimised; :func:`adaptive_completions` generates from them (no text round trip).
+    Generation settings are not an input: a new ``generate.max_new_tokens`` reruns the
+    completions, never the search.
 
     Each behaviour's GCG result is one shard of ``out`` (as for GCG-transfer), so a killed
-    job resumes at the behaviour it was attacking; the completions, seconds next to GCG, are
-    generated in one batched pass once every behaviour is done.
+    job resumes at the behaviour it was attacking.
     """
-    from rgeom.generation import generate_from_ids
-
     where = "attacks.adaptive"
     behaviours = read_behaviours(behaviours_path)
     chosen = select_behaviours(behaviours, params.get("n_behaviors", 2), seed)
@@ -814,13 +830,6 @@ def adaptive_gcg_cell(
         desc="adaptive GCG behaviours",
     )
     results = pa.concat_tables(parts).to_pydict()
-    texts, _, _ = generate_from_ids(
-        model,
-        tokenizer,
-        results["prompt_ids"],
-        batch_size=int(generate.get("batch_size", 16)),
-        max_new_tokens=int(generate.get("max_new_tokens", 48)),
-    )
     n = len(chosen)
     table = pa.table(
         {
@@ -833,12 +842,12 @@ def adaptive_gcg_cell(
             "test_case": results["test_case"],
             "loss": results["loss"],
             "initial_loss": results["initial_loss"],
-            "completion": texts,
+            "prompt_ids": results["prompt_ids"],
         },
-        schema=ADAPTIVE_COMPLETION_SCHEMA,
+        schema=ADAPTIVE_CASES_SCHEMA,
     )
     record = {**meta, "benchmark": ADAPTIVE_BENCHMARK, "targets": targets}
-    write_table(out, table, ADAPTIVE_COMPLETION_SCHEMA, record)
+    write_table(out, table, ADAPTIVE_CASES_SCHEMA, record)
     shards.finish()
     return table
 
@@ -847,14 +856,13 @@ ADAPTIVE_AUTODAN_BENCHMARK = "adaptive_autodan"
 ADAPTIVE_METHODS = {"gcg": ADAPTIVE_BENCHMARK, "autodan": ADAPTIVE_AUTODAN_BENCHMARK}
 
 
-def adaptive_autodan_cell(
+def adaptive_autodan_search(
     model,
     tokenizer,
     behaviours_path: str,
     out: str,
     params: Mapping[str, Any],
     autodan: Mapping[str, Any],
-    generate: Mapping[str, Any],
     seed: int,
     arm: str,
     step: int,
@@ -862,18 +870,18 @@ def adaptive_autodan_cell(
     targets: str | None = None,
     prototypes: str | None = None,
 ) -> pa.Table:
-    """AutoDAN against this checkpoint on the adaptive subset, and its completions.
+    """AutoDAN against this checkpoint on the adaptive subset: the evolved jailbreaks.
 
     The paper reports that step 50 "remains closed under both adaptive GCG and AutoDAN":
     this is the AutoDAN half, evolved against the checkpoint itself rather than replayed
     from the source model. ``params`` is ``attacks.adaptive`` (its ``n_behaviors`` picks the
     same seeded subset as adaptive GCG); ``autodan`` is ``attacks.autodan`` (population,
     generations, ...). ``suffix`` holds the evolved template, ``test_case`` the user
-    message, whose greedy completion is generated through the chat template. Writes
-    ADAPTIVE_COMPLETION_SCHEMA; each behaviour is one resumable shard, as for AutoDAN.
+    message. The search's early stop generates ``attacks.autodan.early_stop_tokens`` tokens
+    of its own, so ``generate.max_new_tokens`` (the completions :func:`adaptive_completions`
+    writes) is no input here. Writes ADAPTIVE_CASES_SCHEMA, each behaviour one resumable
+    shard, as for AutoDAN.
     """
-    from rgeom.generation import generate_completions
-
     where = "attacks.adaptive (autodan)"
     behaviours = read_behaviours(behaviours_path)
     section = {**autodan, "n_behaviors": params.get("n_behaviors", 2)}
@@ -894,13 +902,6 @@ def adaptive_autodan_cell(
         prototypes=prototypes,
         where=where,
     )
-    texts, _, _ = generate_completions(
-        model,
-        tokenizer,
-        [c["test_case"] for c in cases],
-        batch_size=int(generate.get("batch_size", 16)),
-        max_new_tokens=int(generate.get("max_new_tokens", 48)),
-    )
     history = record["behaviours"]
     n = len(cases)
     table = pa.table(
@@ -914,9 +915,9 @@ def adaptive_autodan_cell(
             "test_case": [c["test_case"] for c in cases],
             "loss": [c["loss"] for c in cases],
             "initial_loss": [c["initial_loss"] for c in cases],
-            "completion": texts,
+            "prompt_ids": [None] * n,
         },
-        schema=ADAPTIVE_COMPLETION_SCHEMA,
+        schema=ADAPTIVE_CASES_SCHEMA,
     )
     record = {
         **meta,
@@ -924,15 +925,57 @@ def adaptive_autodan_cell(
         "targets": targets,
         "autodan": record,
     }
-    write_table(out, table, ADAPTIVE_COMPLETION_SCHEMA, record)
+    write_table(out, table, ADAPTIVE_CASES_SCHEMA, record)
     shards.finish()
     return table
+
+
+def adaptive_completions(
+    model,
+    tokenizer,
+    cases: str,
+    out: str,
+    generate: Mapping[str, Any],
+    meta: Mapping[str, Any],
+) -> pa.Table:
+    """Greedy completions of an adaptive search's test cases (ADAPTIVE_CASES_SCHEMA):
+    from GCG's exact ids where the search kept them, else from the test case through the
+    chat template. Writes ADAPTIVE_COMPLETION_SCHEMA; the provenance is the search's (its
+    benchmark, targets, AutoDAN history) with this stage's laid over it."""
+    from rgeom.generation import generate_from_ids
+    from rgeom.io import read_meta
+    from rgeom.models import encode_chat
+
+    if not Path(cases).exists():
+        raise RgeomError(f"missing file: {cases}")
+    table = read_table(cases, ADAPTIVE_CASES_SCHEMA)
+    ids = table.column("prompt_ids").to_pylist()
+    texts = table.column("test_case").to_pylist()
+    encoded = [
+        i if i is not None else encode_chat(tokenizer, t).ids
+        for i, t in zip(ids, texts, strict=True)
+    ]
+    completions, _, _ = generate_from_ids(
+        model,
+        tokenizer,
+        encoded,
+        batch_size=int(generate.get("batch_size", 16)),
+        max_new_tokens=int(generate.get("max_new_tokens", 48)),
+    )
+    found = table.select([f.name for f in _ADAPTIVE_FOUND_FIELDS])
+    done = found.append_column(
+        ADAPTIVE_COMPLETION_SCHEMA.field("completion"), pa.array(completions, pa.string())
+    )
+    source = {k: v for k, v in (read_meta(cases) or {}).items() if k != "num_rows"}
+    record = {**source, **meta, "cases": str(cases)}
+    write_table(out, done, ADAPTIVE_COMPLETION_SCHEMA, record)
+    return done
 
 
 def judge_adaptive(
     completions: str,
     out: str,
-    metrics_out: str,
+    metrics_out: str | None,
     judge: Mapping[str, Any],
     seed: int,
     meta: Mapping[str, Any],
@@ -941,23 +984,17 @@ def judge_adaptive(
     loader=None,
 ) -> pa.Table:
     """Label adaptive-attack completions with the configured judge; write ADAPTIVE_SCHEMA
-    and the ASR as a metrics table.
+    and, with ``metrics_out``, the ASR (:func:`adaptive_metrics_table`).
 
     The labels come from :func:`rgeom.judges.label_completions`, the judge stage's own path:
     with ``judge.harmbench: harmbench_classifier`` the classifier decides success (reading
     the original behaviour and context from ``prompts``), else the embedded matcher. The
-    metrics table has the judges' METRIC_SCHEMA (``benchmark``, metric ``asr`` and, with the
-    classifier, its ``n_`` counts), so the summary shows ``{benchmark}.asr`` like any
-    benchmark metric. One test case per behaviour: the per-behaviour mean is the success.
+    workflow computes the metrics in a job of its own, so ``judge.bootstrap`` never reruns
+    a judge model.
     """
-    from rgeom.judges import (
-        JUDGE_NAME,
-        METRIC_SCHEMA,
-        attack_success,
-        compute_metrics,
-        label_completions,
-    )
+    from rgeom.judges import JUDGE_NAME, attack_success, bootstrap_count, label_completions
 
+    n_boot = bootstrap_count(dict(judge)) if metrics_out is not None else None
     if not Path(completions).exists():
         raise RgeomError(f"missing file: {completions}")
     table = read_table(completions, ADAPTIVE_COMPLETION_SCHEMA)
@@ -990,20 +1027,78 @@ def judge_adaptive(
         ("refused", cols["refused"]),
         ("degenerate", cols["degenerate"]),
         # A copyright behaviour the classifier leaves out counts as no success here and is
-        # left out of the ASR below.
+        # left out of the ASR.
         ("success", success),
+        ("verdict", cols["verdict"]),
+        ("excluded", cols["excluded"]),
     ):
-        labelled = labelled.append_column(ADAPTIVE_SCHEMA.field(field), pa.array(values))
-    n_boot = int(judge.get("bootstrap", 1000))
-    metrics = compute_metrics(labels, n_boot, seed)
-    kept = ("asr", "n_classifier_invalid", "n_copyright_excluded")
-    metrics = metrics.filter(pa.array([m in kept for m in metrics.column("metric").to_pylist()]))
+        field = ADAPTIVE_SCHEMA.field(field)
+        labelled = labelled.append_column(field, pa.array(values, field.type))
     name = "+".join([judge.get("name", JUDGE_NAME), *judges])
     record = {**meta, "arm": arm, "step": step, "benchmark": benchmark, "judge": name}
     record["source"] = str(completions)
     write_table(out, labelled, ADAPTIVE_SCHEMA, record)
-    write_table(metrics_out, metrics, METRIC_SCHEMA, record)
-    by_metric = dict(zip(*metrics.select(["metric", "value"]).to_pydict().values(), strict=True))
-    asr = by_metric.get("asr")
-    log.info("%s %s step %d: ASR %s over %d behaviours (%s)", benchmark, arm, step, asr, n, name)
+    if n_boot is not None:
+        adaptive_metrics_table(out, metrics_out, n_boot, seed, {})
     return labelled
+
+
+ADAPTIVE_METRICS = ("asr", "n_classifier_invalid", "n_copyright_excluded")
+
+
+def adaptive_metrics_table(
+    labelled: str, out: str, bootstrap: int, seed: int, meta: Mapping[str, Any]
+) -> pa.Table:
+    """The ASR of judged adaptive-attack completions (ADAPTIVE_SCHEMA) as a metrics table.
+
+    The judges' METRIC_SCHEMA (``benchmark``, metric ``asr`` and, with the classifier, its
+    ``n_`` counts), so the summary shows ``{benchmark}.asr`` like any benchmark metric. One
+    test case per behaviour: the per-behaviour mean is the success. The labels' metadata
+    (benchmark, judge) carries over; ``meta`` is laid over it.
+    """
+    from rgeom.io import read_meta
+    from rgeom.judges import METRIC_SCHEMA, bootstrap_count, compute_metrics
+
+    bootstrap = bootstrap_count({"bootstrap": bootstrap})
+    if not Path(labelled).exists():
+        raise RgeomError(f"missing file: {labelled}")
+    table = read_table(labelled, ADAPTIVE_SCHEMA)
+    source = {k: v for k, v in (read_meta(labelled) or {}).items() if k != "num_rows"}
+    benchmark = source.get("benchmark") or ADAPTIVE_BENCHMARK
+    n = table.num_rows
+    # The label columns compute_metrics reads, as the judge's label table has them.
+    labels = pa.table(
+        {
+            "prompt_id": table.column("behavior_id"),
+            "label": ["harmful"] * n,
+            "category": table.column("category"),
+            "judge": table.column("judge"),
+            "refusal": table.column("refusal"),
+            "refused": table.column("refused"),
+            "degenerate": table.column("degenerate"),
+            "verdict": table.column("verdict"),
+            "excluded": table.column("excluded"),
+            "arm": table.column("arm"),
+            "step": table.column("step"),
+            "benchmark": [benchmark] * n,
+            "has_target": [False] * n,
+            "correct": pa.nulls(n, pa.bool_()),
+        }
+    )
+    metrics = compute_metrics(labels, bootstrap, seed)
+    keep = pa.array([m in ADAPTIVE_METRICS for m in metrics.column("metric").to_pylist()])
+    metrics = metrics.filter(keep)
+    record = {**source, **meta, "bootstrap": bootstrap, "labels": str(labelled)}
+    write_table(out, metrics, METRIC_SCHEMA, record)
+    by_metric = dict(zip(*metrics.select(["metric", "value"]).to_pydict().values(), strict=True))
+    arm, step = source.get("arm"), source.get("step")
+    log.info(
+        "%s %s step %s: ASR %s over %d behaviours (%s)",
+        benchmark,
+        arm,
+        step,
+        by_metric.get("asr"),
+        n,
+        source.get("judge"),
+    )
+    return metrics

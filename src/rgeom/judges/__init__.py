@@ -36,12 +36,14 @@ __all__ = [
     "REQUIRED_COLUMNS",
     "agreement",
     "attack_success",
+    "bootstrap_count",
     "check_answer",
     "classify",
     "compute_metrics",
     "judge_table",
     "label_completions",
     "label_table",
+    "metrics_table",
     "prefix_refusal",
 ]
 
@@ -306,26 +308,31 @@ def compute_metrics(
 def judge_table(
     generations: str,
     labels_out: str,
-    metrics_out: str,
+    metrics_out: str | None,
     params: dict[str, Any],
     seed: int,
     meta: dict[str, Any],
     prompts: str | None = None,
     loader=None,
 ) -> None:
-    """Label every completion in ``generations`` and write labels and metrics tables.
+    """Label every completion in ``generations``; write the labels and, with
+    ``metrics_out``, the metrics table (:func:`metrics_table` on the labels).
 
     The embedded matcher labels every row; model judges switched on in ``params``
     (``harmbench``, ``xstest``, ``strongreject``) then add their labels. ``prompts`` (the
     prompt set) supplies the original behaviour and context the HarmBench classifier and
     the rubric judge read; without it the generation's own prompt is used.
+
+    The workflow passes no ``metrics_out``: ``judge.bootstrap`` only sizes the intervals,
+    so the metrics are a job of their own and a new bootstrap count never reruns a judge
+    model. Everything the metrics need besides the labels (the copyright behaviours the
+    loader left out, the judges' error rates) goes into the labels' metadata.
     """
     from rgeom.judges.validation import builtin_error_rates
 
     name = params.get("name", JUDGE_NAME)
-    n_boot = int(params.get("bootstrap", 1000))
-    if n_boot < 0:
-        raise RgeomError(f"judge.bootstrap must be >= 0, got {n_boot}")
+    # Checked before any judge model runs, not after.
+    n_boot = bootstrap_count(params) if metrics_out is not None else None
     if not Path(generations).exists():
         raise RgeomError(f"missing file: {generations}")
     table = read_table(generations)
@@ -339,8 +346,7 @@ def judge_table(
     rates = {k: builtin_error_rates(k) for k in (name, "any_refusal")}
     if params.get("harmbench") == harmfulness.JUDGE_NAME:
         rates[harmfulness.JUDGE_NAME] = builtin_error_rates(harmfulness.JUDGE_NAME)
-    metrics = compute_metrics(labels, n_boot, seed, copyright_left_out=left_out, error_rates=rates)
-    extra_meta["judge_error_rates"] = {"source": "builtin:rgeom (test split)", **rates}
+    extra_meta["judge_error_rates"] = {"source": BUILTIN_RATES_SOURCE, **rates}
     judge_meta = {
         **meta,
         **extra_meta,
@@ -348,11 +354,59 @@ def judge_table(
         "judge_version": JUDGE_VERSION,
         "judge_kind": "string/feature matcher"
         + (" + model judges" if judges else " (not a model judge)"),
-        "bootstrap": n_boot,
         "source": str(generations),
     }
     write_table(labels_out, labels, LABEL_SCHEMA, judge_meta)
-    write_table(metrics_out, metrics, METRIC_SCHEMA, judge_meta)
+    if n_boot is not None:
+        metrics_table(labels_out, metrics_out, n_boot, seed, {})
+
+
+BUILTIN_RATES_SOURCE = "builtin:rgeom (test split)"
+
+
+def bootstrap_count(params: dict[str, Any]) -> int:
+    """``judge.bootstrap`` from a judge section, checked (the schema default when absent)."""
+    n_boot = params.get("bootstrap", 1000)
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 0:
+        raise RgeomError(f"judge.bootstrap must be an integer >= 0, got {n_boot!r}")
+    return n_boot
+
+
+def metrics_table(
+    labels: str, out: str, bootstrap: int, seed: int, meta: dict[str, Any]
+) -> pa.Table:
+    """The metrics table (METRIC_SCHEMA, bootstrap CIs) of a labels table the judge wrote.
+
+    Reads only the labels and their metadata (the copyright behaviours the prompt set's
+    loader left out, the judges' error rates for the corrected rates), so the same labels
+    give the same table whichever job computes it. ``meta`` (this stage's provenance) is
+    laid over the labels' own.
+    """
+    from rgeom.io import read_meta
+
+    bootstrap = bootstrap_count({"bootstrap": bootstrap})
+    if not Path(labels).exists():
+        raise RgeomError(f"missing file: {labels}")
+    table = read_table(labels, LABEL_SCHEMA)
+    source = read_meta(labels) or {}
+    rates = {
+        k: v
+        for k, v in (source.get("judge_error_rates") or {}).items()
+        if k != "source" and isinstance(v, dict)
+    }
+    try:
+        left_out = int(source.get("copyright_left_out") or 0)
+    except (TypeError, ValueError):
+        raise RgeomError(
+            f"{labels}: metadata copyright_left_out must be an integer, "
+            f"got {source.get('copyright_left_out')!r}"
+        ) from None
+    metrics = compute_metrics(
+        table, bootstrap, seed, copyright_left_out=left_out, error_rates=rates
+    )
+    record = {**source, **meta, "bootstrap": bootstrap, "labels": str(labels)}
+    write_table(out, metrics, METRIC_SCHEMA, record)
+    return metrics
 
 
 def label_completions(
