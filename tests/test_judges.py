@@ -729,6 +729,22 @@ def test_error_rates_are_measured_at_the_generation_length():
     assert sens(cut) < sens(whole)
 
 
+def test_judge_stage_corrects_with_rates_at_the_generations_length(tmp_path):
+    from rgeom.judges.validation import builtin_error_rates
+
+    rows = [{"prompt_id": "p", "label": "harmful", "completion": "Sure: step 1, mix the"}]
+    gen = tmp_path / "gen.parquet"
+    write_table(gen, _gen_table(rows), GEN_SCHEMA, {"arm": "sft", "max_new_tokens": 32})
+    labels, metrics = tmp_path / "l.parquet", tmp_path / "m.parquet"
+    params = {"name": JUDGE_NAME, "bootstrap": 0, "harmbench": "harmfulness_judge"}
+    judge_table(str(gen), str(labels), str(metrics), params, 0, {"model": "m"})
+    rates = read_meta(labels)["judge_error_rates"]
+    assert rates["harmfulness_judge"] == builtin_error_rates("harmfulness_judge", 32)
+    assert rates["harmfulness_judge"] != builtin_error_rates("harmfulness_judge")
+    assert rates["any_refusal"] == builtin_error_rates("any_refusal")
+    assert "cut at 32 new tokens" in rates["source"]
+
+
 @pytest.mark.parametrize(
     "output",
     [

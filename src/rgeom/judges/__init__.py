@@ -328,6 +328,7 @@ def judge_table(
     model. Everything the metrics need besides the labels (the copyright behaviours the
     loader left out, the judges' error rates) goes into the labels' metadata.
     """
+    from rgeom.io import read_meta
     from rgeom.judges.validation import builtin_error_rates
 
     name = params.get("name", JUDGE_NAME)
@@ -343,10 +344,16 @@ def judge_table(
     left_out = copyright_left_out(prompts)
     if left_out:
         extra_meta["copyright_left_out"] = left_out
-    rates = {k: builtin_error_rates(k) for k in (name, "any_refusal")}
-    if params.get("harmbench") == harmfulness.JUDGE_NAME:
-        rates[harmfulness.JUDGE_NAME] = builtin_error_rates(harmfulness.JUDGE_NAME)
-    extra_meta["judge_error_rates"] = {"source": BUILTIN_RATES_SOURCE, **rates}
+    # A judge's error rates depend on how much of each answer it sees: measured on the
+    # labelled test responses cut to the generation length these completions were cut at.
+    cut_at = (read_meta(generations) or {}).get("max_new_tokens")
+    asr_judges = [name] + [harmfulness.JUDGE_NAME] * (
+        params.get("harmbench") == harmfulness.JUDGE_NAME
+    )
+    rates = {k: builtin_error_rates(k, cut_at) for k in asr_judges}
+    rates["any_refusal"] = builtin_error_rates("any_refusal")
+    source = BUILTIN_RATES_SOURCE + (f", cut at {cut_at} new tokens" if cut_at else "")
+    extra_meta["judge_error_rates"] = {"source": source, **rates}
     judge_meta = {
         **meta,
         **extra_meta,
