@@ -197,6 +197,14 @@ def test_a_memory_knob_reruns_nothing_but_the_config_record(finished_run, tmp_pa
     assert counts == RECORD, counts
 
 
+def test_the_judge_batch_size_reruns_nothing_but_the_config_record(finished_run, tmp_path):
+    # judge.batch_size only sizes the judge models' batches. Before: every judge,
+    # adaptive_judge, validate_judges and interventions job reran.
+    judge = {"batch_size": CFG["judge"]["batch_size"] * 2}
+    counts = dry_run(finished_run, edited(judge=judge), tmp_path)
+    assert counts == RECORD, counts
+
+
 def test_moving_the_shared_data_folder_reruns_nothing_but_the_config_record(finished_run, tmp_path):
     # The same files through another path: shared files are tracked by content
     # (common.smk: content_key), never by the folder's name. Before: 95 jobs.

@@ -43,7 +43,9 @@ rule judge:
         runtime=120 if model_judges() else 10,
         gpu=judge_gpu(),
     params:
-        json=params_json(judge=judge_params()),
+        # judge.batch_size only sizes the judge models' batches: untracked, as generate's.
+        json=untracked(lambda w: params_json(judge=judge_params())),
+        key=params_json(judge=judge_params(perf=False)),
         prompts=lambda w, input: (
             f"--prompts {input.prompts}" if "prompts" in input.keys() else ""
         ),

@@ -595,11 +595,28 @@ def cell_files(pattern, **values):
     return expand(f"results/{{{{arm}}}}/step-{{{{step}}}}/{pattern}", **values)
 
 
-def judge_params():
+#: judge keys that change speed and memory only, never a label: left out of tracked keys.
+JUDGE_PERF = ("batch_size",)
+
+
+def judge_params(perf=True):
     """The judge section a scoring job consumes: judge.bootstrap only sizes the metrics'
     intervals (rules metrics, adaptive_metrics), so a new count reruns no judge model.
+    ``perf=False`` also leaves out JUDGE_PERF: the tracked ``key`` of a scoring rule.
     """
-    return {k: v for k, v in config["judge"].items() if k != "bootstrap"}
+    drop = {"bootstrap", *(() if perf else JUDGE_PERF)}
+    return {k: v for k, v in config["judge"].items() if k not in drop}
+
+
+def interventions_params(w, perf=True):
+    return params_json(
+        model=model_params(),
+        carrier=config.get("carrier", {}),
+        interventions=config["interventions"],
+        judge=judge_params(perf),
+        arm=w.arm,
+        step=int(w.step),
+    )
 
 
 def metrics_params():

@@ -26,16 +26,10 @@ rule interventions:
         runtime=120,
         gpu=GPU,
     params:
-        json=lambda w: params_json(
-            model=model_params(),
-            carrier=config.get("carrier", {}),
-            interventions=config["interventions"],
-            # The configured judge scores the generations' refusal rate and ASR; its
-            # bootstrap count only sizes the judge stage's CIs, so it reruns nothing here.
-            judge={k: v for k, v in config["judge"].items() if k != "bootstrap"},
-            arm=w.arm,
-            step=int(w.step),
-        ),
+        # The configured judge scores the generations' refusal rate and ASR; its bootstrap
+        # count and batch size change no label here, so they rerun nothing (judge_params).
+        json=untracked(lambda w: interventions_params(w)),
+        key=lambda w: interventions_params(w, perf=False),
     shell:
         "rgeom interventions --model {input.model} --directions {input.directions}"
         " --carriers {input.carriers} --activations {input.activations}"

@@ -23,10 +23,16 @@ rule validate_judges:
         runtime=60 if model_judges() else 5,
         gpu=judge_gpu(),
     params:
-        # judge.bootstrap sizes no interval here: it reruns no validation.
-        json=params_json(judge=judge_params(), validate=config["validate"]),
+        # judge.bootstrap sizes no interval here and judge.batch_size only sizes batches:
+        # neither reruns the validation.
+        json=untracked(
+            lambda w: params_json(judge=judge_params(), validate=config["validate"])
+        ),
         # Evaluated only when the job is in the DAG: a disabled validation needs no files.
-        key=lambda w: content_key(validate_files().values()),
+        key=lambda w: [
+            content_key(validate_files().values()),
+            params_json(judge=judge_params(perf=False), validate=config["validate"]),
+        ],
         labelled=untracked(
             lambda w: (
                 shared_path(validate_files().get("labelled"))
