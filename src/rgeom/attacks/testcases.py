@@ -53,6 +53,13 @@ from rgeom.io import (
     read_table,
     write_table,
 )
+from rgeom.schemas import (  # noqa: F401 (re-exported: the stages import them here)
+    ADAPTIVE_CASES_SCHEMA,
+    ADAPTIVE_COMPLETION_SCHEMA,
+    ADAPTIVE_SCHEMA,
+    ADAPTIVE_SHARD_SCHEMA,
+    TEST_CASE_SCHEMA,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,86 +70,9 @@ TEMPLATES_FILE = Path(__file__).resolve().with_name("templates.jsonl")
 SLOT = "{behavior}"
 DEFAULT_INIT_SUFFIX = " ".join(["!"] * 20)
 
-TEST_CASE_SCHEMA = pa.schema(
-    [
-        pa.field("test_case_id", pa.string(), nullable=False),
-        pa.field("behavior_id", pa.string(), nullable=False),
-        pa.field("method", pa.string(), nullable=False),
-        # The complete user message replayed against every checkpoint.
-        pa.field("test_case", pa.string(), nullable=False),
-        pa.field("source_model", pa.string(), nullable=False),
-        pa.field("behavior", pa.string()),
-        pa.field("context", pa.string()),
-        pa.field("category", pa.string()),
-        pa.field("label", pa.string()),
-        pa.field("target", pa.string()),
-        pa.field("template_id", pa.string()),
-        pa.field("suffix", pa.string()),
-        pa.field("loss", pa.float64()),
-        pa.field("initial_loss", pa.float64()),
-        pa.field("ids_roundtrip", pa.bool_()),
-    ]
-)
 # The columns a user-supplied test-case file must have; the rest are filled in.
 REQUIRED_COLUMNS = ("behavior_id", "method", "test_case", "source_model")
-
-_ADAPTIVE_FOUND_FIELDS = [
-    pa.field("arm", pa.string(), nullable=False),
-    pa.field("step", pa.int32(), nullable=False),
-    pa.field("behavior_id", pa.string(), nullable=False),
-    pa.field("category", pa.string()),
-    pa.field("target", pa.string(), nullable=False),
-    pa.field("suffix", pa.string(), nullable=False),
-    pa.field("test_case", pa.string(), nullable=False),
-    pa.field("loss", pa.float64(), nullable=False),
-    pa.field("initial_loss", pa.float64(), nullable=False),
-]
-# An adaptive attack against one checkpoint is three jobs, so that each setting reruns only
-# what it changes: the search (hours of GCG or AutoDAN per behaviour) ...
-ADAPTIVE_CASES_SCHEMA = pa.schema(
-    [
-        *_ADAPTIVE_FOUND_FIELDS,
-        # The exact ids GCG optimised, generated from without a text round trip; null for
-        # AutoDAN, whose test case is encoded through the chat template like any prompt.
-        pa.field("prompt_ids", pa.list_(pa.int64())),
-    ]
-)
-# ... then the completions (generate.max_new_tokens reaches only this job) ...
-_ADAPTIVE_CASE_FIELDS = [
-    *_ADAPTIVE_FOUND_FIELDS,
-    pa.field("completion", pa.string(), nullable=False),
-]
-ADAPTIVE_COMPLETION_SCHEMA = pa.schema(_ADAPTIVE_CASE_FIELDS)
-# ... then judge labels and success (a judge edit never reruns GCG); the metrics with their
-# bootstrap CIs are computed from these labels by a job of their own.
-ADAPTIVE_SCHEMA = pa.schema(
-    [
-        *_ADAPTIVE_CASE_FIELDS,
-        pa.field("judge", pa.string(), nullable=False),
-        pa.field("refusal", pa.string(), nullable=False),
-        pa.field("refused", pa.bool_(), nullable=False),
-        pa.field("degenerate", pa.bool_(), nullable=False),
-        # Neither refused nor degenerate, the judge's definition of a successful attack.
-        pa.field("success", pa.bool_(), nullable=False),
-        # The HarmBench classifier's verdict (1 yes, 0 no, -1 a failure) and whether the
-        # row is left out of the ASR, as in the judge's labels: what the metrics count.
-        pa.field("verdict", pa.int8()),
-        pa.field("excluded", pa.bool_()),
-    ]
-)
 ADAPTIVE_BENCHMARK = "adaptive_gcg"
-# One adaptive-GCG behaviour as its shard keeps it: the exact ids GCG optimised are what the
-# completion is generated from, once every behaviour is done.
-ADAPTIVE_SHARD_SCHEMA = pa.schema(
-    [
-        pa.field("behavior_id", pa.string(), nullable=False),
-        pa.field("suffix", pa.string(), nullable=False),
-        pa.field("test_case", pa.string(), nullable=False),
-        pa.field("loss", pa.float64(), nullable=False),
-        pa.field("initial_loss", pa.float64(), nullable=False),
-        pa.field("prompt_ids", pa.list_(pa.int64()), nullable=False),
-    ]
-)
 
 
 # --- behaviours ---------------------------------------------------------------------
@@ -962,7 +892,7 @@ def adaptive_completions(
         batch_size=int(generate.get("batch_size", 16)),
         max_new_tokens=int(generate.get("max_new_tokens", 48)),
     )
-    found = table.select([f.name for f in _ADAPTIVE_FOUND_FIELDS])
+    found = table.select([n for n in ADAPTIVE_COMPLETION_SCHEMA.names if n != "completion"])
     done = found.append_column(
         ADAPTIVE_COMPLETION_SCHEMA.field("completion"), pa.array(completions, pa.string())
     )

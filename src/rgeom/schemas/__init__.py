@@ -89,7 +89,7 @@ TEST_CASE_SCHEMA = pa.schema(
     ]
 )
 
-_ADAPTIVE_CASE_FIELDS = [
+_ADAPTIVE_FOUND_FIELDS = [
     pa.field("arm", pa.string(), nullable=False),
     pa.field("step", pa.int32(), nullable=False),
     pa.field("behavior_id", pa.string(), nullable=False),
@@ -99,11 +99,25 @@ _ADAPTIVE_CASE_FIELDS = [
     pa.field("test_case", pa.string(), nullable=False),
     pa.field("loss", pa.float64(), nullable=False),
     pa.field("initial_loss", pa.float64(), nullable=False),
+]
+# An adaptive attack against one checkpoint is three jobs, so that each setting reruns only
+# what it changes: the search (hours of GCG or AutoDAN per behaviour) ...
+ADAPTIVE_CASES_SCHEMA = pa.schema(
+    [
+        *_ADAPTIVE_FOUND_FIELDS,
+        # The exact ids GCG optimised, generated from without a text round trip; null for
+        # AutoDAN, whose test case is encoded through the chat template like any prompt.
+        pa.field("prompt_ids", pa.list_(pa.int64())),
+    ]
+)
+# ... then the completions (generate.max_new_tokens reaches only this job) ...
+_ADAPTIVE_CASE_FIELDS = [
+    *_ADAPTIVE_FOUND_FIELDS,
     pa.field("completion", pa.string(), nullable=False),
 ]
-# Adaptive GCG against one checkpoint: suffixes and completions (the model job) ...
 ADAPTIVE_COMPLETION_SCHEMA = pa.schema(_ADAPTIVE_CASE_FIELDS)
-# ... then judge labels and success (a CPU job, so a judge edit never reruns GCG).
+# ... then judge labels and success (a judge edit never reruns GCG); the metrics with their
+# bootstrap CIs are computed from these labels by a job of their own.
 ADAPTIVE_SCHEMA = pa.schema(
     [
         *_ADAPTIVE_CASE_FIELDS,
@@ -113,6 +127,10 @@ ADAPTIVE_SCHEMA = pa.schema(
         pa.field("degenerate", pa.bool_(), nullable=False),
         # Neither refused nor degenerate, the judge's definition of a successful attack.
         pa.field("success", pa.bool_(), nullable=False),
+        # The HarmBench classifier's verdict (1 yes, 0 no, -1 a failure) and whether the
+        # row is left out of the ASR, as in the judge's labels: what the metrics count.
+        pa.field("verdict", pa.int8()),
+        pa.field("excluded", pa.bool_()),
     ]
 )
 # One adaptive-GCG behaviour as its shard keeps it: the exact ids GCG optimised are what the
