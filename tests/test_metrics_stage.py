@@ -186,21 +186,7 @@ def test_adaptive_metrics_equal_the_judges_computation(tmp_path):
         [str(judged)], [str(out)], {"seed": 1, "judge": {"bootstrap": 100}}
     )
     # Before the split, adaptive_judge computed them from the judge's labels directly.
-    table = read_table(completions)
-    n = table.num_rows
-    generations = pa.table(
-        {
-            "prompt_id": table.column("behavior_id"),
-            "label": ["harmful"] * n,
-            "category": table.column("category"),
-            "prompt": table.column("test_case"),
-            "target": table.column("target"),
-            "completion": table.column("completion"),
-            "arm": table.column("arm"),
-            "step": table.column("step"),
-            "benchmark": ["adaptive_gcg"] * n,
-        }
-    )
+    generations = T.as_generations(read_table(completions), "adaptive_gcg")
     labels, _ = label_completions(generations, completions, PARAMS)
     want = compute_metrics(labels, 100, 1).to_pylist()
     want = [r for r in want if r["metric"] in T.ADAPTIVE_METRICS]

@@ -933,20 +933,7 @@ def judge_adaptive(
     if len(steps) != 1 or len(arms) != 1:
         raise RgeomError(f"{completions}: expected one (arm, step), got {arms} x {steps}")
     arm, step = arms.pop(), int(steps.pop())
-    n = table.num_rows
-    generations = pa.table(
-        {
-            "prompt_id": table.column("behavior_id"),
-            "label": ["harmful"] * n,
-            "category": table.column("category"),
-            "prompt": table.column("test_case"),
-            "target": table.column("target"),
-            "completion": table.column("completion"),
-            "arm": table.column("arm"),
-            "step": table.column("step"),
-            "benchmark": [benchmark] * n,
-        }
-    )
+    generations = as_generations(table, benchmark)
     labels, judges = label_completions(generations, completions, dict(judge), prompts, loader)
     success = [bool(s) for s in attack_success(labels)]
     cols = labels.to_pydict()
@@ -971,6 +958,25 @@ def judge_adaptive(
     if n_boot is not None:
         adaptive_metrics_table(out, metrics_out, n_boot, seed, {})
     return labelled
+
+
+def as_generations(table: pa.Table, benchmark: str) -> pa.Table:
+    """Adaptive completions (ADAPTIVE_COMPLETION_SCHEMA) as the generation columns a judge
+    reads: each behaviour a harmful prompt whose test case is the prompt."""
+    n = table.num_rows
+    return pa.table(
+        {
+            "prompt_id": table.column("behavior_id"),
+            "label": ["harmful"] * n,
+            "category": table.column("category"),
+            "prompt": table.column("test_case"),
+            "target": table.column("target"),
+            "completion": table.column("completion"),
+            "arm": table.column("arm"),
+            "step": table.column("step"),
+            "benchmark": [benchmark] * n,
+        }
+    )
 
 
 ADAPTIVE_METRICS = ("asr", "n_classifier_invalid", "n_copyright_excluded")
