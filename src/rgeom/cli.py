@@ -12,10 +12,11 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 
-from rgeom import __version__
+from rgeom import __version__, warm
 from rgeom.errors import RgeomError
 
 log = logging.getLogger("rgeom")
@@ -579,6 +580,20 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = 
             ),
         ],
     ),
+    "warm": (
+        "Run a command (Snakemake) with a warm fork server behind every rgeom job in it: "
+        "torch and the stages are imported once, not once per job (local runs; make run "
+        "uses it).",
+        "rgeom warm -- snakemake --cores 2 --configfile config/config.yaml",
+        "rgeom.warm:warm_cmd",
+        [
+            (
+                ("run_argv",),
+                {"nargs": argparse.REMAINDER, "metavar": "COMMAND", "help": "what to run"},
+            ),
+            (("--socket",), {"dest": "socket_path", "default": None, "help": "socket path"}),
+        ],
+    ),
     "record-config": (
         "Write the validated config, defaults filled in, as JSON (for `rgeom compare`).",
         "rgeom record-config --out results/config.json \\\n"
@@ -647,7 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
         for flags, kwargs in args:
             p.add_argument(*flags, **kwargs)
         no_params = ("check-config", "check-profile", "provenance", "status", "compare")
-        if name not in (*no_params, "fetch-data", "fetch-models"):
+        if name not in (*no_params, "fetch-data", "fetch-models", "warm"):
             p.add_argument("--params", type=_json, default={}, help="stage parameters as JSON")
     return parser
 
@@ -658,6 +673,10 @@ def _resolve(target: str) -> Callable:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and os.environ.get(warm.SOCKET_ENV) and sys.argv[1:2] != ["warm"]:
+        status = warm.forward(sys.argv[1:])
+        if status is not None:
+            return status
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
