@@ -18,7 +18,8 @@
 # and Snakemake; only rgeom and the workflow differ.
 #
 # What is timed: `snakemake --cores $CORES --configfile config/config.yaml` from an empty
-# results/ (model conversion included, `make demo`'s install, report and summary not).
+# results/ (model conversion included, `make demo`'s install, report and summary not), under
+# `rgeom warm` for a commit that has it (src/rgeom/warm.py), as `make run` runs it.
 # Arguments after `--` go to both snakemake calls (-n, a target, ...). KEEP=1 keeps $WORK.
 # Timings on a shared machine are noisy: the load average before each run is printed.
 set -euo pipefail
@@ -57,9 +58,12 @@ run_one() {  # label sha -> prints seconds on the last line of stdout
     start=$(date +%s.%N)
     (
         cd "$dir/repo"
+        # As `make run` runs it: behind the warm fork server where the commit has one.
+        local warm=()
+        [[ -f src/rgeom/warm.py ]] && warm=("$VENV/bin/python" -m rgeom.cli warm --)
         # The extra arguments first: --configfile would swallow a target after it.
-        PYTHONPATH="$dir/repo/src" "$VENV/bin/snakemake" "${EXTRA[@]}" --cores "$CORES" \
-            --configfile config/config.yaml >"$dir/snakemake.log" 2>&1
+        PYTHONPATH="$dir/repo/src" "${warm[@]}" "$VENV/bin/snakemake" "${EXTRA[@]}" \
+            --cores "$CORES" --configfile config/config.yaml >"$dir/snakemake.log" 2>&1
     ) || { echo "$label: snakemake failed:" >&2; tail -n 40 "$dir/snakemake.log" >&2; exit 1; }
     end=$(date +%s.%N)
     awk -v a="$start" -v b="$end" 'BEGIN { printf "%.2f\n", b - a }'
