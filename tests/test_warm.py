@@ -169,3 +169,20 @@ def test_rgeom_warm_runs_the_command_and_stops_its_server(tmp_path):
     assert "config file not found: missing.yaml" in done.stderr
     socket_path = Path(done.stdout.strip())
     assert not socket_path.exists() and not socket_path.parent.exists()
+
+
+def test_the_server_stops_on_sigterm_although_imports_started_threads(tmp_path):
+    # pyarrow (jemalloc) and polars start threads at import; a SIGTERM delivered to one of
+    # them once left the server asleep in accept() for good.
+    path = tmp_path / "warm.sock"
+    server = _start_server(path, '("pyarrow.parquet", "polars")')
+    tasks = Path(f"/proc/{server.pid}/task")
+    deadline = time.monotonic() + 60
+    while len(list(tasks.iterdir())) < 3:
+        assert time.monotonic() < deadline, "the imports started no threads: nothing tested"
+        time.sleep(0.05)
+    # One job served: the server is past its imports, back in accept().
+    assert _rgeom(["status", "--config", "missing.yaml"], tmp_path, path).returncode == 1
+    server.terminate()
+    assert server.wait(timeout=20) == 0
+    assert not path.exists()

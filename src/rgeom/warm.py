@@ -173,6 +173,11 @@ def serve(socket_path: str | Path) -> None:
     listener.bind(socket_path)
     # Listening before the imports: early clients queue instead of falling back to cold.
     listener.listen(64)
+    # Imports start threads (jemalloc's, polars'). A process-directed signal goes to any
+    # thread that does not block it, and one landing on those would leave the main thread
+    # asleep in accept(): they inherit this mask, so only the main thread ever gets them.
+    handled = {signal.SIGTERM, signal.SIGCHLD, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, handled)
     failed = preload()
     if failed:
         log.info("not preloaded (jobs import them themselves): %s", ", ".join(failed))
@@ -185,6 +190,7 @@ def serve(socket_path: str | Path) -> None:
         os._exit(0)
 
     signal.signal(signal.SIGTERM, stop)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
     try:
         while True:
             conn, _ = listener.accept()
