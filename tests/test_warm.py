@@ -186,3 +186,25 @@ def test_the_server_stops_on_sigterm_although_imports_started_threads(tmp_path):
     server.terminate()
     assert server.wait(timeout=20) == 0
     assert not path.exists()
+
+
+def test_a_job_runs_the_threads_its_environment_asks_for(tmp_path):
+    # Snakemake sets OMP_NUM_THREADS to a rule's threads; torch read it at import in the
+    # server, whose environment has none, so the child must apply it itself.
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "warm.sock"
+    out = tmp_path / "threads.txt"
+    preload = (
+        '("torch",); import rgeom.cli, torch; '
+        f"rgeom.cli.main = lambda argv: open({str(out)!r}, 'w').write("
+        "str(torch.get_num_threads())) and 0"
+    )
+    server = _start_server(path, preload)
+    try:
+        for wanted in ("1", str(max(2, torch.get_num_threads()))):
+            done = _rgeom(["status"], tmp_path, path, OMP_NUM_THREADS=wanted)
+            assert done.returncode == 0, done.stderr
+            assert out.read_text() == wanted
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
