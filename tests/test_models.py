@@ -107,3 +107,24 @@ def test_smollm2_embedded_system_turn_stays_text(smollm2):
     turns = [i for i, t in enumerate(enc.ids) if t == start]
     system_turns = [i for i in turns if enc.ids[i + 1 : i + 1 + len(system)] == system]
     assert len(system_turns) == 1
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, monkeypatch, capsys):
+    from rgeom import models, stages
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni\n")
+    assert models.cpu_has_native_bf16(info) is True
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 fma\n")
+    assert models.cpu_has_native_bf16(info) is False
+    assert models.cpu_has_native_bf16(tmp_path / "absent") is None
+    # check-config says so for a bfloat16 CPU config on such a machine, and only then.
+    real = models.cpu_has_native_bf16
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: real(info))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {source: smollm2_gguf, dtype: bfloat16, device: cpu}\n")
+    stages.check_config(str(cfg))
+    assert "without native bfloat16" in capsys.readouterr().err
+    cfg.write_text("model: {source: smollm2_gguf, dtype: float32, device: cpu}\n")
+    stages.check_config(str(cfg))
+    assert "bfloat16" not in capsys.readouterr().err

@@ -97,6 +97,24 @@ def test_r2d2_log_has_every_refreshed_entrys_gcg_loss(
         assert "r2d2_gcg_losses" not in json.loads(extra_json)
 
 
+def test_bfloat16_trains_under_autocast_with_float32_weights(tmp_path, tiny_model_dir, sft_file):
+    # model.dtype bfloat16 is mixed precision on the CPU too, as on CUDA: the losses move
+    # (bfloat16 matmuls) but stay close, and the exported weights stay float32.
+    from safetensors.torch import load_file
+
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        params = dict(_params(2, [0, 2]), model={"dtype": dtype, "device": "cpu"})
+        out = tmp_path / dtype / "checkpoints"
+        train_arm("sft", str(tiny_model_dir), str(sft_file), str(out), params, {}, {})
+        log = read_table(tmp_path / dtype / "train_log.parquet", TRAIN_LOG_SCHEMA).to_pydict()
+        losses[dtype] = log["loss"]
+        weights = load_file(next((out / "step-000002").glob("*.safetensors")))
+        assert {t.dtype for t in weights.values()} == {__import__("torch").float32}
+    assert losses["bfloat16"] != losses["float32"]
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.05)
+
+
 def test_rerun_reuses_stored_anchors_and_extends(tmp_path, tiny_model_dir, sft_file, caplog):
     import logging
 

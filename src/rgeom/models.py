@@ -87,6 +87,22 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool | None:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); None if unknown.
+
+    Read from the CPU flags, not from torch, so ``rgeom check-config`` stays torch-free.
+    Without it, bfloat16 matmuls are emulated and run several times slower than float32.
+    """
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return None
+    flags = next((line for line in text.splitlines() if line.startswith("flags")), None)
+    if flags is None:
+        return None
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split(":", 1)[-1].split()))
+
+
 def set_threads(n: int | None) -> None:
     if n:
         import torch

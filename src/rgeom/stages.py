@@ -416,6 +416,17 @@ def check_config(config: str, print_config: bool = False) -> None:
     from rgeom.config import describe, load
 
     cfg = load(config)
+    model = cfg.get("model", {})
+    if model.get("dtype") == "bfloat16" and model.get("device") == "cpu":
+        from rgeom.models import cpu_has_native_bf16
+
+        if cpu_has_native_bf16() is False:
+            print(
+                f"note: {config}: model.dtype is bfloat16 on a CPU without native bfloat16 "
+                "(no avx512_bf16 or amx_bf16 flag): its matmuls are emulated, several times "
+                "slower than float32; model.dtype: float32 runs faster here (other numbers)",
+                file=sys.stderr,
+            )
     ok = f"OK: {config}: {describe(cfg)}"
     if print_config:
         print(json.dumps(cfg, indent=2, sort_keys=True))

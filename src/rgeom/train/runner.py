@@ -447,7 +447,9 @@ class _Runner:
             data_seed=seed,
             report_to=[],
             use_cpu=not cuda,
-            bf16=cuda and dtype == "bfloat16",
+            # Mixed precision, float32 master weights: autocast on CUDA and on CPUs with
+            # native bfloat16 (AVX512-BF16, AMX), where matmuls run about 4x faster.
+            bf16=dtype == "bfloat16",
             fp16=cuda and dtype == "float16",
             dataloader_num_workers=0,
             include_num_input_tokens_seen="non_padding",
