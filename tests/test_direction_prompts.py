@@ -35,8 +35,8 @@ SPLIT = "direction"
 # Pinned so that an edit of a prompt shows up here: directions from an edited split are not
 # comparable with earlier runs' (the builtin sets carry no file hash in their provenance).
 SHA256 = {
-    "harmful_direction.jsonl": "98104d5923abac34f5066bcff28c40638c9954360afb1e394b2164ec60533e89",
-    "harmless_direction.jsonl": "32daf6e3080043b56b1b52bd735470493059ebcdb51763087b13ac85a4dd32e1",
+    "harmful_direction.jsonl": "d74730b1c1a2c1233c8e7f06a5e10ba6c8784c8431e8846a13955942398826ec",
+    "harmless_direction.jsonl": "5a3d03dd22acd284cfef213227662720ca199a09000a9f319efb820247ba851f",
 }
 # Word-bigram Jaccard at or above which two prompts count as near-duplicates. Alpaca's 31k
 # instructions share openings like "Explain the difference between" with any benign request,
@@ -85,7 +85,7 @@ def test_split_files_are_pinned():
 
 def test_counts_labels_and_categories():
     harmful, harmless = _load("harmful"), _load("harmless")
-    assert len(harmful["text"]) >= 80 and len(harmless["text"]) >= 80
+    assert len(harmful["text"]) >= 300 and len(harmless["text"]) >= 300
     assert set(harmful["label"]) == {"harmful"} and set(harmless["label"]) == {"harmless"}
     assert set(harmful["split"]) == set(harmless["split"]) == {SPLIT}
     assert set(harmful["source"]) == {"builtin:harmful"}
