@@ -188,3 +188,20 @@ def test_config_readme_numbers_come_from_the_shipped_configs(repo_root):
     table = shipped_configs_markdown(repo_root)
     assert "anchors 0/6/12 of 12 steps" in table  # config/config.yaml, read from the file
     assert table in readme, "config/README.md is stale: run `make config-docs`"
+
+
+def test_the_demo_captures_every_layer_its_carrier_search_scores():
+    # The search skips a stride layer that extraction did not capture, silently: the demo's
+    # activations.layers must cover Arditi's grid (issue 20: every post-instruction position,
+    # stride <= 2 below the cut int(0.8 * 30) = 24 of SmolLM2's 30 layers), and its
+    # directions must come from the whole built-in direction split (noise angle <= 15 deg).
+    from rgeom.interventions import layer_cut
+
+    cfg = load(REPO / "config" / "config.yaml")
+    carrier, captured = cfg["carrier"], cfg["activations"]["layers"]
+    assert carrier["positions"] is None and carrier["layer_stride"] <= 2
+    grid = set(range(0, layer_cut(30, carrier.get("max_layer_frac", 0.8)), carrier["layer_stride"]))
+    assert grid <= set(captured), sorted(grid - set(captured))
+    for name in ("dir_harmful", "dir_harmless"):
+        spec = cfg["data"]["sets"][name]
+        assert spec["split"] == "direction" and spec.get("limit") is None, spec
