@@ -584,20 +584,6 @@ def train_arm(
         time_limit_s=time_limit_s,
     )
     runner.run()
-    _leave_process_group()
-
-
-def _leave_process_group() -> None:
-    """Tear the process group down once the anchors are out.
-
-    Left to interpreter exit, a rank whose gloo (or DeepSpeed shared-memory) threads were
-    still alive could abort ("terminate called without an active exception", SIGABRT) after
-    a finished run, and the launcher then reported the whole training job failed.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def write_train_log(state_dir: str | Path, out: str | Path, meta: dict[str, Any]) -> pa.Table:
