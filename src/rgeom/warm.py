@@ -264,20 +264,15 @@ def forward(argv: list[str]) -> int | None:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: os._exit(143))
     try:
-        data = b""
-        while len(data) < _STATUS.size:
-            chunk = conn.recv(_STATUS.size - len(data))
-            if not chunk:
-                break
-            data += chunk
+        (status,) = _STATUS.unpack(_recv_exact(conn, _STATUS.size))
+    except ConnectionError:
+        print(f"rgeom: the warm server ({path}) lost this job without a status", file=sys.stderr)
+        return LOST
     except KeyboardInterrupt:
         return 130
     finally:
         conn.close()
-    if len(data) < _STATUS.size:
-        print(f"rgeom: the warm server ({path}) lost this job without a status", file=sys.stderr)
-        return LOST
-    return _STATUS.unpack(data)[0]
+    return status
 
 
 def warm_cmd(run_argv: list[str], socket_path: str | None = None, timeout_s: float = 120) -> None:

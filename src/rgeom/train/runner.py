@@ -447,8 +447,8 @@ class _Runner:
             data_seed=seed,
             report_to=[],
             use_cpu=not cuda,
-            # Mixed precision, float32 master weights: autocast on CUDA and on CPUs with
-            # native bfloat16 (AVX512-BF16, AMX), where matmuls run about 4x faster.
+            # Mixed precision, float32 master weights: autocast on CUDA and on the CPU alike
+            # (on a CPU with native bfloat16, AVX512-BF16 or AMX, matmuls run about 4x faster).
             bf16=dtype == "bfloat16",
             fp16=cuda and dtype == "float16",
             dataloader_num_workers=0,
