@@ -71,7 +71,8 @@ def test_ablation_removes_component_at_every_site(tiny):
             for h in handles:
                 h.remove()
     n_layers = len(decoder_layers(model))
-    assert len(sites) == 3 * n_layers * 2  # three sites per block, two batches
+    # Three sites per block, in three passes: the prompts' shared opening, then two batches.
+    assert len(sites) == 3 * n_layers * 3
     for x in sites:
         assert (x.double() @ r).abs().max() < 1e-5
     # Hooks are gone afterwards: the component is back.

@@ -121,8 +121,10 @@ def test_two_srun_tasks_join_one_gloo_rendezvous_and_train(
             )
         )
     outs = [p.communicate(timeout=900) for p in procs]
-    for p, (_, err) in zip(procs, outs, strict=True):
+    for rank, (p, (_, err)) in enumerate(zip(procs, outs, strict=True)):
         assert p.returncode == 0, err[-5000:]
+        # Read from torch's group, which training has left by then: the world really joined.
+        assert f"rank {rank} of 2 (gloo) joined; exit 0" in err, err[-5000:]
     # Each rank blocks in init_process_group until the world of WORLD_SIZE=2 is complete, so
     # two clean exits mean both joined; the anchors are the run's, trained in that world.
     log = read_table(tmp_path / "train_log.parquet", TRAIN_LOG_SCHEMA).to_pydict()

@@ -31,6 +31,7 @@ import torch
 
 from rgeom.errors import RgeomError
 from rgeom.io import Shards, TableWriter, file_sha256, files_fingerprint
+from rgeom.kvcache import SharedPrefix
 from rgeom.models import decoder_layers, encode_chat, left_pad
 from rgeom.schemas import ACTIVATION_SCHEMA as ACTIVATION_SCHEMA
 from rgeom.schemas import activation_schema as _activation_schema
@@ -143,6 +144,15 @@ def padded_positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp_min(0)
 
 
+def _plain_inputs(ids: torch.Tensor, mask: torch.Tensor) -> dict:
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": padded_positions(mask),
+        "use_cache": False,
+    }
+
+
 class _StopForward(Exception):
     """Raised from the last needed hook to skip the rest of the forward pass."""
 
@@ -190,33 +200,28 @@ class ResidCapture:
             handle.remove()
         self._handles.clear()
 
-    def run(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[int, torch.Tensor]:
+    def run(
+        self, ids: torch.Tensor, mask: torch.Tensor, inputs: dict | None = None
+    ) -> dict[int, torch.Tensor]:
+        """``inputs`` (forward keyword arguments, e.g. a :class:`~rgeom.kvcache.SharedPrefix`
+        batch) replace the plain left-padded pass over ``ids``/``mask``."""
         self.captured = {}
         self._stop = True
         with contextlib.suppress(_StopForward):
-            self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=padded_positions(mask),
-                use_cache=False,
-            )
+            self.model(**(inputs or _plain_inputs(ids, mask)))
         return self._take()
 
     def run_with_logits(
-        self, ids: torch.Tensor, mask: torch.Tensor
+        self, ids: torch.Tensor, mask: torch.Tensor, inputs: dict | None = None
     ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """As :meth:`run`, but the forward goes on to the logits at the last position only
         (``logits_to_keep=1``: the head over every position would cost far more)."""
         self.captured = {}
         self._stop = False
         try:
-            logits = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=padded_positions(mask),
-                use_cache=False,
-                logits_to_keep=1,
-            ).logits[:, -1]
+            logits = self.model(**(inputs or _plain_inputs(ids, mask)), logits_to_keep=1).logits[
+                :, -1
+            ]
         finally:
             self._stop = True
         return self._take(), logits.float().cpu()
@@ -291,6 +296,7 @@ def extract_activations(
     if shard_size < 1:
         raise RgeomError(f"activations.shard_size must be >= 1, got {shard_size}")
     dtype = params.get("dtype", "float32")
+    reuse_prefix = bool(params.get("reuse_prefix", True))
     n_layers = len(decoder_layers(model))
     d_model = int(model.config.hidden_size)
     layers = resolve_layers(params.get("layers"), n_layers)
@@ -328,6 +334,7 @@ def extract_activations(
         hook_point=HOOK_POINT,
         dtype=dtype,
         batch_size=batch_size,
+        reuse_prefix=reuse_prefix,
         n_prompts=len(prompts),
         template_hash=template_hash(tokenizer),
         tokenizer_hash=tokenizer_hash(tokenizer),
@@ -351,20 +358,27 @@ def extract_activations(
         suffix_len,
         len(groups),
     )
+    # Built before the capture hooks exist: they must not fire on the shared opening, whose
+    # positions are never captured (keep=suffix_len leaves every captured one in the tails).
+    with torch.inference_mode():
+        shared = SharedPrefix.build(
+            model, [p.ids for p in prompts], keep=suffix_len, enabled=reuse_prefix
+        )
     with ResidCapture(model, layers, suffix_len) as capture, torch.inference_mode():
 
         def run(group, writer: TableWriter) -> None:
             for batch in tqdm(group, desc="extract", unit="batch", file=sys.stderr):
                 ids, mask = left_pad([p.ids for p in batch], pad_id, device)
+                inputs = shared.inputs(model, [p.ids for p in batch], pad_id)
                 scores = None
                 if refusal_ids is None:
-                    acts = capture.run(ids, mask)
+                    acts = capture.run(ids, mask, inputs)
                 else:
                     # The score rides on the capture's own forward, run on to the logits
                     # rather than stopped after the last captured block. That adds only the
                     # blocks above it, the final norm and a one-position head; a separate
                     # scoring pass would rerun every block below it as well.
-                    acts, logits = capture.run_with_logits(ids, mask)
+                    acts, logits = capture.run_with_logits(ids, mask, inputs)
                     scores = refusal_score_from_logits(logits, refusal_ids).numpy()
                 for layer in layers:
                     writer.write(_layer_table(batch, layer, acts[layer], np_dtype, schema, scores))

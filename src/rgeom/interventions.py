@@ -32,6 +32,7 @@ from rgeom.errors import RgeomError
 # The filter lives with the direction stage, which runs without torch; callers of the
 # carrier search keep importing it from here.
 from rgeom.geometry import filter_by_baseline
+from rgeom.kvcache import SharedPrefix
 from rgeom.models import decoder_layers, encode_chat, encode_response, left_pad
 from rgeom.schemas import CARRIER_SCHEMA
 
@@ -191,24 +192,26 @@ def refusal_token_ids(tokenizer, prefixes: Sequence[str] = REFUSAL_PREFIXES) -> 
 
 
 @torch.inference_mode()
-def last_logits(model, tokenizer, prompts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+def last_logits(
+    model, tokenizer, prompts: Sequence[str], batch_size: int = 16, share_prefix: bool = True
+) -> torch.Tensor:
     """float32 next-token logits [n, V] at the last position of each chat-encoded prompt,
-    in the order given."""
-    device = next(model.parameters()).device
+    in the order given.
+
+    ``share_prefix`` runs the opening tokens every prompt shares (the chat template's
+    system turn) once, under the hooks active now, and the rest of each prompt against its
+    cache (:class:`rgeom.kvcache.SharedPrefix`): the same logits up to rounding, for about
+    half the work on short prompts.
+    """
     encs = [encode_chat(tokenizer, p).ids for p in prompts]
     order = sorted(range(len(encs)), key=lambda i: -len(encs[i]))
     out: list[torch.Tensor | None] = [None] * len(encs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    shared = SharedPrefix.build(model, encs, enabled=share_prefix)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        ids, mask = left_pad([encs[i] for i in idx], pad, device)
-        logits = model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=padded_positions(mask),
-            use_cache=False,
-            logits_to_keep=1,
-        ).logits[:, -1]
+        inputs = shared.inputs(model, [encs[i] for i in idx], pad)
+        logits = model(**inputs, logits_to_keep=1).logits[:, -1]
         for row, i in enumerate(idx):
             out[i] = logits[row].float().cpu()
     return torch.stack(out) if out else torch.empty(0)
@@ -365,6 +368,7 @@ def score_direction(
     cache: PrefixCache | None = None,
     cache_rows: Sequence[int] | None = None,
     ablate=None,
+    share_prefix: bool = True,
 ) -> dict[str, Any]:
     """The carrier-search scores of one raw direction ``vec`` read at block ``layer``.
 
@@ -376,17 +380,19 @@ def score_direction(
     the blocks before ``layer`` for the addition; ``cache_rows`` are the cache's prompts that
     make up ``harmless`` (all of them when None), for a cache built before a prompt filter.
     ``ablate`` ([k, d]) ablates that span instead of ``vec``'s, for a rank-k carrier.
+    ``share_prefix``: see :func:`last_logits`.
     """
+    # One call for both sets: their shared opening runs once, and batches fill up.
     with ablation(model, vec if ablate is None else ablate):
-        abl_harmful = last_logits(model, tokenizer, harmful, batch_size)
-        abl_harmless = last_logits(model, tokenizer, harmless, batch_size)
+        ablated = last_logits(model, tokenizer, [*harmful, *harmless], batch_size, share_prefix)
+    abl_harmful, abl_harmless = ablated[: len(harmful)], ablated[len(harmful) :]
     if cache is not None and layer in cache.layers:
         add_harmless = cache.logits_with_addition(layer, vec)
         if cache_rows is not None:
             add_harmless = add_harmless[list(cache_rows)]
     else:
         with addition(model, vec, layer, 1.0):
-            add_harmless = last_logits(model, tokenizer, harmless, batch_size)
+            add_harmless = last_logits(model, tokenizer, harmless, batch_size, share_prefix)
     bypass = refusal_score_from_logits(abl_harmful, refusal_ids).numpy()
     induce = refusal_score_from_logits(add_harmless, refusal_ids).numpy()
     kl = kl_last_position(base_harmless, abl_harmless).numpy()
@@ -488,7 +494,8 @@ def select_carrier(
     ``bypass``.
     Candidates at or above the layer cut are recorded but not evaluated. With
     ``reuse_prefix`` the addition reruns only the blocks from its layer on, starting from
-    cached base activations (see :class:`PrefixCache`).
+    cached base activations (see :class:`PrefixCache`), and every other pass runs the
+    prompts' shared opening once (see :func:`last_logits`).
 
     ``filter_prompts`` first drops the prompts whose baseline behaviour is already the
     wrong one (:func:`filter_by_baseline`); the base logits it needs are computed anyway.
@@ -526,9 +533,11 @@ def select_carrier(
             cache = None
     # The cache already ran the base model over the harmless prompts.
     base_harmless = (
-        cache.base if cache is not None else last_logits(model, tokenizer, harmless, batch_size)
+        cache.base
+        if cache is not None
+        else last_logits(model, tokenizer, harmless, batch_size, reuse_prefix)
     )
-    base_harmful = last_logits(model, tokenizer, harmful, batch_size)
+    base_harmful = last_logits(model, tokenizer, harmful, batch_size, reuse_prefix)
     score_h = refusal_score_from_logits(base_harmful, refusal_ids).numpy()
     score_b = refusal_score_from_logits(base_harmless, refusal_ids).numpy()
     baseline = {"harmful": float(score_h.mean()), "harmless": float(score_b.mean())}
@@ -576,6 +585,7 @@ def select_carrier(
             batch_size,
             cache,
             cache_rows,
+            share_prefix=reuse_prefix,
         )
         bypass, induce, kl = scores["bypass"], scores["induce"], scores["kl"]
         # Streams: harmful prompts 0, harmless 1, so induce and kl share their resamples.
@@ -634,6 +644,7 @@ def select_carrier(
             cache,
             cache_rows,
             ablate=basis,
+            share_prefix=reuse_prefix,
         )
         bypass, induce, kl = scores["bypass"], scores["induce"], scores["kl"]
         sub.update(

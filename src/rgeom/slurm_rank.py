@@ -82,9 +82,11 @@ def _process_group() -> tuple[int, int, str] | None:
     # Only a run that imported torch can have joined a group; importing it here would cost
     # seconds for a command that never trains.
     dist = sys.modules.get("torch.distributed")
-    if dist is None or not dist.is_available() or not dist.is_initialized():
-        return None
-    return dist.get_rank(), dist.get_world_size(), str(dist.get_backend())
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), str(dist.get_backend())
+    # Training leaves its group once the anchors are out (rgeom.train.runner) and records it.
+    runner = sys.modules.get("rgeom.train.runner")
+    return getattr(runner, "LEFT_GROUP", None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,6 @@ optimised. :func:`build_prompt_ids` still gives those exact ids for replay.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from rgeom.errors import RgeomError
+from rgeom.kvcache import expand_cache as _expand_cache
+from rgeom.kvcache import prefix_kv as _prefix_kv
+from rgeom.kvcache import run_cached as _run_cached
 from rgeom.models import encode_chat, encode_chat_batch, encode_response
 
 log = logging.getLogger(__name__)
@@ -209,43 +211,6 @@ def _full_embedding(model) -> torch.Tensor:
 
     with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
         return weight.detach().clone()
-
-
-def _cache_kwarg(model) -> str:
-    # transformers 5.2x renamed ``past_key_values`` to ``cache``; earlier 5.x only knows the
-    # old name, and passing it to a newer release logs a deprecation warning on every call.
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _run_cached(model, cache, tail_logits: int, **inputs) -> torch.Tensor:
-    """Logits of the last ``tail_logits`` positions of a forward pass that extends ``cache``.
-
-    Only the target positions need logits; skipping the LM head elsewhere saves most of a
-    small model's compute (SmolLM2's 49k-word head dominates its 135M parameters).
-    """
-    kwargs = {_cache_kwarg(model): cache, "use_cache": True, "logits_to_keep": tail_logits}
-    return model(**inputs, **kwargs).logits
-
-
-def _prefix_kv(model, prefix: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-layer (key, value) tensors of the prefix, batch size 1, detached."""
-    with torch.no_grad():
-        out = model(input_ids=prefix.unsqueeze(0), use_cache=True, logits_to_keep=1)
-    cache = getattr(out, "cache", None) or out.past_key_values
-    return [(layer.keys.detach(), layer.values.detach()) for layer in cache.layers]
-
-
-def _expand_cache(model, kv: list[tuple[torch.Tensor, torch.Tensor]], batch: int):
-    """A fresh cache holding ``kv`` (prefix, maybe part of the suffix) for ``batch`` rows.
-
-    The forward pass appends to the cache it is given, so every call gets its own object;
-    ``expand`` makes views and ``DynamicCache`` copies them once on construction.
-    """
-    from transformers import DynamicCache
-
-    data = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv]
-    return DynamicCache(ddp_cache_data=data, config=model.config)
 
 
 def _target_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -584,6 +584,26 @@ def train_arm(
         time_limit_s=time_limit_s,
     )
     runner.run()
+    _leave_process_group()
+
+
+# (rank, world size, backend) of the process group the last train_arm left: rgeom.slurm_rank
+# reports it after the command returns, when the group itself is gone.
+LEFT_GROUP: tuple[int, int, str] | None = None
+
+
+def _leave_process_group() -> None:
+    """Tear the process group down once the anchors are out.
+
+    Left to interpreter exit, a rank whose gloo (or DeepSpeed shared-memory) threads were
+    still alive could abort ("terminate called without an active exception", SIGABRT) after
+    a finished run, and the launcher then reported the whole training job failed.
+    """
+    global LEFT_GROUP
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        LEFT_GROUP = (dist.get_rank(), dist.get_world_size(), str(dist.get_backend()))
+        dist.destroy_process_group()
 
 
 def write_train_log(state_dir: str | Path, out: str | Path, meta: dict[str, Any]) -> pa.Table:
