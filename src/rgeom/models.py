@@ -153,9 +153,7 @@ def _convert_gguf(gguf: Path, out: Path, dtype: torch.dtype) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     with _cached_gguf_name_maps():
-        loaded = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=dtype
-        )
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
     # save_pretrained refuses a model that still carries the GGUF quantization config, so the
     # dequantised weights move into a model built from the same config without it.
     config = copy.deepcopy(loaded.config)
