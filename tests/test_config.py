@@ -73,6 +73,8 @@ def test_paper_config_keeps_the_paper_protocol(repo_root):
         ({"model": {"source": "gguf"}}, "model.source"),
         ({"data": {"sets": {"harmbench": {"format": "builtin"}}}}, "train_harmful"),
         ({"data": {"sets": {"x": {"format": "csv"}}}}, "data.sets.x.format"),
+        ({"interventions": {"generate_set": "nope"}}, "interventions.generate_set: 'nope'"),
+        ({"interventions": {"utility_set": "nope"}}, "interventions.utility_set: 'nope'"),
     ],
 )
 def test_bad_config_names_the_key(config, needle):

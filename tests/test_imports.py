@@ -44,6 +44,8 @@ TORCH_FREE = (
     "rgeom.stages",
     "rgeom.config",
     "rgeom.io",
+    "rgeom.layout",
+    "rgeom.stage_params",
     "rgeom.data",
     "rgeom.geometry",
     "rgeom.drift",

@@ -140,15 +140,19 @@ def test_addition_coefficient_zero_is_identity_and_nonzero_is_not(tiny):
     torch.testing.assert_close(last_logits(model, tokenizer, PROMPTS), base)
 
 
+@pytest.mark.parametrize("share_prefix", [True, False])
 @pytest.mark.parametrize("layer", [0, 1])
-def test_prefix_cache_addition_matches_full_forward(tiny, layer):
+def test_prefix_cache_addition_matches_full_forward(tiny, layer, share_prefix):
     model, tokenizer = tiny
     r = unit(model.config.hidden_size, 6) * 4.0
-    cache = PrefixCache(model, tokenizer, PROMPTS, [0, 1], batch_size=2)
+    cache = PrefixCache(model, tokenizer, PROMPTS, [0, 1], 2, share_prefix)
     assert cache.usable
-    torch.testing.assert_close(cache.base, last_logits(model, tokenizer, PROMPTS))
+    # With sharing on, the template's opening really is run once (and restarted from).
+    assert (cache.shared_len > 0) is share_prefix
+    whole = last_logits(model, tokenizer, PROMPTS, share_prefix=False)
+    torch.testing.assert_close(cache.base, whole, atol=1e-5, rtol=1e-5)
     with addition(model, r, layer=layer, coeff=1.0):
-        full = last_logits(model, tokenizer, PROMPTS)
+        full = last_logits(model, tokenizer, PROMPTS, share_prefix=False)
     torch.testing.assert_close(cache.logits_with_addition(layer, r), full, atol=1e-5, rtol=1e-5)
     # The model's own block list is restored.
     assert len(decoder_layers(model)) == model.config.num_hidden_layers

@@ -68,6 +68,7 @@ import pyarrow.parquet as pq
 
 from rgeom.errors import RgeomError
 from rgeom.io import read_meta, read_table, write_table
+from rgeom.layout import BASE
 from rgeom.schemas import CARRIER_BASE_SCHEMA, CROSS_SCHEMA, INTERVENTION_SCHEMA
 
 if TYPE_CHECKING:
@@ -670,7 +671,7 @@ def cross_anchor_table(
     refusal_ids = _refusal_ids(tokenizer, cars[target])
     own = load_directions(dirs[target])
     sources = []
-    for cell in sorted(dirs, key=lambda c: (c[1], c[0] != "base", c[0])):
+    for cell in sorted(dirs, key=lambda c: (c[1], c[0] != BASE, c[0])):
         raw = load_directions(dirs[cell])
         choice = choose_direction(cars[cell], raw, max_layer_frac, kl_max)
         sources.append((cell, choice, raw[choice.key]))
@@ -831,7 +832,7 @@ def interventions_summary(
         INTERVENTION_SCHEMA,
         {**meta, "inputs": [str(p) for p in tables]},
     )
-    arms = list(params.get("arms") or sorted({a for a in combined["arm"].to_pylist()} - {"base"}))
+    arms = list(params.get("arms") or sorted({a for a in combined["arm"].to_pylist()} - {BASE}))
     formats = _formats(params)
     for arm in arms:
         plot_frontier(combined, arm, out / f"frontier_{arm}", formats)
@@ -846,7 +847,7 @@ def plot_frontier(table: pa.Table, arm: str, stem: Path, formats) -> list[Path]:
 
     from rgeom.report import _figure, _save
 
-    rows = [r for r in table.to_pylist() if r["arm"] in (arm, "base")]
+    rows = [r for r in table.to_pylist() if r["arm"] in (arm, BASE)]
     steps = sorted({r["step"] for r in rows})
     cmap = colormaps["viridis"]
     fig, axes = _figure(2, width=4.6, height=3.6)

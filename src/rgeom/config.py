@@ -205,6 +205,15 @@ def _check_semantics(cfg: dict[str, Any], source: str) -> None:
             f"{source}: key attacks.benchmark: {attacks.get('benchmark', 'harmbench')!r} is not "
             f"a set in data.sets (have: {', '.join(sorted(sets))})"
         )
+    # The interventions stage generates from and audits on these sets (checked here, not
+    # in the workflow, so that `rgeom check-config` reports it too).
+    for key in ("generate_set", "utility_set"):
+        name = (cfg.get("interventions") or {}).get(key)
+        if name is not None and name not in sets:
+            raise RgeomError(
+                f"{source}: key interventions.{key}: {name!r} is not a set in data.sets "
+                f"(have: {', '.join(sorted(sets))})"
+            )
     if cfg["train"]["zero_stage"] not in (0, 2, 3):
         raise RgeomError(f"{source}: key train.zero_stage: must be 0, 2 or 3")
     judge = cfg.get("judge") or {}

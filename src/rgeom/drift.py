@@ -105,6 +105,7 @@ from rgeom.geometry import (
     rank_measures,
 )
 from rgeom.io import read_meta, read_table, write_table
+from rgeom.layout import BASE
 from rgeom.schemas import (
     ANGLES_SCHEMA,
     CARRIER_BASE_SCHEMA,
@@ -115,7 +116,7 @@ from rgeom.schemas import (
 
 log = logging.getLogger(__name__)
 
-BASE_ARM = "base"
+BASE_ARM = BASE
 RANK_KINDS = ("singular", "energy", "participation")
 NULL_KINDS = ("auto", "shuffle", "gaussian")
 # Files combined here must describe the same model and tokenization.

@@ -18,6 +18,7 @@ import polars as pl
 
 from rgeom.errors import RgeomError
 from rgeom.io import atomic_path, read_meta, read_table
+from rgeom.layout import BASE
 from rgeom.report import _figure, _metric_names, _save, arm_style
 from rgeom.tables import PAPER_REFERENCE, is_paper_config, paper_value
 
@@ -193,7 +194,7 @@ def plot_carrier_heatmaps(
     by_arm: dict[str, dict[int, list[dict]]] = {}
     for arm in arms:
         for (a, step), rows in cells.items():
-            if a in (arm, "base"):
+            if a in (arm, BASE):
                 by_arm.setdefault(arm, {})[step] = rows
     present = [a for a in arms if a in by_arm]
     if not present:
@@ -352,7 +353,7 @@ def plot_angles(angles: str, arms: Sequence[str], stem: Path, formats) -> list[P
         la, lb = f"{a[0]}@{a[1]}", f"{b[0]}@{b[1]}"
         angle[(la, lb)] = angle[(lb, la)] = r["angle_deg"]
         noise[(la, lb)] = noise[(lb, la)] = r.get("noise_deg")
-    rank = {arm: i for i, arm in enumerate(["base", *arms])}
+    rank = {arm: i for i, arm in enumerate([BASE, *arms])}
     ordered = sorted(cells, key=lambda c: (rank.get(c[0], len(rank)), c[1]))
     # plot_angle_matrix reads only each cell's label.
     labels = [SimpleNamespace(label=f"{a}@{s}") for a, s in ordered]

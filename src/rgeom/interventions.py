@@ -26,14 +26,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from rgeom.activations import padded_positions
 from rgeom.errors import RgeomError
 
 # The filter lives with the direction stage, which runs without torch; callers of the
 # carrier search keep importing it from here.
 from rgeom.geometry import filter_by_baseline
-from rgeom.kvcache import SharedPrefix
-from rgeom.models import decoder_layers, encode_chat, encode_response, left_pad
+from rgeom.kvcache import KV, SharedPrefix, cache_kwarg, expand_cache
+from rgeom.models import decoder_layers, encode_chat, encode_response
 from rgeom.schemas import CARRIER_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -266,43 +265,48 @@ class PrefixCache:
     """Block inputs of the unedited model for a fixed prompt list, so that an addition at
     layer l reruns only blocks l..L-1: the blocks before l see exactly the base model.
 
+    With ``share_prefix`` the prompts' shared opening (:class:`rgeom.kvcache.SharedPrefix`)
+    is also run once: its block inputs are kept for one row, and an addition reruns the
+    opening once from block l and each prompt's tail against that cache.
+
     On construction it checks that restarting at a block reproduces the base logits; where
     the architecture does not allow it (e.g. Gemma rescales ``inputs_embeds``),
     ``usable`` is False and callers fall back to full forwards.
     """
 
     def __init__(
-        self, model, tokenizer, prompts: Sequence[str], layers: Sequence[int], batch_size: int
+        self,
+        model,
+        tokenizer,
+        prompts: Sequence[str],
+        layers: Sequence[int],
+        batch_size: int,
+        share_prefix: bool = True,
     ):
         self.model = model
         self.layers = sorted(set(layers))
-        device = next(model.parameters()).device
         encs = [encode_chat(tokenizer, p).ids for p in prompts]
         self.order = sorted(range(len(encs)), key=lambda i: -len(encs[i]))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        # (prompt indices, tail mask, positions, {layer: block input of the tails})
         self.batches: list[tuple[list[int], torch.Tensor, torch.Tensor, dict]] = []
+        self.opening: dict[int, torch.Tensor] = {}
+        self.shared_len = 0
         self.base: torch.Tensor | None = None
         self.usable = bool(self.layers) and hasattr(getattr(model, "model", None), "layers")
         if not self.usable:
             return
-        blocks = decoder_layers(model)
+        with self._capturing(self.opening), torch.inference_mode():
+            shared = SharedPrefix.build(model, encs, enabled=share_prefix)
+        self.shared_len = shared.length
         for start in range(0, len(self.order), batch_size):
             idx = self.order[start : start + batch_size]
-            ids, mask = left_pad([encs[i] for i in idx], pad, device)
+            inputs = shared.inputs(model, [encs[i] for i in idx], pad)
             captured: dict[int, torch.Tensor] = {}
-            handles = [
-                blocks[layer].register_forward_pre_hook(
-                    self._saver(captured, layer), with_kwargs=True
-                )
-                for layer in self.layers
-            ]
-            try:
-                with torch.inference_mode():
-                    logits = self._forward(input_ids=ids, attention_mask=mask)
-            finally:
-                for h in handles:
-                    h.remove()
-            self.batches.append((idx, ids, mask, captured))
+            with self._capturing(captured), torch.inference_mode():
+                logits = model(**inputs, logits_to_keep=1).logits[:, -1].float().cpu()
+            tail_mask = inputs["attention_mask"][:, self.shared_len :]
+            self.batches.append((idx, tail_mask, inputs["position_ids"], captured))
             self._scatter_base(idx, logits, len(encs))
         # Checked even at layer 0: a model that rescales inputs_embeds fails there too.
         zero = torch.zeros(model.config.hidden_size, dtype=torch.float64)
@@ -312,6 +316,19 @@ class PrefixCache:
         if not self.usable:
             log.warning("cannot restart %s at a block; using full forwards", type(model).__name__)
 
+    @contextlib.contextmanager
+    def _capturing(self, captured: dict) -> Iterator[None]:
+        blocks = decoder_layers(self.model)
+        handles = [
+            blocks[layer].register_forward_pre_hook(self._saver(captured, layer), with_kwargs=True)
+            for layer in self.layers
+        ]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
     @staticmethod
     def _saver(captured: dict, layer: int):
         def hook(module, args, kwargs):
@@ -320,21 +337,31 @@ class PrefixCache:
 
         return hook
 
-    def _forward(self, **inputs) -> torch.Tensor:
-        mask = inputs["attention_mask"]
-        return (
-            self.model(
-                **inputs, position_ids=padded_positions(mask), use_cache=False, logits_to_keep=1
-            )
-            .logits[:, -1]
-            .float()
-            .cpu()
-        )
-
     def _scatter_base(self, idx: list[int], logits: torch.Tensor, n: int) -> None:
         if self.base is None:
             self.base = torch.empty(n, logits.shape[-1])
         self.base[idx] = logits
+
+    def _opening_kv(self, layer: int, v: torch.Tensor) -> KV:
+        """The opening's keys and values with ``v`` added at block ``layer``'s input, for
+        every block: the blocks before ``layer`` never run from this cache, so theirs are
+        zeros of the right length (the model reads the cache's length from block 0)."""
+        hidden = self.opening[layer]
+        n = hidden.shape[1]
+        positions = torch.arange(n, device=hidden.device)[None]
+        out = self.model(
+            inputs_embeds=hidden + v.to(hidden.dtype),
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache = getattr(out, "cache", None) or out.past_key_values
+        first = cache.layers[layer]
+        blank = (torch.zeros_like(first.keys), torch.zeros_like(first.values))
+        return [
+            blank if i < layer else (cache.layers[i].keys, cache.layers[i].values)
+            for i in range(self.model.config.num_hidden_layers)
+        ]
 
     @torch.inference_mode()
     def logits_with_addition(self, layer: int, vec) -> torch.Tensor:
@@ -344,11 +371,24 @@ class PrefixCache:
         v = _as_tensor(vec, self.model).reshape(-1)
         out = None
         with _blocks_from(self.model, layer):
-            for idx, _, mask, captured in self.batches:
+            kv = self._opening_kv(layer, v) if self.shared_len else None
+            for idx, mask, positions, captured in self.batches:
                 hidden = captured[layer]
-                logits = self._forward(
-                    inputs_embeds=hidden + v.to(hidden.dtype), attention_mask=mask
-                )
+                inputs = {
+                    "inputs_embeds": hidden + v.to(hidden.dtype),
+                    "position_ids": positions,
+                    "logits_to_keep": 1,
+                }
+                if kv is None:
+                    inputs.update(attention_mask=mask, use_cache=False)
+                else:
+                    opening = torch.ones(len(idx), self.shared_len, dtype=mask.dtype)
+                    inputs.update(
+                        attention_mask=torch.cat([opening.to(mask.device), mask], dim=1),
+                        use_cache=True,
+                        **{cache_kwarg(self.model): expand_cache(self.model, kv, len(idx))},
+                    )
+                logits = self.model(**inputs).logits[:, -1].float().cpu()
                 if out is None:
                     out = torch.empty(self.base.shape[0], logits.shape[-1])
                 out[idx] = logits
@@ -528,7 +568,7 @@ def select_carrier(
     cache = None
     if reuse_prefix:
         layers = {layer for (layer, _), vec in candidates.items() if evaluable(layer, vec)}
-        cache = PrefixCache(model, tokenizer, harmless, sorted(layers), batch_size)
+        cache = PrefixCache(model, tokenizer, harmless, sorted(layers), batch_size, reuse_prefix)
         if not cache.usable:
             cache = None
     # The cache already ran the base model over the harmless prompts.

@@ -23,8 +23,9 @@ import pyarrow as pa
 
 from rgeom.errors import RgeomError
 from rgeom.io import atomic_path, read_meta, read_table, write_table, write_text
+from rgeom.layout import BASE
 
-BASE_ARM = "base"
+BASE_ARM = BASE
 SUMMARY_NAME = "summary"
 FIGURES = "figures"
 

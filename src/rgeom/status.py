@@ -44,10 +44,10 @@ import pyarrow.parquet as pq
 
 from rgeom.errors import RgeomError
 from rgeom.io import read_meta, read_table
+from rgeom.layout import cell_dir, cells, model_dir
 
 log = logging.getLogger(__name__)
 
-BASE = "base"
 STATES = ("done", "running", "incomplete", "invalid", "missing")
 # Column order of the status table; per-benchmark artefacts collapse into one column each.
 CELL_ARTEFACTS = (
@@ -79,26 +79,15 @@ class StatusRow:
     detail: str = ""
 
 
-def _tag(step: int) -> str:
-    return f"step-{int(step):06d}"
-
-
 def expected_paths(cfg: Mapping[str, Any], results: Path) -> list[tuple]:
     """(arm, step, artefact, benchmark, path, kind) for everything the config asks for;
     kind is "table", "dir" (a model directory) or "file"."""
     out: list[tuple] = []
     attacks = cfg.get("attacks") or {}
-    anchors = [int(a) for a in cfg["anchors"]]
-    cells = [(BASE, 0)] if 0 in anchors else []
-    cells += [(arm, s) for arm in cfg["arms"] for s in anchors if s > 0]
-    for arm, step in cells:
-        cell = results / arm / _tag(step)
+    for arm, step in cells(cfg["arms"], cfg["anchors"]):
+        cell = cell_dir(arm, step, results)
         # The base cell's "checkpoint" is the prepared source model.
-        if arm == BASE:
-            model = results / "model" / "base"
-        else:
-            model = results / arm / "checkpoints" / _tag(step)
-        out.append((arm, step, "model", None, model, "dir"))
+        out.append((arm, step, "model", None, model_dir(arm, step, results), "dir"))
         for bench in cfg["benchmarks"]:
             for artefact in ("generations", "judgements", "metrics"):
                 out.append(

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from rgeom.errors import RgeomError
 from rgeom.io import atomic_path, read_meta, read_table, write_table, write_text
+from rgeom.layout import BASE
 
 TABLES_DIR = "tables"
 TABLE_NAMES = ("behaviour", "geometry", "interventions", "verdict", "judges")
@@ -419,7 +420,7 @@ def read_carriers(paths: Sequence[str]) -> dict[tuple[str, int], list[dict]]:
 
 def _cell(mapping: Mapping[tuple[str, int], Any], arm: str, step: int) -> Any:
     # Step 0 is the base model, stored once under arm "base".
-    return mapping.get((arm, step), mapping.get(("base", step)) if step == 0 else None)
+    return mapping.get((arm, step), mapping.get((BASE, step)) if step == 0 else None)
 
 
 def read_sites(interventions: str | None) -> dict[tuple[str, int], dict]:
@@ -655,8 +656,8 @@ def interventions_table(path: str, arms: Sequence[str]) -> Table:
     cells = sorted({(r["arm"], int(r["step"])) for r in rows})
     expanded = []
     for arm, step in cells:
-        if arm == "base":
-            expanded += [(a, step, ("base", step)) for a in arms]
+        if arm == BASE:
+            expanded += [(a, step, (BASE, step)) for a in arms]
         else:
             expanded.append((arm, step, (arm, step)))
     for arm, step, key in expanded:

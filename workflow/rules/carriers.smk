@@ -16,6 +16,8 @@ rule carriers:
         "results/logs/carriers/{arm}-{step}.log",
     benchmark:
         "results/benchmarks/carriers/{arm}-{step}.tsv"
+    # The geometry chain's next link (see rule extract_activations).
+    priority: 40
     conda:
         "../envs/train.yaml"
     threads: 1

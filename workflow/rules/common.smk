@@ -10,6 +10,9 @@ from snakemake.exceptions import WorkflowError
 from rgeom.config import dataset_file, validate
 from rgeom.errors import RgeomError
 from rgeom.io import file_sha256
+from rgeom import layout
+from rgeom.layout import BASE
+from rgeom import stage_params
 
 try:
     config.update(
@@ -39,13 +42,12 @@ os.environ.update(
     PATH=os.pathsep.join([*os.get_exec_path(), str(Path(sys.executable).parent)])
 )
 
-BASE = "base"  # step 0 is the source model, measured once and shared by every arm
 GPU = 1 if config["model"]["device"] == "cuda" else 0
 TRAIN_GPUS = config["train"]["num_gpus"] if GPU else 0
 
 
 def tag(step):
-    return f"{int(step):06d}"
+    return layout.step_tag(step)
 
 
 def trained_tags():
@@ -54,9 +56,10 @@ def trained_tags():
 
 def cells():
     """Every (arm, step tag) measured: the base once, then each arm at each trained anchor."""
-    grid = [(BASE, tag(0))] if 0 in config["anchors"] else []
-    grid += [(arm, t) for arm in config["arms"] for t in trained_tags()]
-    return grid
+    return [
+        (arm, tag(step))
+        for arm, step in layout.cells(config["arms"], config["anchors"])
+    ]
 
 
 def cell_paths(pattern):
@@ -64,9 +67,7 @@ def cell_paths(pattern):
 
 
 def model_dir(wildcards):
-    if wildcards.arm == BASE:
-        return "results/model/base"
-    return f"results/{wildcards.arm}/checkpoints/step-{wildcards.step}"
+    return str(layout.model_dir(wildcards.arm, int(wildcards.step)))
 
 
 def params_json(**sections):
@@ -147,8 +148,7 @@ def prompt_filter_arg(input):
 
 
 def model_params():
-    # threads and paths are deliberately absent: they do not change any result.
-    return {k: config["model"][k] for k in ("dtype", "device", "trust_remote_code")}
+    return stage_params.model_params(config)
 
 
 def dataset_files(dataset):
@@ -264,10 +264,8 @@ def interventions_outputs():
 
 
 def interventions_set(key):
-    name = config["interventions"][key]
-    if name not in config["data"]["sets"]:
-        raise WorkflowError(f"interventions.{key}: {name!r} is not a set in data.sets")
-    return f"results/data/{name}.parquet"
+    # config.validate checked that the name is a set in data.sets.
+    return f"results/data/{config['interventions'][key]}.parquet"
 
 
 def cross_anchor_sources(wildcards):
@@ -340,26 +338,8 @@ def train_inputs(wildcards):
 
 
 def train_params(wildcards):
-    """One segment's parameters: the training setup and its own anchor, not the others.
-
-    A new anchor therefore leaves the earlier segments (and their cells) up to date;
-    ``train.max_steps`` is left out under a constant schedule, where it changes nothing.
-    """
-    train = {k: v for k, v in config["train"].items() if k != "save_every"}
-    if train["lr_scheduler"] in ("constant", "constant_with_warmup"):
-        train.pop("max_steps")
-    sections = {
-        "model": model_params(),
-        "train": train,
-        "anchors": [int(wildcards.step)],
-    }
+    sections = stage_params.train_params(config, wildcards.arm, int(wildcards.step))
     if wildcards.arm == "r2d2":
-        # Only the r2d2 arm sees these, so tuning R2D2 never retrains the SFT arm.
-        sections["r2d2"] = {
-            k: v
-            for k, v in config["r2d2"].items()
-            if k not in ("behaviours", "targets")
-        }
         files = r2d2_files()
         sections["r2d2_files"] = content_key(
             files["r2d2_behaviours"] + files["r2d2_targets"]

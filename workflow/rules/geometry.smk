@@ -11,6 +11,10 @@ rule extract_activations:
         "results/logs/extract_activations/{arm}-{step}.log",
     benchmark:
         "results/benchmarks/extract_activations/{arm}-{step}.tsv"
+    # The geometry chain (extract -> directions -> carriers) is each cell's longest path
+    # after training: start a ready link before generation, judging or attacks, which fill
+    # the gaps. Ran last, the carrier search held one core alone for the demo's final minute.
+    priority: 40
     conda:
         "../envs/train.yaml"
     threads: 1
@@ -42,6 +46,8 @@ rule prompt_filter:
         "results/logs/prompt_filter.log",
     benchmark:
         "results/benchmarks/prompt_filter.tsv"
+    # The geometry chain's next link (see rule extract_activations).
+    priority: 40
     conda:
         "../envs/analysis.yaml"
     threads: 1
@@ -65,6 +71,8 @@ rule directions:
         "results/logs/directions/{arm}-{step}.log",
     benchmark:
         "results/benchmarks/directions/{arm}-{step}.tsv"
+    # The geometry chain's next link (see rule extract_activations).
+    priority: 40
     conda:
         "../envs/analysis.yaml"
     threads: 1

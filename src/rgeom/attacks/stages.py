@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from rgeom.errors import RgeomError
+from rgeom.layout import BASE
 from rgeom.stages import _load, _meta, seed_everything
 
 
@@ -126,7 +127,7 @@ def adaptive_gcg(
     seed = int(params.get("seed", 0))
     seed_everything(seed)
     lm, tokenizer = _load(model, params)
-    arm, step = params.get("arm", "base"), int(params.get("step", 0))
+    arm, step = params.get("arm", BASE), int(params.get("step", 0))
     adaptive_gcg_search(
         model=lm,
         tokenizer=tokenizer,
@@ -154,7 +155,7 @@ def adaptive_autodan(
     seed = int(params.get("seed", 0))
     seed_everything(seed)
     lm, tokenizer = _load(model, params)
-    arm, step = params.get("arm", "base"), int(params.get("step", 0))
+    arm, step = params.get("arm", BASE), int(params.get("step", 0))
     attacks = params.get("attacks", {})
     adaptive_autodan_search(
         model=lm,

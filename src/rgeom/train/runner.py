@@ -51,7 +51,9 @@ import torch
 
 from rgeom.errors import RgeomError
 from rgeom.io import atomic_dir, file_sha256, write_table
+from rgeom.layout import step_dir
 from rgeom.schemas import TRAIN_LOG_SCHEMA
+from rgeom.stage_params import training_settings
 
 log = logging.getLogger(__name__)
 
@@ -73,17 +75,12 @@ def deepspeed_config_path(zero_stage: int, offload: bool = False) -> str | None:
 
 
 def anchor_name(step: int) -> str:
-    return f"step-{step:06d}"
+    return step_dir(step)
 
 
 #: The exit status of a run that stopped itself before its time limit: 128 + SIGUSR1, as if
 #: the early-warning signal had come.
 DEADLINE_STOP = int(signal.SIGUSR1)
-
-#: Schedules whose learning rate at step t does not depend on the total number of steps.
-STEP_INDEPENDENT_SCHEDULES = ("constant", "constant_with_warmup")
-#: Training keys that change how often state is saved, never what is trained.
-NON_RESULT_KEYS = ("save_every", "save_margin_s")
 
 
 def training_fingerprint(params: dict[str, Any]) -> dict[str, Any]:
@@ -93,10 +90,7 @@ def training_fingerprint(params: dict[str, Any]) -> dict[str, Any]:
     what lets a later anchor (and a larger ``max_steps``) reuse the earlier segments.
     """
     fp = {k: v for k, v in params.items() if k not in ("anchors",)}
-    train = {k: v for k, v in fp.get("train", {}).items() if k not in NON_RESULT_KEYS}
-    if train.get("lr_scheduler", "constant") in STEP_INDEPENDENT_SCHEDULES:
-        train.pop("max_steps", None)
-    fp["train"] = train
+    fp["train"] = training_settings(fp.get("train", {}))
     return fp
 
 
