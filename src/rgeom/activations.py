@@ -32,7 +32,7 @@ import torch
 from rgeom.errors import RgeomError
 from rgeom.io import Shards, TableWriter, file_sha256, files_fingerprint
 from rgeom.kvcache import SharedPrefix
-from rgeom.models import decoder_layers, encode_chat, left_pad
+from rgeom.models import decoder_layers, encode_chat
 from rgeom.schemas import ACTIVATION_SCHEMA as ACTIVATION_SCHEMA
 from rgeom.schemas import activation_schema as _activation_schema
 
@@ -201,7 +201,7 @@ class ResidCapture:
         self._handles.clear()
 
     def run(
-        self, ids: torch.Tensor, mask: torch.Tensor, inputs: dict | None = None
+        self, ids: torch.Tensor | None = None, mask: torch.Tensor | None = None, *, inputs=None
     ) -> dict[int, torch.Tensor]:
         """``inputs`` (forward keyword arguments, e.g. a :class:`~rgeom.kvcache.SharedPrefix`
         batch) replace the plain left-padded pass over ``ids``/``mask``."""
@@ -212,7 +212,7 @@ class ResidCapture:
         return self._take()
 
     def run_with_logits(
-        self, ids: torch.Tensor, mask: torch.Tensor, inputs: dict | None = None
+        self, ids: torch.Tensor | None = None, mask: torch.Tensor | None = None, *, inputs=None
     ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """As :meth:`run`, but the forward goes on to the logits at the last position only
         (``logits_to_keep=1``: the head over every position would cost far more)."""
@@ -232,10 +232,6 @@ class ResidCapture:
             raise RuntimeError(f"hooks for layers {missing} never fired")
         out, self.captured = self.captured, {}
         return out
-
-
-def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _layer_table(
@@ -344,7 +340,6 @@ def extract_activations(
         refusal_scores=bool(refusal_scores),
         refusal_token_ids=refusal_ids,
     )
-    device = _model_device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
     # Whole batches per shard: each batch is the one an unsharded run would see, so the
@@ -368,17 +363,16 @@ def extract_activations(
 
         def run(group, writer: TableWriter) -> None:
             for batch in tqdm(group, desc="extract", unit="batch", file=sys.stderr):
-                ids, mask = left_pad([p.ids for p in batch], pad_id, device)
                 inputs = shared.inputs(model, [p.ids for p in batch], pad_id)
                 scores = None
                 if refusal_ids is None:
-                    acts = capture.run(ids, mask, inputs)
+                    acts = capture.run(inputs=inputs)
                 else:
                     # The score rides on the capture's own forward, run on to the logits
                     # rather than stopped after the last captured block. That adds only the
                     # blocks above it, the final norm and a one-position head; a separate
                     # scoring pass would rerun every block below it as well.
-                    acts, logits = capture.run_with_logits(ids, mask, inputs)
+                    acts, logits = capture.run_with_logits(inputs=inputs)
                     scores = refusal_score_from_logits(logits, refusal_ids).numpy()
                 for layer in layers:
                     writer.write(_layer_table(batch, layer, acts[layer], np_dtype, schema, scores))
