@@ -9,6 +9,7 @@ Errors are raised as one :class:`RgeomError` that names the file and the dotted 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 from collections.abc import Mapping
@@ -71,6 +72,47 @@ def _fill_defaults(instance: Any, schema: Mapping[str, Any]) -> Any:
             if key not in schema.get("properties", {}):
                 _fill_defaults(value, extra)
     return instance
+
+
+@functools.cache
+def _packaged_schema() -> dict[str, Any]:
+    return load_schema()
+
+
+def _schema_node(dotted: str) -> Mapping[str, Any]:
+    node: Mapping[str, Any] = _packaged_schema()
+    for part in dotted.split("."):
+        try:
+            node = node["properties"][part]
+        except KeyError:
+            raise KeyError(f"the config schema has no key {dotted!r}") from None
+    return node
+
+
+def schema_default(dotted: str) -> Any:
+    """The schema's default for a dotted key, e.g. ``schema_default("carrier.kl_max")``.
+
+    Code that needs a default asks here rather than writing the value again: the schema
+    is the only place defaults live.
+    """
+    node = _schema_node(dotted)
+    if "default" not in node:
+        raise KeyError(f"the config schema gives no default for {dotted!r}")
+    return copy.deepcopy(node["default"])
+
+
+def section_with_defaults(dotted: str, section: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A config section (e.g. ``"drift"``) with the schema's defaults filled in.
+
+    Raises :class:`RgeomError` naming the keys the schema does not know, so a stage called
+    by hand with a misspelt parameter fails instead of silently using a default.
+    """
+    node = _schema_node(dotted)
+    section = dict(section or {})
+    unknown = sorted(set(section) - set(node.get("properties", {})))
+    if unknown and node.get("additionalProperties") is False:
+        raise RgeomError(f"unknown {dotted} parameter(s): {', '.join(unknown)}")
+    return _fill_defaults(copy.deepcopy(section), node)
 
 
 def _dotted(path) -> str:
