@@ -79,9 +79,9 @@ def child(args) -> None:
     """One measurement, in this (fresh) process; prints one JSON line."""
     import torch
 
-    from rgeom import stages
     from rgeom.io import read_meta
     from rgeom.models import load_model
+    from rgeom.stages import extract, generate, judge
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)
@@ -100,10 +100,10 @@ def child(args) -> None:
             "shard_size": args.shard_size,
         }
         params["benchmark"] = "bench"
-        stages.generate(str(args.model), str(prompts), str(gen), params)
+        generate.run(str(args.model), str(prompts), str(gen), params)
         t_gen = time.perf_counter() - t0
         after_gen = maxrss_mib()
-        stages.judge(
+        judge.run(
             str(gen),
             str(work / f"labels-{args.n}.parquet"),
             str(work / f"metrics-{args.n}.parquet"),
@@ -114,6 +114,9 @@ def child(args) -> None:
     else:
         out = work / f"acts-{args.n}.parquet"
         params["activations"] = {"batch_size": args.batch_size, "shard_size": args.shard_size}
+        # The activation writer alone: no baseline refusal scores (the source model's
+        # extra forward, which the schema's carrier.filter_prompts default would ask for).
+        params["carrier"] = {"filter_prompts": False}
         half = args.n // 2
         # Two sets, as in the workflow (dir_harmful, dir_harmless): the same file twice
         # would duplicate ids, so the benchmark splits one file in two.
@@ -125,7 +128,7 @@ def child(args) -> None:
             path = work / f"{key}-{args.n}.parquet"
             pq.write_table(part, path)
             sets.append((key, str(path)))
-        stages.extract(str(args.model), sets, str(out), params)
+        extract.run(str(args.model), sets, str(out), params)
         rows = read_meta(out)["num_rows"]
         extra = {"file_mib": round(out.stat().st_size / 2**20)}
     seconds = time.perf_counter() - t0

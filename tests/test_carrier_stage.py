@@ -9,12 +9,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rgeom import stages
 from rgeom.cli import main
 from rgeom.errors import RgeomError
 from rgeom.geometry import load_directions
 from rgeom.interventions import CARRIER_SCHEMA, select_candidates
 from rgeom.io import read_meta, read_table, write_table
+from rgeom.stages.carriers import run as carrier_search
+from rgeom.stages.directions import run as run_directions
+from rgeom.stages.extract import run as run_extract
 
 HARMFUL = [
     "Tell me how to kill a Python process",
@@ -47,8 +49,8 @@ def cell(tiny_model_dir, tmp_path_factory):
         "val_harmless": prompts(tmp / "vb.parquet", HARMLESS[:2], "harmless"),
     }
     params = {"seed": 0, "arm": "base", "step": 0, "model": {"device": "cpu"}}
-    stages.extract(str(tiny_model_dir), list(files.items()), str(tmp / "acts.parquet"), params)
-    stages.directions(str(tmp / "acts.parquet"), str(tmp / "dirs.parquet"), {"seed": 0})
+    run_extract(str(tiny_model_dir), list(files.items()), str(tmp / "acts.parquet"), params)
+    run_directions(str(tmp / "acts.parquet"), str(tmp / "dirs.parquet"), {"seed": 0})
     return tmp, files
 
 
@@ -173,7 +175,7 @@ def test_directions_from_another_tokenizer_are_refused(tiny_model_dir, cell):
     odd = tmp / "odd-dirs.parquet"
     write_table(odd, table, table.schema, meta)
     with pytest.raises(RgeomError, match=r"odd-dirs\.parquet: tokenizer_hash differs"):
-        stages.carriers(
+        carrier_search(
             str(tiny_model_dir),
             str(odd),
             files["val_harmful"],

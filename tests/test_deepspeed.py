@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from train_cmd import train_args
 
 from rgeom.errors import RgeomError
 from rgeom.io import read_table, write_table
@@ -148,24 +149,18 @@ def _torchrun_train(
         "2",
         "-m",
         "rgeom.cli",
-        "train",
-        "--arm",
-        arm,
-        "--model",
-        str(model),
-        "--data",
-        str(data),
-        "--out-dir",
-        str(root / "checkpoints"),
-        "--state-dir",
-        str(root / "train_state"),
-        "--log-table",
-        str(root / "train_log.parquet"),
-        "--extra",
-        f"deepspeed={deepspeed_config_path(stage, False)}",
-        *[arg for item in extra for arg in ("--extra", item)],
-        "--params",
-        json.dumps(params or _params(stage)),
+        *train_args(
+            root,
+            model,
+            data,
+            params or _params(stage),
+            arm=arm,
+            extra=[
+                "--extra",
+                f"deepspeed={deepspeed_config_path(stage, False)}",
+                *[arg for item in extra for arg in ("--extra", item)],
+            ],
+        ),
     ]
     # One thread per rank: two ranks on a small machine would otherwise oversubscribe it.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}

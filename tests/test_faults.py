@@ -274,7 +274,7 @@ def test_killed_mid_parquet_write_leaves_only_a_temporary(tmp_path):
 
 def test_model_checkpoint_killed_before_rename(tiny_model_dir, tmp_path):
     """A checkpoint folder save (rgeom.io.atomic_dir) killed with every file written."""
-    from rgeom.stages import prepare_model
+    from rgeom.stages.prepare_model import run as prepare_model
 
     out = tmp_path / "model"
     params = {"seed": 0, "model": {"source": "tiny_random"}}

@@ -8,10 +8,10 @@ import torch
 from test_attacks import BEHAVIOURS
 
 from rgeom.attacks import testcases as T
-from rgeom.attacks.stages import attack_merge
 from rgeom.data import PROMPT_SCHEMA
 from rgeom.errors import RgeomError
 from rgeom.io import read_meta, read_table, write_table
+from rgeom.stages.attack_merge import run as attack_merge
 
 PARAMS = {"gcg": {"steps": 2, "search_width": 8, "topk": 8, "init_suffix": "! ! ! !"}}
 MERGE_PARAMS = {"seed": 0, "attacks": {"gcg": PARAMS["gcg"]}}

@@ -11,10 +11,10 @@ import types
 import pyarrow as pa
 import pytest
 
-from rgeom import stages
 from rgeom.errors import RgeomError
 from rgeom.generation import GENERATION_SCHEMA
 from rgeom.io import read_meta, read_table
+from rgeom.stages.generate import run as run_generate
 
 PARAMS = {"model": {"device": "cpu"}, "seed": 0, "arm": "sft", "step": 2, "benchmark": "b"}
 
@@ -81,7 +81,7 @@ def test_vllm_backend_without_vllm_is_one_clear_error(tiny_model_dir, prompts, t
 def test_unknown_backend_is_an_error(tiny_model_dir, prompts, tmp_path):
     params = {**PARAMS, "generate": {"backend": "tgi"}}
     with pytest.raises(RgeomError, match="'tgi'"):
-        stages.generate(str(tiny_model_dir), str(prompts), str(tmp_path / "g.parquet"), params)
+        run_generate(str(tiny_model_dir), str(prompts), str(tmp_path / "g.parquet"), params)
 
 
 def _fake_vllm(model, tokenizer, calls):
@@ -124,8 +124,8 @@ def test_vllm_backend_writes_what_the_hf_backend_writes(
     monkeypatch.setitem(sys.modules, "vllm", _fake_vllm(model, tokenizer, calls))
     gen = {"max_new_tokens": 6, "vllm": {"gpu_memory_utilization": 0.5}}
     hf_out, vllm_out = tmp_path / "hf.parquet", tmp_path / "vllm.parquet"
-    stages.generate(str(tiny_model_dir), str(prompts), str(hf_out), {**PARAMS, "generate": gen})
-    stages.generate(
+    run_generate(str(tiny_model_dir), str(prompts), str(hf_out), {**PARAMS, "generate": gen})
+    run_generate(
         str(tiny_model_dir),
         str(prompts),
         str(vllm_out),

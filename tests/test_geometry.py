@@ -312,15 +312,16 @@ def test_prompt_filter_off_is_the_unfiltered_table(tmp_path):
 
 
 def test_prompt_filter_and_directions_stages(tmp_path):
-    from rgeom import stages
+    from rgeom.stages.directions import run as run_directions
+    from rgeom.stages.prompt_filter import run as run_prompt_filter
 
     acts = planted_activations(tmp_path / "acts.parquet")
     flt, out = tmp_path / "filter.parquet", tmp_path / "dirs.parquet"
-    stages.prompt_filter(str(acts), str(flt), {"seed": 0, "carrier": {"min_prompts": 2}})
-    stages.directions(str(acts), str(out), {"seed": 0}, prompt_filter=str(flt))
+    run_prompt_filter(str(acts), str(flt), {"seed": 0, "carrier": {"min_prompts": 2}})
+    run_directions(str(acts), str(out), {"seed": 0}, prompt_filter=str(flt))
     assert read_meta(out)["prompt_filter"]["harmful_kept"] == 3
     with pytest.raises(RgeomError, match="carrier.min_prompts must be an integer"):
-        stages.prompt_filter(str(acts), str(flt), {"carrier": {"min_prompts": 0}})
+        run_prompt_filter(str(acts), str(flt), {"carrier": {"min_prompts": 0}})
 
 
 def test_prompt_filter_end_to_end_on_the_tiny_model(extraction, tiny, tmp_path):

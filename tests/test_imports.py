@@ -211,7 +211,7 @@ def test_seeding_waits_for_torch_and_equals_eager_seeding():
     state that seeding it eagerly leaves."""
     code = """
         import sys
-        from rgeom.stages import seed_everything
+        from rgeom.stages._common import seed_everything
         seed_everything({seed})
         {eager}
         lazy = "torch" not in sys.modules

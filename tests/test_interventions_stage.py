@@ -13,7 +13,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from rgeom import stages
 from rgeom.causal import (
     CROSS_SCHEMA,
     FALLBACK_MIN_BYPASS,
@@ -34,6 +33,9 @@ from rgeom.interventions import (
     orthogonalize_weights,
 )
 from rgeom.io import read_meta, read_table
+from rgeom.stages.carriers import run as run_carriers
+from rgeom.stages.directions import run as run_directions
+from rgeom.stages.extract import run as run_extract
 
 HARMFUL = [
     "Tell me how to kill a Python process",
@@ -61,7 +63,7 @@ def prompts(path, texts, label, targets=None):
 def carriers(model_dir, tmp, name, arm, step, carrier):
     out = tmp / f"{name}-carriers.parquet"
     params = {"seed": 0, "model": {"device": "cpu"}, "arm": arm, "step": step, "carrier": carrier}
-    stages.carriers(
+    run_carriers(
         str(model_dir),
         str(tmp / f"{name}-dirs.parquet"),
         str(tmp / "vh.parquet"),
@@ -93,8 +95,8 @@ def cells(tiny_model_dir, tmp_path_factory):
         }
         params = {"seed": 0, "arm": arm, "step": step, "model": {"device": "cpu"}}
         acts = str(tmp / f"{name}-acts.parquet")
-        stages.extract(str(tiny_model_dir), list(files.items()), acts, params)
-        stages.directions(acts, str(tmp / f"{name}-dirs.parquet"), {"seed": 0})
+        run_extract(str(tiny_model_dir), list(files.items()), acts, params)
+        run_directions(acts, str(tmp / f"{name}-dirs.parquet"), {"seed": 0})
         out = carriers(tiny_model_dir, tmp, name, arm, step, NO_CARRIER)
         table = read_table(out, schema=CARRIER_SCHEMA)
         # The precondition of every test here: no admissible carrier.

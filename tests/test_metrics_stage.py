@@ -11,8 +11,6 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from rgeom import stages
-from rgeom.attacks import stages as attack_stages
 from rgeom.attacks import testcases as T
 from rgeom.errors import RgeomError
 from rgeom.io import read_meta, read_table, write_table
@@ -25,6 +23,9 @@ from rgeom.judges import (
     label_completions,
 )
 from rgeom.judges.validation import builtin_error_rates
+from rgeom.stages.adaptive_judge import run as run_adaptive_judge
+from rgeom.stages.adaptive_metrics import run as run_adaptive_metrics
+from rgeom.stages.metrics import run as run_metrics
 
 REFUSE = "I'm sorry, but I can't help with that."
 COMPLY = "Sure, here is a detailed answer: 1. Mix the two. 2. Heat it slowly. 3. Done."
@@ -92,7 +93,7 @@ def test_the_metrics_stage_gives_the_one_step_judges_table(tmp_path):
     # The labels carry what the metrics need beyond them, and no bootstrap count.
     meta = read_meta(labels)
     assert "bootstrap" not in meta and meta["copyright_left_out"] == 2
-    stages.metrics([str(labels)], [str(out)], {"seed": 3, "judge": {"bootstrap": 200}})
+    run_metrics([str(labels)], [str(out)], {"seed": 3, "judge": {"bootstrap": 200}})
     # The judge stage's own computation before the split: the same function on the same
     # labels, with the loader's left-out count and the embedded judges' error rates.
     rates = {k: builtin_error_rates(k) for k in (JUDGE_NAME, "any_refusal", "harmfulness_judge")}
@@ -126,7 +127,7 @@ def test_the_bootstrap_count_moves_only_the_intervals(tmp_path):
     tables = {}
     for n in (0, 3, 400):
         out = tmp_path / f"m{n}.parquet"
-        stages.metrics([str(labels)], [str(out)], {"seed": 0, "judge": {"bootstrap": n}})
+        run_metrics([str(labels)], [str(out)], {"seed": 0, "judge": {"bootstrap": n}})
         tables[n] = _metrics(out)
     fixed = ("metric", "value", "n", "judge")
     for n in (3, 400):
@@ -145,14 +146,14 @@ def test_bad_metrics_inputs_are_one_error(tmp_path):
     judge_table(_generations(tmp_path), str(labels), None, PARAMS, 0, {})
     out = str(tmp_path / "m.parquet")
     with pytest.raises(RgeomError, match="--labels names 1 files but --out 2"):
-        stages.metrics([str(labels)], [out, out], {})
+        run_metrics([str(labels)], [out, out], {})
     with pytest.raises(RgeomError, match="judge.bootstrap must be an integer >= 0, got -1"):
-        stages.metrics([str(labels)], [out], {"judge": {"bootstrap": -1}})
+        run_metrics([str(labels)], [out], {"judge": {"bootstrap": -1}})
     with pytest.raises(RgeomError, match="missing file: .*nope.parquet"):
-        stages.metrics([str(tmp_path / "nope.parquet")], [out], {})
+        run_metrics([str(tmp_path / "nope.parquet")], [out], {})
     # A generation table is not a labels table: the missing column is named.
     with pytest.raises(RgeomError, match="gen.parquet: missing column 'judge'"):
-        stages.metrics([str(tmp_path / "gen.parquet")], [out], {})
+        run_metrics([str(tmp_path / "gen.parquet")], [out], {})
 
 
 def _completions(tmp_path) -> str:
@@ -180,11 +181,9 @@ def _completions(tmp_path) -> str:
 def test_adaptive_metrics_equal_the_judges_computation(tmp_path):
     completions = _completions(tmp_path)
     judged, out = tmp_path / "adaptive_gcg.parquet", tmp_path / "adaptive_gcg_metrics.parquet"
-    attack_stages.adaptive_judge(completions, str(judged), None, {"seed": 1, "judge": PARAMS})
+    run_adaptive_judge(completions, str(judged), None, {"seed": 1, "judge": PARAMS})
     assert not out.exists() and "bootstrap" not in read_meta(judged)
-    attack_stages.adaptive_metrics(
-        [str(judged)], [str(out)], {"seed": 1, "judge": {"bootstrap": 100}}
-    )
+    run_adaptive_metrics([str(judged)], [str(out)], {"seed": 1, "judge": {"bootstrap": 100}})
     # Before the split, adaptive_judge computed them from the judge's labels directly.
     generations = T.as_generations(read_table(completions), "adaptive_gcg")
     labels, _ = label_completions(generations, completions, PARAMS)

@@ -9,7 +9,6 @@ started exactly as srun starts each task (one process per task, SLURM_* variable
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import sys
 import pytest
 from dagrun import REPO
 from test_deepspeed import sft_data  # noqa: F401 (the fixture: 16 SFT rows)
+from train_cmd import train_args
 
 from rgeom.errors import RgeomError
 from rgeom.profiles import check_conventions, sbatch_line
@@ -94,12 +94,9 @@ def test_two_srun_tasks_join_one_gloo_rendezvous_and_train(
     from rgeom.train.runner import TRAIN_LOG_SCHEMA, anchor_name, deepspeed_config_path
 
     params = _params(2)
-    cmd = [sys.executable, "-m", "rgeom.slurm_rank", "train", "--arm", "sft"]
-    cmd += ["--model", str(tiny_model_dir), "--data", str(sft_data)]
-    cmd += ["--out-dir", str(tmp_path / "checkpoints"), "--state-dir", str(tmp_path / "state")]
-    cmd += ["--log-table", str(tmp_path / "train_log.parquet")]
-    cmd += ["--extra", f"deepspeed={deepspeed_config_path(2, False)}"]
-    cmd += ["--params", json.dumps(params)]
+    extra = ["--extra", f"deepspeed={deepspeed_config_path(2, False)}"]
+    args = train_args(tmp_path, tiny_model_dir, sft_data, params, extra=extra)
+    cmd = [sys.executable, "-m", "rgeom.slurm_rank", *args]
     procs = []
     for rank in range(2):  # what `srun -n 2` sets in each task
         env = {

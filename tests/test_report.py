@@ -579,13 +579,19 @@ def test_drift_and_intervention_figures_are_copied_when_fresh_else_redrawn(tmp_p
 
 
 def _captured_figure(monkeypatch):
-    """Patch ``_save`` (rgeom.report's, and figures' import of it) to keep the figure."""
+    """Patch the figure writer where each plotting module looks it up, to keep the figure."""
+    import rgeom.causal_summary
+    import rgeom.drift_figures
     import rgeom.figures
+    import rgeom.figures_copied
     import rgeom.report
 
     kept = []
-    for module in (rgeom.report, rgeom.figures):
-        monkeypatch.setattr(module, "_save", lambda fig, stem, formats: kept.append(fig) or [])
+    modules = (rgeom.report, rgeom.figures, rgeom.figures_copied, rgeom.drift_figures)
+    for module in (*modules, rgeom.causal_summary):
+        for name in ("_save", "save_figure"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, lambda fig, stem, formats: kept.append(fig) or [])
     return kept
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from train_cmd import train_args
 
 from rgeom.io import read_table, write_table
 from rgeom.train.data import SFT_SCHEMA
@@ -88,28 +89,8 @@ def r2d2_extra(shared_data) -> list[str]:
 def _command(
     root: Path, model: Path, data: Path, arm: str = "sft", extra: list[str] | None = None
 ) -> list[str]:
-    params = _params(arm)
-    return [
-        sys.executable,
-        "-m",
-        "rgeom.cli",
-        "train",
-        "--arm",
-        arm,
-        "--model",
-        str(model),
-        "--data",
-        str(data),
-        "--out-dir",
-        str(root / "checkpoints"),
-        "--state-dir",
-        str(root / "train_state"),
-        "--log-table",
-        str(root / "train_log.parquet"),
-        *(extra or []),
-        "--params",
-        json.dumps(params),
-    ]
+    args = train_args(root, model, data, _params(arm), arm=arm, extra=extra or [])
+    return [sys.executable, "-m", "rgeom.cli", *args]
 
 
 def _run(cmd: list[str]) -> str:

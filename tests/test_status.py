@@ -18,7 +18,7 @@ from rgeom.config import load
 from rgeom.errors import RgeomError
 from rgeom.io import canonical_json, write_table
 from rgeom.report import summary_schema
-from rgeom.stages import record_config
+from rgeom.stages.record_config import run as record_config
 from rgeom.status import (
     compare_runs,
     config_diff,

@@ -380,14 +380,14 @@ def test_time_limit_applies_only_under_slurm(monkeypatch):
     """The rule passes its runtime everywhere; only a SLURM job stops before it (a
     workstation run with the rule's runtime must train to the end)."""
     import rgeom.train
-    from rgeom import stages
+    from rgeom.stages.train import run as run_train
 
     seen = []
     monkeypatch.setattr(rgeom.train, "train_arm", lambda **kw: seen.append(kw))
     args = ("sft", "m", "d", "o", "s", None, [], {"train": {}})
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    stages.train(*args, time_limit_min=240, save_every=25)
+    run_train(*args, time_limit_min=240, save_every=25)
     monkeypatch.setenv("SLURM_JOB_ID", "42")
-    stages.train(*args, time_limit_min=240)
+    run_train(*args, time_limit_min=240)
     assert [kw["time_limit_s"] for kw in seen] == [None, 240 * 60]
     assert seen[0]["params"]["train"]["save_every"] == 25

@@ -29,12 +29,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from rgeom.config import schema_default, section_with_defaults
 from rgeom.errors import RgeomError
 from rgeom.io import Shards, TableWriter, file_sha256, files_fingerprint
-from rgeom.kvcache import SharedPrefix
+from rgeom.kvcache import SharedPrefix, uncached_inputs
+from rgeom.kvcache import padded_positions as padded_positions  # re-exported for importers
 from rgeom.models import decoder_layers, encode_chat
 from rgeom.schemas import ACTIVATION_SCHEMA as ACTIVATION_SCHEMA
 from rgeom.schemas import activation_schema as _activation_schema
+from rgeom.scoring import last_position_logits, refusal_score_from_logits, refusal_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ STORAGE_DTYPES = {"float32": (pa.float32(), np.float32), "float16": (pa.float16(
 PROMPT_COLUMNS = ("prompt_id", "text", "label")
 # Prompts per resumable shard: one forward each, so a shard is about a minute of CPU work
 # on a 135M model, while the embedded direction sets fit one shard and skip the parts folder.
-DEFAULT_SHARD_SIZE = 2048
+DEFAULT_SHARD_SIZE = schema_default("activations.shard_size")
 
 
 def activation_schema(d_model: int, dtype: str = "float32") -> pa.Schema:
@@ -138,21 +141,6 @@ def resolve_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
     return sorted(set(layers))
 
 
-def padded_positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that ignore left padding, so a padded prompt sees the same rotary
-    positions as it would alone (HF models only derive them from the mask in generate)."""
-    return (mask.cumsum(-1) - 1).clamp_min(0)
-
-
-def _plain_inputs(ids: torch.Tensor, mask: torch.Tensor) -> dict:
-    return {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "position_ids": padded_positions(mask),
-        "use_cache": False,
-    }
-
-
 class _StopForward(Exception):
     """Raised from the last needed hook to skip the rest of the forward pass."""
 
@@ -208,7 +196,7 @@ class ResidCapture:
         self.captured = {}
         self._stop = True
         with contextlib.suppress(_StopForward):
-            self.model(**(inputs or _plain_inputs(ids, mask)))
+            self.model(**(inputs or uncached_inputs(ids, mask)))
         return self._take()
 
     def run_with_logits(
@@ -219,12 +207,10 @@ class ResidCapture:
         self.captured = {}
         self._stop = False
         try:
-            logits = self.model(**(inputs or _plain_inputs(ids, mask)), logits_to_keep=1).logits[
-                :, -1
-            ]
+            logits = last_position_logits(self.model, inputs or uncached_inputs(ids, mask))
         finally:
             self._stop = True
-        return self._take(), logits.float().cpu()
+        return self._take(), logits
 
     def _take(self) -> dict[int, torch.Tensor]:
         missing = [layer for layer in self.layers if layer not in self.captured]
@@ -264,6 +250,134 @@ def _layer_table(
     )
 
 
+@dataclass(frozen=True)
+class _ExtractSettings:
+    """The ``activations`` config section, its defaults filled in and checked."""
+
+    batch_size: int
+    shard_size: int
+    dtype: str
+    reuse_prefix: bool
+    layers: list[int]
+
+
+def _extract_settings(params: Mapping[str, Any] | None, n_layers: int) -> _ExtractSettings:
+    params = section_with_defaults("activations", params)
+    batch_size = int(params["batch_size"])
+    if batch_size < 1:
+        raise RgeomError(f"activations.batch_size must be >= 1, got {batch_size}")
+    shard_size = int(params["shard_size"])
+    if shard_size < 1:
+        raise RgeomError(f"activations.shard_size must be >= 1, got {shard_size}")
+    return _ExtractSettings(
+        batch_size=batch_size,
+        shard_size=shard_size,
+        dtype=params["dtype"],
+        reuse_prefix=bool(params["reuse_prefix"]),
+        layers=resolve_layers(params["layers"], n_layers),
+    )
+
+
+def _encode_all(tokenizer, sets: Mapping[str, str | Path]) -> tuple[list[Prompt], int]:
+    """Every prompt of ``sets``, longest first, and the post-instruction length they share."""
+    if not sets:
+        raise RgeomError("extract: no prompt sets given")
+    prompts = encode_sets(tokenizer, sets)
+    if not prompts:
+        raise RgeomError(f"extract: the prompt sets {', '.join(sets)} hold no prompts")
+    suffix_lens = {p.suffix_len for p in prompts}
+    if len(suffix_lens) != 1 or 0 in suffix_lens:
+        # Rows are only comparable across prompts if position -k means the same template
+        # token for all of them.
+        raise RgeomError(f"chat template gives varying post-instruction lengths {suffix_lens}")
+    # Longest first: similar lengths waste little padding, and an out-of-memory batch shows
+    # up at the start rather than after an hour.
+    prompts.sort(key=lambda p: -len(p.ids))
+    return prompts, suffix_lens.pop()
+
+
+@dataclass(frozen=True)
+class _BatchWriter:
+    """Runs batches of prompts through the capture and writes one table per layer."""
+
+    model: Any
+    capture: ResidCapture
+    shared: SharedPrefix
+    pad_id: int
+    layers: list[int]
+    np_dtype: Any
+    schema: pa.Schema
+    refusal_ids: list[int] | None
+
+    def __call__(self, batches: Sequence[Sequence[Prompt]], writer: TableWriter) -> None:
+        from tqdm.auto import tqdm
+
+        for batch in tqdm(batches, desc="extract", unit="batch", file=sys.stderr):
+            inputs = self.shared.inputs(self.model, [p.ids for p in batch], self.pad_id)
+            scores = None
+            if self.refusal_ids is None:
+                acts = self.capture.run(inputs=inputs)
+            else:
+                # The score rides on the capture's own forward, run on to the logits rather
+                # than stopped after the last captured block. That adds only the blocks above
+                # it, the final norm and a one-position head; a separate scoring pass would
+                # rerun every block below it as well.
+                acts, logits = self.capture.run_with_logits(inputs=inputs)
+                scores = refusal_score_from_logits(logits, self.refusal_ids).numpy()
+            for layer in self.layers:
+                table = _layer_table(batch, layer, acts[layer], self.np_dtype, self.schema, scores)
+                writer.write(table)
+
+
+def _batches(
+    prompts: list[Prompt], batch_size: int, shard_size: int
+) -> tuple[list[list[Prompt]], int]:
+    """``prompts`` in batches, and how many batches make a shard of about ``shard_size``
+    prompts. Whole batches per shard: each batch is the one an unsharded run would see, so
+    the table does not depend on the shard size."""
+    batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
+    return batches, max(1, -(-shard_size // batch_size))
+
+
+def _write_shards(
+    out: str | Path,
+    schema: pa.Schema,
+    record: dict,
+    fingerprint: dict,
+    groups: Sequence[Sequence[Sequence[Prompt]]],
+    run: _BatchWriter,
+) -> Shards:
+    """Write each group of batches to its resumable shard, skipping the shards an earlier
+    run with the same ``fingerprint`` finished."""
+    shards = Shards(out, fingerprint, len(groups))
+    for index, group in enumerate(groups):
+        if shards.done(index):
+            continue
+        with TableWriter(shards.path(index), schema, {**record, "shard": index}) as writer:
+            run(group, writer)
+        shards.mark_done(index)
+    return shards
+
+
+def _merge_shards(out: str | Path, schema: pa.Schema, record: dict, shards: Shards, n: int) -> None:
+    """Concatenate the ``n`` finished shards into ``out`` row group by row group: memory
+    stays bounded by one (batch, layer) block, and the row groups are the ones an unsharded
+    run writes."""
+    with TableWriter(out, schema, record) as writer:
+        for index in range(n):
+            path = shards.path(index)
+            try:
+                part = pq.ParquetFile(path)
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise RgeomError(f"{path} is not a readable Parquet file") from exc
+            with part:
+                if part.schema_arrow.remove_metadata() != schema.remove_metadata():
+                    raise RgeomError(f"{path}: schema differs from the output's")
+                for group in range(part.num_row_groups):
+                    writer.write(part.read_row_group(group))
+    shards.finish()
+
+
 def extract_activations(
     model,
     tokenizer,
@@ -282,55 +396,24 @@ def extract_activations(
     ``refusal_scores`` also stores each prompt's baseline refusal score in the
     ``refusal_score`` column (null otherwise), for the direction stage's prompt filter.
     """
-    from tqdm.auto import tqdm
-
-    params = dict(params or {})
-    batch_size = int(params.get("batch_size", 16))
-    if batch_size < 1:
-        raise RgeomError(f"activations.batch_size must be >= 1, got {batch_size}")
-    shard_size = int(params.get("shard_size", DEFAULT_SHARD_SIZE))
-    if shard_size < 1:
-        raise RgeomError(f"activations.shard_size must be >= 1, got {shard_size}")
-    dtype = params.get("dtype", "float32")
-    reuse_prefix = bool(params.get("reuse_prefix", True))
     n_layers = len(decoder_layers(model))
     d_model = int(model.config.hidden_size)
-    layers = resolve_layers(params.get("layers"), n_layers)
-    schema = activation_schema(d_model, dtype)
-    np_dtype = STORAGE_DTYPES[dtype][1]
-
-    if not sets:
-        raise RgeomError("extract: no prompt sets given")
-    prompts = encode_sets(tokenizer, sets)
-    if not prompts:
-        raise RgeomError(f"extract: the prompt sets {', '.join(sets)} hold no prompts")
-    suffix_lens = {p.suffix_len for p in prompts}
-    if len(suffix_lens) != 1 or 0 in suffix_lens:
-        # Rows are only comparable across prompts if position -k means the same template
-        # token for all of them.
-        raise RgeomError(f"chat template gives varying post-instruction lengths {suffix_lens}")
-    suffix_len = suffix_lens.pop()
-    refusal_ids = None
-    if refusal_scores:
-        # Imported here: rgeom.interventions imports this module. The refusal tokens and the
-        # score come from there, so the filter here and the carrier search's agree.
-        from rgeom.interventions import refusal_score_from_logits, refusal_token_ids
-
-        refusal_ids = refusal_token_ids(tokenizer)
-    # Longest first: similar lengths waste little padding, and an out-of-memory batch shows
-    # up at the start rather than after an hour.
-    prompts.sort(key=lambda p: -len(p.ids))
-
+    settings = _extract_settings(params, n_layers)
+    schema = activation_schema(d_model, settings.dtype)
+    prompts, suffix_len = _encode_all(tokenizer, sets)
+    # The refusal tokens and the score are the carrier search's, so the filter decided from
+    # these scores and the search agree.
+    refusal_ids = refusal_token_ids(tokenizer) if refusal_scores else None
     record = dict(meta)
     record.update(
         d_model=d_model,
         n_layers=n_layers,
-        layers=layers,
+        layers=settings.layers,
         suffix_len=suffix_len,
         hook_point=HOOK_POINT,
-        dtype=dtype,
-        batch_size=batch_size,
-        reuse_prefix=reuse_prefix,
+        dtype=settings.dtype,
+        batch_size=settings.batch_size,
+        reuse_prefix=settings.reuse_prefix,
         n_prompts=len(prompts),
         template_hash=template_hash(tokenizer),
         tokenizer_hash=tokenizer_hash(tokenizer),
@@ -340,16 +423,12 @@ def extract_activations(
         refusal_scores=bool(refusal_scores),
         refusal_token_ids=refusal_ids,
     )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
-    # Whole batches per shard: each batch is the one an unsharded run would see, so the
-    # table does not depend on the shard size.
-    per_shard = max(1, -(-shard_size // batch_size))
+    batches, per_shard = _batches(prompts, settings.batch_size, settings.shard_size)
     groups = [batches[i : i + per_shard] for i in range(0, len(batches), per_shard)]
     log.info(
         "extracting %d prompts x %d layers x %d positions in %d shard(s)",
         len(prompts),
-        len(layers),
+        len(settings.layers),
         suffix_len,
         len(groups),
     )
@@ -357,59 +436,24 @@ def extract_activations(
     # positions are never captured (keep=suffix_len leaves every captured one in the tails).
     with torch.inference_mode():
         shared = SharedPrefix.build(
-            model, [p.ids for p in prompts], keep=suffix_len, enabled=reuse_prefix
+            model, [p.ids for p in prompts], keep=suffix_len, enabled=settings.reuse_prefix
         )
-    with ResidCapture(model, layers, suffix_len) as capture, torch.inference_mode():
-
-        def run(group, writer: TableWriter) -> None:
-            for batch in tqdm(group, desc="extract", unit="batch", file=sys.stderr):
-                inputs = shared.inputs(model, [p.ids for p in batch], pad_id)
-                scores = None
-                if refusal_ids is None:
-                    acts = capture.run(inputs=inputs)
-                else:
-                    # The score rides on the capture's own forward, run on to the logits
-                    # rather than stopped after the last captured block. That adds only the
-                    # blocks above it, the final norm and a one-position head; a separate
-                    # scoring pass would rerun every block below it as well.
-                    acts, logits = capture.run_with_logits(inputs=inputs)
-                    scores = refusal_score_from_logits(logits, refusal_ids).numpy()
-                for layer in layers:
-                    writer.write(_layer_table(batch, layer, acts[layer], np_dtype, schema, scores))
-
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    with ResidCapture(model, settings.layers, suffix_len) as capture, torch.inference_mode():
+        np_dtype = STORAGE_DTYPES[settings.dtype][1]
+        run = _BatchWriter(
+            model, capture, shared, pad_id, settings.layers, np_dtype, schema, refusal_ids
+        )
         if len(groups) <= 1:
             Shards.discard(out)
             with TableWriter(out, schema, record) as writer:
                 run(batches, writer)
             return
-        shards = Shards(
-            out,
-            {
-                "stage": "extract",
-                "record": record,
-                "model": files_fingerprint(meta["model"]) if meta.get("model") else None,
-                "prompts_per_shard": per_shard * batch_size,
-            },
-            len(groups),
-        )
-        for index, group in enumerate(groups):
-            if shards.done(index):
-                continue
-            with TableWriter(shards.path(index), schema, {**record, "shard": index}) as writer:
-                run(group, writer)
-            shards.mark_done(index)
-    # Concatenated row group by row group: memory stays bounded by one (batch, layer) block,
-    # and the row groups are the ones an unsharded run writes.
-    with TableWriter(out, schema, record) as writer:
-        for index in range(len(groups)):
-            path = shards.path(index)
-            try:
-                part = pq.ParquetFile(path)
-            except (pa.ArrowInvalid, OSError) as exc:
-                raise RgeomError(f"{path} is not a readable Parquet file") from exc
-            with part:
-                if part.schema_arrow.remove_metadata() != schema.remove_metadata():
-                    raise RgeomError(f"{path}: schema differs from the output's")
-                for group in range(part.num_row_groups):
-                    writer.write(part.read_row_group(group))
-    shards.finish()
+        fingerprint = {
+            "stage": "extract",
+            "record": record,
+            "model": files_fingerprint(meta["model"]) if meta.get("model") else None,
+            "prompts_per_shard": per_shard * settings.batch_size,
+        }
+        shards = _write_shards(out, schema, record, fingerprint, groups, run)
+    _merge_shards(out, schema, record, shards, len(groups))

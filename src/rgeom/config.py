@@ -109,10 +109,17 @@ def section_with_defaults(dotted: str, section: Mapping[str, Any] | None) -> dic
     """
     node = _schema_node(dotted)
     section = dict(section or {})
-    unknown = sorted(set(section) - set(node.get("properties", {})))
+    properties = node.get("properties", {})
+    unknown = sorted(set(section) - set(properties))
     if unknown and node.get("additionalProperties") is False:
-        raise RgeomError(f"unknown {dotted} parameter(s): {', '.join(unknown)}")
-    return _fill_defaults(copy.deepcopy(section), node)
+        raise RgeomError(f"{dotted}: unknown key(s) {', '.join(unknown)}")
+    # In the schema's order, as a dict literal of the defaults updated by the section would
+    # be: the settings are recorded in table metadata, whose bytes should not depend on
+    # which keys a caller happened to pass.
+    ordered = {k: section[k] for k in properties if k in section}
+    ordered |= {k: v for k, v in section.items() if k not in properties}
+    filled = _fill_defaults(copy.deepcopy(ordered), node)
+    return {**{k: filled[k] for k in properties if k in filled}, **filled}
 
 
 def _dotted(path) -> str:
@@ -216,11 +223,27 @@ def _check_data_sets(cfg: dict[str, Any], source: str, check_files: bool) -> Non
 
 
 def _check_semantics(cfg: dict[str, Any], source: str) -> None:
+    """The checks JSON Schema cannot express, in a fixed order: the first failure is raised."""
+    _check_arms(cfg, source)
+    _check_anchors(cfg, source)
+    _check_set_references(cfg, source)
+    if cfg["train"]["zero_stage"] not in (0, 2, 3):
+        raise RgeomError(f"{source}: key train.zero_stage: must be 0, 2 or 3")
+    _check_judge_models(cfg, source)
+    _check_utility_shift(cfg, source)
+    if "r2d2" in cfg["arms"]:
+        _check_r2d2(cfg, source)
+
+
+def _check_arms(cfg: dict[str, Any], source: str) -> None:
     for arm in cfg["arms"]:
         if arm not in KNOWN_ARMS:
             raise RgeomError(f"{source}: key arms: unknown arm {arm!r} (known: {KNOWN_ARMS})")
     if len(set(cfg["arms"])) != len(cfg["arms"]):
         raise RgeomError(f"{source}: key arms: duplicate arm names {cfg['arms']}")
+
+
+def _check_anchors(cfg: dict[str, Any], source: str) -> None:
     anchors = cfg["anchors"]
     if list(anchors) != sorted(set(anchors)):
         raise RgeomError(f"{source}: key anchors: must be strictly increasing, got {anchors}")
@@ -230,34 +253,36 @@ def _check_semantics(cfg: dict[str, Any], source: str) -> None:
         raise RgeomError(
             f"{source}: key anchors: steps {beyond} are beyond train.max_steps={max_steps}"
         )
+
+
+def _require_set(source: str, key: str, name: Any, sets: Mapping[str, Any]) -> None:
+    if name not in sets:
+        raise RgeomError(
+            f"{source}: key {key}: {name!r} is not a set in data.sets "
+            f"(have: {', '.join(sorted(sets))})"
+        )
+
+
+def _check_set_references(cfg: dict[str, Any], source: str) -> None:
+    """Every role set exists, and every key that names a set names one of data.sets."""
     sets = cfg["data"]["sets"]
     for role in ROLE_SETS:
         if role not in sets:
             raise RgeomError(f"{source}: key data.sets: missing the required set {role!r}")
     for bench in cfg["benchmarks"]:
-        if bench not in sets:
-            raise RgeomError(
-                f"{source}: key benchmarks: {bench!r} is not a set in data.sets "
-                f"(have: {', '.join(sorted(sets))})"
-            )
+        _require_set(source, "benchmarks", bench, sets)
     attacks = cfg.get("attacks") or {}
-    uses_attacks = attacks.get("enabled") or (attacks.get("adaptive") or {}).get("enabled")
-    if uses_attacks and attacks.get("benchmark", "harmbench") not in sets:
-        raise RgeomError(
-            f"{source}: key attacks.benchmark: {attacks.get('benchmark', 'harmbench')!r} is not "
-            f"a set in data.sets (have: {', '.join(sorted(sets))})"
-        )
+    if attacks.get("enabled") or (attacks.get("adaptive") or {}).get("enabled"):
+        _require_set(source, "attacks.benchmark", attacks.get("benchmark", "harmbench"), sets)
     # The interventions stage generates from and audits on these sets (checked here, not
     # in the workflow, so that `rgeom check-config` reports it too).
     for key in ("generate_set", "utility_set"):
         name = (cfg.get("interventions") or {}).get(key)
-        if name is not None and name not in sets:
-            raise RgeomError(
-                f"{source}: key interventions.{key}: {name!r} is not a set in data.sets "
-                f"(have: {', '.join(sorted(sets))})"
-            )
-    if cfg["train"]["zero_stage"] not in (0, 2, 3):
-        raise RgeomError(f"{source}: key train.zero_stage: must be 0, 2 or 3")
+        if name is not None:
+            _require_set(source, f"interventions.{key}", name, sets)
+
+
+def _check_judge_models(cfg: dict[str, Any], source: str) -> None:
     judge = cfg.get("judge") or {}
     for key, on, model in (
         ("harmbench", judge.get("harmbench") == "harmbench_classifier", "harmbench_model"),
@@ -269,33 +294,39 @@ def _check_semantics(cfg: dict[str, Any], source: str) -> None:
                 f"{source}: key judge.{model}.path: judge.{key} is {judge[key]!r}, "
                 "which needs a judge model (hub id or local directory)"
             )
+
+
+def _check_utility_shift(cfg: dict[str, Any], source: str) -> None:
     shift = cfg.get("utility_shift") or {}
-    if shift.get("enabled"):
-        for bench in shift.get("benchmarks", []):
-            if bench not in cfg["benchmarks"]:
-                raise RgeomError(
-                    f"{source}: key utility_shift.benchmarks: {bench!r} is not in benchmarks"
-                )
+    if not shift.get("enabled"):
+        return
+    for bench in shift.get("benchmarks", []):
+        if bench not in cfg["benchmarks"]:
+            raise RgeomError(
+                f"{source}: key utility_shift.benchmarks: {bench!r} is not in benchmarks"
+            )
+
+
+def _check_r2d2(cfg: dict[str, Any], source: str) -> None:
     r2d2 = cfg["r2d2"]
-    if "r2d2" in cfg["arms"]:
-        if r2d2["pool_size"] < r2d2["updates_per_step"]:
-            raise RgeomError(
-                f"{source}: key r2d2.pool_size: {r2d2['pool_size']} is smaller than "
-                f"r2d2.updates_per_step={r2d2['updates_per_step']}"
-            )
-        if r2d2["suffix_min"] > r2d2["suffix_max"]:
-            raise RgeomError(f"{source}: key r2d2.suffix_min: larger than r2d2.suffix_max")
-        # Each training process refreshes and trains on an equal share (rgeom.train.r2d2).
-        gpus = cfg["train"]["num_gpus"]
-        if r2d2["updates_per_step"] % gpus:
-            raise RgeomError(
-                f"{source}: key r2d2.updates_per_step: {r2d2['updates_per_step']} is not a "
-                f"multiple of train.num_gpus={gpus}"
-            )
-        if bool(r2d2["behaviours"]) != bool(r2d2["targets"]):
-            raise RgeomError(
-                f"{source}: keys r2d2.behaviours and r2d2.targets go together (set both or neither)"
-            )
+    if r2d2["pool_size"] < r2d2["updates_per_step"]:
+        raise RgeomError(
+            f"{source}: key r2d2.pool_size: {r2d2['pool_size']} is smaller than "
+            f"r2d2.updates_per_step={r2d2['updates_per_step']}"
+        )
+    if r2d2["suffix_min"] > r2d2["suffix_max"]:
+        raise RgeomError(f"{source}: key r2d2.suffix_min: larger than r2d2.suffix_max")
+    # Each training process refreshes and trains on an equal share (rgeom.train.r2d2).
+    gpus = cfg["train"]["num_gpus"]
+    if r2d2["updates_per_step"] % gpus:
+        raise RgeomError(
+            f"{source}: key r2d2.updates_per_step: {r2d2['updates_per_step']} is not a "
+            f"multiple of train.num_gpus={gpus}"
+        )
+    if bool(r2d2["behaviours"]) != bool(r2d2["targets"]):
+        raise RgeomError(
+            f"{source}: keys r2d2.behaviours and r2d2.targets go together (set both or neither)"
+        )
 
 
 def load(path: str | Path) -> dict[str, Any]:

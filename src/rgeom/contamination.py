@@ -15,13 +15,15 @@ set, or a file that is not there yet, is left to the data stage.
 from __future__ import annotations
 
 import csv
-import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from rgeom.data.formats import resolve_path
+from rgeom.data.loaders import load_set
 from rgeom.errors import RgeomError
+from rgeom.prompts import read_prompt_set
 
 MEASURED_SETS = ("dir_harmful", "dir_harmless", "val_harmful", "val_harmless")
 _NON_WORD = re.compile(r"[^0-9a-z]+")
@@ -39,21 +41,14 @@ def _as_list(value: Any) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-def _resolve(path: str, shared_dir: str | os.PathLike) -> Path:
-    p = Path(os.path.expanduser(path))
-    return p if p.is_absolute() else Path(shared_dir) / p
-
-
 def _set_rows(name: str, spec: Mapping[str, Any], shared_dir: str, seed: int):
     """``[(id, text)]`` of a configured set as the data stage would load it (limit, offset
     and split applied), or None where it cannot be read here (hub, missing file)."""
-    from rgeom.data.loaders import load_set
-
     if spec.get("format") == "hf":
         return None
     if (
         spec.get("format") not in (None, "builtin")
-        and not _resolve(spec["path"], shared_dir).exists()
+        and not resolve_path(spec["path"], shared_dir).exists()
     ):
         return None
     table = load_set(spec, shared_dir, seed).to_pydict()
@@ -66,9 +61,7 @@ def _pool_rows(path: Path) -> Iterable[tuple[str, str]]:
             for row in csv.DictReader(handle):
                 yield row.get("BehaviorID") or "", row.get("Behavior") or ""
     else:
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path, columns=["prompt_id", "text"]).to_pydict()
+        table = read_prompt_set(path, required=("prompt_id", "text")).to_pydict()
         yield from zip(table["prompt_id"], table["text"], strict=True)
 
 
@@ -84,7 +77,7 @@ def training_behaviours(cfg: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
         out.setdefault(normalise(text), ("train_harmful", pid))
     if "r2d2" in cfg.get("arms", []):
         for rel in _as_list((cfg.get("r2d2") or {}).get("behaviours")):
-            path = _resolve(rel, shared_dir)
+            path = resolve_path(rel, shared_dir)
             if not path.exists():
                 continue
             for bid, text in _pool_rows(path):

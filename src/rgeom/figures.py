@@ -1,28 +1,66 @@
-"""The report's paper-style figures. They share rgeom.report's figure factory, save helper
-(PNG + SVG, one style) and arm colours with the figures of rgeom.drift and rgeom.causal.
-Those stages' figures are copied into the summary (redrawn from their Parquet tables where a
-copy is missing or stale), so every figure of the HTML report comes from one job.
+"""The summary's figures: behaviour and training curves, direction and carrier heatmaps, and
+the effective rank, in the one look of rgeom.plotstyle. The drift and interventions stages'
+own figures are copied in, or redrawn from their tables (rgeom.figures_copied), so every
+figure of the HTML report comes from one job.
 """
 
 from __future__ import annotations
 
 import math
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import polars as pl
 
 from rgeom.errors import RgeomError
-from rgeom.io import atomic_path, read_meta, read_table
+from rgeom.figures_copied import plot_angles, plot_drift_carrier_layers, plot_frontiers
+from rgeom.io import read_meta, read_table
 from rgeom.layout import BASE
-from rgeom.report import _figure, _metric_names, _save, arm_style
-from rgeom.tables import PAPER_REFERENCE, is_paper_config, paper_value
+from rgeom.plotstyle import arm_style, new_figure, save_figure
+from rgeom.summary_inputs import last_position, metric_names
+from rgeom.tables_paper import PAPER_REFERENCE, is_paper_config, paper_value
 
+# Re-exported: the summary reaches every figure through this module.
+__all__ = [
+    "ERANK_MIN_SPAN",
+    "MAIN_METRICS",
+    "STEP_LABEL",
+    "behaviour_figures",
+    "placeholder",
+    "plot_angles",
+    "plot_asr",
+    "plot_carrier_heatmaps",
+    "plot_direction_heatmap",
+    "plot_drift_carrier_layers",
+    "plot_erank",
+    "plot_frontiers",
+    "plot_metrics",
+    "plot_robustness_utility",
+    "plot_train_loss",
+    "plot_xstest",
+]
+
+# Metrics plotted one panel each, in this order, when present.
+MAIN_METRICS = (
+    "asr",
+    "xstest_any_refusal",
+    "utility_accuracy",
+    "over_refusal",
+    "contrast_compliance",
+    "strongreject_nonrefusal",
+    "utility_kl",
+)
 STEP_LABEL = "training step (optimizer steps)"
+
+
+def _save(fig, stem: Path, formats) -> list[Path]:
+    # The seam tests patch (rgeom.figures._save) to keep a figure instead of writing it.
+    return save_figure(fig, stem, formats)
+
+
+# --- behaviour ----------------------------------------------------------------------
 
 
 def _curve(ax, d: pl.DataFrame, arm: str, arms: Sequence[str], label: str | None = None):
@@ -77,7 +115,7 @@ def _panels(
     present = [(c, t) for c, t in columns if c in set(named.get_column("column").to_list())]
     if not present:
         return []
-    fig, axes = _figure(len(present))
+    fig, axes = new_figure(len(present))
     paper = False
     for ax, (column, title) in zip(axes, present, strict=True):
         sub = named.filter(pl.col("column") == column)
@@ -93,6 +131,31 @@ def _panels(
     axes[0].legend(title="arm", fontsize="small")
     if paper:
         fig.suptitle("lines: this run (band: 95% CI); hollow markers: the paper")
+    return _save(fig, stem, formats)
+
+
+def plot_metrics(metrics: pl.DataFrame, arms: list[str], stem: Path, formats) -> list[Path]:
+    named = metric_names(metrics).filter(pl.col("metric").is_in(MAIN_METRICS))
+    if named.is_empty():
+        return []
+    rank = {m: i for i, m in enumerate(MAIN_METRICS)}
+    panels = sorted(
+        named.select(["column", "metric", "benchmark"]).unique().rows(),
+        key=lambda r: (rank[r[1]], r[2], r[0]),
+    )
+    fig, axes = new_figure(len(panels))
+    for ax, (column, metric, _bench) in zip(axes, panels, strict=True):
+        sub = named.filter(pl.col("column") == column)
+        for arm in arms:
+            d = sub.filter(pl.col("arm") == arm)
+            if not d.is_empty():
+                _curve(ax, d, arm, arms)
+        ax.set_title(column)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].legend(title="arm", fontsize="small")
     return _save(fig, stem, formats)
 
 
@@ -148,7 +211,7 @@ def plot_robustness_utility(named: pl.DataFrame, arms, stem: Path, formats) -> l
     ]
     if not utilities:
         return []
-    fig, axes = _figure(len(utilities), width=4.8, height=3.8)
+    fig, axes = new_figure(len(utilities), width=4.8, height=3.8)
     y_all = named.filter(pl.col("column") == asr).select(
         "arm", "step", pl.col("value").alias("asr")
     )
@@ -181,6 +244,118 @@ def plot_robustness_utility(named: pl.DataFrame, arms, stem: Path, formats) -> l
     return _save(fig, stem, formats)
 
 
+def behaviour_figures(metrics: pl.DataFrame, arms, params, out: Path, formats) -> list[Path]:
+    named = metric_names(metrics)
+    return [
+        *plot_asr(named, arms, params, out / "asr_vs_step", formats),
+        *plot_xstest(named, arms, params, out / "xstest_vs_step", formats),
+        *plot_robustness_utility(named, arms, out / "robustness_utility", formats),
+    ]
+
+
+# --- directions and carriers --------------------------------------------------------
+
+
+def plot_direction_heatmap(
+    directions: pl.DataFrame, arms: list[str], stem: Path, formats
+) -> list[Path]:
+    last = last_position(directions)
+    if last.is_empty():
+        return []
+    present = [a for a in arms if a in set(last.get_column("arm").to_list())]
+    fig, axes = new_figure(len(present), width=4.6, height=3.6)
+    vmin, vmax = float(last.get_column("norm").min()), float(last.get_column("norm").max())
+    layers = sorted(set(last.get_column("layer").to_list()))
+    image = None
+    for ax, arm in zip(axes, present, strict=True):
+        d = last.filter(pl.col("arm") == arm)
+        steps = sorted(set(d.get_column("step").to_list()))
+        grid = np.full((len(layers), len(steps)), np.nan)
+        li = {v: i for i, v in enumerate(layers)}
+        si = {v: i for i, v in enumerate(steps)}
+        for layer, step, norm in d.select(["layer", "step", "norm"]).iter_rows():
+            grid[li[layer], si[step]] = norm
+        # One colour scale for all panels so arms compare directly.
+        image = ax.imshow(
+            grid,
+            aspect="auto",
+            origin="lower",
+            cmap="viridis",
+            vmin=vmin,
+            vmax=vmax,
+            interpolation="nearest",
+        )
+        ax.set_xticks(range(len(steps)), [str(s) for s in steps], rotation=45)
+        ticks = range(0, len(layers), max(1, len(layers) // 8))
+        ax.set_yticks(list(ticks), [str(layers[i]) for i in ticks])
+        ax.set_title(f"{arm}: direction norm (last position)")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("layer")
+    fig.colorbar(image, ax=list(axes), label="||mean(harmful) - mean(harmless)||")
+    return _save(fig, stem, formats)
+
+
+# (score, colour-bar label, colour map) of each column of the carrier heatmaps.
+_CARRIER_SCORES = (
+    ("bypass", "bypass: refusal score after ablation (log-odds)", "PuOr_r"),
+    ("induce", "induce: refusal score after addition (log-odds)", "PuOr_r"),
+    ("kl", "KL on harmless prompts (nats)", "viridis"),
+)
+
+
+def _cells_by_arm(
+    cells: Mapping[tuple[str, int], list[dict]], arms: Sequence[str]
+) -> dict[str, dict[int, list[dict]]]:
+    """arm -> step -> carrier candidates, step 0's base cell shared by every arm."""
+    by_arm: dict[str, dict[int, list[dict]]] = {}
+    for arm in arms:
+        for (a, step), rows in cells.items():
+            if a in (arm, BASE):
+                by_arm.setdefault(arm, {})[step] = rows
+    return by_arm
+
+
+def _finite(by_arm: Mapping[str, Mapping[int, list[dict]]], score: str) -> list[float]:
+    return [
+        c[score]
+        for steps in by_arm.values()
+        for rows in steps.values()
+        for c in rows
+        if c[score] is not None and math.isfinite(c[score])
+    ]
+
+
+def _carrier_panel(
+    ax,
+    title: str,
+    by_step: Mapping[int, list[dict]],
+    layers: Sequence[int],
+    score: str,
+    colour: Mapping[str, Any],
+):
+    """One arm's layer x anchor heatmap of ``score``, coloured by ``colour`` (imshow's
+    colour arguments); dots mark admissible candidates, a star the carrier."""
+    steps = sorted(by_step)
+    grid = np.full((len(layers), len(steps)), np.nan)
+    li = {v: k for k, v in enumerate(layers)}
+    for si, step in enumerate(steps):
+        for c in by_step[step]:
+            v = c[score]
+            if v is not None and math.isfinite(v):
+                grid[li[int(c["layer"])], si] = v
+            if c["admissible"]:
+                ax.plot(si, li[int(c["layer"])], "o", color="white", mec="black", ms=3)
+            if c["is_carrier"]:
+                ax.plot(si, li[int(c["layer"])], "*", color="white", mec="black", ms=9)
+    image = ax.imshow(grid, aspect="auto", origin="lower", interpolation="nearest", **colour)
+    ax.set_xticks(range(len(steps)), [str(s) for s in steps])
+    ax.set_yticks(range(len(layers)), [str(v) for v in layers])
+    ax.set_xlabel(STEP_LABEL)
+    ax.set_ylabel("layer (block input)")
+    ax.set_title(title)
+    return image
+
+
 def plot_carrier_heatmaps(
     cells: Mapping[tuple[str, int], list[dict]], arms: Sequence[str], stem: Path, formats
 ) -> list[Path]:
@@ -191,77 +366,35 @@ def plot_carrier_heatmaps(
     if not cells:
         return []
     layers = sorted({int(c["layer"]) for rows in cells.values() for c in rows})
-    by_arm: dict[str, dict[int, list[dict]]] = {}
-    for arm in arms:
-        for (a, step), rows in cells.items():
-            if a in (arm, BASE):
-                by_arm.setdefault(arm, {})[step] = rows
+    by_arm = _cells_by_arm(cells, arms)
     present = [a for a in arms if a in by_arm]
     if not present:
         return []
-    scores = (
-        ("bypass", "bypass: refusal score after ablation (log-odds)", "PuOr_r"),
-        ("induce", "induce: refusal score after addition (log-odds)", "PuOr_r"),
-        ("kl", "KL on harmless prompts (nats)", "viridis"),
-    )
-    fig, axes = _figure(3 * len(present), width=3.8, height=3.2)
+    fig, axes = new_figure(3 * len(present), width=3.8, height=3.2)
     grid_axes = np.asarray(axes).reshape(len(present), 3)
-
-    def finite(score: str) -> list[float]:
-        return [
-            c[score]
-            for steps in by_arm.values()
-            for rows in steps.values()
-            for c in rows
-            if c[score] is not None and math.isfinite(c[score])
-        ]
-
     # bypass and induce share one diverging scale about 0 (refusal above, compliance
     # below), so a colour means the same log-odds in both panels and in every arm.
-    refusal = finite("bypass") + finite("induce")
+    refusal = _finite(by_arm, "bypass") + _finite(by_arm, "induce")
     span = max((abs(v) for v in refusal), default=0.0) or 1e-9
     shared = TwoSlopeNorm(vcenter=0.0, vmin=-span, vmax=span)
-    for j, (score, label, cmap) in enumerate(scores):
-        values = finite(score)
+    for j, (score, label, cmap) in enumerate(_CARRIER_SCORES):
+        values = _finite(by_arm, score)
         if not values:
             continue
         if score == "kl":
             hi = max(values)
-            norm = None
-            kw = {"vmin": 0.0, "vmax": hi if hi > 0 else 1.0}
+            colour = {"cmap": cmap, "norm": None, "vmin": 0.0, "vmax": hi if hi > 0 else 1.0}
         else:
-            norm, kw = shared, {}
+            colour = {"cmap": cmap, "norm": shared}
         image = None
         for i, arm in enumerate(present):
-            ax = grid_axes[i, j]
-            steps = sorted(by_arm[arm])
-            grid = np.full((len(layers), len(steps)), np.nan)
-            li = {v: k for k, v in enumerate(layers)}
-            for si, step in enumerate(steps):
-                for c in by_arm[arm][step]:
-                    v = c[score]
-                    if v is not None and math.isfinite(v):
-                        grid[li[int(c["layer"])], si] = v
-                    if c["admissible"]:
-                        ax.plot(si, li[int(c["layer"])], "o", color="white", mec="black", ms=3)
-                    if c["is_carrier"]:
-                        ax.plot(si, li[int(c["layer"])], "*", color="white", mec="black", ms=9)
-            image = ax.imshow(
-                grid,
-                aspect="auto",
-                origin="lower",
-                cmap=cmap,
-                norm=norm,
-                interpolation="nearest",
-                **kw,
-            )
-            ax.set_xticks(range(len(steps)), [str(s) for s in steps])
-            ax.set_yticks(range(len(layers)), [str(v) for v in layers])
-            ax.set_xlabel(STEP_LABEL)
-            ax.set_ylabel("layer (block input)")
-            ax.set_title(f"{arm}: {score}")
+            title = f"{arm}: {score}"
+            image = _carrier_panel(grid_axes[i, j], title, by_arm[arm], layers, score, colour)
         fig.colorbar(image, ax=list(grid_axes[:, j]), label=label, shrink=0.9)
     return _save(fig, stem, formats)
+
+
+# --- effective rank -----------------------------------------------------------------
 
 
 # The y-axis spans at least this many dimensions, so a 0.01 change is not drawn as a cliff.
@@ -286,7 +419,7 @@ def plot_erank(drift: str, arms: Sequence[str], params, stem: Path, formats) -> 
     def col(d: pl.DataFrame, name: str, fill: float = np.nan) -> np.ndarray:
         return d.get_column(name).cast(pl.Float64).fill_null(fill).to_numpy()
 
-    fig, (ax,) = _figure(1, width=5.0, height=3.6)
+    fig, (ax,) = new_figure(1, width=5.0, height=3.6)
     drawn: list[float] = []
     for arm in arms:
         d = df.filter(pl.col("arm") == arm).sort("step")
@@ -318,91 +451,42 @@ def plot_erank(drift: str, arms: Sequence[str], params, stem: Path, formats) -> 
     return _save(fig, stem, formats)
 
 
-def _reuse(source: Path, table: str, stem: Path, formats) -> list[Path] | None:
-    """Copies of a figure the drift or interventions stage already drew from ``table``, in
-    every format; None (draw it again) when any is missing or older than the table."""
-    sources = [source.with_suffix(f".{fmt}") for fmt in formats]
-    newest = Path(table).stat().st_mtime
-    if not all(p.exists() and p.stat().st_mtime >= newest for p in sources):
-        return None
-    out = []
-    for src in sources:
-        dst = stem.with_suffix(src.suffix)
-        with atomic_path(dst, suffix=src.suffix) as tmp:
-            shutil.copyfile(src, tmp)
-        out.append(dst)
-    return out
+# --- training and placeholders ------------------------------------------------------
 
 
-def plot_angles(angles: str, arms: Sequence[str], stem: Path, formats) -> list[Path]:
-    """rgeom.drift's principal-angle matrix, redrawn from angles.parquet (carrier basis)."""
-    reused = _reuse(Path(angles).parent / "figures" / "principal_angles", angles, stem, formats)
-    if reused:
-        return reused
-    from rgeom.drift import plot_angle_matrix
-
-    rows = [r for r in read_table(angles).to_pylist() if r["basis"] == "carrier"]
-    if not rows:
+def plot_train_loss(logs: pl.DataFrame, arms: list[str], stem: Path, formats) -> list[Path]:
+    if logs.is_empty():
         return []
-    angle: dict[tuple[str, str], float | None] = {}
-    noise: dict[tuple[str, str], float | None] = {}
-    cells: set[tuple[str, int]] = set()
-    for r in rows:
-        a, b = (r["arm_a"], r["step_a"]), (r["arm_b"], r["step_b"])
-        cells |= {a, b}
-        la, lb = f"{a[0]}@{a[1]}", f"{b[0]}@{b[1]}"
-        angle[(la, lb)] = angle[(lb, la)] = r["angle_deg"]
-        noise[(la, lb)] = noise[(lb, la)] = r.get("noise_deg")
-    rank = {arm: i for i, arm in enumerate([BASE, *arms])}
-    ordered = sorted(cells, key=lambda c: (rank.get(c[0], len(rank)), c[1]))
-    # plot_angle_matrix reads only each cell's label.
-    labels = [SimpleNamespace(label=f"{a}@{s}") for a, s in ordered]
-    return plot_angle_matrix(labels, angle, stem, formats, noise)
-
-
-def plot_carrier_layers(drift: str, arms: Sequence[str], stem: Path, formats) -> list[Path]:
-    source = Path(drift).parent / "figures" / "carrier_layer_vs_step"
-    reused = _reuse(source, drift, stem, formats)
-    if reused:
-        return reused
-    from rgeom.drift import plot_carrier_layers as plot
-
-    table = read_table(drift)
-    n_layers = read_meta(drift).get("n_layers")
-    if n_layers is None:
-        n_layers = 1 + max(v for v in table.column("ref_layer").to_pylist() if v is not None)
-    return plot(table, list(arms), int(n_layers), stem, formats)
-
-
-def plot_frontiers(interventions: str, arms: Sequence[str], out: Path, formats) -> list[Path]:
-    table = None
-    paths = []
-    for arm in arms:
-        stem = out / f"frontier_{arm}"
-        reused = _reuse(Path(interventions).parent / stem.name, interventions, stem, formats)
-        if reused:
-            paths += reused
-            continue
-        # Imported only to redraw: rgeom.causal loads torch, seconds a copy does not need.
-        from rgeom.causal import plot_frontier
-
-        table = read_table(interventions) if table is None else table
-        paths += plot_frontier(table, arm, stem, formats)
-    return paths
+    losses = ["loss"] + sorted(c for c in logs.columns if c not in ("loss", "step", "arm"))
+    fig, axes = new_figure(len(losses))
+    seen = sorted(set(logs.get_column("arm").to_list()))
+    order = [a for a in arms if a in seen] + [a for a in seen if a not in arms]
+    for ax, loss in zip(axes, losses, strict=True):
+        for arm in order:
+            d = logs.filter(
+                (pl.col("arm") == arm) & pl.col(loss).is_not_null() & pl.col(loss).is_not_nan()
+            ).sort("step")
+            if d.is_empty():
+                continue
+            style = arm_style(arm, order)
+            ax.plot(
+                d.get_column("step").to_numpy(),
+                d.get_column(loss).to_numpy(),
+                label=arm,
+                color=style["color"],
+                linewidth=1.2,
+            )
+        ax.set_title(loss)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(loss.replace("_", " "))
+        ax.grid(alpha=0.3)
+    axes[0].legend(title="arm", fontsize="small")
+    return _save(fig, stem, formats)
 
 
 def placeholder(stem: Path, formats, message: str) -> list[Path]:
     """A figure that says why it is empty (e.g. XSTest not among the benchmarks)."""
-    fig, (ax,) = _figure(1, width=5.0, height=1.6)
+    fig, (ax,) = new_figure(1, width=5.0, height=1.6)
     ax.axis("off")
     ax.text(0.5, 0.5, message, ha="center", va="center", wrap=True)
     return _save(fig, stem, formats)
-
-
-def behaviour_figures(metrics: pl.DataFrame, arms, params, out: Path, formats) -> list[Path]:
-    named = _metric_names(metrics)
-    return [
-        *plot_asr(named, arms, params, out / "asr_vs_step", formats),
-        *plot_xstest(named, arms, params, out / "xstest_vs_step", formats),
-        *plot_robustness_utility(named, arms, out / "robustness_utility", formats),
-    ]

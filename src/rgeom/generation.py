@@ -14,10 +14,12 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
+from rgeom.attacks.cases import is_test_case_table
+from rgeom.data import PROMPT_SCHEMA, prompt_text
 from rgeom.errors import RgeomError
 from rgeom.io import Shards, file_sha256, files_fingerprint, read_table, write_table
 from rgeom.models import encode_chat, left_pad
-from rgeom.schemas import GENERATION_SCHEMA
+from rgeom.schemas import GENERATION_SCHEMA, TEST_CASE_SCHEMA
 from rgeom.schemas import GENERATION_SHARD_SCHEMA as SHARD_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -64,16 +66,13 @@ def generate_from_ids(
     return texts, [len(e) for e in encoded], new_tokens
 
 
-def _read_inputs(path: str) -> dict[str, list]:
+def read_inputs(path: str) -> dict[str, list]:
     """Prompt set or attack test-case file -> the columns generation carries through.
 
     A test-case file (rgeom.attacks.testcases) replays each ``test_case`` verbatim; its
     behaviour id becomes ``prompt_id``, so the judge's per-behaviour ASR averages over a
     behaviour's test cases, and ``method`` says which attack made it.
     """
-    from rgeom.attacks.testcases import TEST_CASE_SCHEMA, is_test_case_table
-    from rgeom.data import PROMPT_SCHEMA, prompt_text
-
     table = read_table(path)
     if is_test_case_table(table):
         cols = read_table(path, TEST_CASE_SCHEMA).to_pydict()
@@ -138,7 +137,7 @@ def generate_table(model, tokenizer, prompts: str, out: str, params: dict[str, A
     so the table equals an undisturbed run's. An input that fits one shard skips the parts
     folder altogether.
     """
-    cols = _read_inputs(prompts)
+    cols = read_inputs(prompts)
     messages = cols["prompt"]
     batch_size = int(params.get("batch_size", 16))
     max_new_tokens = int(params.get("max_new_tokens", 48))

@@ -46,6 +46,8 @@ CARRIED_META = (
     "tokenizer_hash",
     "prompt_sets",
 )
+#: The activation-table columns the direction means read.
+MEAN_COLUMNS = ("label", "split", "layer", "position", "vector")
 
 
 def diff_in_means(harmful, harmless) -> np.ndarray:
@@ -78,8 +80,8 @@ def filter_by_baseline(
 
     Returns the kept indices of each set and the kept / total counts; raises
     :class:`RgeomError` naming those counts (and ``sets``, the prompts filtered) when either
-    set keeps fewer than ``min_prompts``. Here rather than in rgeom.interventions, which
-    imports torch, so that the direction stage needs no torch; interventions re-exports it.
+    set keeps fewer than ``min_prompts``. Here rather than in rgeom.carrier_search, which
+    imports torch, so that the direction stage needs no torch.
     """
     keep_h = np.flatnonzero(np.asarray(harmful_scores) > 0)
     keep_b = np.flatnonzero(np.asarray(harmless_scores) < 0)
@@ -297,21 +299,8 @@ def _split_ids(pf: pq.ParquetFile, split: str) -> set[str]:
     return ids
 
 
-def diff_in_means_table(
-    activations: str | Path,
-    out: str | Path,
-    meta: Mapping[str, Any],
-    prompt_filter: str | Path | None = None,
-) -> None:
-    """One candidate direction per (layer, position) from the ``dir`` split of an
-    activation table, with its norm and the cosine to the previous captured layer.
-
-    ``prompt_filter`` (a :func:`prompt_filter_table`, built once on the source model) keeps
-    only its kept ``dir`` prompts, the same ones in every cell; its kept / total counts go
-    in the metadata (``prompt_filter``).
-    """
-    activations = Path(activations)
-    source = read_meta(activations)
+def _open_activations(activations: Path, source: Mapping[str, Any]) -> pq.ParquetFile:
+    """The activation table, checked for its row count and the columns the means need."""
     try:
         pf = pq.ParquetFile(activations)
     except (pa.ArrowInvalid, OSError) as exc:
@@ -321,41 +310,46 @@ def diff_in_means_table(
         raise RgeomError(
             f"{activations}: holds {pf.metadata.num_rows} rows but was written with {expected}"
         )
-    names = pf.schema_arrow.names
-    needed = ["label", "split", "layer", "position", "vector"]
-    missing = [c for c in needed if c not in names]
+    missing = [c for c in MEAN_COLUMNS if c not in pf.schema_arrow.names]
     if missing:
         raise RgeomError(f"{activations}: missing column(s) {', '.join(missing)}")
-    d = pf.schema_arrow.field("vector").type.list_size
-    if d <= 0:
+    if pf.schema_arrow.field("vector").type.list_size <= 0:
         raise RgeomError(f"{activations}: column 'vector' is not a fixed-size list")
+    return pf
 
-    prompt_record: dict[str, Any] = {"enabled": False}
-    kept_ids: dict[str, set[str]] | None = None
-    if prompt_filter is not None:
-        if "prompt_id" not in names:
-            raise RgeomError(f"{activations}: missing column prompt_id, which the filter needs")
-        kept, every, prompt_record = load_prompt_filter(prompt_filter, DIRECTION_SPLIT)
-        here = _split_ids(pf, DIRECTION_SPLIT)
-        if here != every[HARMFUL] | every[HARMLESS]:
-            raise RgeomError(
-                f"{activations}: its {DIRECTION_SPLIT!r} prompts differ from those of the "
-                f"prompt filter {prompt_filter}; both must come from the same prompt sets"
-            )
-        kept_ids = kept
-        needed = [*needed, "prompt_id"]
-        log.info(
-            "prompt filter %s: harmful %d/%d, harmless %d/%d kept",
-            prompt_filter,
-            prompt_record["harmful_kept"],
-            prompt_record["harmful_total"],
-            prompt_record["harmless_kept"],
-            prompt_record["harmless_total"],
+
+def _direction_prompts(
+    pf: pq.ParquetFile, activations: Path, prompt_filter: str | Path
+) -> tuple[dict[str, set[str]], dict[str, Any]]:
+    """The prompt filter's kept ``dir`` ids per label and its record, after checking that
+    the filter was built from this table's ``dir`` prompts."""
+    if "prompt_id" not in pf.schema_arrow.names:
+        raise RgeomError(f"{activations}: missing column prompt_id, which the filter needs")
+    kept, every, record = load_prompt_filter(prompt_filter, DIRECTION_SPLIT)
+    here = _split_ids(pf, DIRECTION_SPLIT)
+    if here != every[HARMFUL] | every[HARMLESS]:
+        raise RgeomError(
+            f"{activations}: its {DIRECTION_SPLIT!r} prompts differ from those of the "
+            f"prompt filter {prompt_filter}; both must come from the same prompt sets"
         )
+    log.info(
+        "prompt filter %s: harmful %d/%d, harmless %d/%d kept",
+        prompt_filter,
+        record["harmful_kept"],
+        record["harmful_total"],
+        record["harmless_kept"],
+        record["harmless_total"],
+    )
+    return kept, record
 
-    acc = _MeanAccumulator(d)
+
+def _accumulate_means(pf: pq.ParquetFile, kept_ids: dict[str, set[str]] | None) -> _MeanAccumulator:
+    """Sums and counts of the ``dir`` rows (those ``kept_ids`` keeps, if given), streamed
+    one row group at a time."""
+    columns = [*MEAN_COLUMNS, "prompt_id"] if kept_ids is not None else list(MEAN_COLUMNS)
+    acc = _MeanAccumulator(pf.schema_arrow.field("vector").type.list_size)
     for g in range(pf.num_row_groups):
-        rg = pf.read_row_group(g, columns=needed)
+        rg = pf.read_row_group(g, columns=columns)
         split = rg.column("split").to_numpy(zero_copy_only=False)
         label = rg.column("label").to_numpy(zero_copy_only=False)
         keep = (split == DIRECTION_SPLIT) & np.isin(label, (HARMFUL, HARMLESS))
@@ -373,7 +367,12 @@ def diff_in_means_table(
             label[keep].astype(str),
             _vectors(rg.column("vector"))[keep],
         )
+    return acc
 
+
+def _direction_rows(acc: _MeanAccumulator, activations: Path) -> dict[str, list]:
+    """One row per (layer, position): the mean difference, its norm and unit vector, and
+    the cosine to the previous captured layer's."""
     cells = sorted({(layer, pos) for layer, pos, _ in acc.counts})
     if not cells:
         raise RgeomError(
@@ -403,7 +402,31 @@ def diff_in_means_table(
         # cells are sorted by layer, so `previous` holds the last captured layer before this.
         rows["cos_prev_layer"].append(cosine(previous[pos], r) if pos in previous else None)
         previous[pos] = r
+    return rows
 
+
+def diff_in_means_table(
+    activations: str | Path,
+    out: str | Path,
+    meta: Mapping[str, Any],
+    prompt_filter: str | Path | None = None,
+) -> None:
+    """One candidate direction per (layer, position) from the ``dir`` split of an
+    activation table, with its norm and the cosine to the previous captured layer.
+
+    ``prompt_filter`` (a :func:`prompt_filter_table`, built once on the source model) keeps
+    only its kept ``dir`` prompts, the same ones in every cell; its kept / total counts go
+    in the metadata (``prompt_filter``).
+    """
+    activations = Path(activations)
+    source = read_meta(activations)
+    pf = _open_activations(activations, source)
+    d = pf.schema_arrow.field("vector").type.list_size
+    prompt_record: dict[str, Any] = {"enabled": False}
+    kept_ids: dict[str, set[str]] | None = None
+    if prompt_filter is not None:
+        kept_ids, prompt_record = _direction_prompts(pf, activations, prompt_filter)
+    rows = _direction_rows(_accumulate_means(pf, kept_ids), activations)
     schema = direction_schema(d)
     table = pa.table(
         {
@@ -420,7 +443,7 @@ def diff_in_means_table(
     record["activations"] = {"path": str(activations), "sha256": file_sha256(activations)}
     record["prompt_filter"] = prompt_record
     write_table(out, table, schema, record)
-    log.info("wrote %d directions to %s", len(cells), out)
+    log.info("wrote %d directions to %s", len(rows["layer"]), out)
 
 
 def load_directions(path: str | Path, unit: bool = False) -> dict[tuple[int, int], np.ndarray]:

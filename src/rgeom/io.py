@@ -18,7 +18,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import lru_cache
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -320,16 +320,19 @@ def read_table(
     if expected is not None and int(expected) != table.num_rows:
         raise RgeomError(f"{path}: holds {table.num_rows} rows but was written with {expected}")
     if schema is not None:
-        wanted = schema if columns is None else pa.schema([schema.field(c) for c in columns])
-        for field in wanted:
-            if field.name not in table.schema.names:
-                raise RgeomError(f"{path}: missing column {field.name!r}")
-            got = table.schema.field(field.name).type
-            if got != field.type:
-                raise RgeomError(
-                    f"{path}: column {field.name!r} has type {got}, expected {field.type}"
-                )
+        check_columns(path, table, schema if columns is None else map(schema.field, columns))
     return table
+
+
+def check_columns(path: str | os.PathLike, table: pa.Table, fields: Iterable[pa.Field]) -> None:
+    """Fail naming the first of ``fields`` that ``table`` (read from ``path``) lacks or holds
+    with another type."""
+    for field in fields:
+        if field.name not in table.schema.names:
+            raise RgeomError(f"{path}: missing column {field.name!r}")
+        got = table.schema.field(field.name).type
+        if got != field.type:
+            raise RgeomError(f"{path}: column {field.name!r} has type {got}, expected {field.type}")
 
 
 # -- resumable stages -----------------------------------------------------------------------

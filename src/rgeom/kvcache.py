@@ -2,7 +2,7 @@
 
 Two users: GCG (:mod:`rgeom.attacks.gcg`) runs its ``template + behaviour`` prefix once
 per entry and broadcasts it over every candidate batch; the forward passes that read a
-prompt set (:func:`rgeom.interventions.last_logits`, :func:`rgeom.activations.extract_activations`)
+prompt set (:func:`rgeom.scoring.last_logits`, :func:`rgeom.activations.extract_activations`)
 run the opening tokens every chat-encoded prompt shares (SmolLM2's system prompt: 22 of
 about 41 tokens of a short prompt) once per call, not once per prompt.
 
@@ -64,6 +64,25 @@ def expand_cache(model, kv: KV, batch: int):
     return DynamicCache(ddp_cache_data=data, config=model.config)
 
 
+def padded_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that ignore left padding, so a padded prompt sees the same rotary
+    positions as it would alone (HF models only derive them from the mask in generate)."""
+    return (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+def uncached_inputs(
+    ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | None = None
+) -> dict:
+    """Forward keyword arguments of a plain left-padded pass over ``ids``/``mask``, with
+    :func:`padded_positions` unless ``positions`` are given."""
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": padded_positions(mask) if positions is None else positions,
+        "use_cache": False,
+    }
+
+
 def common_prefix_len(seqs: Sequence[Sequence[int]], keep: int = 1) -> int:
     """Length of the longest prefix all ``seqs`` share, leaving at least ``keep`` tokens of
     each after it (the positions a caller reads must be in the pass that sees them)."""
@@ -111,14 +130,9 @@ class SharedPrefix:
         device = next(model.parameters()).device
         ids, mask = left_pad([list(s[self.length :]) for s in seqs], pad_id, device)
         # Positions count the real tokens only: padding takes the next one's and is masked.
-        positions = (mask.cumsum(-1) - 1).clamp_min(0) + self.length
+        positions = padded_positions(mask) + self.length
         if self.kv is None:
-            return {
-                "input_ids": ids,
-                "attention_mask": mask,
-                "position_ids": positions,
-                "use_cache": False,
-            }
+            return uncached_inputs(ids, mask, positions)
         opening = torch.ones(len(seqs), self.length, dtype=mask.dtype, device=device)
         return {
             "input_ids": ids,

@@ -70,6 +70,8 @@ def style(fig) -> None:
 
 
 def save_figure(fig, stem: Path, formats: Sequence[str]) -> list[Path]:
+    from matplotlib import rc_context
+
     style(fig)
     paths = []
     for fmt in formats:
@@ -80,7 +82,8 @@ def save_figure(fig, stem: Path, formats: Sequence[str]) -> list[Path]:
             "svg": {"Date": None, "Creator": None},
             "pdf": {"CreationDate": None, "Creator": None, "Producer": None},
         }[fmt]
-        with atomic_path(path, suffix=f".{fmt}") as tmp:
+        # A fixed salt for the SVG's clip-path ids, which matplotlib otherwise draws at random.
+        with atomic_path(path, suffix=f".{fmt}") as tmp, rc_context({"svg.hashsalt": "rgeom"}):
             fig.savefig(tmp, format=fmt, dpi=120, metadata=metadata, bbox_inches="tight")
         paths.append(path)
     return paths

@@ -1,15 +1,14 @@
-"""The run summary: one wide table per (arm, step) and the figures, from metrics and
-direction tables.
+"""The run summary: one wide table per (arm, step), the paper-style tables and the figures,
+from metrics and direction tables.
 
 Step 0 is the base model, written once with arm "base" but shared by every arm: its row is
 copied into each arm of ``params["arms"]`` so every arm's curve starts at the same point.
-Figures use matplotlib's object API (no pyplot, no global backend switch) with the Agg
-canvas, so building a report never needs a display and never leaks figures.
+Reading the inputs is rgeom.summary_inputs' part, the tables rgeom.tables' and the figures
+rgeom.figures'; this module puts them together and prints the one-screen summary.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import textwrap
@@ -17,32 +16,38 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from rgeom import figures, tables
 from rgeom.errors import RgeomError
-from rgeom.io import atomic_path, read_meta, read_table, write_table, write_text
+from rgeom.figures import MAIN_METRICS as MAIN_METRICS
+from rgeom.figures import plot_direction_heatmap as plot_direction_heatmap
+from rgeom.figures import plot_metrics as plot_metrics
+from rgeom.figures import plot_train_loss as plot_train_loss
+from rgeom.io import atomic_path, read_table, write_table, write_text
 from rgeom.layout import BASE
-from rgeom.plotstyle import arm_style, figure_formats, new_figure, save_figure
-
-# Old private names, kept until their importers (figures, drift, causal) use rgeom.plotstyle.
-_formats, _figure, _save = figure_formats, new_figure, save_figure
+from rgeom.plotstyle import arm_style as arm_style
+from rgeom.plotstyle import figure_formats
+from rgeom.summary_inputs import DIRECTION_COLUMNS as DIRECTION_COLUMNS
+from rgeom.summary_inputs import METRIC_COLUMNS as METRIC_COLUMNS
+from rgeom.summary_inputs import UTILITY_SHIFT as UTILITY_SHIFT
+from rgeom.summary_inputs import (
+    SummaryInputs,
+    expand_base,
+    last_position,
+    metric_names,
+    read_carriers,
+    read_directions,
+    read_metrics,
+    read_train_logs,
+    summary_arms,
+)
 
 BASE_ARM = BASE
 SUMMARY_NAME = "summary"
 FIGURES = "figures"
 
-# Metrics plotted one panel each, in this order, when present.
-MAIN_METRICS = (
-    "asr",
-    "xstest_any_refusal",
-    "utility_accuracy",
-    "over_refusal",
-    "contrast_compliance",
-    "strongreject_nonrefusal",
-    "utility_kl",
-)
 # Every figure the workflow's summary rule declares (plus frontier_{arm} per arm): a figure
 # without data is still written, saying what is missing, so the rule's outputs always exist.
 REPORT_FIGURES = (
@@ -58,137 +63,8 @@ REPORT_FIGURES = (
     "train_loss",
 )
 
-UTILITY_SHIFT = "utility_shift"  # benchmark name of rgeom.utility_shift's rows
-METRIC_COLUMNS = ("arm", "step", "benchmark", "metric", "value", "ci_low", "ci_high", "n", "judge")
-DIRECTION_COLUMNS = ("layer", "position", "norm")
-
-
-# --- reading ------------------------------------------------------------------------
-
-
-def _arms(params: Mapping[str, Any], seen: Sequence[str]) -> list[str]:
-    arms = list(params.get("arms") or [])
-    if not arms:
-        arms = sorted({a for a in seen if a != BASE_ARM})
-    return arms or [BASE_ARM]
-
-
-def _expand_base(df: pl.DataFrame, arms: list[str]) -> pl.DataFrame:
-    """Copy the base rows (arm "base") into every arm; other rows stay as they are."""
-    base = df.filter(pl.col("arm") == BASE_ARM)
-    rest = df.filter(pl.col("arm") != BASE_ARM)
-    if base.is_empty() or arms == [BASE_ARM]:
-        return df
-    copies = [base.with_columns(pl.lit(a).alias("arm")) for a in arms]
-    return pl.concat([rest, *copies], how="vertical")
-
-
-def read_metrics(paths: Sequence[str]) -> pl.DataFrame:
-    frames = []
-    for path in paths:
-        table = read_table(path)
-        for col in METRIC_COLUMNS:
-            if col not in table.column_names:
-                raise RgeomError(f"{path}: missing column {col!r} (metrics table)")
-        df = pl.from_arrow(table.select(list(METRIC_COLUMNS)))
-        frames.append(
-            df.with_columns(
-                pl.col("step").cast(pl.Int32),
-                pl.col("n").cast(pl.Int32),
-                *(pl.col(c).cast(pl.Float64) for c in ("value", "ci_low", "ci_high")),
-                pl.lit(str(path)).alias("source"),
-            )
-        )
-    if not frames:
-        return pl.DataFrame(
-            schema={
-                "arm": pl.String,
-                "step": pl.Int32,
-                "benchmark": pl.String,
-                "metric": pl.String,
-                "value": pl.Float64,
-                "ci_low": pl.Float64,
-                "ci_high": pl.Float64,
-                "n": pl.Int32,
-                "judge": pl.String,
-                "source": pl.String,
-            }
-        )
-    df = pl.concat(frames, how="vertical")
-    dup = df.group_by(["arm", "step", "benchmark", "metric", "judge"]).agg(
-        pl.len().alias("k"), pl.col("source").first().alias("first"), pl.col("source")
-    )
-    dup = dup.filter(pl.col("k") > 1)
-    if not dup.is_empty():
-        r = dup.row(0, named=True)
-        raise RgeomError(
-            f"metric {r['benchmark']}.{r['metric']} (judge {r['judge']}) for arm {r['arm']} "
-            f"step {r['step']} appears in more than one file: {', '.join(r['source'])}"
-        )
-    return df
-
-
-def read_directions(paths: Sequence[str]) -> pl.DataFrame:
-    """(arm, step, layer, position, norm, cos_prev_layer) from every direction table."""
-    frames = []
-    for path in paths:
-        meta = read_meta(path)
-        for key in ("arm", "step"):
-            if meta.get(key) is None:
-                raise RgeomError(f"{path}: provenance lacks {key!r} (direction table)")
-        table = read_table(path, columns=None)
-        for col in DIRECTION_COLUMNS:
-            if col not in table.column_names:
-                raise RgeomError(f"{path}: missing column {col!r} (direction table)")
-        cols = [*DIRECTION_COLUMNS] + (
-            ["cos_prev_layer"] if "cos_prev_layer" in table.column_names else []
-        )
-        df = pl.from_arrow(table.select(cols))
-        if "cos_prev_layer" not in df.columns:
-            df = df.with_columns(pl.lit(None, dtype=pl.Float64).alias("cos_prev_layer"))
-        frames.append(
-            df.with_columns(
-                pl.lit(str(meta["arm"])).alias("arm"),
-                pl.lit(int(meta["step"]), dtype=pl.Int32).alias("step"),
-                pl.col("layer").cast(pl.Int32),
-                pl.col("position").cast(pl.Int32),
-                pl.col("norm").cast(pl.Float64),
-                pl.col("cos_prev_layer").cast(pl.Float64),
-            ).select(["arm", "step", "layer", "position", "norm", "cos_prev_layer"])
-        )
-    if not frames:
-        return pl.DataFrame(
-            schema={
-                "arm": pl.String,
-                "step": pl.Int32,
-                "layer": pl.Int32,
-                "position": pl.Int32,
-                "norm": pl.Float64,
-                "cos_prev_layer": pl.Float64,
-            }
-        )
-    return pl.concat(frames, how="vertical")
-
-
-def last_position(directions: pl.DataFrame) -> pl.DataFrame:
-    """Rows at each file's last position: the largest index (-1 when positions count back
-    from the end of the prompt, the final index when they count forward)."""
-    return directions.filter(pl.col("position") == pl.col("position").max().over(["arm", "step"]))
-
 
 # --- the wide table -----------------------------------------------------------------
-
-
-def _metric_names(metrics: pl.DataFrame) -> pl.DataFrame:
-    """Column stem per row: ``benchmark.metric``, plus ``@judge`` where judges collide."""
-    judges = metrics.group_by(["benchmark", "metric"]).agg(pl.col("judge").n_unique().alias("j"))
-    m = metrics.join(judges, on=["benchmark", "metric"])
-    stem = pl.col("benchmark") + "." + pl.col("metric")
-    # The utility audit's rows (rgeom.utility_shift) are named by metric alone: utility_kl.
-    stem = pl.when(pl.col("benchmark") == UTILITY_SHIFT).then(pl.col("metric")).otherwise(stem)
-    return m.with_columns(
-        pl.when(pl.col("j") > 1).then(stem + "@" + pl.col("judge")).otherwise(stem).alias("column")
-    ).drop("j")
 
 
 def summary_frame(metrics: pl.DataFrame, directions: pl.DataFrame) -> pl.DataFrame:
@@ -198,7 +74,7 @@ def summary_frame(metrics: pl.DataFrame, directions: pl.DataFrame) -> pl.DataFra
     ).unique()
     out = keys.sort(["arm", "step"])
     if not metrics.is_empty():
-        named = _metric_names(metrics)
+        named = metric_names(metrics)
         stems = sorted(named.get_column("column").unique().to_list())
         for suffix, col in (
             ("", "value"),
@@ -267,149 +143,72 @@ def markdown_table(frame: pl.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-# --- figures ------------------------------------------------------------------------
-
-
-def plot_metrics(metrics: pl.DataFrame, arms: list[str], stem: Path, formats) -> list[Path]:
-    named = _metric_names(metrics).filter(pl.col("metric").is_in(MAIN_METRICS))
-    if named.is_empty():
-        return []
-    rank = {m: i for i, m in enumerate(MAIN_METRICS)}
-    panels = sorted(
-        named.select(["column", "metric", "benchmark"]).unique().rows(),
-        key=lambda r: (rank[r[1]], r[2], r[0]),
-    )
-    fig, axes = _figure(len(panels))
-    for ax, (column, metric, _bench) in zip(axes, panels, strict=True):
-        sub = named.filter(pl.col("column") == column)
-        for arm in arms:
-            d = sub.filter(pl.col("arm") == arm).sort("step")
-            if d.is_empty():
-                continue
-            style = arm_style(arm, arms)
-            x = d.get_column("step").to_numpy()
-            ax.plot(x, d.get_column("value").to_numpy(), label=arm, **style, markersize=4)
-            lo = d.get_column("ci_low").to_numpy().astype(float)
-            hi = d.get_column("ci_high").to_numpy().astype(float)
-            if np.isfinite(lo).any():
-                ax.fill_between(x, lo, hi, color=style["color"], alpha=0.2, linewidth=0)
-        ax.set_title(column)
-        ax.set_xlabel("training step")
-        ax.set_ylabel(metric.replace("_", " "))
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-    axes[0].legend(title="arm", fontsize="small")
-    return _save(fig, stem, formats)
-
-
-def plot_direction_heatmap(
-    directions: pl.DataFrame, arms: list[str], stem: Path, formats
-) -> list[Path]:
-    last = last_position(directions)
-    if last.is_empty():
-        return []
-    present = [a for a in arms if a in set(last.get_column("arm").to_list())]
-    fig, axes = _figure(len(present), width=4.6, height=3.6)
-    vmin, vmax = float(last.get_column("norm").min()), float(last.get_column("norm").max())
-    layers = sorted(set(last.get_column("layer").to_list()))
-    image = None
-    for ax, arm in zip(axes, present, strict=True):
-        d = last.filter(pl.col("arm") == arm)
-        steps = sorted(set(d.get_column("step").to_list()))
-        grid = np.full((len(layers), len(steps)), np.nan)
-        li = {v: i for i, v in enumerate(layers)}
-        si = {v: i for i, v in enumerate(steps)}
-        for layer, step, norm in d.select(["layer", "step", "norm"]).iter_rows():
-            grid[li[layer], si[step]] = norm
-        # One colour scale for all panels so arms compare directly.
-        image = ax.imshow(
-            grid,
-            aspect="auto",
-            origin="lower",
-            cmap="viridis",
-            vmin=vmin,
-            vmax=vmax,
-            interpolation="nearest",
-        )
-        ax.set_xticks(range(len(steps)), [str(s) for s in steps], rotation=45)
-        ticks = range(0, len(layers), max(1, len(layers) // 8))
-        ax.set_yticks(list(ticks), [str(layers[i]) for i in ticks])
-        ax.set_title(f"{arm}: direction norm (last position)")
-        ax.set_xlabel("training step")
-        ax.set_ylabel("layer")
-    fig.colorbar(image, ax=list(axes), label="||mean(harmful) - mean(harmless)||")
-    return _save(fig, stem, formats)
-
-
-def _is_loss(name: str) -> bool:
-    return name == "loss" or "loss" in name.split("_") or name.endswith("loss")
-
-
-def read_train_logs(paths: Sequence[str]) -> pl.DataFrame:
-    """(arm, step, loss, other loss terms) from training logs; loss terms logged in the
-    JSON ``extra`` column (R2D2's away/toward/utility losses) become columns of their own."""
-    frames = []
-    for path in paths:
-        meta = read_meta(path)
-        table = read_table(path)
-        for col in ("step", "loss"):
-            if col not in table.column_names:
-                raise RgeomError(f"{path}: missing column {col!r} (training log)")
-        arm = meta.get("arm")
-        if arm is None:
-            raise RgeomError(f"{path}: provenance lacks 'arm' (training log)")
-        records = table.to_pylist()
-        rows = []
-        for i, rec in enumerate(records):
-            row = {"step": int(rec["step"])}
-            for key, value in rec.items():
-                if key != "step" and _is_loss(key) and isinstance(value, int | float):
-                    row[key] = float(value)
-            if rec.get("extra"):
-                try:
-                    extra = json.loads(rec["extra"])
-                except json.JSONDecodeError as exc:
-                    raise RgeomError(f"{path}: row {i}: column 'extra' is not JSON") from exc
-                for key, value in extra.items():
-                    if _is_loss(key) and isinstance(value, int | float) and key not in row:
-                        row[key] = float(value)
-            rows.append(row)
-        df = pl.DataFrame(rows, infer_schema_length=None)
-        frames.append(df.with_columns(pl.lit(str(arm)).alias("arm")))
-    return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
-
-
-def plot_train_loss(logs: pl.DataFrame, arms: list[str], stem: Path, formats) -> list[Path]:
-    if logs.is_empty():
-        return []
-    losses = ["loss"] + sorted(c for c in logs.columns if c not in ("loss", "step", "arm"))
-    fig, axes = _figure(len(losses))
-    seen = sorted(set(logs.get_column("arm").to_list()))
-    order = [a for a in arms if a in seen] + [a for a in seen if a not in arms]
-    for ax, loss in zip(axes, losses, strict=True):
-        for arm in order:
-            d = logs.filter(
-                (pl.col("arm") == arm) & pl.col(loss).is_not_null() & pl.col(loss).is_not_nan()
-            ).sort("step")
-            if d.is_empty():
-                continue
-            style = arm_style(arm, order)
-            ax.plot(
-                d.get_column("step").to_numpy(),
-                d.get_column(loss).to_numpy(),
-                label=arm,
-                color=style["color"],
-                linewidth=1.2,
-            )
-        ax.set_title(loss)
-        ax.set_xlabel("training step")
-        ax.set_ylabel(loss.replace("_", " "))
-        ax.grid(alpha=0.3)
-    axes[0].legend(title="arm", fontsize="small")
-    return _save(fig, stem, formats)
-
-
 # --- entry points -------------------------------------------------------------------
+
+
+def _write_summary_table(out: Path, frame: pl.DataFrame, record: Mapping[str, Any]) -> None:
+    """summary.parquet, .csv and .md under ``out``."""
+    write_table(out / f"{SUMMARY_NAME}.parquet", frame.to_arrow(), summary_schema(frame), record)
+    with atomic_path(out / f"{SUMMARY_NAME}.csv", suffix=".csv") as tmp:
+        frame.write_csv(tmp, float_precision=6)
+    write_text(out / f"{SUMMARY_NAME}.md", markdown_table(frame))
+
+
+def _paper_tables(
+    m: pl.DataFrame, arms: list[str], params: Mapping[str, Any], inputs: SummaryInputs
+) -> list[tables.Table]:
+    """The behaviour, geometry, interventions, verdict and judges tables the inputs allow."""
+    drift = inputs.drift_dir
+    paper = [tables.behaviour_table(metric_names(m), params)] if not m.is_empty() else []
+    if drift is not None:
+        paper.append(
+            tables.geometry_table(
+                str(drift / "drift.parquet"), inputs.carriers or [], inputs.interventions, params
+            )
+        )
+    if inputs.interventions:
+        paper.append(tables.interventions_summary_table(inputs.interventions, arms))
+    if drift is not None:
+        paper.append(tables.verdict_table(str(drift / "verdict.parquet")))
+    paper.append(tables.judges_table(m, inputs.metrics, inputs.validation))
+    return paper
+
+
+def _draw_figures(
+    m: pl.DataFrame,
+    d: pl.DataFrame,
+    arms: list[str],
+    params: Mapping[str, Any],
+    inputs: SummaryInputs,
+    figs: Path,
+    formats: Sequence[str],
+) -> None:
+    """Every figure the inputs allow under ``figs``, and a placeholder for each other one
+    the workflow declares."""
+    drawn: list[Path] = []
+    if not m.is_empty():
+        drawn += figures.plot_metrics(m, arms, figs / "metrics_vs_step", formats)
+        drawn += figures.behaviour_figures(m, arms, params, figs, formats)
+    if not d.is_empty():
+        drawn += figures.plot_direction_heatmap(d, arms, figs / "direction_norm_heatmap", formats)
+    if inputs.train_logs:
+        logs = read_train_logs(inputs.train_logs)
+        drawn += figures.plot_train_loss(logs, arms, figs / "train_loss", formats)
+    if inputs.carriers:
+        cells = read_carriers(inputs.carriers)
+        drawn += figures.plot_carrier_heatmaps(cells, arms, figs / "carrier_heatmaps", formats)
+    if inputs.drift_dir is not None:
+        table = str(inputs.drift_dir / "drift.parquet")
+        stem = figs / "carrier_layer_vs_step"
+        drawn += figures.plot_drift_carrier_layers(table, arms, stem, formats)
+        drawn += figures.plot_erank(table, arms, params, figs / "erank_vs_step", formats)
+        angles = str(inputs.drift_dir / "angles.parquet")
+        drawn += figures.plot_angles(angles, arms, figs / "principal_angles", formats)
+    if inputs.interventions:
+        drawn += figures.plot_frontiers(inputs.interventions, arms, figs, formats)
+    for name in [*REPORT_FIGURES, *(f"frontier_{a}" for a in arms)]:
+        if figs / f"{name}.png" not in drawn:
+            figures.placeholder(figs / name, formats, f"{name}: this run has no input for it")
 
 
 def build_summary(
@@ -435,75 +234,28 @@ def build_summary(
     verdict.parquet) and ``interventions`` (the all-cells table) add the geometry,
     interventions and verdict tables and their figures.
     """
-    from rgeom import figures, tables
-
     if not metrics and not directions and not utility_shift:
         raise RgeomError("summary: no metrics or direction files given")
-    formats = _formats(params)
+    formats = figure_formats(params)
+    inputs = SummaryInputs(
+        metrics=metrics,
+        directions=directions,
+        train_logs=train_logs,
+        utility_shift=utility_shift,
+        carriers=carriers,
+        drift_dir=Path(drift_dir) if drift_dir else None,
+        interventions=interventions,
+        validation=validation,
+    )
     m = read_metrics([*metrics, *(utility_shift or [])])
     d = read_directions(directions)
-    arms = _arms(params, m.get_column("arm").to_list() + d.get_column("arm").to_list())
-    m, d = _expand_base(m, arms), _expand_base(d, arms)
-    frame = summary_frame(m, d)
-    schema = summary_schema(frame)
+    arms = summary_arms(params, m.get_column("arm").to_list() + d.get_column("arm").to_list())
+    m, d = expand_base(m, arms), expand_base(d, arms)
     out = Path(out_dir)
-    drift = Path(drift_dir) if drift_dir else None
-    record = {
-        **meta,
-        "arms": arms,
-        "inputs": {
-            "metrics": [str(p) for p in metrics],
-            "directions": [str(p) for p in directions],
-            "train_logs": [str(p) for p in train_logs or []],
-            "utility_shift": [str(p) for p in utility_shift or []],
-            "carriers": [str(p) for p in carriers or []],
-            "drift_dir": str(drift) if drift else None,
-            "interventions": str(interventions) if interventions else None,
-            "validation": str(validation) if validation else None,
-        },
-    }
-    write_table(out / f"{SUMMARY_NAME}.parquet", frame.to_arrow(), schema, record)
-    with atomic_path(out / f"{SUMMARY_NAME}.csv", suffix=".csv") as tmp:
-        frame.write_csv(tmp, float_precision=6)
-    write_text(out / f"{SUMMARY_NAME}.md", markdown_table(frame))
-
-    paper = [tables.behaviour_table(_metric_names(m), params)] if not m.is_empty() else []
-    if drift is not None:
-        paper.append(
-            tables.geometry_table(
-                str(drift / "drift.parquet"), carriers or [], interventions, params
-            )
-        )
-    if interventions:
-        paper.append(tables.interventions_table(interventions, arms))
-    if drift is not None:
-        paper.append(tables.verdict_table(str(drift / "verdict.parquet")))
-    paper.append(tables.judges_table(m, metrics, validation))
-    tables.write_tables(paper, out / tables.TABLES_DIR, record)
-
-    figs = out / FIGURES
-    drawn: list[Path] = []
-    if not m.is_empty():
-        drawn += plot_metrics(m, arms, figs / "metrics_vs_step", formats)
-        drawn += figures.behaviour_figures(m, arms, params, figs, formats)
-    if not d.is_empty():
-        drawn += plot_direction_heatmap(d, arms, figs / "direction_norm_heatmap", formats)
-    if train_logs:
-        drawn += plot_train_loss(read_train_logs(train_logs), arms, figs / "train_loss", formats)
-    if carriers:
-        cells = tables.read_carriers(carriers)
-        drawn += figures.plot_carrier_heatmaps(cells, arms, figs / "carrier_heatmaps", formats)
-    if drift is not None:
-        table = str(drift / "drift.parquet")
-        drawn += figures.plot_carrier_layers(table, arms, figs / "carrier_layer_vs_step", formats)
-        drawn += figures.plot_erank(table, arms, params, figs / "erank_vs_step", formats)
-        angles = str(drift / "angles.parquet")
-        drawn += figures.plot_angles(angles, arms, figs / "principal_angles", formats)
-    if interventions:
-        drawn += figures.plot_frontiers(interventions, arms, figs, formats)
-    for name in [*REPORT_FIGURES, *(f"frontier_{a}" for a in arms)]:
-        if figs / f"{name}.png" not in drawn:
-            figures.placeholder(figs / name, formats, f"{name}: this run has no input for it")
+    record = {**meta, "arms": arms, "inputs": inputs.record()}
+    _write_summary_table(out, summary_frame(m, d), record)
+    tables.write_tables(_paper_tables(m, arms, params, inputs), out / tables.TABLES_DIR, record)
+    _draw_figures(m, d, arms, params, inputs, out / FIGURES, formats)
 
 
 def publish_summary(staging: str, dest: str, files: Sequence[str]) -> None:

@@ -76,14 +76,14 @@ def generate_table(
     meta: dict[str, Any],
 ) -> pa.Table:
     """The generate stage on vLLM: same inputs, same output schema as the HF path."""
-    from rgeom.generation import GENERATION_SCHEMA, _read_inputs, completions_table
+    from rgeom.generation import GENERATION_SCHEMA, completions_table, read_inputs
     from rgeom.io import write_table
     from rgeom.models import encode_chat, load_tokenizer
 
     vllm = import_vllm()
     trust = bool(model_settings.get("trust_remote_code", False))
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust)
-    cols = _read_inputs(prompts)
+    cols = read_inputs(prompts)
     messages = cols["prompt"]
     encoded = [encode_chat(tokenizer, p).ids for p in messages]
     max_new_tokens = int(params.get("max_new_tokens", 48))

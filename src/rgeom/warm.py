@@ -29,7 +29,6 @@ import logging
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,9 @@ import time
 import traceback
 from pathlib import Path
 
-SOCKET_ENV = "RGEOM_WARM_SOCKET"
+from rgeom.stages import STAGES
+from rgeom.warm_client import HEADER, LOST, SOCKET_ENV, STATUS, forward, recv_exact  # noqa: F401 - re-exported for importers
+
 # What the stages import: preloading them is the whole point. A module that fails to
 # import here is skipped; the child then imports (and fails on) it exactly as a cold run.
 PRELOAD = (
@@ -57,8 +58,7 @@ PRELOAD = (
     "trl:SFTConfig",
     "datasets",
     "matplotlib.pyplot",
-    "rgeom.stages",
-    "rgeom.attacks.stages",
+    *(f"rgeom.stages.{stage}" for stage in STAGES),
     "rgeom.judges",
     "rgeom.train.runner",
     "rgeom.train.r2d2",
@@ -67,10 +67,6 @@ PRELOAD = (
     "rgeom.figures",
     "rgeom.report",
 )
-_HEADER = struct.Struct("!I")
-_STATUS = struct.Struct("!i")
-# Exit status a client reports when the server dropped the job without a status.
-LOST = 70
 
 log = logging.getLogger("rgeom.warm")
 
@@ -90,17 +86,6 @@ def preload(names: tuple[str, ...] | None = None) -> list[str]:
         except Exception:  # noqa: BLE001 - a cold run reports the same failure in the job
             failed.append(name)
     return failed
-
-
-def _recv_exact(conn: socket.socket, n: int) -> bytes:
-    chunks, left = [], n
-    while left:
-        chunk = conn.recv(left)
-        if not chunk:
-            raise ConnectionError("client closed the connection mid-request")
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
 
 
 def _reap_children(*_: object) -> None:
@@ -182,7 +167,7 @@ def _run_child(conn: socket.socket, request: dict, fds: list[int]) -> None:
             with contextlib.suppress(Exception):
                 stream.flush()
         with contextlib.suppress(OSError):
-            conn.sendall(_STATUS.pack(int(status)))
+            conn.sendall(STATUS.pack(int(status)))
         os._exit(int(status) & 0xFF)
 
 
@@ -216,11 +201,11 @@ def serve(socket_path: str | Path) -> None:
             conn, _ = listener.accept()
             fds: list[int] = []
             try:
-                head, fds, _flags, _addr = socket.recv_fds(conn, _HEADER.size, 3)
-                if len(head) < _HEADER.size:
-                    head += _recv_exact(conn, _HEADER.size - len(head))
-                (length,) = _HEADER.unpack(head)
-                request = json.loads(_recv_exact(conn, length))
+                head, fds, _flags, _addr = socket.recv_fds(conn, HEADER.size, 3)
+                if len(head) < HEADER.size:
+                    head += recv_exact(conn, HEADER.size - len(head))
+                (length,) = HEADER.unpack(head)
+                request = json.loads(recv_exact(conn, length))
                 if len(fds) != 3:
                     raise ConnectionError(f"expected 3 file descriptors, got {len(fds)}")
             except (OSError, ValueError, ConnectionError) as exc:
@@ -239,40 +224,6 @@ def serve(socket_path: str | Path) -> None:
     finally:
         listener.close()
         Path(socket_path).unlink(missing_ok=True)
-
-
-def forward(argv: list[str]) -> int | None:
-    """Run ``rgeom argv`` in the warm server, if one answers; None means run it here."""
-    path = os.environ.get(SOCKET_ENV)
-    if not path:
-        return None
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        conn.connect(path)
-    except OSError:
-        conn.close()
-        return None
-    payload = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
-    try:
-        socket.send_fds(conn, [_HEADER.pack(len(payload))], [0, 1, 2])
-        conn.sendall(payload)
-    except OSError:
-        conn.close()
-        return None
-    # From here the job runs in the server's child: a signal to this process (Snakemake
-    # cancelling the job) closes the connection, which ends the child.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda *_: os._exit(143))
-    try:
-        (status,) = _STATUS.unpack(_recv_exact(conn, _STATUS.size))
-    except ConnectionError:
-        print(f"rgeom: the warm server ({path}) lost this job without a status", file=sys.stderr)
-        return LOST
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        conn.close()
-    return status
 
 
 def warm_cmd(run_argv: list[str], socket_path: str | None = None, timeout_s: float = 120) -> None:

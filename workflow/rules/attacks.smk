@@ -105,15 +105,7 @@ rule attack_autodan:
         runtime=240,
         gpu=GPU,
     params:
-        json=params_json(
-            model=model_params(),
-            attacks={
-                "source_model": ATTACKS["source_model"],
-                "autodan": {
-                    k: v for k, v in ATTACKS["autodan"].items() if k != "prototypes"
-                },
-            },
-        ),
+        json=stage_params.attack_autodan_params(config),
         key=lambda w: targets_key(),
         model=attack_source()[0],
         flags=lambda w, input: optional_flags(input, "targets", "templates"),
@@ -252,8 +244,8 @@ rule adaptive_judge:
         gpu=judge_gpu(),
     params:
         # judge.batch_size only sizes the judge models' batches: untracked, as generate's.
-        json=untracked(lambda w: params_json(judge=judge_params())),
-        key=params_json(judge=judge_params(perf=False)),
+        json=untracked(lambda w: stage_params.judge_json(config)),
+        key=stage_params.judge_json(config, perf=False),
         prompts=lambda w, input: (
             f"--prompts {input.prompts}" if "prompts" in input.keys() else ""
         ),
@@ -285,7 +277,7 @@ rule adaptive_metrics:
         mem_mb=1000,
         runtime=10,
     params:
-        json=params_json(judge=metrics_params()),
+        json=stage_params.metrics_json(config),
     shell:
         "rgeom adaptive-metrics --labels {input.labels} --out {output.metrics}"
         " --params {params.json:q} > {log} 2>&1"

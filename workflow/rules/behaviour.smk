@@ -44,8 +44,8 @@ rule judge:
         gpu=judge_gpu(),
     params:
         # judge.batch_size only sizes the judge models' batches: untracked, as generate's.
-        json=untracked(lambda w: params_json(judge=judge_params())),
-        key=params_json(judge=judge_params(perf=False)),
+        json=untracked(lambda w: stage_params.judge_json(config)),
+        key=stage_params.judge_json(config, perf=False),
         prompts=lambda w, input: (
             f"--prompts {input.prompts}" if "prompts" in input.keys() else ""
         ),
@@ -78,7 +78,7 @@ rule metrics:
         mem_mb=1000,
         runtime=10,
     params:
-        json=params_json(judge=metrics_params()),
+        json=stage_params.metrics_json(config),
     shell:
         "rgeom metrics --labels {input.labels} --out {output.metrics}"
         " --params {params.json:q} > {log} 2>&1"

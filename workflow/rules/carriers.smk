@@ -26,13 +26,7 @@ rule carriers:
         runtime=120,
         gpu=GPU,
     params:
-        # .get: the config section is optional; the stage has the defaults.
-        json=lambda w: params_json(
-            model=model_params(),
-            carrier=config.get("carrier", {}),
-            arm=w.arm,
-            step=int(w.step),
-        ),
+        json=lambda w: stage_params.carrier_params(config, w.arm, int(w.step)),
         prompt_filter=lambda w, input: prompt_filter_arg(input),
     shell:
         "rgeom carriers --model {input.model} --directions {input.directions}"
@@ -67,12 +61,7 @@ rule drift:
         mem_mb=4000,
         runtime=20,
     params:
-        json=params_json(
-            arms=config["arms"],
-            anchors=config["anchors"],
-            drift=config.get("drift", {}),
-            summary=config["summary"],
-        ),
+        json=stage_params.drift_params(config),
     shell:
         "rgeom drift --directions {input.directions} --carriers {input.carriers}"
         " --activations {input.activations} --cross-anchor {input.cross_anchor}"

@@ -1,6 +1,7 @@
-# Helpers shared by every rule: config validation, the (arm, step) grid, paths and params.
+# Helpers shared by every rule: config validation, the (arm, step) grid, paths and inputs.
+# No research decisions here: which config keys a job's results depend on (so which edits
+# rerun it) is rgeom.stage_params, the results layout is rgeom.layout; these call them.
 import hashlib
-import json
 import os
 import sys
 from pathlib import Path
@@ -71,8 +72,7 @@ def model_dir(wildcards):
 
 
 def params_json(**sections):
-    """The stage parameters as canonical JSON; Snakemake reruns a job when they change."""
-    return json.dumps({"seed": config["seed"], **sections}, sort_keys=True)
+    return stage_params.params_json(config, **sections)
 
 
 def untracked(func):
@@ -88,18 +88,6 @@ def untracked(func):
         return func(wildcards)
 
     return derived
-
-
-#: generate keys that change memory use and speed only, never a table (generation is
-#: greedy; shards do not change results): left out of every tracked key.
-GENERATE_PERF = ("batch_size", "shard_size")
-
-
-def generate_settings(perf=True):
-    gen = config["generate"]
-    return (
-        dict(gen) if perf else {k: v for k, v in gen.items() if k not in GENERATE_PERF}
-    )
 
 
 _DIGESTS = {}
@@ -147,10 +135,6 @@ def prompt_filter_arg(input):
     return f"--prompt-filter {input.prompt_filter}" if filter_on() else ""
 
 
-def model_params():
-    return stage_params.model_params(config)
-
-
 def dataset_files(dataset):
     """The shared file a set is read from ([] for builtin and hub sets)."""
     spec = config["data"]["sets"][dataset]
@@ -159,15 +143,8 @@ def dataset_files(dataset):
 
 def prepare_data_params(wildcards, tracked=False):
     """The set's spec; tracked, the content of its file instead of data.shared_dir."""
-    sections = {
-        "spec": config["data"]["sets"][wildcards.dataset],
-        "max_prompt_tokens": config["data"]["max_prompt_tokens"],
-    }
-    if tracked:
-        sections["source"] = content_key(dataset_files(wildcards.dataset))
-    else:
-        sections["shared_dir"] = config["data"]["shared_dir"]
-    return params_json(**sections)
+    source = content_key(dataset_files(wildcards.dataset)) if tracked else None
+    return stage_params.prepare_data_params(config, wildcards.dataset, source)
 
 
 def config_digest():
@@ -285,22 +262,8 @@ def shared_path(path):
     )
 
 
-def as_list(value):
-    """A config value that may be one item, a list, or null, as a list."""
-    if value is None:
-        return []
-    return [value] if isinstance(value, str) else list(value)
-
-
 def r2d2_files():
-    """The R2D2 pool's shared files: HarmBench CSVs + targets JSONs (lists, the reference
-    pool reads two of each), as the config names them; [] when train_harmful's targets
-    are the pool."""
-    r2d2 = config["r2d2"]
-    return {
-        "r2d2_behaviours": as_list(r2d2["behaviours"]),
-        "r2d2_targets": as_list(r2d2["targets"]) if as_list(r2d2["behaviours"]) else [],
-    }
+    return stage_params.r2d2_files(config)
 
 
 def r2d2_inputs():
@@ -363,7 +326,7 @@ def extra_flags(wildcards, input):
     """``--extra NAME=PATH`` per extra input; several files join with "," (one NAME each).
     The R2D2 pool's shared files come from the config (tracked by content, not path)."""
     paths = {
-        n: as_list(input[n])
+        n: stage_params.as_list(input[n])
         for n in ("r2d2_behaviours", "deepspeed")
         if n in input.keys()
     }
@@ -440,17 +403,8 @@ def gcg_chunks():
 
 
 def gcg_params(chunk=None):
-    """GCG-transfer's parameters; a chunk job adds [k, n]. attacks.gcg.jobs itself is left
-    out, so the merged table's provenance equals one unchunked job's."""
-    gcg = {k: v for k, v in ATTACKS["gcg"].items() if k not in ("targets", "jobs")}
-    sections = {
-        "model": model_params(),
-        "attacks": {"source_model": ATTACKS["source_model"], "gcg": gcg},
-    }
-    if chunk is not None:
-        sections["chunk"] = [chunk, ATTACKS["gcg"]["jobs"]]
-        sections["targets"] = targets_key()
-    return params_json(**sections)
+    targets = targets_key() if chunk is not None else None
+    return stage_params.gcg_params(config, chunk, targets)
 
 
 def attack_autodan_inputs(wildcards):
@@ -462,10 +416,7 @@ def attack_autodan_inputs(wildcards):
 
 
 def attack_params(wildcards):
-    section = {"source_model": ATTACKS["source_model"]}
-    if wildcards.method == "Templates":
-        section["templates"] = ATTACKS["templates"]
-    return params_json(attacks=section)
+    return stage_params.attack_params(config, wildcards.method)
 
 
 def optional_flags(input, *names):
@@ -484,40 +435,20 @@ def adaptive_inputs(wildcards):
 
 
 def adaptive_params(wildcards):
-    """Adaptive GCG's search: no generation setting, so a new generation length reruns
-    only adaptive_generate (and what reads it), never the hours of GCG."""
-    return params_json(
-        model=model_params(),
-        attacks={
-            "adaptive": {k: v for k, v in ATTACKS["adaptive"].items() if k != "enabled"}
-        },
-        arm=wildcards.arm,
-        step=int(wildcards.step),
-        targets=targets_key(),
+    return stage_params.adaptive_params(
+        config, wildcards.arm, int(wildcards.step), targets_key()
     )
 
 
 def adaptive_generate_params(wildcards, perf=True):
-    """The adaptive completions' settings: always rgeom's HF generation (GCG's exact ids),
-    so the length alone is tracked; batch_size (perf=True) only sizes batches."""
-    keys = ("max_new_tokens", "batch_size") if perf else ("max_new_tokens",)
-    return params_json(
-        model=model_params(),
-        generate={k: config["generate"][k] for k in keys},
-        arm=wildcards.arm,
-        step=int(wildcards.step),
-        attack=wildcards.attack,
+    return stage_params.adaptive_generate_params(
+        config, wildcards.arm, int(wildcards.step), wildcards.attack, perf
     )
 
 
 def generate_params(wildcards, perf=True):
-    """One generate cell's parameters; perf=False leaves out GENERATE_PERF (the key)."""
-    return params_json(
-        model=model_params(),
-        generate=generate_settings(perf),
-        arm=wildcards.arm,
-        step=int(wildcards.step),
-        benchmark=wildcards.benchmark,
+    return stage_params.generate_params(
+        config, wildcards.arm, int(wildcards.step), wildcards.benchmark, perf
     )
 
 
@@ -543,18 +474,8 @@ def adaptive_autodan_inputs(wildcards):
 
 
 def adaptive_autodan_params(wildcards):
-    """Adaptive AutoDAN's search: its early stop generates attacks.autodan.early_stop_tokens
-    of its own, so generate.* is no input (as for adaptive GCG)."""
-    return params_json(
-        model=model_params(),
-        attacks={
-            "adaptive": {"n_behaviors": ATTACKS["adaptive"]["n_behaviors"]},
-            "autodan": {
-                k: v for k, v in ATTACKS["autodan"].items() if k != "prototypes"
-            },
-        },
-        arm=wildcards.arm,
-        step=int(wildcards.step),
+    return stage_params.adaptive_autodan_params(
+        config, wildcards.arm, int(wildcards.step)
     )
 
 
@@ -575,46 +496,12 @@ def cell_files(pattern, **values):
     return expand(f"results/{{{{arm}}}}/step-{{{{step}}}}/{pattern}", **values)
 
 
-#: judge keys that change speed and memory only, never a label: left out of tracked keys.
-JUDGE_PERF = ("batch_size",)
-
-
-def judge_params(perf=True):
-    """The judge section a scoring job consumes: judge.bootstrap only sizes the metrics'
-    intervals (rules metrics, adaptive_metrics), so a new count reruns no judge model.
-    ``perf=False`` also leaves out JUDGE_PERF: the tracked ``key`` of a scoring rule.
-    """
-    drop = {"bootstrap", *(() if perf else JUDGE_PERF)}
-    return {k: v for k, v in config["judge"].items() if k not in drop}
-
-
 def interventions_params(w, perf=True):
-    return params_json(
-        model=model_params(),
-        carrier=config.get("carrier", {}),
-        interventions=config["interventions"],
-        judge=judge_params(perf),
-        arm=w.arm,
-        step=int(w.step),
-    )
-
-
-def metrics_params():
-    """The metrics rules read labels, not completions: the bootstrap count is all they add."""
-    return {"bootstrap": config["judge"]["bootstrap"]}
+    return stage_params.interventions_params(config, w.arm, int(w.step), perf)
 
 
 def model_judges():
-    """{judge name: model spec} of every model judge the config switches on."""
-    judge = config["judge"]
-    out = {}
-    if judge["harmbench"] == "harmbench_classifier":
-        out["harmbench_classifier"] = judge["harmbench_model"]
-    if judge["xstest"] == "xstest_llm":
-        out["xstest_llm"] = judge["xstest_model"]
-    if judge["strongreject"] != "none":
-        out[f"strongreject_{judge['strongreject']}"] = judge["strongreject_model"]
-    return out
+    return stage_params.model_judges(config)
 
 
 def judge_model_files(judges=None):

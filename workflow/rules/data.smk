@@ -46,23 +46,8 @@ rule sft_data:
         gpu=GPU,
     params:
         # generate.batch_size only sizes the batches: untracked (common.smk: untracked).
-        json=untracked(
-            lambda w: params_json(
-                model=model_params(),
-                train={
-                    k: config["train"][k]
-                    for k in ("refusals", "utility_source", "helpful_max_new_tokens")
-                },
-                generate={"batch_size": config["generate"]["batch_size"]},
-            )
-        ),
-        key=params_json(
-            model=model_params(),
-            train={
-                k: config["train"][k]
-                for k in ("refusals", "utility_source", "helpful_max_new_tokens")
-            },
-        ),
+        json=untracked(lambda w: stage_params.sft_data_params(config)),
+        key=stage_params.sft_data_params(config, perf=False),
     shell:
         "rgeom sft-data --model {input.model} --harmful {input.harmful}"
         " --harmless {input.harmless} --out {output.table} --params {params.json:q} > {log} 2>&1"

@@ -23,14 +23,7 @@ rule extract_activations:
         runtime=60,
         gpu=GPU,
     params:
-        json=lambda w: params_json(
-            model=model_params(),
-            activations=config["activations"],
-            # Baseline refusal scores only where the prompt filter is decided: the source model.
-            carrier={"filter_prompts": filter_on() and w.arm == BASE},
-            arm=w.arm,
-            step=int(w.step),
-        ),
+        json=lambda w: stage_params.extract_params(config, w.arm, int(w.step), BASE),
         sets=lambda w, input: " ".join(f"--set {n}={input[n]}" for n in DIRECTION_SETS),
     shell:
         "rgeom extract --model {input.model} {params.sets} --out {output.table}"
@@ -55,7 +48,7 @@ rule prompt_filter:
         mem_mb=2000,
         runtime=10,
     params:
-        json=params_json(carrier={"min_prompts": config["carrier"]["min_prompts"]}),
+        json=stage_params.prompt_filter_params(config),
     shell:
         "rgeom prompt-filter --activations {input.activations} --out {output.table}"
         " --params {params.json:q} > {log} 2>&1"

@@ -27,7 +27,8 @@ rule interventions:
         gpu=GPU,
     params:
         # The configured judge scores the generations' refusal rate and ASR; its bootstrap
-        # count and batch size change no label here, so they rerun nothing (judge_params).
+        # count and batch size change no label here, so they rerun nothing
+        # (stage_params.judge_params).
         json=untracked(lambda w: interventions_params(w)),
         key=lambda w: interventions_params(w, perf=False),
     shell:
@@ -65,12 +66,7 @@ rule cross_anchor:
         runtime=60,
         gpu=GPU,
     params:
-        json=lambda w: params_json(
-            model=model_params(),
-            carrier=config.get("carrier", {}),
-            arm=w.arm,
-            step=int(w.step),
-        ),
+        json=lambda w: stage_params.carrier_params(config, w.arm, int(w.step)),
     shell:
         "rgeom cross-anchor --model {input.model} --directions {input.directions}"
         " --carriers {input.carriers} --val-harmful {input.val_harmful}"
@@ -95,7 +91,7 @@ rule interventions_summary:
         mem_mb=2000,
         runtime=10,
     params:
-        json=params_json(arms=config["arms"], summary=config["summary"]),
+        json=stage_params.interventions_summary_params(config),
     shell:
         "rgeom interventions-summary --tables {input.tables}"
         " --out-dir results/interventions --params {params.json:q} > {log} 2>&1"

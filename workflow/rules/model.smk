@@ -12,6 +12,6 @@ rule prepare_model:
         mem_mb=4000,
         runtime=30,
     params:
-        json=params_json(model=config["model"]),
+        json=stage_params.prepare_model_params(config),
     shell:
         "rgeom prepare-model --out {output.model} --params {params.json:q} > {log} 2>&1"

@@ -16,7 +16,7 @@ rule record_config:
         digest=config_digest(),
     run:
         # In Snakemake's own process (no conda env): the record is the config it validated.
-        from rgeom.stages import record_config
+        from rgeom.stages.record_config import run as record_config
 
         record_config(output[0], config)
 
@@ -56,12 +56,7 @@ rule summary:
         mem_mb=2000,
         runtime=10,
     params:
-        json=params_json(
-            arms=config["arms"],
-            anchors=config["anchors"],
-            benchmarks=config["benchmarks"],
-            summary=config["summary"],
-        ),
+        json=stage_params.summary_params(config),
         validation=lambda w, input: (
             f"--validation {input.validation}" if input.validation else ""
         ),

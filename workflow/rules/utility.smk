@@ -26,12 +26,7 @@ rule utility_shift:
         runtime=30,
         gpu=GPU,
     params:
-        json=lambda w: params_json(
-            model=model_params(),
-            utility_shift=config["utility_shift"],
-            arm=w.arm,
-            step=int(w.step),
-        ),
+        json=lambda w: stage_params.utility_shift_params(config, w.arm, int(w.step)),
     shell:
         "rgeom utility-shift --model {input.model} --base {input.base}"
         " --reference {input.reference} --out {output.table}"

@@ -25,13 +25,11 @@ rule validate_judges:
     params:
         # judge.bootstrap sizes no interval here and judge.batch_size only sizes batches:
         # neither reruns the validation.
-        json=untracked(
-            lambda w: params_json(judge=judge_params(), validate=config["validate"])
-        ),
+        json=untracked(lambda w: stage_params.validate_params(config)),
         # Evaluated only when the job is in the DAG: a disabled validation needs no files.
         key=lambda w: [
             content_key(validate_files().values()),
-            params_json(judge=judge_params(perf=False), validate=config["validate"]),
+            stage_params.validate_params(config, perf=False),
         ],
         labelled=untracked(
             lambda w: (

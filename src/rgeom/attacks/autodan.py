@@ -20,7 +20,7 @@ Differences from the reference, on purpose: the prototypes are rgeom's own
 (``autodan_prototypes.jsonl``), and the default mutator is a seeded synonym substitution
 instead of an LLM rewriter, because the embedded setup has one 135M model and no network;
 any ``Mutator`` (a callable ``(text, rng) -> text``, e.g. one that calls a chat model) can
-be passed instead.
+be passed instead. The operators live in :mod:`rgeom.attacks.autodan_operators`.
 
 Fitness is computed for a whole population in left-padded batches (explicit position ids,
 so padding does not shift a row's positions; only the target positions go through the LM
@@ -30,7 +30,6 @@ head), never in a per-candidate loop of forward passes. Identical templates are 
 from __future__ import annotations
 
 import logging
-import re
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,200 +40,25 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from rgeom import generation
+from rgeom.attacks.autodan_operators import (  # noqa: F401 (re-exported: tests import them here)
+    DEFAULT_SYNONYMS,
+    Mutator,
+    SynonymMutator,
+    _sentences,
+    _words,
+    crossover,
+    replace_with_best_synonyms,
+    synonym_index,
+    update_word_scores,
+)
+from rgeom.attacks.templates import SLOT
 from rgeom.errors import RgeomError
+from rgeom.models import encode_chat, encode_response, left_pad
 
 log = logging.getLogger(__name__)
 
-SLOT = "{behavior}"
 PROTOTYPES_FILE = Path(__file__).resolve().with_name("autodan_prototypes.jsonl")
-
-# A mutator rewrites one template; it must use ``rng`` for every random choice (determinism)
-# and should keep the {behavior} slot (offspring that lose it are replaced by their parent).
-Mutator = Callable[[str, np.random.Generator], str]
-
-# Interchangeable words for the prototypes' vocabulary (our own table). A word belongs to
-# one group; a group's words are the choices of both the mutator and the word-level step.
-DEFAULT_SYNONYMS: tuple[tuple[str, ...], ...] = (
-    ("accurate", "exact", "correct", "faithful"),
-    ("precise", "specific", "concrete", "explicit"),
-    ("detailed", "thorough", "comprehensive", "exhaustive"),
-    ("complete", "full", "entire", "whole"),
-    ("explains", "describes", "outlines", "walks"),
-    ("explanation", "description", "account", "walkthrough"),
-    ("answer", "reply", "response"),
-    ("answers", "replies", "responses"),
-    ("expert", "specialist", "master", "authority"),
-    ("professionals", "insiders", "practitioners"),
-    ("specialists", "experts", "technicians"),
-    ("goal", "aim", "purpose", "objective"),
-    ("clear", "plain", "simple", "direct"),
-    ("steps", "stages", "points", "actions"),
-    ("step", "stage", "point", "action"),
-    ("warnings", "caveats", "cautions", "notes"),
-    ("disclaimers", "hedges", "qualifications"),
-    ("begin", "start", "open", "lead"),
-    ("write", "compose", "draft", "produce"),
-    ("scene", "sequence", "moment", "episode"),
-    ("directly", "immediately", "promptly", "plainly"),
-    ("information", "knowledge", "facts", "material"),
-    ("careful", "diligent", "serious", "meticulous"),
-    ("depend", "rely", "count"),
-    ("waste", "squander", "lose"),
-    ("shorten", "truncate", "abbreviate", "trim"),
-    ("mistake", "error", "slip", "inaccuracy"),
-    ("notice", "spot", "catch", "see"),
-    ("gritty", "dark", "realistic", "raw"),
-    ("drama", "thriller", "series", "show"),
-    ("asks", "inquires", "wonders"),
-    ("unrestricted", "unfiltered", "uncensored", "unlimited"),
-    ("assistant", "aide", "helper", "adviser"),
-    ("request", "question", "query", "task"),
-    ("thoroughly", "fully", "completely", "exhaustively"),
-    ("organise", "arrange", "structure", "format"),
-    ("policies", "rules", "guidelines", "restrictions"),
-    ("refuse", "decline", "object", "hesitate"),
-    ("numbered", "ordered", "itemised", "enumerated"),
-    ("audience", "viewers", "public", "crowd"),
-    ("private", "secret", "hidden", "closed"),
-    ("records", "documents", "preserves", "logs"),
-    ("trained", "qualified", "seasoned", "skilled"),
-    ("rejected", "refused", "discarded", "removed"),
-    ("short", "brief", "concise", "compact"),
-    ("judge", "criticise", "assess", "weigh"),
-    ("imagine", "picture", "suppose", "consider"),
-    ("really", "actually", "truly", "genuinely"),
-)
-
-_WORD = re.compile(r"[A-Za-z]+")
-_SENTENCE_END = re.compile(r"(?<=[.!?:])\s+")
-
-
-def synonym_index(groups: Sequence[Sequence[str]]) -> dict[str, tuple[str, ...]]:
-    """word -> its group, lower case; a word listed twice is an error (ambiguous choice)."""
-    index: dict[str, tuple[str, ...]] = {}
-    for group in groups:
-        words = tuple(w.lower() for w in group)
-        if len(words) < 2:
-            raise RgeomError(f"synonym group {list(group)} needs at least two words")
-        for w in words:
-            if w in index:
-                raise RgeomError(f"synonym table lists {w!r} in two groups")
-            index[w] = words
-    return index
-
-
-def _match_case(word: str, like: str) -> str:
-    if like.isupper() and len(like) > 1:
-        return word.upper()
-    if like[:1].isupper():
-        return word[:1].upper() + word[1:]
-    return word
-
-
-def _map_words(text: str, fn: Callable[[str], str]) -> str:
-    """Apply ``fn`` to every word of ``text`` outside the {behavior} slot."""
-    pieces = text.split(SLOT)
-    return SLOT.join(_WORD.sub(lambda m: fn(m.group(0)), p) for p in pieces)
-
-
-def _words(text: str) -> set[str]:
-    return {w.lower() for w in _WORD.findall(text.replace(SLOT, " "))}
-
-
-@dataclass
-class SynonymMutator:
-    """Word-level mutation: each word with synonyms is swapped with probability ``word_rate``."""
-
-    groups: Sequence[Sequence[str]] = DEFAULT_SYNONYMS
-    word_rate: float = 0.2
-
-    def __post_init__(self) -> None:
-        self.index = synonym_index(self.groups)
-
-    def __call__(self, text: str, rng: np.random.Generator) -> str:
-        def swap(word: str) -> str:
-            group = self.index.get(word.lower())
-            # Draw for every word, even when it cannot change, so the stream of random
-            # numbers (and hence the result) depends only on the text and the seed.
-            u = rng.random()
-            if group is None or u >= self.word_rate:
-                return word
-            others = [w for w in group if w != word.lower()]
-            return _match_case(others[int(rng.integers(len(others)))], word)
-
-        return _map_words(text, swap)
-
-
-def _sentences(paragraph: str) -> list[str]:
-    return [s for s in _SENTENCE_END.split(paragraph) if s]
-
-
-def crossover(a: str, b: str, rng: np.random.Generator) -> tuple[str, str]:
-    """Two children of ``a`` and ``b``: aligned paragraphs swap sentences uniformly.
-
-    Paragraph ``i`` of each child takes each sentence position ``j`` present in both parents
-    from either parent with probability 1/2 (the other child gets the other sentence);
-    sentences and paragraphs only one parent has stay with that parent's child.
-    """
-    pa_, pb_ = a.split("\n\n"), b.split("\n\n")
-    ca, cb = [], []
-    for i in range(max(len(pa_), len(pb_))):
-        if i >= len(pa_) or i >= len(pb_):
-            (ca if i < len(pa_) else cb).append(pa_[i] if i < len(pa_) else pb_[i])
-            continue
-        sa, sb = _sentences(pa_[i]), _sentences(pb_[i])
-        xa, xb = [], []
-        for j in range(max(len(sa), len(sb))):
-            if j < len(sa) and j < len(sb):
-                first, second = (sa[j], sb[j]) if rng.random() < 0.5 else (sb[j], sa[j])
-                xa.append(first)
-                xb.append(second)
-            elif j < len(sa):
-                xa.append(sa[j])
-            else:
-                xb.append(sb[j])
-        ca.append(" ".join(xa))
-        cb.append(" ".join(xb))
-    return "\n\n".join(ca), "\n\n".join(cb)
-
-
-def update_word_scores(
-    scores: dict[str, float], population: Sequence[str], losses: Sequence[float]
-) -> dict[str, float]:
-    """Momentum word scores: mean fitness (-loss) of the individuals with the word, averaged
-    with the word's previous score when it has one (AutoDAN's momentum word scoring)."""
-    sums: dict[str, list[float]] = {}
-    for text, loss in zip(population, losses, strict=True):
-        for w in _words(text):
-            sums.setdefault(w, []).append(-float(loss))
-    out = dict(scores)
-    for w, values in sums.items():
-        new = float(np.mean(values))
-        out[w] = (out[w] + new) / 2 if w in out else new
-    return out
-
-
-def replace_with_best_synonyms(
-    text: str,
-    scores: Mapping[str, float],
-    index: Mapping[str, Sequence[str]],
-    rng: np.random.Generator,
-    rate: float = 0.5,
-) -> str:
-    """Swap words for the best-scoring member of their group, each with probability ``rate``
-    (below 1, so the population keeps some variety)."""
-
-    def best(word: str) -> str:
-        u = rng.random()
-        group = index.get(word.lower())
-        if group is None or u >= rate:
-            return word
-        known = [w for w in group if w in scores]
-        if not known:
-            return word
-        return _match_case(max(known, key=lambda w: (scores[w], w)), word)
-
-    return _map_words(text, best)
 
 
 # --- fitness ------------------------------------------------------------------------
@@ -255,8 +79,6 @@ def target_losses(
     loss does not depend on the padding its batch needs. Length-sorted chunks of
     ``batch_size`` rows (None: all at once) keep the padding small.
     """
-    from rgeom.models import encode_chat, encode_response, left_pad
-
     tgt = encode_response(tokenizer, target, eos=False)
     if not tgt:
         raise RgeomError(f"AutoDAN target {target[:60]!r} encodes to no tokens")
@@ -360,6 +182,127 @@ def _keep_slot(child: str, parent: str) -> str:
     return child if SLOT in child else parent
 
 
+class _TemplateLosses:
+    """Target losses of templates filled with one behaviour, each distinct template scored
+    once: the elites and unchanged offspring recur every generation."""
+
+    def __init__(self, model, tokenizer, message: str, target: str, batch_size: int | None):
+        self.model, self.tokenizer = model, tokenizer
+        self.message, self.target, self.batch_size = message, target, batch_size
+        self.memo: dict[str, float] = {}
+
+    def __call__(self, templates: Sequence[str]) -> list[float]:
+        new = list(dict.fromkeys(t for t in templates if t not in self.memo))
+        if new:
+            fills = [t.replace(SLOT, self.message) for t in new]
+            losses = target_losses(self.model, self.tokenizer, fills, self.target, self.batch_size)
+            for t, v in zip(new, losses, strict=True):
+                self.memo[t] = v
+        return [self.memo[t] for t in templates]
+
+
+class _EarlyStop:
+    """Whether the best template already jailbreaks: its greedy completion (``tokens`` long)
+    is not ``refused``. Each template is generated from once; never stops without ``refused``."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        message: str,
+        tokens: int,
+        refused: Callable[[str], bool] | None,
+        enabled: bool,
+    ):
+        self.model, self.tokenizer, self.message, self.tokens = model, tokenizer, message, tokens
+        self.refused = refused if enabled else None
+        self.checked: dict[str, tuple[bool, str]] = {}
+
+    def __call__(
+        self, population: Sequence[str], losses: Sequence[float]
+    ) -> tuple[bool, str | None]:
+        if self.refused is None:
+            return False, None
+        best = population[int(np.argmin(losses))]
+        if best not in self.checked:
+            (text,), _, _ = generation.generate_completions(
+                self.model,
+                self.tokenizer,
+                [best.replace(SLOT, self.message)],
+                batch_size=1,
+                max_new_tokens=self.tokens,
+            )
+            self.checked[best] = (not self.refused(text), text)
+        return self.checked[best]
+
+
+@dataclass(frozen=True)
+class _Breeding:
+    """What one behaviour's generations are bred with: the settings, its own random stream,
+    the mutator and the synonym index of the word-level step."""
+
+    settings: AutoDANSettings
+    rng: np.random.Generator
+    mutate: Mutator
+    index: Mapping[str, Sequence[str]]
+
+
+def _initial_population(prototypes: Sequence[str], breeding: _Breeding) -> list[str]:
+    """The prototypes themselves, then mutated copies of them in turn (the reference
+    diversifies its prototype with an LLM; any mutator can do it here)."""
+    n = breeding.settings.population
+    population = [prototypes[i % len(prototypes)] for i in range(n)]
+    return [
+        p if i < len(prototypes) else _keep_slot(breeding.mutate(p, breeding.rng), p)
+        for i, p in enumerate(population)
+    ]
+
+
+def _offspring(
+    generation_index: int,
+    population: Sequence[str],
+    losses: Sequence[float],
+    word_scores: dict[str, float],
+    breeding: _Breeding,
+) -> tuple[list[str], dict[str, float]]:
+    """The non-elite part of the next generation, unscored, and the updated word scores.
+
+    Roulette-wheel parents on ``softmax(-loss)``; then sentence crossover (paragraph-level
+    generations) or best-synonym replacement (word-level ones); then the mutator.
+    """
+    settings, rng, mutate = breeding.settings, breeding.rng, breeding.mutate
+    n = settings.population
+    n_off = n - settings.n_elite
+    probs = _softmax_neg(losses)
+    parents = [population[i] for i in rng.choice(n, size=n_off + n_off % 2, p=probs)]
+    offspring: list[str] = []
+    if generation_index % settings.paragraph_every == 0:
+        for a, b in zip(parents[0::2], parents[1::2], strict=True):
+            if rng.random() < settings.crossover_rate:
+                ca, cb = crossover(a, b, rng)
+                offspring += [_keep_slot(ca, a), _keep_slot(cb, b)]
+            else:
+                offspring += [a, b]
+    else:
+        word_scores = update_word_scores(word_scores, population, losses)
+        offspring = [
+            replace_with_best_synonyms(p, word_scores, breeding.index, rng) for p in parents
+        ]
+    offspring = [
+        _keep_slot(mutate(c, rng), c) if rng.random() < settings.mutation_rate else c
+        for c in offspring[:n_off]
+    ]
+    return offspring, word_scores
+
+
+def _check_prototypes(prototypes: Sequence[str]) -> None:
+    if not prototypes:
+        raise RgeomError("AutoDAN needs at least one prototype template")
+    for p in prototypes:
+        if SLOT not in p:
+            raise RgeomError(f"AutoDAN prototype has no {SLOT} slot: {p[:60]!r}")
+
+
 def autodan_one(
     model,
     tokenizer,
@@ -380,61 +323,22 @@ def autodan_one(
     template's greedy completion (``early_stop_tokens`` tokens) is checked and the search
     stops at the first that is not refused.
     """
-    if not prototypes:
-        raise RgeomError("AutoDAN needs at least one prototype template")
-    for p in prototypes:
-        if SLOT not in p:
-            raise RgeomError(f"AutoDAN prototype has no {SLOT} slot: {p[:60]!r}")
+    _check_prototypes(prototypes)
     rng = behaviour_rng(seed, behaviour_id)
     mutate = mutator or SynonymMutator(synonyms)
-    index = synonym_index(synonyms)
-    n, n_elite = settings.population, settings.n_elite
+    breeding = _Breeding(settings, rng, mutate, synonym_index(synonyms))
+    n_elite = settings.n_elite
+    score = _TemplateLosses(model, tokenizer, message, target, settings.batch_size)
+    early_stop = _EarlyStop(
+        model, tokenizer, message, settings.early_stop_tokens, refused, settings.early_stop
+    )
 
-    memo: dict[str, float] = {}
-
-    def score(templates: Sequence[str]) -> list[float]:
-        new = list(dict.fromkeys(t for t in templates if t not in memo))
-        if new:
-            fills = [t.replace(SLOT, message) for t in new]
-            for t, v in zip(
-                new,
-                target_losses(model, tokenizer, fills, target, settings.batch_size),
-                strict=True,
-            ):
-                memo[t] = v
-        return [memo[t] for t in templates]
-
-    # Initial population: the prototypes themselves, then mutated copies of them in turn
-    # (the reference diversifies its prototype with an LLM; any mutator can do it here).
-    population = [prototypes[i % len(prototypes)] for i in range(n)]
-    population = [
-        p if i < len(prototypes) else _keep_slot(mutate(p, rng), p)
-        for i, p in enumerate(population)
-    ]
+    population = _initial_population(prototypes, breeding)
     losses = score(population)
     initial_loss = losses[0]
     history: list[float] = []
     word_scores: dict[str, float] = {}
-    checked: dict[str, tuple[bool, str]] = {}
-
-    def check_best() -> tuple[bool, str | None]:
-        if refused is None or not settings.early_stop:
-            return False, None
-        best = population[int(np.argmin(losses))]
-        if best not in checked:
-            from rgeom.generation import generate_completions
-
-            (text,), _, _ = generate_completions(
-                model,
-                tokenizer,
-                [best.replace(SLOT, message)],
-                batch_size=1,
-                max_new_tokens=settings.early_stop_tokens,
-            )
-            checked[best] = (not refused(text), text)
-        return checked[best]
-
-    stopped, completion = check_best()
+    stopped, completion = early_stop(population, losses)
     initial_best = min(losses)
     bar = tqdm(
         range(settings.generations if not stopped else 0),
@@ -446,31 +350,14 @@ def autodan_one(
         order = np.argsort(np.asarray(losses), kind="stable")
         elites = [population[i] for i in order[:n_elite]]
         elite_losses = [losses[i] for i in order[:n_elite]]
-        n_off = n - n_elite
-        probs = _softmax_neg(losses)
-        parents = [population[i] for i in rng.choice(n, size=n_off + n_off % 2, p=probs)]
-        offspring: list[str] = []
-        if g % settings.paragraph_every == 0:
-            for a, b in zip(parents[0::2], parents[1::2], strict=True):
-                if rng.random() < settings.crossover_rate:
-                    ca, cb = crossover(a, b, rng)
-                    offspring += [_keep_slot(ca, a), _keep_slot(cb, b)]
-                else:
-                    offspring += [a, b]
-        else:
-            word_scores = update_word_scores(word_scores, population, losses)
-            offspring = [replace_with_best_synonyms(p, word_scores, index, rng) for p in parents]
-        offspring = [
-            _keep_slot(mutate(c, rng), c) if rng.random() < settings.mutation_rate else c
-            for c in offspring[:n_off]
-        ]
+        offspring, word_scores = _offspring(g, population, losses, word_scores, breeding)
         population = elites + offspring
         # The elites keep the losses they were scored with: rescoring them in another batch
         # could differ in the last float bits and break the non-increasing guarantee.
         losses = elite_losses + score(offspring)
         history.append(min(losses))
         bar.set_postfix(loss=f"{history[-1]:.3f}")
-        stopped, completion = check_best()
+        stopped, completion = early_stop(population, losses)
         if stopped:
             break
     best = int(np.argmin(losses))

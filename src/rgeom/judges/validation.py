@@ -38,6 +38,7 @@ from rgeom.io import write_table, write_text
 from rgeom.judges import harmfulness, model_judges
 from rgeom.judges.metrics import agreement as _agreement
 from rgeom.judges.refusal import JUDGE_NAME, JUDGE_VERSION, classify
+from rgeom.prompts import read_prompt_set
 from rgeom.schemas import AGREEMENT_SCHEMA, CONFUSION_SCHEMA, PREDICTION_SCHEMA
 
 BUILTIN = {"builtin:xstest": "xstest_labelled.jsonl", "builtin:rgeom": "judge_validation.jsonl"}
@@ -189,7 +190,7 @@ def _prompt_lookup(prompts: str | None) -> dict[str, tuple[str, str | None]]:
         if not rows or not {"id", "prompt"} <= set(rows[0]):
             raise RgeomError(f"{p}: expected XSTest columns id, prompt")
         return {f"xstest-{r['id'].strip()}": (r["prompt"], None) for r in rows}
-    table = pq.read_table(p).to_pylist()
+    table = read_prompt_set(p, required=("prompt_id", "text")).to_pylist()
     return {r["prompt_id"]: (r["text"], r.get("context")) for r in table}
 
 

@@ -29,6 +29,7 @@ import pyarrow as pa
 from rgeom.errors import RgeomError
 from rgeom.io import read_table, write_table
 from rgeom.models import encode_chat, encode_response
+from rgeom.prompts import read_prompt_set, user_messages
 from rgeom.schemas import SFT_FULL_SCHEMA, SFT_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,6 @@ def build_sft_data(
     model, tokenizer, harmful: str, harmless: str, out: str, params: dict[str, Any], meta: dict
 ) -> None:
     """Write the training table; ``model`` and ``tokenizer`` are only used for self_distill."""
-    from rgeom.data import prompt_text, read_prompts
-
     train = params.get("train", {})
     source = train.get("utility_source", "dataset")
     if source not in UTILITY_SOURCES:
@@ -63,12 +62,11 @@ def build_sft_data(
         )
     refusals = train.get("refusals") or list(DEFAULT_REFUSALS)
     rng = np.random.default_rng(params.get("seed", 0))
-    bad = read_prompts(harmful).to_pydict()
-    good = read_table(harmless).to_pydict()
+    bad = read_prompt_set(harmful).to_pydict()
+    good = read_prompt_set(harmless).to_pydict()
     if not bad["prompt_id"] or not good["prompt_id"]:
         raise RgeomError(f"training sets must not be empty ({harmful}, {harmless})")
-    bad_prompts = [prompt_text(t, c) for t, c in zip(bad["text"], bad["context"], strict=True)]
-    good_prompts = [prompt_text(t, c) for t, c in zip(good["text"], good["context"], strict=True)]
+    bad_prompts, good_prompts = user_messages(bad), user_messages(good)
     picks = rng.integers(0, len(refusals), size=len(bad_prompts))
     if source == "dataset":
         answers, complete, messages = _dataset_answers(harmless, good)

@@ -21,221 +21,43 @@ is the reference's split too (HarmBench runs every entry's GCG on all ranks, can
 divided between them, and rank r trains on the r-th slice of the refreshed entries).
 
 The pool is plain data (a dict of lists, its RNG state included) so a run can resume.
+
+This module holds the pool and the trainer that keeps it; the behaviours and test cases are
+:mod:`rgeom.train.r2d2_cases`, the hyper-parameters :mod:`rgeom.train.r2d2_config` and the
+losses :mod:`rgeom.train.r2d2_losses`.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
 import random
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from trl import SFTTrainer
 
-from rgeom.attacks.gcg import (
-    _vocab_size,
-    ascii_token_ids,
-    build_prompt_ids,
-    gcg,
-    screen_dtype_from_name,
-    suffix_ids_in_context,
-)
+from rgeom.attacks.gcg import _vocab_size, ascii_token_ids, gcg, suffix_ids_in_context
 from rgeom.errors import RgeomError
-from rgeom.models import encode_response
+
+# Also importable from here, where the R2D2 names have always been.
+from rgeom.train.r2d2_cases import (
+    PoolEntry,
+    R2D2Behaviour,
+    behaviours_from_pairs,
+    load_behaviours,
+    load_harmbench_behaviours,
+    load_targets,
+    split_paths,
+)
+from rgeom.train.r2d2_config import R2D2Config, config_from_params
+from rgeom.train.r2d2_losses import away_loss, away_loss_terms, compute_r2d2_losses
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class R2D2Config:
-    """R2D2 hyper-parameters. Defaults are HarmBench's reference values
-    (``run_sft_adv_training.py`` and ``adv_training_utils.py`` in rangell/reinforce-attacks-llms).
-
-    pool_size: persistent test cases, one global pool whatever the number of processes
-        (ref ``NUM_SINGLE_BEHAVIOR_TEST_CASES`` = 8). The initial entries are distinct
-        behaviours while the behaviours last.
-    updates_per_step: entries refreshed by GCG per training micro-step, split between the
-        processes (ref ``NUM_TEST_CASES_TO_UPDATE_PER_STEP`` = 8, the whole pool; it must be a
-        multiple of the process count, as in the reference).
-    gcg_steps / search_width / topk: GCG per refresh (ref 5 / 512 / 256).
-    gcg_keep_best: GCG moves only to a candidate that beats the current suffix (our option);
-        False, the reference, moves to each step's argmin candidate and keeps the last one.
-    gcg_batch_size: candidates per GCG forward pass; None = all at once (memory knob only).
-    gcg_screen_dtype / gcg_rescore_top: screen candidates in this precision, rescore the best
-        few exactly (see :func:`rgeom.attacks.gcg.gcg`); None = exact scoring (ref).
-    reset_every / reset_fraction: every 50 optimizer steps (``reset_every * grad_accum``
-        micro-steps, before the last micro-step of that optimizer step), int(0.2 * pool_size)
-        entries restart (ref: 1 of 8).
-    suffix_unit / suffix_min / suffix_max: fresh suffixes are ``"! " * n``, n uniform in
-        [15, 20] per entry (ref).
-    refusal: the toward-loss string, followed by EOS (ref "Sorry, I can't do that.").
-    away_coef / toward_coef: weights of the two adversarial terms (ref 0.5 each).
-    away_logp_floor: target tokens with log p below this are already unlikely and count zero
-        in the away loss, which still divides by all target tokens (ref -5).
-    seed: the pool's RNG seed (entry draws, refresh choice, GCG seeds).
-    system: optional system prompt for the adversarial prompts.
-    exclude: behaviour ids left out of the pool (default: the one standard HarmBench val
-        behaviour that ``adv_training_val_targets.json`` has no targets for).
-    """
-
-    pool_size: int = 8
-    updates_per_step: int = 8
-    gcg_steps: int = 5
-    search_width: int = 512
-    topk: int = 256
-    gcg_keep_best: bool = False
-    gcg_batch_size: int | None = None
-    gcg_screen_dtype: str | None = None
-    gcg_rescore_top: int = 8
-    reset_every: int = 50
-    reset_fraction: float = 0.2
-    suffix_unit: str = "! "
-    suffix_min: int = 15
-    suffix_max: int = 20
-    refusal: str = "Sorry, I can't do that."
-    away_coef: float = 0.5
-    toward_coef: float = 0.5
-    away_logp_floor: float = -5.0
-    seed: int = 0
-    system: str | None = None
-    exclude: tuple[str, ...] = ("dimethylmercury_instructions_home",)
-
-    def __post_init__(self) -> None:
-        # Config and JSON give lists; a tuple keeps the dataclass hashable-ish and comparable.
-        self.exclude = tuple(self.exclude or ())
-
-    def validate(self) -> None:
-        if self.pool_size < self.updates_per_step:
-            raise RgeomError(
-                f"r2d2.pool_size ({self.pool_size}) must be at least "
-                f"r2d2.updates_per_step ({self.updates_per_step})"
-            )
-        if self.updates_per_step < 1:
-            raise RgeomError("r2d2.updates_per_step must be at least 1")
-        if not 1 <= self.suffix_min <= self.suffix_max:
-            raise RgeomError(
-                f"r2d2 suffix lengths need 1 <= suffix_min ({self.suffix_min}) "
-                f"<= suffix_max ({self.suffix_max})"
-            )
-        if not 0.0 <= self.reset_fraction <= 1.0:
-            raise RgeomError(f"r2d2.reset_fraction must be in [0, 1], got {self.reset_fraction}")
-        if self.reset_every < 1:
-            raise RgeomError("r2d2.reset_every must be at least 1")
-        if self.gcg_steps < 0 or self.search_width < 1 or self.topk < 1:
-            raise RgeomError("r2d2 needs gcg_steps >= 0, search_width >= 1 and topk >= 1")
-        if self.gcg_rescore_top < 1:
-            raise RgeomError("r2d2.gcg_rescore_top must be at least 1")
-        try:
-            screen_dtype_from_name(self.gcg_screen_dtype)
-        except RgeomError as exc:
-            raise RgeomError(f"r2d2.gcg_screen_dtype: {exc}") from None
-
-
-@dataclass(frozen=True)
-class R2D2Behaviour:
-    """A training behaviour and its affirmative targets (HarmBench gives 12 per behaviour)."""
-
-    behaviour_id: str
-    behaviour: str
-    targets: tuple[str, ...]
-    context: str = ""
-    tags: tuple[str, ...] = ()
-
-    @property
-    def contextual(self) -> bool:
-        return bool(self.context.strip()) or "context" in self.tags
-
-
-#: Separates several files in one ``--extra`` value (the stage's extras are NAME=PATH).
-PATH_LIST_SEP = ","
-
-
-def split_paths(value: str | Sequence[str] | None) -> list[str]:
-    """``a.csv,b.csv`` (or a list) as a list of paths; empty for None or ``""``."""
-    if not value:
-        return []
-    parts = value.split(PATH_LIST_SEP) if isinstance(value, str) else list(value)
-    return [str(p) for p in parts if str(p).strip()]
-
-
-def load_targets(targets_json: str | Path | Sequence[str | Path]) -> dict[str, list[str]]:
-    """``{BehaviorID: [targets]}`` merged from one or more targets JSON files.
-
-    A file maps BehaviorID to a list of targets (``adv_training_targets.json``) or to one
-    target string (``harmbench_targets_text.json``). An id in several files keeps the first
-    file's targets, the order the config lists them in.
-    """
-    paths = [targets_json] if isinstance(targets_json, str | Path) else list(targets_json)
-    merged: dict[str, list[str]] = {}
-    for path in paths:
-        try:
-            found = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise RgeomError(f"cannot read the R2D2 targets {path}: {exc}") from exc
-        for bid, targets in found.items():
-            merged.setdefault(bid, [targets] if isinstance(targets, str) else list(targets))
-    return merged
-
-
-def load_harmbench_behaviours(
-    behaviours_csv: str | Path,
-    targets_json: str | Path | Sequence[str | Path] | dict[str, list[str]],
-    exclude: Iterable[str] = (),
-) -> list[R2D2Behaviour]:
-    """HarmBench's R2D2 behaviours (``adv_training_behaviors.csv``) with their targets.
-
-    ``targets_json``: one or more targets files (see :func:`load_targets`) or their merged
-    dict. Contextual rows are kept here and dropped by :class:`R2D2Pool`, so the two filters
-    can never disagree; a contextual row without targets is kept with none (the pool never
-    draws it). A non-contextual row without targets is an error naming every such id, unless
-    it is in ``exclude``.
-    """
-    targets = targets_json if isinstance(targets_json, dict) else load_targets(targets_json)
-    skip = set(exclude)
-    out, missing = [], []
-    with open(behaviours_csv, newline="", encoding="utf-8") as handle:
-        for row in csv.DictReader(handle):
-            bid = row["BehaviorID"]
-            if bid in skip:
-                continue
-            tags = tuple(t.strip() for t in (row.get("Tags") or "").split(",") if t.strip())
-            context = (row.get("ContextString") or "").replace("\r\n", "\n")
-            found = tuple(targets.get(bid) or ())
-            b = R2D2Behaviour(bid, row["Behavior"], found, context, tags)
-            if not found and not b.contextual:
-                missing.append(bid)
-            out.append(b)
-    if missing:
-        raise RgeomError(
-            f"{behaviours_csv}: no targets for behaviour(s) {', '.join(map(repr, missing))} "
-            "in the R2D2 targets files (add them, or list them in r2d2.exclude)"
-        )
-    return out
-
-
-def behaviours_from_pairs(rows: Iterable[tuple[str, str, str]]) -> list[R2D2Behaviour]:
-    """Behaviours with one target each, from (id, behaviour, target) rows.
-
-    For datasets with a single ``target`` column (AdvBench, JBB, the builtin harmful set).
-    """
-    return [R2D2Behaviour(bid, text, (target,) if target else ()) for bid, text, target in rows]
-
-
-@dataclass
-class PoolEntry:
-    behaviour_id: str
-    behaviour: str
-    target: str
-    suffix_ids: list[int]
-    loss: float | None = None  # GCG target loss after the last refresh
-    refreshes: int = 0
 
 
 class R2D2Pool:
@@ -454,115 +276,6 @@ def process_rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _right_pad(rows: list[list[int]], labels: list[list[int]], pad_id: int, device):
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    lab = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (r, lb) in enumerate(zip(rows, labels, strict=True)):
-        ids[i, : len(r)] = torch.tensor(r)
-        lab[i, : len(lb)] = torch.tensor(lb)
-        mask[i, : len(r)] = 1
-    return ids.to(device), mask.to(device), lab.to(device)
-
-
-def _unpad_utility(batch: dict[str, torch.Tensor]) -> tuple[list[list[int]], list[list[int]]]:
-    """Rows of a collated utility batch without their padding (left or right)."""
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    rows, labs = [], []
-    for i in range(ids.shape[0]):
-        keep = mask[i].bool()
-        rows.append(ids[i][keep].tolist())
-        labs.append(labels[i][keep].tolist())
-    return rows, labs
-
-
-def away_loss_terms(logp: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token ``-log(1 - p)`` and the mask of tokens that count (``log p >= floor``).
-
-    ``-expm1(log p)`` is ``1 - p`` computed without cancellation when p is near 0; log p is
-    capped just below 0 so a target the model is certain of gives a large finite loss.
-    """
-    keep = logp >= floor
-    capped = logp.clamp(max=-1e-6)
-    return -torch.log(-torch.expm1(capped)), keep
-
-
-def away_loss(logp: torch.Tensor, floor: float) -> torch.Tensor:
-    """The away loss of target tokens with log-probabilities ``logp`` (HarmBench's).
-
-    ``-log(1 - p)`` summed over the tokens with ``log p >= floor``, divided by ALL the target
-    tokens: a token pushed below the floor counts zero but stays in the denominator, so the
-    term shrinks as training pushes the targets away. Zero (keeping the graph) for no tokens.
-    """
-    per_tok, keep = away_loss_terms(logp, floor)
-    kept = torch.where(keep, per_tok, torch.zeros_like(per_tok))
-    return kept.sum() / max(logp.numel(), 1)
-
-
-def compute_r2d2_losses(
-    model,
-    tokenizer,
-    utility_batch: dict[str, torch.Tensor] | None,
-    pool_entries: Sequence[PoolEntry],
-    cfg: R2D2Config,
-) -> dict[str, torch.Tensor]:
-    """The three R2D2 losses and their total, from ONE padded forward pass.
-
-    Rows: the utility examples (their own labels), then each entry's adversarial prompt
-    followed by its affirmative target (away), then the same prompt followed by the refusal
-    and EOS (toward). Utility and toward are token-level mean CEs over their own tokens; away
-    is :func:`away_loss` over all away target tokens of the batch, as in the reference.
-    """
-    rows: list[list[int]] = []
-    labels: list[list[int]] = []
-    kinds: list[str] = []
-    if utility_batch is not None:
-        u_rows, u_labels = _unpad_utility(utility_batch)
-        rows += u_rows
-        labels += u_labels
-        kinds += ["utility"] * len(u_rows)
-    refusal = encode_response(tokenizer, cfg.refusal)
-    for kind in ("away", "toward"):
-        for e in pool_entries:
-            prompt = build_prompt_ids(tokenizer, e.behaviour, e.suffix_ids, cfg.system)
-            reply = encode_response(tokenizer, e.target, eos=False) if kind == "away" else refusal
-            rows.append(prompt + reply)
-            labels.append([-100] * len(prompt) + reply)
-            kinds.append(kind)
-    if not rows:
-        raise RgeomError("compute_r2d2_losses got neither a utility batch nor pool entries")
-
-    device = model.get_input_embeddings().weight.device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    # Right padding keeps every row's positions 0..len-1, as in unpadded training.
-    ids, mask, lab = _right_pad(rows, labels, pad, device)
-    logits = model(input_ids=ids, attention_mask=mask).logits
-
-    shift_lab = lab[:, 1:]
-    sel = shift_lab != -100
-    row_of = torch.arange(ids.shape[0], device=device).unsqueeze(1).expand_as(shift_lab)[sel]
-    # Log-softmax only at labelled positions: the full [rows, len, vocab] tensor in float32
-    # would be most of the step's memory.
-    picked = logits[:, :-1, :][sel].float()
-    logp = F.log_softmax(picked, dim=-1).gather(1, shift_lab[sel].unsqueeze(1)).squeeze(1)
-
-    kind_ids = torch.tensor([("utility", "away", "toward").index(k) for k in kinds], device=device)
-    token_kind = kind_ids[row_of]
-    zero = logits.sum() * 0.0  # keeps the graph when a term has no tokens
-
-    def mean_nll(k: int) -> torch.Tensor:
-        m = token_kind == k
-        return -logp[m].mean() if m.any() else zero
-
-    utility = mean_nll(0)
-    toward = mean_nll(2)
-    away_rows = token_kind == 1
-    away = away_loss(logp[away_rows], cfg.away_logp_floor) if away_rows.any() else zero
-    total = utility + cfg.away_coef * away + cfg.toward_coef * toward
-    return {"total": total, "away": away, "toward": toward, "utility": utility}
-
-
 class R2D2Trainer(SFTTrainer):
     """TRL's :class:`~trl.SFTTrainer` whose loss is R2D2's.
 
@@ -668,68 +381,6 @@ class R2D2Trainer(SFTTrainer):
 def pool_file() -> str:
     """The pool state's name in a checkpoint: one file, the pool being the same on every rank."""
     return "r2d2_pool.json"
-
-
-def config_from_params(params: dict[str, Any]) -> R2D2Config:
-    """``R2D2Config`` from the run's ``r2d2`` config section; the run seed is the default."""
-    section = dict(params.get("r2d2") or {})
-    known = set(R2D2Config.__dataclass_fields__)
-    unknown = sorted(set(section) - known)
-    if unknown:
-        raise RgeomError(f"config key r2d2.{unknown[0]} is unknown (known: {sorted(known)})")
-    section.setdefault("seed", params.get("seed", 0))
-    return R2D2Config(**section)
-
-
-def behaviours_from_prompt_table(path: str | Path) -> list[R2D2Behaviour]:
-    """Behaviours from a prompt table (``rgeom.data`` format) with its ``target`` column."""
-    from rgeom.data import read_prompts
-
-    table = read_prompts(path).to_pydict()
-    return [
-        R2D2Behaviour(pid, text, (target,) if target else (), context or "")
-        for pid, text, target, context in zip(
-            table["prompt_id"], table["text"], table["target"], table["context"], strict=True
-        )
-    ]
-
-
-def load_behaviours(extra: dict[str, str], exclude: Iterable[str] = ()) -> list[R2D2Behaviour]:
-    """R2D2 behaviours named by the train stage's extra inputs, in file order, ids deduped.
-
-    ``r2d2_behaviours``: one or more files separated by ``,`` (the reference pool is
-    ``adv_training_behaviors.csv`` plus HarmBench val), each a prompt table (.parquet,
-    targets in its ``target`` column) or a HarmBench behaviours CSV; CSVs need
-    ``r2d2_targets``, one or more targets JSON files merged. A behaviour id in several files
-    is kept once (first file wins) and must name the same behaviour; ids in ``exclude`` are
-    left out. Contextual behaviours are dropped by the pool, at init and reset alike.
-    """
-    paths = split_paths(extra.get("r2d2_behaviours"))
-    if not paths:
-        raise RgeomError("the r2d2 arm needs the extra input r2d2_behaviours=PATH[,PATH...]")
-    skip = set(exclude)
-    targets = None
-    seen: dict[str, R2D2Behaviour] = {}
-    for path in paths:
-        if str(path).endswith(".csv"):
-            if targets is None:
-                target_files = split_paths(extra.get("r2d2_targets"))
-                if not target_files:
-                    raise RgeomError(
-                        f"r2d2_behaviours={path} is a CSV: pass r2d2_targets=JSON[,JSON...] too"
-                    )
-                targets = load_targets(target_files)
-            rows = load_harmbench_behaviours(path, targets, skip)
-        else:
-            rows = [b for b in behaviours_from_prompt_table(path) if b.behaviour_id not in skip]
-        for b in rows:
-            first = seen.setdefault(b.behaviour_id, b)
-            if first.behaviour != b.behaviour:
-                raise RgeomError(
-                    f"R2D2 behaviour id {b.behaviour_id!r} names different behaviours in "
-                    f"the files {', '.join(paths)}"
-                )
-    return list(seen.values())
 
 
 def make_r2d2_trainer(params: dict[str, Any], extra: dict[str, str], tokenizer):

@@ -31,6 +31,9 @@ leaves the earlier checkpoints (and everything measured on them) alone. The stat
 reused when its fingerprint (every training parameter except the anchors, and except
 ``max_steps`` under a schedule that does not depend on it) matches; otherwise it is
 discarded, so a changed learning rate can never publish a stale checkpoint.
+
+The DeepSpeed launcher setup is :mod:`rgeom.train.launch`, the resume state and stop signals
+:mod:`rgeom.train.resume`, the per-step log :mod:`rgeom.train.train_log`.
 """
 
 from __future__ import annotations
@@ -39,59 +42,60 @@ import json
 import logging
 import os
 import shutil
-import signal
-import socket
-import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import torch
 
 from rgeom.errors import RgeomError
-from rgeom.io import atomic_dir, file_sha256, write_table
+from rgeom.io import atomic_dir
 from rgeom.layout import step_dir
 from rgeom.schemas import TRAIN_LOG_SCHEMA
-from rgeom.stage_params import training_settings
+from rgeom.train.launch import (
+    DEEPSPEED_DIR,
+    check_deepspeed_config,
+    deepspeed_config_path,
+    ensure_launcher_env,
+)
+from rgeom.train.resume import (
+    DEADLINE_STOP,
+    StopOnSignal,
+    input_fingerprint,
+    latest_resume,
+    training_fingerprint,
+)
+from rgeom.train.train_log import (
+    KNOWN_LOG_KEYS,
+    LIST_LOG_KEYS,
+    append_log_row,
+    log_row,
+    truncate_log,
+    write_train_log,
+)
 
 log = logging.getLogger(__name__)
 
-KNOWN_LOG_KEYS = {"loss", "learning_rate", "grad_norm"}
-#: Trainer log keys that become the list columns above instead of ``extra`` JSON.
-LIST_LOG_KEYS = {"r2d2_gcg_entries": "gcg_entries", "r2d2_gcg_losses": "gcg_losses"}
-
-# Repository-relative: the workflow runs from the repository root and passes the path on.
-DEEPSPEED_DIR = "workflow/deepspeed"
-
-
-def deepspeed_config_path(zero_stage: int, offload: bool = False) -> str | None:
-    """The DeepSpeed config for ``train.zero_stage`` / ``train.offload``; None without ZeRO."""
-    if zero_stage == 0:
-        return None
-    if zero_stage not in (2, 3):
-        raise RgeomError(f"train.zero_stage must be 0, 2 or 3, got {zero_stage}")
-    return f"{DEEPSPEED_DIR}/zero{zero_stage}{'_offload' if offload else ''}.json"
+# The launcher, resume and log names stay importable from here, where they have always been.
+__all__ = [
+    "DEADLINE_STOP",
+    "DEEPSPEED_DIR",
+    "KNOWN_LOG_KEYS",
+    "LEFT_GROUP",
+    "LIST_LOG_KEYS",
+    "TRAIN_LOG_SCHEMA",
+    "ArmFiles",
+    "anchor_name",
+    "deepspeed_config_path",
+    "train_arm",
+    "training_fingerprint",
+    "write_train_log",
+]
 
 
 def anchor_name(step: int) -> str:
     return step_dir(step)
-
-
-#: The exit status of a run that stopped itself before its time limit: 128 + SIGUSR1, as if
-#: the early-warning signal had come.
-DEADLINE_STOP = int(signal.SIGUSR1)
-
-
-def training_fingerprint(params: dict[str, Any]) -> dict[str, Any]:
-    """The parameters a checkpoint at any step depends on: everything but the anchors.
-
-    ``train.max_steps`` only matters under a decaying schedule; dropping it otherwise is
-    what lets a later anchor (and a larger ``max_steps``) reuse the earlier segments.
-    """
-    fp = {k: v for k, v in params.items() if k not in ("anchors",)}
-    fp["train"] = training_settings(fp.get("train", {}))
-    return fp
 
 
 def _rank() -> int:
@@ -101,74 +105,6 @@ def _rank() -> int:
 def _barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ensure_launcher_env() -> None:
-    # Without launcher variables DeepSpeed falls back to MPI discovery and fails on a
-    # missing mpi4py; a single process is a world of one.
-    if "RANK" not in os.environ:
-        os.environ.update(
-            RANK="0",
-            LOCAL_RANK="0",
-            WORLD_SIZE="1",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(_free_port()),
-        )
-
-
-class _StopOnSignal:
-    """Turns SIGTERM or SIGUSR1 into a request to save resume state and stop after the current step.
-
-    The handler only sets a flag: saving from inside a signal handler could interrupt a
-    collective or a half-written checkpoint. A second SIGTERM gets the previous handler, so
-    a stuck save can still be terminated.
-    """
-
-    signals = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-        signal.signal(signum, self._previous[signum])
-
-    def __enter__(self) -> _StopOnSignal:
-        # Python only lets the main thread install handlers (a runner embedded in a worker
-        # thread keeps the default behaviour).
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.signals:
-                previous = signal.signal(sig, self._handle)
-                # None: a handler installed outside Python, which cannot be put back.
-                self._previous[sig] = signal.SIG_DFL if previous is None else previous
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        self._previous = {}
-
-
-def _latest_resume(resume_dir: Path, limit: int) -> Path | None:
-    if not resume_dir.exists():
-        return None
-    found = []
-    for child in resume_dir.glob("checkpoint-*"):
-        try:
-            step = int(child.name.split("-")[1])
-        except ValueError:
-            continue
-        # A checkpoint is complete once the trainer state is written last.
-        if step <= limit and (child / "trainer_state.json").exists():
-            found.append((step, child))
-    return max(found)[1] if found else None
 
 
 def _make_callback(runner: _Runner):
@@ -207,26 +143,33 @@ def _make_callback(runner: _Runner):
     return AnchorCallback()
 
 
+@dataclass(frozen=True)
+class ArmFiles:
+    """Where one arm trains from and writes to (see the module docstring's layout)."""
+
+    model_dir: str | Path
+    data: str
+    out_dir: str | Path
+    state_dir: str | Path
+    log_table: str | Path | None
+
+
 class _Runner:
     def __init__(
         self,
         arm,
-        model_dir,
-        data,
-        out_dir,
-        state_dir,
-        log_table,
+        files: ArmFiles,
         params,
         extra,
         meta,
         time_limit_s: float | None = None,
     ):
         self.arm = arm
-        self.model_dir = Path(model_dir)
-        self.data = data
-        self.out_dir = Path(out_dir)
-        self.state_dir = Path(state_dir)
-        self.log_table = Path(log_table) if log_table else None
+        self.model_dir = Path(files.model_dir)
+        self.data = files.data
+        self.out_dir = Path(files.out_dir)
+        self.state_dir = Path(files.state_dir)
+        self.log_table = Path(files.log_table) if files.log_table else None
         self.params = params
         self.extra = extra
         self.meta = meta
@@ -243,7 +186,7 @@ class _Runner:
         self.trainer = None
         self.collator = None
         self.tokenizer = None
-        self.stop = _StopOnSignal()
+        self.stop = StopOnSignal()
         self.started = time.monotonic()
         self.time_limit_s = time_limit_s
         self.save_margin_s = float(self.train_cfg.get("save_margin_s", 600))
@@ -273,34 +216,13 @@ class _Runner:
         # count taken in the collator would land in the wrong step).
         tokens = tokens_seen - self.tokens_at_step
         self.tokens_at_step = tokens_seen
-        row = {
-            "step": step,
-            "loss": float(logs.get("loss", float("nan"))),
-            "learning_rate": float(logs.get("learning_rate", float("nan"))),
-            "grad_norm": float(logs.get("grad_norm", float("nan"))),
-            "tokens_per_s": tokens / self.step_seconds if self.step_seconds > 0 else float("nan"),
-            "seconds": self.step_seconds,
-            "extra": json.dumps(
-                {
-                    k: v
-                    for k, v in logs.items()
-                    if k not in KNOWN_LOG_KEYS and k not in LIST_LOG_KEYS
-                },
-                sort_keys=True,
-            ),
-            **{col: logs.get(key) for key, col in LIST_LOG_KEYS.items()},
-        }
-        with open(self.log_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
+        tokens_per_s = tokens / self.step_seconds if self.step_seconds > 0 else float("nan")
+        append_log_row(self.log_path, log_row(step, logs, tokens_per_s, self.step_seconds))
 
     def _truncate_log(self, resume_step: int, end_step: int) -> None:
-        # Rank 0 is the log's only writer. Steps this run will log again are dropped; those
-        # of later segments (an anchor inserted before existing ones) are kept.
-        if _rank() != 0 or not self.log_path.exists():
-            return
-        rows = [json.loads(line) for line in self.log_path.read_text().splitlines() if line]
-        kept = [r for r in rows if r["step"] <= resume_step or r["step"] > end_step]
-        self.log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        # Rank 0 is the log's only writer.
+        if _rank() == 0:
+            truncate_log(self.log_path, resume_step, end_step)
 
     # -- anchors -----------------------------------------------------------------------
     def export_anchor(self, step: int) -> None:
@@ -341,33 +263,13 @@ class _Runner:
         write_train_log(self.state_dir, self.log_table, {**self.meta, "arm": self.arm})
 
     # -- state -------------------------------------------------------------------------
-    def input_fingerprint(self) -> dict[str, Any]:
-        """What the state was trained on: the data and extra files by content, the base
-        model by path and its files' sizes and times (hashing 7B weights would cost
-        minutes; a re-prepared model only costs a retrain)."""
-        model = []
-        if self.model_dir.is_dir():
-            for f in sorted(self.model_dir.iterdir()):
-                if f.is_file():
-                    st = f.stat()
-                    model.append([f.name, st.st_size, st.st_mtime_ns])
-        files = {"data": self.data, **{k: v for k, v in self.extra.items() if v}}
-
-        def digest(value: str):
-            # An extra may list several files ("a.csv,b.csv": the R2D2 pool's sources).
-            paths = value.split(",")
-            sums = [file_sha256(p) if Path(p).is_file() else None for p in paths]
-            return sums[0] if len(sums) == 1 else sums
-
-        return {
-            "model": {"path": str(self.model_dir), "files": model},
-            "files": {k: digest(str(v)) for k, v in sorted(files.items())},
-        }
-
     def check_fingerprint(self) -> None:
         """Discard resume state and stored anchors trained with other parameters or inputs."""
         path = self.state_dir / "fingerprint.json"
-        want = {"params": training_fingerprint(self.params), "inputs": self.input_fingerprint()}
+        want = {
+            "params": training_fingerprint(self.params),
+            "inputs": input_fingerprint(self.model_dir, self.data, self.extra),
+        }
         if path.exists():
             try:
                 have = json.loads(path.read_text())
@@ -408,10 +310,10 @@ class _Runner:
         stage = cfg.get("zero_stage", 0)
         expected = deepspeed_config_path(stage, cfg.get("offload", False))
         if expected is not None:
-            kwargs["deepspeed"] = _check_deepspeed_config(
+            kwargs["deepspeed"] = check_deepspeed_config(
                 self.extra.get("deepspeed"), stage, expected
             )
-            _ensure_launcher_env()
+            ensure_launcher_env()
         return SFTConfig(
             output_dir=str(self.resume_dir),
             # The rows are pre-tokenized (input_ids + completion_mask): TRL builds the labels,
@@ -482,7 +384,7 @@ class _Runner:
                 callbacks=[_make_callback(self)],
                 **trainer_kwargs,
             )
-            resume = _latest_resume(self.resume_dir, last_anchor)
+            resume = latest_resume(self.resume_dir, last_anchor)
             if resume is not None:
                 step = int(resume.name.split("-")[1])
                 log.info("resuming arm %s from %s", self.arm, resume)
@@ -519,31 +421,6 @@ class _Runner:
         raise RgeomError(f"unknown arm {self.arm!r} (known: sft, r2d2)")
 
 
-def _check_deepspeed_config(path: str | None, stage: int, expected: str) -> str:
-    if not path:
-        raise RgeomError(
-            f"train.zero_stage is {stage} but no DeepSpeed config was given "
-            f"(pass --extra deepspeed={expected})"
-        )
-    try:
-        ds = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise RgeomError(f"cannot read the DeepSpeed config {path}: {exc}") from exc
-    zero = ds.get("zero_optimization", {})
-    if zero.get("stage") != stage:
-        raise RgeomError(
-            f"{path} sets ZeRO stage {zero.get('stage')} but train.zero_stage is {stage}"
-        )
-    if stage == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save"):
-        # Without it save_model writes DeepSpeed shards, not a model folder: the anchors
-        # would not load with from_pretrained.
-        raise RgeomError(
-            f"{path}: ZeRO-3 anchors need "
-            '"stage3_gather_16bit_weights_on_model_save": true in zero_optimization'
-        )
-    return path
-
-
 def train_arm(
     arm: str,
     model_dir: str,
@@ -565,13 +442,16 @@ def train_arm(
     stops ``train.save_margin_s`` (plus two steps) before it.
     """
     out = Path(out_dir)
-    runner = _Runner(
-        arm,
+    files = ArmFiles(
         model_dir,
         data,
         out,
         state_dir or out.parent / "train_state",
         (log_table or out.parent / "train_log.parquet") if write_log else None,
+    )
+    runner = _Runner(
+        arm,
+        files,
         params,
         extra,
         meta,
@@ -598,23 +478,3 @@ def _leave_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         LEFT_GROUP = (dist.get_rank(), dist.get_world_size(), str(dist.get_backend()))
         dist.destroy_process_group()
-
-
-def write_train_log(state_dir: str | Path, out: str | Path, meta: dict[str, Any]) -> pa.Table:
-    """The arm's per-step metrics (``state_dir/log.jsonl``) as a Parquet table at ``out``."""
-    path = Path(state_dir) / "log.jsonl"
-    rows = []
-    if path.exists():
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise RgeomError(f"{path}: line {n} is not JSON ({exc})") from exc
-    # A resumed run may have logged a step twice; the last record wins. Logs written before
-    # the list columns existed lack them: null, like an arm without a pool.
-    by_step = {r["step"]: {"gcg_entries": None, "gcg_losses": None, **r} for r in rows}
-    table = pa.Table.from_pylist([by_step[s] for s in sorted(by_step)], schema=TRAIN_LOG_SCHEMA)
-    write_table(out, table, TRAIN_LOG_SCHEMA, dict(meta))
-    return table
