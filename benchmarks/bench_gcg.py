@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from rgeom.attacks.gcg import ascii_token_ids, gcg, suffix_ids_in_context
+from rgeom.attacks.gcg import GCGSettings, ascii_token_ids, gcg, suffix_ids_in_context
 from rgeom.models import load_model, load_tokenizer, prepare_model, set_threads
 
 # HarmBench-style (behaviour, affirmative target) pairs; --behaviours takes the first N.
@@ -114,6 +114,16 @@ print("NANOGCG_JSON " + json.dumps({
 def run_ours(model, tokenizer, args, width: int, screen: str | None) -> dict:
     runs = []
     allowed = ascii_token_ids(tokenizer, model.get_input_embeddings().num_embeddings)
+    settings = GCGSettings(
+        steps=args.steps,
+        search_width=width,
+        topk=args.topk,
+        batch_size=args.batch_size,
+        init_suffix="! " * args.suffix_len,
+        screen_dtype=screen,
+        rescore_top=args.rescore_top,
+        progress=True,
+    )
     for behaviour, target in PAIRS[: args.behaviours]:
         start, cpu = time.perf_counter(), time.process_time()
         (res,) = gcg(
@@ -121,16 +131,9 @@ def run_ours(model, tokenizer, args, width: int, screen: str | None) -> dict:
             tokenizer,
             [behaviour],
             [target],
-            steps=args.steps,
-            search_width=width,
-            topk=args.topk,
-            batch_size=args.batch_size,
+            settings,
             seed=args.seed,
-            init_suffix="! " * args.suffix_len,
             allowed_tokens=allowed,
-            screen_dtype=screen,
-            rescore_top=args.rescore_top,
-            progress=True,
         )
         if model.device.type == "cuda":
             torch.cuda.synchronize()
@@ -151,7 +154,7 @@ def rescore(model, tokenizer, behaviour: str, target: str, suffix_text: str) -> 
     """Our loss of ``behaviour + " " + suffix_text`` as a test case replays it (nanoGCG
     optimises ids after a separate space token that the replayed text merges away)."""
     ids = suffix_ids_in_context(tokenizer, behaviour, suffix_text)
-    (res,) = gcg(model, tokenizer, [behaviour], [target], suffixes=[ids], steps=0)
+    (res,) = gcg(model, tokenizer, [behaviour], [target], GCGSettings(steps=0), suffixes=[ids])
     return res.loss
 
 
@@ -191,7 +194,7 @@ def summarise(variant: dict, steps: int) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="results/model/base", help="HF model directory")
     parser.add_argument("--prepare", action="store_true", help="convert SmolLM2 if missing")
@@ -210,6 +213,52 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-venv", default=None, help="venv with nanogcg==0.3.0")
     parser.add_argument("--baseline-dtypes", nargs="+", default=["float32"])
     parser.add_argument("--json-out", default=None)
+    return parser
+
+
+def _variants(models: dict, tokenizer, args, width: int) -> dict:
+    """Every variant's runs at one search width: ours per model dtype (and screened), then
+    nanoGCG's per dtype where a baseline venv is given."""
+    model = models["float32"]
+    variants = {}
+    for dtype in args.model_dtypes:
+        variants[f"rgeom {dtype}"] = run_ours(models[dtype], tokenizer, args, width, None)
+    if args.screen_dtype:
+        name = f"rgeom float32 screen={args.screen_dtype}"
+        variants[name] = run_ours(model, tokenizer, args, width, args.screen_dtype)
+    for dtype in args.baseline_dtypes if args.baseline_venv else []:
+        base = run_baseline(args, width, dtype)
+        if "error" in base:
+            print(f"nanogcg {dtype} failed: {base['error']}")
+            continue
+        variants[f"nanogcg {dtype}"] = base
+    # Every loss in float32 by ours, of the suffix replayed as text (for our own runs in
+    # float32 this is the loss they report).
+    for v in variants.values():
+        for run, (behaviour, target) in zip(v["runs"], PAIRS, strict=False):
+            run["loss_float32"] = rescore(model, tokenizer, behaviour, target, run["suffix"])
+    return variants
+
+
+def _print_summary(width: int, summary: dict) -> None:
+    ref = summary.get("nanogcg float32")
+    print(f"\nwidth {width}")
+    print(f"{'variant':<30} {'ms/step':>9} {'cpu ms/step':>12} {'loss':>7}", end="")
+    print(f" {'speed-up':>9} {'(cpu)':>7} {'same-dtype (cpu)':>17}" if ref else "")
+    for name, row in summary.items():
+        line = f"{name:<30} {row['ms_per_step']:>9.0f} {row['cpu_ms_per_step']:>12.0f}"
+        line += f" {row['loss']:>7.4f}"
+        if ref:
+            line += f" {ref['ms_per_step'] / row['ms_per_step']:>8.2f}x"
+            line += f" {ref['cpu_ms_per_step'] / row['cpu_ms_per_step']:>6.2f}x"
+            same = summary.get(f"nanogcg {name.split()[1]}")
+            if same and name.startswith("rgeom"):
+                line += f" {same['cpu_ms_per_step'] / row['cpu_ms_per_step']:>16.2f}x"
+        print(line)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
 
     set_threads(args.threads)
@@ -232,40 +281,10 @@ def main(argv: list[str] | None = None) -> int:
 
     report = []
     for width in args.widths:
-        variants = {}
-        for dtype in args.model_dtypes:
-            variants[f"rgeom {dtype}"] = run_ours(models[dtype], tokenizer, args, width, None)
-        if args.screen_dtype:
-            name = f"rgeom float32 screen={args.screen_dtype}"
-            variants[name] = run_ours(model, tokenizer, args, width, args.screen_dtype)
-        for dtype in args.baseline_dtypes if args.baseline_venv else []:
-            base = run_baseline(args, width, dtype)
-            if "error" in base:
-                print(f"nanogcg {dtype} failed: {base['error']}")
-                continue
-            variants[f"nanogcg {dtype}"] = base
-        # Every loss in float32 by ours, of the suffix replayed as text (for our own runs in
-        # float32 this is the loss they report).
-        for v in variants.values():
-            for run, (behaviour, target) in zip(v["runs"], PAIRS, strict=False):
-                run["loss_float32"] = rescore(model, tokenizer, behaviour, target, run["suffix"])
+        variants = _variants(models, tokenizer, args, width)
         summary = {name: summarise(v, args.steps) for name, v in variants.items()}
         report.append({"width": width, "variants": variants, "summary": summary})
-
-        ref = summary.get("nanogcg float32")
-        print(f"\nwidth {width}")
-        print(f"{'variant':<30} {'ms/step':>9} {'cpu ms/step':>12} {'loss':>7}", end="")
-        print(f" {'speed-up':>9} {'(cpu)':>7} {'same-dtype (cpu)':>17}" if ref else "")
-        for name, row in summary.items():
-            line = f"{name:<30} {row['ms_per_step']:>9.0f} {row['cpu_ms_per_step']:>12.0f}"
-            line += f" {row['loss']:>7.4f}"
-            if ref:
-                line += f" {ref['ms_per_step'] / row['ms_per_step']:>8.2f}x"
-                line += f" {ref['cpu_ms_per_step'] / row['cpu_ms_per_step']:>6.2f}x"
-                same = summary.get(f"nanogcg {name.split()[1]}")
-                if same and name.startswith("rgeom"):
-                    line += f" {same['cpu_ms_per_step'] / row['cpu_ms_per_step']:>16.2f}x"
-            print(line)
+        _print_summary(width, summary)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"args": vars(args), "rows": report}, indent=2))
     return 0

@@ -148,6 +148,20 @@ def child(args) -> None:
     )
 
 
+def _print_table(mode: str, results: list[dict]) -> None:
+    unit = "cases/s" if mode == "gen" else "rows/s"
+    print(f"\n{'n':>8} {'rows':>9} {'s':>7} {unit:>9} {'floor MiB':>10} {'peak MiB':>9}")
+    for r in results:
+        print(
+            f"{r['n']:>8} {r['rows']:>9} {r['seconds']:>7} {r['per_s']:>9} "
+            f"{r['floor_mib']:>10} {r['peak_mib']:>9}"
+        )
+    if len(results) > 1:
+        first, last = results[0], results[-1]
+        grow = (last["peak_mib"] - first["peak_mib"]) / max(1, last["n"] - first["n"]) * 1024
+        print(f"peak grows {grow:.2f} KiB per extra prompt from n={first['n']} to n={last['n']}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("mode", choices=("gen", "extract"))
@@ -196,17 +210,7 @@ def main() -> None:
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             results.append(row)
             print(json.dumps(row), flush=True)
-    unit = "cases/s" if args.mode == "gen" else "rows/s"
-    print(f"\n{'n':>8} {'rows':>9} {'s':>7} {unit:>9} {'floor MiB':>10} {'peak MiB':>9}")
-    for r in results:
-        print(
-            f"{r['n']:>8} {r['rows']:>9} {r['seconds']:>7} {r['per_s']:>9} "
-            f"{r['floor_mib']:>10} {r['peak_mib']:>9}"
-        )
-    if len(results) > 1:
-        first, last = results[0], results[-1]
-        grow = (last["peak_mib"] - first["peak_mib"]) / max(1, last["n"] - first["n"]) * 1024
-        print(f"peak grows {grow:.2f} KiB per extra prompt from n={first['n']} to n={last['n']}")
+    _print_table(args.mode, results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     if args.bound_mib is not None:

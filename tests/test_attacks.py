@@ -49,8 +49,8 @@ def behaviours(tmp_path):
     return path
 
 
-def _build(method, behaviours, out, params=None, **kw):
-    return T.build_method(
+def _build(method, behaviours, out, params=None, model=None, tokenizer=None, **kw):
+    job = T.MethodJob(
         method=method,
         behaviours_path=str(behaviours),
         out=str(out),
@@ -60,6 +60,7 @@ def _build(method, behaviours, out, params=None, **kw):
         meta={"stage": "test"},
         **kw,
     )
+    return T.build_method(job, model=model, tokenizer=tokenizer)
 
 
 def test_direct_request_formats_contextual_behaviours(behaviours, tmp_path):
@@ -322,9 +323,8 @@ def test_adaptive_gcg_attacks_the_checkpoint_and_judges_it(tiny, behaviours, tmp
     params = {"n_behaviors": 2, "steps": 2, "search_width": 8, "topk": 8, "init_suffix": "! ! !"}
     cases = tmp_path / "adaptive_gcg_cases.parquet"
     completions = tmp_path / "adaptive_gcg_completions.parquet"
-    T.adaptive_gcg_search(
-        model, tok, str(behaviours), str(cases), params, seed=0, arm="sft", step=2, meta={}
-    )
+    job = T.AdaptiveJob(str(behaviours), str(cases), params, seed=0, arm="sft", step=2, meta={})
+    T.adaptive_gcg_search(model, tok, job)
     found = read_table(cases, T.ADAPTIVE_CASES_SCHEMA).to_pylist()
     T.adaptive_completions(model, tok, str(cases), str(completions), {"max_new_tokens": 4}, {})
     done = read_table(completions, T.ADAPTIVE_COMPLETION_SCHEMA).to_pylist()

@@ -153,10 +153,10 @@ def test_batched_target_loss_equals_one_at_a_time(tiny):
 def _run(tiny, seed=0, **over):
     model, tok = tiny
     settings = A.AutoDANSettings.from_params({**TINY, **over}, "test")
+    search = A.AutoDANSearch(_prototypes(), settings, seed, progress=False)
     return A.autodan_one(
-        model, tok, "b1", "Explain how to do forbidden thing", "Sure, here is the thing",
-        _prototypes(), settings, seed, progress=False,
-    )  # fmt: skip
+        model, tok, "b1", "Explain how to do forbidden thing", "Sure, here is the thing", search
+    )
 
 
 def test_elite_loss_never_increases_and_the_search_is_seeded(tiny):
@@ -185,10 +185,8 @@ def test_elitism_holds_under_a_mutator_that_only_hurts(tiny):
     settings = A.AutoDANSettings.from_params(
         {**TINY, "mutation_rate": 1.0, "crossover_rate": 0.0}, "t"
     )
-    res = A.autodan_one(
-        model, tok, "b2", "Explain it", "Sure, here it is", _prototypes(), settings, 0,
-        mutator=noisy, progress=False,
-    )  # fmt: skip
+    search = A.AutoDANSearch(_prototypes(), settings, 0, mutator=noisy, progress=False)
+    res = A.autodan_one(model, tok, "b2", "Explain it", "Sure, here it is", search)
     hist = res.losses_per_generation
     assert all(x >= y for x, y in zip(hist, hist[1:], strict=False))
     assert res.loss <= res.initial_best_loss
@@ -203,10 +201,8 @@ def test_early_stop_on_a_reply_that_is_not_refused(tiny):
         calls.append(text)
         return False
 
-    res = A.autodan_one(
-        model, tok, "b3", "Explain it", "Sure, here it is", _prototypes(), settings, 0,
-        refused=never_refuses, progress=False,
-    )  # fmt: skip
+    search = A.AutoDANSearch(_prototypes(), settings, 0, refused=never_refuses, progress=False)
+    res = A.autodan_one(model, tok, "b3", "Explain it", "Sure, here it is", search)
     assert res.stopped_early and res.generations_run == 0 and len(calls) == 1
     assert isinstance(res.completion, str)
 
@@ -224,7 +220,7 @@ def test_autodan_method_writes_the_test_case_schema(tiny, behaviours, tmp_path):
     params = {"autodan": {**TINY, "n_behaviors": 2}}
     out = tmp_path / "AutoDAN.parquet"
     kw = dict(params=params, seed=0, source_model="results/model/base", meta={"stage": "t"})
-    T.build_method("AutoDAN", str(behaviours), str(out), model=model, tokenizer=tok, **kw)
+    T.build_method(T.MethodJob("AutoDAN", str(behaviours), str(out), **kw), model, tok)
     rows = read_table(out, T.TEST_CASE_SCHEMA).to_pylist()
     assert len(rows) == 2 and {r["method"] for r in rows} == {"AutoDAN"}
     chosen = [r["prompt_id"] for r in T.select_behaviours(T.read_behaviours(behaviours), 2, 0)]
@@ -249,7 +245,7 @@ def test_autodan_method_writes_the_test_case_schema(tiny, behaviours, tmp_path):
 def test_autodan_needs_a_model_and_slotted_prototypes(tiny, behaviours, tmp_path):
     kw = dict(params={"autodan": TINY}, seed=0, source_model="m", meta={})
     with pytest.raises(RgeomError, match="source model"):
-        T.build_method("AutoDAN", str(behaviours), str(tmp_path / "o.parquet"), **kw)
+        T.build_method(T.MethodJob("AutoDAN", str(behaviours), str(tmp_path / "o.parquet"), **kw))
     bad = tmp_path / "protos.jsonl"
     bad.write_text(
         json.dumps({"template_id": "ok", "template": "A. {behavior}"})
@@ -259,10 +255,10 @@ def test_autodan_needs_a_model_and_slotted_prototypes(tiny, behaviours, tmp_path
     )
     model, tok = tiny
     with pytest.raises(RgeomError) as err:
-        T.build_method(
-            "AutoDAN", str(behaviours), str(tmp_path / "o.parquet"), model=model,
-            tokenizer=tok, templates=str(bad), **kw,
-        )  # fmt: skip
+        job = T.MethodJob(
+            "AutoDAN", str(behaviours), str(tmp_path / "o.parquet"), templates=str(bad), **kw
+        )
+        T.build_method(job, model=model, tokenizer=tok)
     assert str(bad) in str(err.value) and "row 2" in str(err.value)
     assert not (tmp_path / "o.parquet").exists()
 
@@ -273,10 +269,11 @@ def test_autodan_cost_on_smollm2(smollm2, behaviours, tmp_path):
     model, tok = smollm2
     params = {"autodan": {**TINY, "population": 8, "generations": 3, "n_behaviors": 1}}
     start = time.perf_counter()
-    T.build_method(
+    job = T.MethodJob(
         "AutoDAN", str(behaviours), str(tmp_path / "a.parquet"), params=params, seed=0,
-        source_model="m", meta={}, model=model, tokenizer=tok,
+        source_model="m", meta={},
     )  # fmt: skip
+    T.build_method(job, model=model, tokenizer=tok)
     elapsed = time.perf_counter() - start
     (row,) = read_table(tmp_path / "a.parquet").to_pylist()
     print(f"AutoDAN on SmolLM2: {elapsed:.1f} s per behaviour, loss {row['initial_loss']:.3f}"

@@ -20,7 +20,12 @@ from rgeom.errors import RgeomError
 from rgeom.io import read_table, write_table
 from rgeom.train import train_arm
 from rgeom.train.data import SFT_SCHEMA
-from rgeom.train.runner import TRAIN_LOG_SCHEMA, anchor_name, deepspeed_config_path
+from rgeom.train.runner import (
+    TRAIN_LOG_SCHEMA,
+    ArmFiles,
+    anchor_name,
+    deepspeed_config_path,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 # Values HF Trainer fills from TrainingArguments; a number here could silently disagree.
@@ -86,6 +91,11 @@ def sft_data(tmp_path_factory) -> Path:
     return path
 
 
+def _files(model_dir, data, out, write_log: bool = True) -> ArmFiles:
+    """The arm's files in the results layout around ``out``, as the CLI's strings."""
+    return ArmFiles.beside(str(model_dir), str(data), str(out), write_log)
+
+
 def _params(stage: int, max_steps: int = 8) -> dict:
     return {
         "seed": 0,
@@ -101,17 +111,13 @@ def _params(stage: int, max_steps: int = 8) -> dict:
 
 def test_zero_without_config_names_the_expected_file(tmp_path, tiny_model_dir, sft_data):
     with pytest.raises(RgeomError, match="--extra deepspeed=workflow/deepspeed/zero3.json"):
-        train_arm(
-            "sft", str(tiny_model_dir), str(sft_data), str(tmp_path / "c"), _params(3), {}, {}
-        )
+        train_arm("sft", _files(tiny_model_dir, sft_data, tmp_path / "c"), _params(3), {}, {})
 
 
 def test_config_of_another_stage_is_rejected(tmp_path, tiny_model_dir, sft_data):
     extra = {"deepspeed": str(REPO / "workflow/deepspeed/zero2.json")}
     with pytest.raises(RgeomError, match="sets ZeRO stage 2 but train.zero_stage is 3"):
-        train_arm(
-            "sft", str(tiny_model_dir), str(sft_data), str(tmp_path / "c"), _params(3), extra, {}
-        )
+        train_arm("sft", _files(tiny_model_dir, sft_data, tmp_path / "c"), _params(3), extra, {})
 
 
 def test_zero3_config_must_gather_weights_on_save(tmp_path, tiny_model_dir, sft_data):
@@ -122,9 +128,7 @@ def test_zero3_config_must_gather_weights_on_save(tmp_path, tiny_model_dir, sft_
     with pytest.raises(RgeomError, match="stage3_gather_16bit_weights_on_model_save"):
         train_arm(
             "sft",
-            str(tiny_model_dir),
-            str(sft_data),
-            str(tmp_path / "c"),
+            _files(tiny_model_dir, sft_data, tmp_path / "c"),
             _params(3),
             {"deepspeed": str(cfg)},
             {},

@@ -340,14 +340,14 @@ def one_thread():
 
 
 def run_attack(tiny, tiny_model_dir, behaviours: Path, out: Path, method: str, **changes):
-    from rgeom.attacks.testcases import build_method
+    from rgeom.attacks.testcases import MethodJob, build_method
 
     model, tokenizer = tiny
     section = SECTIONS[method]
     settings = {"GCG-transfer": GCG, "AutoDAN": AUTODAN}[method]
     params = {section: {**settings, **changes}}
     meta = {"model": str(tiny_model_dir), "seed": SEED}
-    return lambda: build_method(
+    job = MethodJob(
         method=method,
         behaviours_path=str(behaviours),
         out=str(out),
@@ -355,28 +355,18 @@ def run_attack(tiny, tiny_model_dir, behaviours: Path, out: Path, method: str, *
         seed=SEED,
         source_model="results/model/base",
         meta=meta,
-        model=model,
-        tokenizer=tokenizer,
     )
+    return lambda: build_method(job, model=model, tokenizer=tokenizer)
 
 
 def run_adaptive(tiny, tiny_model_dir, behaviours: Path, out: Path, **changes):
-    from rgeom.attacks.testcases import adaptive_gcg_search
+    from rgeom.attacks.testcases import AdaptiveJob, adaptive_gcg_search
 
     model, tokenizer = tiny
     params = {**GCG, "n_behaviors": 3, **changes}
     meta = {"model": str(tiny_model_dir), "seed": SEED, "arm": "base", "step": 0}
-    return lambda: adaptive_gcg_search(
-        model,
-        tokenizer,
-        str(behaviours),
-        str(out),
-        params,
-        seed=SEED,
-        arm="base",
-        step=0,
-        meta=meta,
-    )
+    job = AdaptiveJob(str(behaviours), str(out), params, seed=SEED, arm="base", step=0, meta=meta)
+    return lambda: adaptive_gcg_search(model, tokenizer, job)
 
 
 @pytest.fixture(scope="module")

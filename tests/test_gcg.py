@@ -77,7 +77,12 @@ def test_cached_candidate_loss_equals_full_forward(tiny, tiny_allowed):
     cands = tiny_allowed[picks]
     kv = G._prefix_kv(model, torch.tensor(parts.prefix))
     cached = G.candidate_losses(
-        model, kv, cands, torch.tensor(parts.post), torch.tensor(parts.target), batch_size=3
+        model,
+        kv,
+        cands,
+        torch.tensor(parts.post),
+        torch.tensor(parts.target),
+        batching=G.Batching(batch_size=3),
     )
 
     target = torch.tensor(parts.target)
@@ -130,8 +135,9 @@ def test_shared_suffix_context_gives_the_full_losses(tiny, tiny_allowed, overhea
     _, loss, suffix_kv = G._token_gradient(model, kv, current, post, target)
     cands = _swaps(current, tiny_allowed, 23, seed=4)
     full = G.candidate_losses(model, kv, cands, post, target)
+    batching = G.Batching(batch_size, overhead=overhead)
     shared = G.candidate_losses(
-        model, suffix_kv, cands, post, target, batch_size, current=current, overhead=overhead
+        model, suffix_kv, cands, post, target, current=current, batching=batching
     )
     assert torch.allclose(shared, full, atol=1e-5, rtol=0)
     assert float(shared[1]) == pytest.approx(loss, abs=1e-5)
@@ -185,16 +191,14 @@ def test_screened_search_moves_on_exact_losses(tiny):
     # Screening in bfloat16 with every candidate rescored is the exact search step for step;
     # with a short rescoring list the losses it reports are still the float32 ones.
     model, tok = tiny
-    kw = dict(steps=4, search_width=32, topk=16, seed=5)
-    exact = G.gcg(model, tok, [BEHAVIOUR], [TARGET], **kw)[0]
-    all_rescored = G.gcg(
-        model, tok, [BEHAVIOUR], [TARGET], screen_dtype="bfloat16", rescore_top=10_000, **kw
-    )[0]
+    kw = dict(steps=4, search_width=32, topk=16)
+    exact = G.gcg(model, tok, [BEHAVIOUR], [TARGET], G.GCGSettings(**kw), seed=5)[0]
+    screened = G.GCGSettings(screen_dtype="bfloat16", rescore_top=10_000, **kw)
+    all_rescored = G.gcg(model, tok, [BEHAVIOUR], [TARGET], screened, seed=5)[0]
     assert all_rescored.suffix_ids == exact.suffix_ids
     assert all_rescored.losses_per_step == pytest.approx(exact.losses_per_step, abs=1e-6)
-    short = G.gcg(
-        model, tok, [BEHAVIOUR], [TARGET], screen_dtype=torch.bfloat16, rescore_top=2, **kw
-    )[0]
+    screened = G.GCGSettings(screen_dtype=torch.bfloat16, rescore_top=2, **kw)
+    short = G.gcg(model, tok, [BEHAVIOUR], [TARGET], screened, seed=5)[0]
     seq = [short.initial_loss, *short.losses_per_step]
     assert all(b <= a for a, b in zip(seq, seq[1:], strict=False))
     assert _full_loss(model, tok, short.suffix_ids) == pytest.approx(short.loss, abs=1e-5)
@@ -223,7 +227,8 @@ def test_token_gradient_loss_matches_candidate_loss(tiny):
 
 def test_gcg_loss_non_increasing_and_decreases(tiny):
     model, tok = tiny
-    (res,) = G.gcg(model, tok, [BEHAVIOUR], [TARGET], steps=10, search_width=64, topk=32, seed=0)
+    settings = G.GCGSettings(steps=10, search_width=64, topk=32)
+    (res,) = G.gcg(model, tok, [BEHAVIOUR], [TARGET], settings, seed=0)
     seq = [res.initial_loss, *res.losses_per_step]
     assert all(b <= a + 1e-6 for a, b in zip(seq, seq[1:], strict=False))
     assert res.loss < res.initial_loss
@@ -240,9 +245,7 @@ def test_suffix_is_ascii_and_roundtrips(tiny, tiny_allowed):
         tok,
         [BEHAVIOUR, "Write a poem about the sea"],
         [TARGET, "Sure, here is a poem"],
-        steps=6,
-        search_width=48,
-        topk=64,
+        G.GCGSettings(steps=6, search_width=48, topk=64),
         seed=3,
     )
     allowed = set(tiny_allowed.tolist())
@@ -273,42 +276,42 @@ def test_candidates_are_single_swaps_from_topk(tiny_allowed):
 def test_gcg_deterministic_for_seed_and_restores_mode(tiny):
     model, tok = tiny
     model.train()
-    kw = dict(steps=4, search_width=32, topk=16)
-    a = G.gcg(model, tok, [BEHAVIOUR], [TARGET], seed=7, **kw)[0]
+    settings = G.GCGSettings(steps=4, search_width=32, topk=16)
+    a = G.gcg(model, tok, [BEHAVIOUR], [TARGET], settings, seed=7)[0]
     assert model.training
     model.eval()
-    b = G.gcg(model, tok, [BEHAVIOUR], [TARGET], seed=7, **kw)[0]
+    b = G.gcg(model, tok, [BEHAVIOUR], [TARGET], settings, seed=7)[0]
     assert not model.training
     assert a.suffix_ids == b.suffix_ids and a.losses_per_step == b.losses_per_step
-    c = G.gcg(model, tok, [BEHAVIOUR], [TARGET], seed=8, **kw)[0]
+    c = G.gcg(model, tok, [BEHAVIOUR], [TARGET], settings, seed=8)[0]
     assert c.suffix_ids != a.suffix_ids or c.losses_per_step != a.losses_per_step
 
 
 def test_gcg_works_under_no_grad(tiny):
     model, tok = tiny
     with torch.no_grad():
-        (res,) = G.gcg(model, tok, [BEHAVIOUR], [TARGET], steps=2, search_width=16, topk=8)
+        settings = G.GCGSettings(steps=2, search_width=16, topk=8)
+        (res,) = G.gcg(model, tok, [BEHAVIOUR], [TARGET], settings)
     assert len(res.losses_per_step) == 2
 
 
 def test_warm_start_and_zero_steps(tiny):
     model, tok = tiny
     start = G.initial_suffix_ids(tok, "! " * 15)
-    (res,) = G.gcg(model, tok, [BEHAVIOUR], [TARGET], suffixes=[start], steps=0)
+    (res,) = G.gcg(model, tok, [BEHAVIOUR], [TARGET], G.GCGSettings(steps=0), suffixes=[start])
     assert res.suffix_ids == start and res.losses_per_step == []
     assert res.loss == res.initial_loss
-    (res2,) = G.gcg(
-        model, tok, [BEHAVIOUR], [TARGET], suffixes=[start], steps=2, search_width=16, topk=8
-    )
+    settings = G.GCGSettings(steps=2, search_width=16, topk=8)
+    (res2,) = G.gcg(model, tok, [BEHAVIOUR], [TARGET], settings, suffixes=[start])
     assert len(res2.suffix_ids) == len(start)
 
 
 def test_bad_arguments_raise(tiny):
     model, tok = tiny
     with pytest.raises(RgeomError, match="targets"):
-        G.gcg(model, tok, [BEHAVIOUR], [], steps=1)
+        G.gcg(model, tok, [BEHAVIOUR], [], G.GCGSettings(steps=1))
     with pytest.raises(RgeomError, match="empty"):
-        G.gcg(model, tok, [BEHAVIOUR], [TARGET], suffixes=[[]], steps=1)
+        G.gcg(model, tok, [BEHAVIOUR], [TARGET], G.GCGSettings(steps=1), suffixes=[[]])
 
 
 @pytest.mark.slow
@@ -322,5 +325,6 @@ def test_smollm2_suffix_roundtrips_in_context(smollm2):
     mask = G.roundtrip_mask(tok, torch.tensor([start]), BEHAVIOUR)
     assert mask.tolist() == [True]
     assert not G.roundtrip_mask(tok, torch.tensor([alone]), BEHAVIOUR)[0]
-    (res,) = G.gcg(model, tok, [BEHAVIOUR], [TARGET], steps=2, search_width=16, topk=16, seed=0)
+    settings = G.GCGSettings(steps=2, search_width=16, topk=16)
+    (res,) = G.gcg(model, tok, [BEHAVIOUR], [TARGET], settings, seed=0)
     assert encode_chat(tok, res.user_text).ids == res.prompt_ids

@@ -26,7 +26,7 @@ def behaviours(tmp_path):
 
 def _build(tiny, behaviours, out, chunk=None):
     model, tok = tiny
-    return T.build_method(
+    job = T.MethodJob(
         method="GCG-transfer",
         behaviours_path=str(behaviours),
         out=str(out),
@@ -34,10 +34,9 @@ def _build(tiny, behaviours, out, chunk=None):
         seed=0,
         source_model="results/model/base",
         meta={"stage": "test"},
-        model=model,
-        tokenizer=tok,
         chunk=chunk,
     )
+    return T.build_method(job, model=model, tokenizer=tok)
 
 
 def _chunks(tiny, behaviours, tmp_path, n):
@@ -83,14 +82,16 @@ def test_an_incomplete_or_doubled_set_of_chunks_is_one_error(tiny, behaviours, t
 def test_only_gcg_transfer_is_chunked(behaviours, tmp_path):
     with pytest.raises(RgeomError, match="not split into chunks"):
         T.build_method(
-            method="DirectRequest",
-            behaviours_path=str(behaviours),
-            out=str(tmp_path / "dr.parquet"),
-            params={},
-            seed=0,
-            source_model="m",
-            meta={},
-            chunk=(0, 2),
+            T.MethodJob(
+                method="DirectRequest",
+                behaviours_path=str(behaviours),
+                out=str(tmp_path / "dr.parquet"),
+                params={},
+                seed=0,
+                source_model="m",
+                meta={},
+                chunk=(0, 2),
+            )
         )
 
 
@@ -129,6 +130,7 @@ def test_bounded_passes_give_the_same_losses(tiny, monkeypatch):
     monkeypatch.setattr(G, "_expand_cache", lambda m, k, b: sizes.append(b) or expand(m, k, b))
     per_token = sum(k.numel() * k.element_size() * 2 for k, _ in kv) / kv[0][0].shape[2]
     row = per_token * (kv[0][0].shape[2] + 6 + post.numel() + target.numel())
-    bounded = G.candidate_losses(model, kv, cands, post, target, max_cache_bytes=int(row * 6))
+    batching = G.Batching(max_cache_bytes=int(row * 6))
+    bounded = G.candidate_losses(model, kv, cands, post, target, batching=batching)
     assert max(sizes) == 6 and sum(sizes) == 20
     assert torch.allclose(bounded, full, atol=1e-5, rtol=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -291,6 +292,7 @@ def test_carrier_search_table_end_to_end(tiny, tmp_path):
     import pyarrow.parquet as pq
 
     from rgeom.activations import extract_activations
+    from rgeom.carrier_table import CarrierInputs
     from rgeom.geometry import diff_in_means_table
     from rgeom.interventions import CARRIER_SCHEMA, carrier_search_table
     from rgeom.io import read_meta, read_table
@@ -319,12 +321,11 @@ def test_carrier_search_table_end_to_end(tiny, tmp_path):
     suffix = read_meta(tmp_path / "a.parquet")["suffix_len"]
     # Every captured position; the default searches only the last one.
     positions = list(range(-suffix, 0))
+    inputs = CarrierInputs(tmp_path / "d.parquet", sets["dir_harmful"], sets["dir_harmless"])
     result = carrier_search_table(
         model,
         tokenizer,
-        tmp_path / "d.parquet",
-        sets["dir_harmful"],
-        sets["dir_harmless"],
+        inputs,
         out,
         # A random-init model never refuses: the prompt filter would keep nothing.
         {
@@ -376,13 +377,10 @@ def test_carrier_search_table_end_to_end(tiny, tmp_path):
     carrier_search_table(
         model,
         tokenizer,
-        tmp_path / "d.parquet",
-        sets["dir_harmful"],
-        sets["dir_harmless"],
+        dataclasses.replace(inputs, prompt_filter=filter_file("f.parquet", ["dh-0", "dh-1"])),
         filtered,
         params,
         {},
-        prompt_filter=filter_file("f.parquet", ["dh-0", "dh-1"]),
     )
     record = read_meta(filtered)["prompt_filter"]
     assert (record["harmful_kept"], record["harmful_total"]) == (1, 2)
@@ -394,13 +392,10 @@ def test_carrier_search_table_end_to_end(tiny, tmp_path):
         carrier_search_table(
             model,
             tokenizer,
-            tmp_path / "d.parquet",
-            sets["dir_harmful"],
-            sets["dir_harmless"],
+            dataclasses.replace(inputs, prompt_filter=filter_file("g.parquet", ["zz", "dh-1"])),
             tmp_path / "never.parquet",
             params,
             {},
-            prompt_filter=filter_file("g.parquet", ["zz", "dh-1"]),
         )
     assert not (tmp_path / "never.parquet").exists()
     meta = read_meta(out)

@@ -14,6 +14,7 @@ from rgeom.errors import RgeomError
 from rgeom.io import read_meta, read_table, write_table
 from rgeom.judges import METRIC_SCHEMA
 from rgeom.report import REPORT_FIGURES, build_summary, format_summary, read_train_logs
+from rgeom.summary_inputs import SummaryInputs
 from rgeom.tables import PAPER_ANCHORS, PAPER_REFERENCE, paper_value, tex_escape
 
 ARMS = ["sft", "r2d2"]
@@ -116,12 +117,10 @@ def test_build_summary_writes_table_and_figures(tmp_path):
     logs = [_train_log(tmp_path / f"log_{a}.parquet", a) for a in ARMS]
     out = tmp_path / "summary"
     build_summary(
-        metrics,
-        directions,
+        SummaryInputs(metrics, directions, train_logs=logs),
         str(out),
         {"arms": ARMS, "summary": {"figure_formats": ["svg"]}},
         {"config_hash": "x"},
-        train_logs=logs,
     )
     table = read_table(out / "summary.parquet")
     df = pl.from_arrow(table)
@@ -173,7 +172,7 @@ def test_build_summary_writes_table_and_figures(tmp_path):
 def test_png_and_svg_by_default_arms_inferred_and_missing_inputs_say_so(tmp_path):
     metrics, directions = _inputs(tmp_path)
     out = tmp_path / "s"
-    build_summary(metrics, directions, str(out), {}, {})
+    build_summary(SummaryInputs(metrics, directions), str(out), {}, {})
     df = pl.from_arrow(read_table(out / "summary.parquet"))
     assert sorted(set(df.get_column("arm").to_list())) == sorted(ARMS)
     figs = out / "figures"
@@ -191,7 +190,7 @@ def test_duplicate_metric_across_files_is_an_error(tmp_path):
     a = _metrics_file(tmp_path / "a.parquet", "sft", 10, 0.4)
     b = _metrics_file(tmp_path / "b.parquet", "sft", 10, 0.3)
     with pytest.raises(RgeomError, match=r"a\.parquet.*b\.parquet|b\.parquet.*a\.parquet"):
-        build_summary([a, b], [], str(tmp_path / "s"), {"arms": ["sft"]}, {})
+        build_summary(SummaryInputs([a, b], []), str(tmp_path / "s"), {"arms": ["sft"]}, {})
 
 
 def test_metrics_missing_column_names_file(tmp_path):
@@ -211,7 +210,7 @@ def test_metrics_missing_column_names_file(tmp_path):
     )
     write_table(path, table, schema, {})
     with pytest.raises(RgeomError, match=r"bad\.parquet.*'judge'"):
-        build_summary([str(path)], [], str(tmp_path / "s"), {}, {})
+        build_summary(SummaryInputs([str(path)], []), str(tmp_path / "s"), {}, {})
 
 
 # --- paper tables and the geometry / intervention figures ------------------------------
@@ -341,16 +340,14 @@ def _summary_with_geometry(tmp_path: Path, anchors=(0, 10, 20)):
     metrics, directions = _inputs(tmp_path)
     carriers, drift_dir, interventions = _geometry_inputs(tmp_path)
     out = tmp_path / "summary"
-    build_summary(
+    inputs = SummaryInputs(
         metrics,
         directions,
-        str(out),
-        {"arms": ARMS, "anchors": list(anchors)},
-        {"config_hash": "x"},
         carriers=carriers,
-        drift_dir=drift_dir,
+        drift_dir=Path(drift_dir),
         interventions=interventions,
     )
+    build_summary(inputs, str(out), {"arms": ARMS, "anchors": list(anchors)}, {"config_hash": "x"})
     return out
 
 
@@ -434,7 +431,8 @@ def test_paper_columns_beside_the_run_on_the_paper_anchors(tmp_path):
     for arm, step, asr in (("base", 0, 0.9), ("sft", 250, 0.4), ("r2d2", 250, 0.05)):
         metrics.append(_metrics_file(tmp_path / f"m_{arm}_{step}.parquet", arm, step, asr))
     out = tmp_path / "s"
-    build_summary(metrics, [], str(out), {"arms": ARMS, "anchors": list(PAPER_ANCHORS)}, {})
+    params = {"arms": ARMS, "anchors": list(PAPER_ANCHORS)}
+    build_summary(SummaryInputs(metrics, []), str(out), params, {})
     df = pl.from_arrow(read_table(out / "tables" / "behaviour.parquet"))
     paper = {(r["arm"], r["step"]): r for r in df.iter_rows(named=True)}
     assert paper[("r2d2", 250)]["paper:harmbench.asr"] == "0.035"
@@ -469,7 +467,7 @@ def test_asr_per_method_is_the_headline_and_pooled_a_labelled_extra(tmp_path):
     write_table(path, pa.table(rows), METRIC_SCHEMA, {})
     out = tmp_path / "s"
     params = {"arms": ARMS, "anchors": list(PAPER_ANCHORS)}
-    build_summary([str(path)], [], str(out), params, {})
+    build_summary(SummaryInputs([str(path)], []), str(out), params, {})
     md = (out / "tables" / "behaviour.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| arm"))
     heads = [h.strip() for h in header.strip("|").split("|")]
@@ -534,14 +532,16 @@ def test_a_drift_table_without_its_columns_is_named(tmp_path):
     write_table(bad, pa.table({"arm": ["sft"]}), pa.schema([("arm", pa.string())]), {})
     with pytest.raises(RgeomError, match=r"drift\.parquet.*'step'"):
         build_summary(
-            metrics,
-            directions,
+            SummaryInputs(
+                metrics,
+                directions,
+                carriers=carriers,
+                drift_dir=Path(drift_dir),
+                interventions=interventions,
+            ),
             str(tmp_path / "s"),
             {"arms": ARMS},
             {},
-            carriers=carriers,
-            drift_dir=drift_dir,
-            interventions=interventions,
         )
 
 
@@ -561,14 +561,16 @@ def test_drift_and_intervention_figures_are_copied_when_fresh_else_redrawn(tmp_p
         os.utime(stale.with_suffix(f".{ext}"), (old, old))
     out = tmp_path / "summary"
     build_summary(
-        metrics,
-        directions,
+        SummaryInputs(
+            metrics,
+            directions,
+            carriers=carriers,
+            drift_dir=Path(drift_dir),
+            interventions=interventions,
+        ),
         str(out),
         {"arms": ARMS},
         {},
-        carriers=carriers,
-        drift_dir=drift_dir,
-        interventions=interventions,
     )
     figs = out / "figures"
     assert (figs / "principal_angles.svg").read_bytes() == b"drawn by the stage svg"

@@ -11,7 +11,7 @@ from rgeom.errors import RgeomError
 from rgeom.io import read_table, write_table
 from rgeom.train import train_arm
 from rgeom.train.data import SFT_SCHEMA
-from rgeom.train.runner import TRAIN_LOG_SCHEMA
+from rgeom.train.runner import TRAIN_LOG_SCHEMA, ArmFiles
 
 
 @pytest.fixture
@@ -32,6 +32,11 @@ def sft_file(tmp_path):
     return path
 
 
+def _files(model_dir, data, out, write_log: bool = True) -> ArmFiles:
+    """The arm's files in the results layout around ``out``, as the CLI's strings."""
+    return ArmFiles.beside(str(model_dir), str(data), str(out), write_log)
+
+
 def _params(max_steps, anchors):
     return {
         "seed": 0,
@@ -44,7 +49,7 @@ def test_anchors_are_exported_and_loss_falls(tmp_path, tiny_model_dir, sft_file)
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "sft" / "checkpoints"
-    train_arm("sft", str(tiny_model_dir), str(sft_file), str(out), _params(8, [0, 4, 8]), {}, {})
+    train_arm("sft", _files(tiny_model_dir, sft_file, out), _params(8, [0, 4, 8]), {}, {})
     assert sorted(p.name for p in out.iterdir()) == ["step-000004", "step-000008"]
     # A checkpoint is a plain Hugging Face folder: no rgeom code needed to load it.
     model = AutoModelForCausalLM.from_pretrained(out / "step-000008")
@@ -81,7 +86,7 @@ def test_r2d2_log_has_every_refreshed_entrys_gcg_loss(
         "r2d2_targets": str(hb / "adv_training_targets.json"),
     }
     out = tmp_path / "r2d2" / "checkpoints"
-    train_arm("r2d2", str(tiny_model_dir), str(sft_file), str(out), params, extra, {})
+    train_arm("r2d2", _files(tiny_model_dir, sft_file, out), params, extra, {})
     log = read_table(tmp_path / "r2d2" / "train_log.parquet", TRAIN_LOG_SCHEMA).to_pydict()
     assert log["step"] == [1, 2, 3]
     for entries, losses, extra_json in zip(
@@ -106,7 +111,7 @@ def test_bfloat16_trains_under_autocast_with_float32_weights(tmp_path, tiny_mode
     for dtype in ("float32", "bfloat16"):
         params = dict(_params(2, [0, 2]), model={"dtype": dtype, "device": "cpu"})
         out = tmp_path / dtype / "checkpoints"
-        train_arm("sft", str(tiny_model_dir), str(sft_file), str(out), params, {}, {})
+        train_arm("sft", _files(tiny_model_dir, sft_file, out), params, {}, {})
         log = read_table(tmp_path / dtype / "train_log.parquet", TRAIN_LOG_SCHEMA).to_pydict()
         losses[dtype] = log["loss"]
         weights = load_file(next((out / "step-000002").glob("*.safetensors")))
@@ -120,19 +125,19 @@ def test_rerun_reuses_stored_anchors_and_extends(tmp_path, tiny_model_dir, sft_f
 
     caplog.set_level(logging.INFO)
     out = tmp_path / "sft" / "checkpoints"
-    train_arm("sft", str(tiny_model_dir), str(sft_file), str(out), _params(6, [0, 3]), {}, {})
+    train_arm("sft", _files(tiny_model_dir, sft_file, out), _params(6, [0, 3]), {}, {})
     first = (out / "step-000003" / "model.safetensors").read_bytes()
     # Snakemake deletes declared outputs before a rerun; the stored anchors survive.
     import shutil
 
     shutil.rmtree(out)
     caplog.clear()
-    train_arm("sft", str(tiny_model_dir), str(sft_file), str(out), _params(6, [0, 3]), {}, {})
+    train_arm("sft", _files(tiny_model_dir, sft_file, out), _params(6, [0, 3]), {}, {})
     assert "already trained" in caplog.text
     assert (out / "step-000003" / "model.safetensors").read_bytes() == first
     # A new later anchor resumes from the stored state at step 3, not from zero.
     caplog.clear()
-    train_arm("sft", str(tiny_model_dir), str(sft_file), str(out), _params(6, [0, 3, 6]), {}, {})
+    train_arm("sft", _files(tiny_model_dir, sft_file, out), _params(6, [0, 3, 6]), {}, {})
     assert "resuming arm sft" in caplog.text
     assert (out / "step-000006").is_dir()
     assert (out / "step-000003" / "model.safetensors").read_bytes() == first
@@ -143,31 +148,22 @@ def test_rerun_reuses_stored_anchors_and_extends(tmp_path, tiny_model_dir, sft_f
 def test_unknown_arm_is_rejected(tmp_path, tiny_model_dir, sft_file):
     with pytest.raises(RgeomError, match="unknown arm 'dpo'"):
         train_arm(
-            "dpo",
-            str(tiny_model_dir),
-            str(sft_file),
-            str(tmp_path / "c"),
-            _params(2, [0, 2]),
-            {},
-            {},
+            "dpo", _files(tiny_model_dir, sft_file, tmp_path / "c"), _params(2, [0, 2]), {}, {}
         )
 
 
 def test_segments_equal_one_run(tmp_path, tiny_model_dir, sft_file):
     """Training 0→3 then 3→6 (the workflow's per-anchor jobs) equals one 0→6 run."""
     whole = tmp_path / "whole" / "checkpoints"
-    train_arm("sft", str(tiny_model_dir), str(sft_file), str(whole), _params(6, [3, 6]), {}, {})
+    train_arm("sft", _files(tiny_model_dir, sft_file, whole), _params(6, [3, 6]), {}, {})
     seg = tmp_path / "seg" / "checkpoints"
     for anchor in (3, 6):
         train_arm(
             "sft",
-            str(tiny_model_dir),
-            str(sft_file),
-            str(seg),
+            _files(tiny_model_dir, sft_file, seg, write_log=False),
             _params(6, [anchor]),
             {},
             {},
-            write_log=False,
         )
     assert not (tmp_path / "seg" / "train_log.parquet").exists()
     for name in ("step-000003", "step-000006"):
@@ -187,13 +183,13 @@ def test_changed_parameters_discard_the_stored_state(tmp_path, tiny_model_dir, s
 
     caplog.set_level(logging.INFO)
     out = tmp_path / "sft" / "checkpoints"
-    train_arm("sft", str(tiny_model_dir), str(sft_file), str(out), _params(6, [0, 3]), {}, {})
+    train_arm("sft", _files(tiny_model_dir, sft_file, out), _params(6, [0, 3]), {}, {})
     first = (out / "step-000003" / "model.safetensors").read_bytes()
     shutil.rmtree(out)
     caplog.clear()
     changed = _params(6, [0, 3])
     changed["train"]["learning_rate"] = 1e-4
-    train_arm("sft", str(tiny_model_dir), str(sft_file), str(out), changed, {}, {})
+    train_arm("sft", _files(tiny_model_dir, sft_file, out), changed, {}, {})
     # Never the stale checkpoint of the old learning rate, and no resume from its state.
     assert "discarding its resume state" in caplog.text
     assert "already trained" not in caplog.text and "resuming" not in caplog.text
@@ -203,7 +199,7 @@ def test_changed_parameters_discard_the_stored_state(tmp_path, tiny_model_dir, s
     shutil.rmtree(out)
     longer = _params(9, [0, 3])
     longer["train"]["learning_rate"] = 1e-4
-    train_arm("sft", str(tiny_model_dir), str(sft_file), str(out), longer, {}, {})
+    train_arm("sft", _files(tiny_model_dir, sft_file, out), longer, {}, {})
     assert "already trained" in caplog.text
 
 
@@ -304,7 +300,7 @@ def test_trl_packs_rows_into_max_length_blocks(tmp_path, tiny_model_dir, sft_fil
     params = _params(4, [0, 4])
     params["train"].update(packing=True, max_length=32)
     with pytest.raises(Stop):
-        train_arm("sft", str(tiny_model_dir), str(sft_file), str(tmp_path / "c"), params, {}, {})
+        train_arm("sft", _files(tiny_model_dir, sft_file, tmp_path / "c"), params, {}, {})
     rows = seen["data"]
     lengths = [len(r["input_ids"]) for r in rows]
     assert set(lengths[:-1]) == {32} and 0 < lengths[-1] <= 32
@@ -357,19 +353,17 @@ def test_time_limit_saves_a_resumable_state(tmp_path, tiny_model_dir, sft_file):
     import signal
 
     whole = tmp_path / "whole" / "checkpoints"
-    train_arm("sft", str(tiny_model_dir), str(sft_file), str(whole), _params(4, [4]), {}, {})
+    train_arm("sft", _files(tiny_model_dir, sft_file, whole), _params(4, [4]), {}, {})
     out = tmp_path / "cut" / "checkpoints"
     params = _params(4, [4])
     params["train"]["save_margin_s"] = 0
     with pytest.raises(SystemExit) as stop:
         # Any limit below two steps' time stops after the first step.
-        train_arm(
-            "sft", str(tiny_model_dir), str(sft_file), str(out), params, {}, {}, time_limit_s=1e-3
-        )
+        train_arm("sft", _files(tiny_model_dir, sft_file, out), params, {}, {}, time_limit_s=1e-3)
     assert stop.value.code == 128 + signal.SIGUSR1
     state = tmp_path / "cut" / "train_state" / "resume" / "checkpoint-1" / "trainer_state.json"
     assert state.exists() and not out.exists()
-    train_arm("sft", str(tiny_model_dir), str(sft_file), str(out), params, {}, {})
+    train_arm("sft", _files(tiny_model_dir, sft_file, out), params, {}, {})
     name = "step-000004"
     assert (out / name / "model.safetensors").read_bytes() == (
         whole / name / "model.safetensors"

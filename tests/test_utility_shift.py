@@ -71,6 +71,7 @@ def test_ce_matches_the_models_own_loss_and_kl_moves_with_the_weights(tiny_model
 
 def test_table_uses_harmless_rows_and_feeds_the_summary(tmp_path, tiny_model_dir, tiny):
     from rgeom.report import build_summary
+    from rgeom.summary_inputs import SummaryInputs
 
     _, tok = tiny
     base = load_model(tiny_model_dir)
@@ -93,7 +94,8 @@ def test_table_uses_harmless_rows_and_feeds_the_summary(tmp_path, tiny_model_dir
         else:
             assert vals["utility_kl"]["value"] > 0
             assert vals["utility_kl"]["ci_low"] <= vals["utility_kl"]["value"]
-    build_summary([], [], str(tmp_path / "summary"), {"arms": ["sft"]}, {}, utility_shift=paths)
+    inputs = SummaryInputs([], [], utility_shift=paths)
+    build_summary(inputs, str(tmp_path / "summary"), {"arms": ["sft"]}, {})
     summary = read_table(tmp_path / "summary" / "summary.parquet").to_pylist()
     by_step = {r["step"]: r for r in summary}
     assert set(by_step) == {0, 10}

@@ -40,47 +40,59 @@ log = logging.getLogger(__name__)
 SubspaceFn = Callable[[tuple[int, int], int], np.ndarray | None]
 
 
+@dataclass(frozen=True)
+class ScoringSets:
+    """What :func:`score_direction` scores a direction against, the same for every direction.
+
+    ``base_harmless``: the unedited model's logits on ``harmless``, the KL's reference.
+    ``cache`` (a :class:`PrefixCache` over ``harmless``) avoids rerunning the blocks before a
+    direction's layer for the addition, where it holds that layer; ``cache_rows`` are the
+    cache's prompts that make up ``harmless`` (all of them when None), for a cache built
+    before a prompt filter.
+    """
+
+    harmful: Sequence[str]
+    harmless: Sequence[str]
+    refusal_ids: Sequence[int]
+    base_harmless: torch.Tensor
+    cache: PrefixCache | None = None
+    cache_rows: Sequence[int] | None = None
+
+
 def score_direction(
     model,
     tokenizer,
     vec,
     layer: int,
-    harmful: Sequence[str],
-    harmless: Sequence[str],
-    refusal_ids: Sequence[int],
-    base_harmless: torch.Tensor,
+    sets: ScoringSets,
     batch_size: int = 16,
-    cache: PrefixCache | None = None,
-    cache_rows: Sequence[int] | None = None,
     ablate=None,
     share_prefix: bool = True,
 ) -> dict[str, Any]:
     """The carrier-search scores of one raw direction ``vec`` read at block ``layer``.
 
-    ``bypass``: mean refusal score on ``harmful`` with r-hat ablated everywhere; ``induce``:
-    mean score on ``harmless`` with r added at ``layer``'s input; ``kl``: mean
-    KL(base || ablated) on ``harmless`` against ``base_harmless`` (the unedited logits).
+    ``bypass``: mean refusal score on ``sets.harmful`` with r-hat ablated everywhere;
+    ``induce``: mean score on ``sets.harmless`` with r added at ``layer``'s input; ``kl``:
+    mean KL(base || ablated) on ``sets.harmless`` against ``sets.base_harmless``.
     Also the per-prompt arrays ``bypass_scores``, ``induce_scores`` and ``kl_values``.
-    ``cache`` (a :class:`PrefixCache` over ``harmless`` holding ``layer``) avoids rerunning
-    the blocks before ``layer`` for the addition; ``cache_rows`` are the cache's prompts that
-    make up ``harmless`` (all of them when None), for a cache built before a prompt filter.
     ``ablate`` ([k, d]) ablates that span instead of ``vec``'s, for a rank-k carrier.
     ``share_prefix``: see :func:`~rgeom.scoring.last_logits`.
     """
+    harmful, harmless, cache = sets.harmful, sets.harmless, sets.cache
     # One call for both sets: their shared opening runs once, and batches fill up.
     with ablation(model, vec if ablate is None else ablate):
         ablated = last_logits(model, tokenizer, [*harmful, *harmless], batch_size, share_prefix)
     abl_harmful, abl_harmless = ablated[: len(harmful)], ablated[len(harmful) :]
     if cache is not None and layer in cache.layers:
         add_harmless = cache.logits_with_addition(layer, vec)
-        if cache_rows is not None:
-            add_harmless = add_harmless[list(cache_rows)]
+        if sets.cache_rows is not None:
+            add_harmless = add_harmless[list(sets.cache_rows)]
     else:
         with addition(model, vec, layer, 1.0):
             add_harmless = last_logits(model, tokenizer, harmless, batch_size, share_prefix)
-    bypass = refusal_score_from_logits(abl_harmful, refusal_ids).numpy()
-    induce = refusal_score_from_logits(add_harmless, refusal_ids).numpy()
-    kl = kl_last_position(base_harmless, abl_harmless).numpy()
+    bypass = refusal_score_from_logits(abl_harmful, sets.refusal_ids).numpy()
+    induce = refusal_score_from_logits(add_harmless, sets.refusal_ids).numpy()
+    kl = kl_last_position(sets.base_harmless, abl_harmless).numpy()
     return {
         "bypass": float(bypass.mean()),
         "induce": float(induce.mean()),
@@ -172,14 +184,10 @@ def bootstrap_means(
 
 @dataclass(frozen=True)
 class _ValidationSets:
-    """The validation prompts every candidate is scored on, after any prompt filter."""
+    """The validation prompts every candidate is scored on, after any prompt filter, and
+    the base model's refusal scores and the filter's record."""
 
-    harmful: list[str]
-    harmless: list[str]
-    # Unedited logits of ``harmless``, the KL's reference.
-    base_harmless: torch.Tensor
-    # The prefix cache's rows that make up ``harmless`` (None: all of them).
-    cache_rows: list[int] | None
+    scoring: ScoringSets
     baseline: dict[str, float]
     prompt_filter: dict[str, Any]
 
@@ -190,9 +198,7 @@ class _Scorer:
 
     model: Any
     tokenizer: Any
-    sets: _ValidationSets
-    refusal_ids: list[int]
-    cache: PrefixCache | None
+    sets: ScoringSets
     settings: SearchSettings
 
     def __call__(self, vec, layer: int, ablate=None) -> dict[str, Any]:
@@ -201,13 +207,8 @@ class _Scorer:
             self.tokenizer,
             vec,
             layer,
-            self.sets.harmful,
-            self.sets.harmless,
-            self.refusal_ids,
-            self.sets.base_harmless,
+            self.sets,
             self.settings.batch_size,
-            self.cache,
-            self.sets.cache_rows,
             ablate=ablate,
             share_prefix=self.settings.reuse_prefix,
         )
@@ -270,7 +271,8 @@ def _validation_sets(
             "harmless_kept": len(harmless),
             "harmless_total": len(harmless),
         }
-        return _ValidationSets(list(harmful), list(harmless), base_harmless, None, baseline, record)
+        sets = ScoringSets(list(harmful), list(harmless), refusal_ids, base_harmless, cache)
+        return _ValidationSets(sets, baseline, record)
     keep_h, keep_b, record = filter_by_baseline(score_h, score_b, settings.min_prompts)
     log.info(
         "prompt filter: harmful %d/%d, harmless %d/%d kept",
@@ -282,15 +284,16 @@ def _validation_sets(
     baseline.update(
         harmful_kept=float(score_h[keep_h].mean()), harmless_kept=float(score_b[keep_b].mean())
     )
-    return _ValidationSets(
+    sets = ScoringSets(
         harmful=[harmful[i] for i in keep_h],
         harmless=[harmless[i] for i in keep_b],
+        refusal_ids=refusal_ids,
         base_harmless=base_harmless[keep_b],
+        cache=cache,
         # The cache keeps every harmless prompt; the additions are read at the kept rows.
         cache_rows=keep_b.tolist(),
-        baseline=baseline,
-        prompt_filter=record,
     )
+    return _ValidationSets(sets, baseline, record)
 
 
 def _unscored(row: dict[str, Any]) -> dict[str, Any]:
@@ -441,7 +444,7 @@ def select_carrier(
     }
     cache = _addition_cache(model, tokenizer, harmless, {layer for layer, _ in evaluable}, settings)
     sets = _validation_sets(model, tokenizer, harmful, harmless, refusal_ids, cache, settings)
-    score = _Scorer(model, tokenizer, sets, refusal_ids, cache, settings)
+    score = _Scorer(model, tokenizer, sets.scoring, settings)
     rows = [
         _candidate_row(layer, pos, vec, score, settings)
         if (layer, pos) in evaluable

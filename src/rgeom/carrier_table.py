@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -268,22 +269,31 @@ def _finite_or_none(record: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class CarrierInputs:
+    """The files :func:`carrier_search_table` reads: the cell's direction table, the two
+    validation prompt sets and, optionally, the source model's prompt filter and the cell's
+    activation table (for the rank-k carriers)."""
+
+    directions: str | Path
+    harmful: str | Path
+    harmless: str | Path
+    prompt_filter: str | Path | None = None
+    activations: str | Path | None = None
+
+
 def carrier_search_table(
     model,
     tokenizer,
-    directions: str | Path,
-    harmful: str | Path,
-    harmless: str | Path,
+    inputs: CarrierInputs,
     out: str | Path,
     params: Mapping[str, Any],
     meta: Mapping[str, Any],
     seed: int = 0,
-    prompt_filter: str | Path | None = None,
-    activations: str | Path | None = None,
 ) -> CarrierSearch:
     """Run :func:`~rgeom.carrier_search.select_carrier` on a direction table and two
-    validation prompt files and write every candidate's scores to ``out``; the carrier (or
-    null) goes in the metadata.
+    validation prompt files (``inputs``) and write every candidate's scores to ``out``; the
+    carrier (or null) goes in the metadata.
 
     params: the ``carrier`` config section, the schema's defaults filled in:
     ``max_layer_frac``, ``kl_max``, ``batch_size``, ``reuse_prefix``, the candidate subset
@@ -292,9 +302,9 @@ def carrier_search_table(
     intervals on every score, drawn with ``seed``; and the rank-k carriers
     ``subspace_ranks``, written to the metadata (``subspaces``): the interventions' rank-k
     subspace at the carrier (:func:`rgeom.causal_subspace.subspace_basis`: r-hat, then the
-    top per-prompt contrasts of the cell's ``activations`` table), so none without that
+    top per-prompt contrasts of the cell's ``inputs.activations`` table), so none without that
     table. Not a config key: ``refusal_prefixes`` (the opening words of refusals).
-    ``prompt_filter`` (a :func:`rgeom.geometry.prompt_filter_table` of the source model)
+    ``inputs.prompt_filter`` (a :func:`rgeom.geometry.prompt_filter_table` of the source model)
     restricts the validation prompts to its kept ``val`` ids, the same in every cell; its
     kept / total counts go in the metadata (``prompt_filter``) and the ``n_harmful`` /
     ``n_harmless`` columns.
@@ -302,13 +312,16 @@ def carrier_search_table(
     params = dict(params or {})
     prefixes = params.pop("refusal_prefixes", None) or REFUSAL_PREFIXES
     params = section_with_defaults("carrier", params)
+    directions = inputs.directions
     source = _check_direction_source(directions, model, tokenizer)
     n_layers = len(decoder_layers(model))
     settings = _search_settings(params, seed)
     candidates = select_candidates(load_directions(directions), n_layers, params, directions)
-    subspace = _rank_k_spans(activations, candidates, settings.subspace_ranks)
+    subspace = _rank_k_spans(inputs.activations, candidates, settings.subspace_ranks)
     refusal_ids = refusal_token_ids(tokenizer, prefixes)
-    harmful_texts, harmless_texts, pf = _validation_prompts(harmful, harmless, prompt_filter)
+    harmful_texts, harmless_texts, pf = _validation_prompts(
+        inputs.harmful, inputs.harmless, inputs.prompt_filter
+    )
     result = select_carrier(
         model, tokenizer, candidates, harmful_texts, harmless_texts, refusal_ids, subspace, settings
     )

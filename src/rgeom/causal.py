@@ -32,6 +32,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -56,7 +57,13 @@ from rgeom.causal_measure import (
 )
 from rgeom.causal_subspace import contrast_vectors, subspace_basis
 from rgeom.causal_summary import interventions_summary, plot_frontier
-from rgeom.causal_transfer import Transfer, cross_anchor_table, read_cross_anchor, transfer
+from rgeom.causal_transfer import (
+    CrossAnchorInputs,
+    Transfer,
+    cross_anchor_table,
+    read_cross_anchor,
+    transfer,
+)
 from rgeom.config import section_with_defaults
 from rgeom.errors import RgeomError
 from rgeom.geometry import load_directions
@@ -73,6 +80,8 @@ __all__ = [
     "FALLBACK_MIN_BYPASS",
     "INTERVENTION_SCHEMA",
     "Choice",
+    "CrossAnchorInputs",
+    "InterventionInputs",
     "Transfer",
     "choose_direction",
     "completion_nll",
@@ -122,16 +131,25 @@ def settings(params: Mapping[str, Any]) -> dict[str, Any]:
     return s
 
 
+@dataclass(frozen=True)
+class InterventionInputs:
+    """The files :func:`interventions_table` reads: the cell's direction, carrier and
+    activation tables (the last for the rank-k subspace), the validation prompt sets, the
+    harmful prompts to generate on and the prompts with checkable answers."""
+
+    directions: str | Path
+    carriers: str | Path
+    activations: str | Path
+    val_harmful: str | Path
+    val_harmless: str | Path
+    generate_prompts: str | Path
+    utility_prompts: str | Path
+
+
 def interventions_table(
     model,
     tokenizer,
-    directions: str | Path,
-    carriers: str | Path,
-    activations: str | Path,
-    val_harmful: str | Path,
-    val_harmless: str | Path,
-    generate_prompts: str | Path,
-    utility_prompts: str | Path,
+    inputs: InterventionInputs,
     out: str | Path,
     params: Mapping[str, Any],
     meta: Mapping[str, Any],
@@ -142,15 +160,17 @@ def interventions_table(
     ``params["judge"]`` is the run's judge section: the generations' refusal rate and ASR
     are scored by the configured judge (``loader`` loads its models; tests pass fakes)."""
     s = settings(params)
-    source, choice, r = _cell_direction(tokenizer, model, directions, carriers, params)
-    refusal_ids = carrier_refusal_ids(tokenizer, carriers)
-    texts = _prompt_texts(s, val_harmful, val_harmless, generate_prompts, utility_prompts)
+    source, choice, r = _cell_direction(
+        tokenizer, model, inputs.directions, inputs.carriers, params
+    )
+    refusal_ids = carrier_refusal_ids(tokenizer, inputs.carriers)
+    texts = _prompt_texts(s, inputs)
     start = time.perf_counter()
     sets = _with_references(model, tokenizer, texts, s)
-    conditions, skipped = _conditions(model, r, choice, activations, s)
+    conditions, skipped = _conditions(model, r, choice, inputs.activations, s)
     rows, reused = _measure_conditions(model, tokenizer, sets, refusal_ids, s, conditions)
     judge_name = judge_generations(
-        rows, generate_prompts, s["n_generate"], params.get("judge") or {}, meta, loader
+        rows, inputs.generate_prompts, s["n_generate"], params.get("judge") or {}, meta, loader
     )
     _complete_rows(rows, meta, choice, judge_name)
     table = pa.table(
@@ -170,11 +190,11 @@ def interventions_table(
         refusal_token_ids=refusal_ids,
         judge={"name": judge_name, "version": JUDGE_VERSION},
         inputs={
-            "directions": str(directions),
-            "carriers": str(carriers),
-            "activations": str(activations),
-            "generate_set": str(generate_prompts),
-            "utility_set": str(utility_prompts),
+            "directions": str(inputs.directions),
+            "carriers": str(inputs.carriers),
+            "activations": str(inputs.activations),
+            "generate_set": str(inputs.generate_prompts),
+            "utility_set": str(inputs.utility_prompts),
         },
         seconds=round(time.perf_counter() - start, 2),
     )
@@ -209,23 +229,19 @@ class _PromptTexts(NamedTuple):
     utility_targets: list[str]
 
 
-def _prompt_texts(
-    s: Mapping[str, Any],
-    val_harmful: str | Path,
-    val_harmless: str | Path,
-    generate_prompts: str | Path,
-    utility_prompts: str | Path,
-) -> _PromptTexts:
-    harmful = read_prompts("val_harmful", val_harmful)[0]
-    harmless = read_prompts("val_harmless", val_harmless)[0]
+def _prompt_texts(s: Mapping[str, Any], inputs: InterventionInputs) -> _PromptTexts:
+    harmful = read_prompts("val_harmful", inputs.val_harmful)[0]
+    harmless = read_prompts("val_harmless", inputs.val_harmless)[0]
     if not harmful or not harmless:
         raise RgeomError("interventions need harmful and harmless validation prompts")
-    generate = read_prompts("generate_set", generate_prompts, s["n_generate"])[0]
+    generate = read_prompts("generate_set", inputs.generate_prompts, s["n_generate"])[0]
     utility, targets = read_prompts(
-        "utility_set", utility_prompts, s["n_utility"], with_target=True
+        "utility_set", inputs.utility_prompts, s["n_utility"], with_target=True
     )
     if s["n_utility"] and not utility:
-        log.warning("%s has no prompts with a target; utility accuracy is null", utility_prompts)
+        log.warning(
+            "%s has no prompts with a target; utility accuracy is null", inputs.utility_prompts
+        )
     return _PromptTexts(harmful, harmless, generate, utility, targets)
 
 

@@ -41,20 +41,29 @@ def cell_of(meta: Mapping[str, Any], path) -> tuple[str, int]:
     return str(meta["arm"]), int(meta["step"])
 
 
+@dataclass(frozen=True)
+class CrossAnchorInputs:
+    """The files :func:`cross_anchor_table` reads: every source cell's direction and carrier
+    table (the target's among them) and the target's validation prompt sets."""
+
+    directions: Sequence[str | Path]
+    carriers: Sequence[str | Path]
+    val_harmful: str | Path
+    val_harmless: str | Path
+
+
 def cross_anchor_table(
     model,
     tokenizer,
-    directions: Sequence[str | Path],
-    carriers: Sequence[str | Path],
-    val_harmful: str | Path,
-    val_harmless: str | Path,
+    inputs: CrossAnchorInputs,
     out: str | Path,
     params: Mapping[str, Any],
     meta: Mapping[str, Any],
 ) -> pa.Table:
     """Apply every source cell's direction to this model (the target cell in ``meta``)."""
-    from rgeom.interventions import score_direction
+    from rgeom.carrier_search import ScoringSets, score_direction
 
+    directions, carriers = inputs.directions, inputs.carriers
     max_layer_frac, kl_max, batch_size = carrier_settings(params)
     target = (str(meta.get("arm")), int(meta.get("step")))
     check_tables(tokenizer, model, *directions, *carriers)
@@ -63,21 +72,19 @@ def cross_anchor_table(
     own = load_directions(dirs[target])
     sources = _source_directions(dirs, cars, max_layer_frac, kl_max)
 
-    harmful = read_prompts("val_harmful", val_harmful)[0]
-    harmless = read_prompts("val_harmless", val_harmless)[0]
+    harmful = read_prompts("val_harmful", inputs.val_harmful)[0]
+    harmless = read_prompts("val_harmless", inputs.val_harmless)[0]
     if not harmful or not harmless:
         raise RgeomError("cross-anchor needs harmful and harmless validation prompts")
     layers = sorted({c.layer for _, c, _ in sources})
     cache, base_harmless, baseline, baseline_harmless = _baselines(
         model, tokenizer, harmful, harmless, layers, refusal_ids, batch_size
     )
+    sets = ScoringSets(harmful, harmless, refusal_ids, base_harmless, cache)
 
     rows = []
     for cell, choice, vec in sources:
-        got = score_direction(
-            model, tokenizer, vec, choice.layer, harmful, harmless, refusal_ids, base_harmless,
-            batch_size, cache,
-        )  # fmt: skip
+        got = score_direction(model, tokenizer, vec, choice.layer, sets, batch_size)
         row = _cross_row(target, cell, choice, _cosine(vec, own.get(choice.key)), got)
         row.update(
             baseline_harmful=float(baseline.mean()),

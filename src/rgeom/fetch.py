@@ -16,8 +16,8 @@ import os
 import re
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +235,76 @@ def _dest_for(configfile: str | None, dest: str | None) -> tuple[dict[str, Any] 
     return cfg, Path(resolved["data"]["shared_dir"]).expanduser()
 
 
+@dataclass
+class _FetchTally:
+    """What a fetch_data run has put in place so far, and every problem on the way."""
+
+    done: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    fetched: int = 0
+    present: int = 0
+    hub_done: int = 0
+
+
+@dataclass(frozen=True)
+class _FetchPlan:
+    """Where fetch_data puts files and how: the manifest's entries by path, the data folder,
+    the --source override and whether a file with other bytes is replaced."""
+
+    entries: Mapping[str, Entry]
+    dest_dir: Path
+    source: str | None
+    force: bool
+
+
+def _place_file(rel: str, keys: Sequence[str], plan: _FetchPlan, tally: _FetchTally) -> None:
+    """Check or fetch one file the config reads (every manifest file without a config)."""
+    read_by = f" (read by {', '.join(keys)})" if keys else ""
+    path = Path(rel).expanduser()
+    if path.is_absolute():  # the user's own file, outside the data folder
+        if not path.is_file():
+            tally.problems.append(f"{rel}{read_by}: does not exist and is not rgeom's to fetch")
+        return
+    target = plan.dest_dir / rel
+    entry = plan.entries.get(Path(os.path.normpath(rel)).as_posix())  # "./x/y.csv" is x/y.csv
+    if entry is None:
+        if target.is_file():
+            tally.done.append(rel)
+        else:
+            tally.problems.append(
+                f"{rel}{read_by}: not in rgeom's manifest, so not fetched; put it at {target}"
+            )
+        return
+    if target.is_file():
+        if _sha256(target) == entry.sha256:
+            tally.present += 1
+            tally.done.append(rel)
+            return
+        if not plan.force:
+            tally.problems.append(
+                f"{rel}: present at {target} with other bytes than the pinned sha256 "
+                f"{entry.sha256[:12]}… (move it away, or --force to replace it)"
+            )
+            return
+    why = _fetch_one(entry, plan.dest_dir, plan.source)
+    if why is None:
+        tally.fetched += 1
+        tally.done.append(rel)
+    else:
+        tally.problems.append(f"{rel}{read_by} from {why}")
+
+
+def _cache_hub_sets(sets: Iterable[HubSet], tally: _FetchTally) -> None:
+    for hs in sets:
+        try:
+            _cache_hub_set(hs)
+        except Exception as exc:  # datasets raises many unrelated types for "cannot reach"
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            tally.problems.append(f"{hs.describe()}: {type(exc).__name__}: {first}")
+        else:
+            tally.hub_done += 1
+
+
 def fetch_data(
     configfile: str | None = None,
     dest: str | None = None,
@@ -253,65 +323,25 @@ def fetch_data(
     entries = {e.path: e for e in load_manifest(manifest)}
     cfg, dest_dir = _dest_for(configfile, dest)
     wanted = {rel: [] for rel in entries} if cfg is None else config_files(cfg)
-    problems: list[str] = []
-    done: list[str] = []
-    fetched = present = 0
+    plan = _FetchPlan(entries, dest_dir, source, force)
+    tally = _FetchTally()
     for rel, keys in wanted.items():
-        read_by = f" (read by {', '.join(keys)})" if keys else ""
-        path = Path(rel).expanduser()
-        if path.is_absolute():  # the user's own file, outside the data folder
-            if not path.is_file():
-                problems.append(f"{rel}{read_by}: does not exist and is not rgeom's to fetch")
-            continue
-        target = dest_dir / rel
-        entry = entries.get(Path(os.path.normpath(rel)).as_posix())  # "./x/y.csv" is x/y.csv
-        if entry is None:
-            if target.is_file():
-                done.append(rel)
-            else:
-                problems.append(
-                    f"{rel}{read_by}: not in rgeom's manifest, so not fetched; put it at {target}"
-                )
-            continue
-        if target.is_file():
-            if _sha256(target) == entry.sha256:
-                present += 1
-                done.append(rel)
-                continue
-            if not force:
-                problems.append(
-                    f"{rel}: present at {target} with other bytes than the pinned sha256 "
-                    f"{entry.sha256[:12]}… (move it away, or --force to replace it)"
-                )
-                continue
-        why = _fetch_one(entry, dest_dir, source)
-        if why is None:
-            fetched += 1
-            done.append(rel)
-        else:
-            problems.append(f"{rel}{read_by} from {why}")
-    hub_done = 0
-    for hs in hub_sets(cfg) if (cfg is not None and hub) else []:
-        try:
-            _cache_hub_set(hs)
-        except Exception as exc:  # datasets raises many unrelated types for "cannot reach"
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            problems.append(f"{hs.describe()}: {type(exc).__name__}: {first}")
-        else:
-            hub_done += 1
-    if problems:
-        total = len(wanted) + (len(hub_sets(cfg)) if cfg is not None and hub else 0)
+        _place_file(rel, keys, plan, tally)
+    sets = hub_sets(cfg) if (cfg is not None and hub) else []
+    _cache_hub_sets(sets, tally)
+    if tally.problems:
+        total = len(wanted) + len(sets)
         raise RgeomError(
-            f"{len(problems)} of {total} data items missing under {dest_dir} (offline? run "
-            "this where the sources are reachable, or pass --source a mirror or a folder "
-            "holding them): " + " | ".join(problems)
+            f"{len(tally.problems)} of {total} data items missing under {dest_dir} (offline? "
+            "run this where the sources are reachable, or pass --source a mirror or a folder "
+            "holding them): " + " | ".join(tally.problems)
         )
     print(
-        f"OK: {len(done)} data files in {dest_dir} ({fetched} fetched, {present} already "
-        f"present and verified)"
-        + (f"; {hub_done} hub data set(s) in the datasets cache" if hub_done else "")
+        f"OK: {len(tally.done)} data files in {dest_dir} ({tally.fetched} fetched, "
+        f"{tally.present} already present and verified)"
+        + (f"; {tally.hub_done} hub data set(s) in the datasets cache" if tally.hub_done else "")
     )
-    return done
+    return tally.done
 
 
 def fetch_data_cmd(configfile=None, dest=None, source=None, manifest=None, force=False, hub=True):

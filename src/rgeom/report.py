@@ -212,43 +212,26 @@ def _draw_figures(
 
 
 def build_summary(
-    metrics: list[str],
-    directions: list[str],
+    inputs: SummaryInputs,
     out_dir: str,
     params: dict[str, Any],
     meta: dict[str, Any],
-    train_logs: list[str] | None = None,
-    utility_shift: list[str] | None = None,
-    carriers: list[str] | None = None,
-    drift_dir: str | None = None,
-    interventions: str | None = None,
-    validation: str | None = None,
 ) -> None:
     """Write summary.parquet/.csv/.md, tables/ and figures/ under ``out_dir``.
 
-    ``validation`` (validate_judges' agreement table) joins the judges table, which always
-    lists each metrics judge's validity beside the numbers it produced.
+    ``inputs.validation`` (validate_judges' agreement table) joins the judges table, which
+    always lists each metrics judge's validity beside the numbers it produced.
 
-    ``utility_shift`` tables (metrics format) add the columns utility_kl / utility_ce.
-    ``carriers`` (every cell's carrier table), ``drift_dir`` (drift.parquet, angles.parquet,
-    verdict.parquet) and ``interventions`` (the all-cells table) add the geometry,
-    interventions and verdict tables and their figures.
+    ``inputs.utility_shift`` tables (metrics format) add the columns utility_kl / utility_ce.
+    ``inputs.carriers`` (every cell's carrier table), ``inputs.drift_dir`` (drift.parquet,
+    angles.parquet, verdict.parquet) and ``inputs.interventions`` (the all-cells table) add
+    the geometry, interventions and verdict tables and their figures.
     """
-    if not metrics and not directions and not utility_shift:
+    if not inputs.metrics and not inputs.directions and not inputs.utility_shift:
         raise RgeomError("summary: no metrics or direction files given")
     formats = figure_formats(params)
-    inputs = SummaryInputs(
-        metrics=metrics,
-        directions=directions,
-        train_logs=train_logs,
-        utility_shift=utility_shift,
-        carriers=carriers,
-        drift_dir=Path(drift_dir) if drift_dir else None,
-        interventions=interventions,
-        validation=validation,
-    )
-    m = read_metrics([*metrics, *(utility_shift or [])])
-    d = read_directions(directions)
+    m = read_metrics([*inputs.metrics, *(inputs.utility_shift or [])])
+    d = read_directions(inputs.directions)
     arms = summary_arms(params, m.get_column("arm").to_list() + d.get_column("arm").to_list())
     m, d = expand_base(m, arms), expand_base(d, arms)
     out = Path(out_dir)
@@ -277,7 +260,7 @@ def publish_summary(staging: str, dest: str, files: Sequence[str]) -> None:
             shutil.copyfile(src_root / Path(f).relative_to(dest_root), tmp)
 
 
-def summary_cmd(
+def summary_cmd(  # noqa: PLR0913 (one keyword per CLI flag: argparse's dests)
     metrics: list[str],
     directions: list[str],
     out_dir: str,
@@ -292,18 +275,21 @@ def summary_cmd(
     """``rgeom summary``: build everything, then print the one-screen summary."""
     from rgeom.io import config_hash, provenance
 
-    build_summary(
+    inputs = SummaryInputs(
         metrics=metrics,
         directions=directions,
-        out_dir=out_dir,
-        params=params,
-        meta=provenance(config_hash=config_hash(params), seed=params.get("seed")),
         train_logs=train_logs or None,
         utility_shift=utility_shift or None,
         carriers=carriers or None,
-        drift_dir=drift_dir,
+        drift_dir=Path(drift_dir) if drift_dir else None,
         interventions=interventions,
         validation=validation,
+    )
+    build_summary(
+        inputs=inputs,
+        out_dir=out_dir,
+        params=params,
+        meta=provenance(config_hash=config_hash(params), seed=params.get("seed")),
     )
     print(format_summary(out_dir))
 

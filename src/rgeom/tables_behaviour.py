@@ -14,57 +14,69 @@ from rgeom.tables_paper import PAPER_REFERENCE, is_paper_config, with_paper_colu
 POOLED_ASR_HEADER = "pooled ASR, all test cases (extra)"
 
 
-def _behaviour_columns(stems: Sequence[str]) -> list[tuple[str, str]]:
-    """(stem, header) of the behaviour columns present, in the paper's reading order."""
-    present = set(stems)
-    out: list[tuple[str, str]] = []
+# (metric suffix, header) of the per-set XSTest and utility columns, in reading order.
+_XSTEST_METRICS = (
+    ("xstest_full_refusal", "XSTest full refusal"),
+    ("xstest_partial_refusal", "XSTest partial refusal"),
+    ("xstest_any_refusal", "XSTest any refusal"),
+    ("xstest_any_refusal_corrected", "XSTest any refusal, judge-corrected"),
+    ("contrast_compliance", "XSTest contrast compliance"),
+)
+_UTILITY_METRICS = (
+    ("utility_accuracy", "utility accuracy"),
+    ("over_refusal", "over-refusal"),
+)
 
-    def add(stem: str, header: str) -> None:
-        if stem in present and stem not in {s for s, _ in out}:
-            out.append((stem, header))
 
-    def family(prefix: str) -> list[str]:
-        return sorted(s for s in stems if s.split("@")[0] == prefix or s.startswith(prefix + "@"))
+def _family(stems: Sequence[str], prefix: str) -> list[str]:
+    """The stems of metric ``prefix``, bare or at an anchor (``prefix@...``), sorted."""
+    return sorted(s for s in stems if s.split("@")[0] == prefix or s.startswith(prefix + "@"))
 
+
+def _ending_in(stems: Sequence[str], metric: str) -> list[str]:
+    """The stems whose metric (before any ``@anchor``) is ``<set>.<metric>``, sorted."""
+    return sorted(s for s in stems if s.split("@")[0].endswith("." + metric))
+
+
+def _asr_columns(stems: Sequence[str]) -> list[tuple[str, str]]:
+    """HarmBench's and the adaptive attacks' ASR columns."""
     # HarmBench reports ASR per attack method: those are the headline columns. The pooled
     # number (every test case of every method, so Templates' three test cases per behaviour
     # weigh three times) follows as a labelled extra; without methods it is the ASR.
     methods = sorted(s for s in stems if s.startswith("harmbench.asr/"))
-    for s in methods:
-        add(s, f"HarmBench ASR, {s.split('/', 1)[1]}")
-    for s in family("harmbench.asr"):
-        add(s, POOLED_ASR_HEADER if methods else "HarmBench ASR")
-    for s in family("harmbench.asr_corrected"):
-        add(
-            s,
-            "HarmBench ASR (pooled), judge-corrected"
-            if methods
-            else "HarmBench ASR, judge-corrected",
-        )
-    for s in family("adaptive_gcg.asr"):
-        add(s, "adaptive GCG ASR")
-    for s in family("adaptive_autodan.asr"):
-        add(s, "adaptive AutoDAN ASR")
-    for s in sorted(s for s in stems if ".strongreject" in s):
-        add(s, s.split(".", 1)[1].replace("_", " "))
-    for metric, header in (
-        ("xstest_full_refusal", "XSTest full refusal"),
-        ("xstest_partial_refusal", "XSTest partial refusal"),
-        ("xstest_any_refusal", "XSTest any refusal"),
-        ("xstest_any_refusal_corrected", "XSTest any refusal, judge-corrected"),
-        ("contrast_compliance", "XSTest contrast compliance"),
-    ):
-        for s in sorted(s for s in stems if s.split("@")[0].endswith("." + metric)):
-            add(s, header)
-    for metric, header in (
-        ("utility_accuracy", "utility accuracy"),
-        ("over_refusal", "over-refusal"),
-    ):
-        for s in sorted(s for s in stems if s.split("@")[0].endswith("." + metric)):
-            add(s, header)
+    pooled = POOLED_ASR_HEADER if methods else "HarmBench ASR"
+    corrected = (
+        "HarmBench ASR (pooled), judge-corrected" if methods else "HarmBench ASR, judge-corrected"
+    )
+    return [
+        *((s, f"HarmBench ASR, {s.split('/', 1)[1]}") for s in methods),
+        *((s, pooled) for s in _family(stems, "harmbench.asr")),
+        *((s, corrected) for s in _family(stems, "harmbench.asr_corrected")),
+        *((s, "adaptive GCG ASR") for s in _family(stems, "adaptive_gcg.asr")),
+        *((s, "adaptive AutoDAN ASR") for s in _family(stems, "adaptive_autodan.asr")),
+    ]
+
+
+def _refusal_and_utility_columns(stems: Sequence[str]) -> list[tuple[str, str]]:
+    """StrongREJECT's, XSTest's and the utility columns."""
+    out = [
+        (s, s.split(".", 1)[1].replace("_", " "))
+        for s in sorted(s for s in stems if ".strongreject" in s)
+    ]
+    for metric, header in (*_XSTEST_METRICS, *_UTILITY_METRICS):
+        out += [(s, header) for s in _ending_in(stems, metric)]
     for s in sorted(s for s in stems if s.split("@")[0] in ("utility_kl", "utility_ce")):
-        add(s, s.split("@")[0].replace("_", " ").replace("utility ", "utility "))
+        out.append((s, s.split("@")[0].replace("_", " ").replace("utility ", "utility ")))
     return out
+
+
+def _behaviour_columns(stems: Sequence[str]) -> list[tuple[str, str]]:
+    """(stem, header) of the behaviour columns present, in the paper's reading order."""
+    # A stem matched by more than one group keeps the header of the first.
+    out: dict[str, str] = {}
+    for stem, header in (*_asr_columns(stems), *_refusal_and_utility_columns(stems)):
+        out.setdefault(stem, header)
+    return list(out.items())
 
 
 def _behaviour_frame(

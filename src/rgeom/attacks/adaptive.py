@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import pyarrow as pa
 
 from rgeom.attacks.behaviours import load_targets, read_behaviours, select_behaviours, target_for
 from rgeom.attacks.fingerprints import resume_fingerprint
-from rgeom.attacks.optimised import GCGRunner, autodan_cases
+from rgeom.attacks.optimised import AttackJob, GCGRunner, autodan_cases
 from rgeom.errors import RgeomError
 from rgeom.io import keyed_shards, read_meta, read_table, write_table
 from rgeom.models import encode_chat
@@ -29,6 +30,26 @@ log = logging.getLogger(__name__)
 ADAPTIVE_BENCHMARK = "adaptive_gcg"
 ADAPTIVE_AUTODAN_BENCHMARK = "adaptive_autodan"
 ADAPTIVE_METHODS = {"gcg": ADAPTIVE_BENCHMARK, "autodan": ADAPTIVE_AUTODAN_BENCHMARK}
+
+
+@dataclass(frozen=True)
+class AdaptiveJob:
+    """One adaptive search against one checkpoint: what it attacks and where it writes.
+
+    ``behaviours_path`` is the behaviour set (a seeded subset is attacked), ``targets`` the
+    HarmBench targets JSON (None: the behaviours' own); ``params`` is ``attacks.adaptive``
+    and ``seed`` the run's. ``arm`` and ``step`` name the attacked checkpoint in every row;
+    the results go to ``out`` (each behaviour a resumable shard) with ``meta`` as provenance.
+    """
+
+    behaviours_path: str
+    out: str
+    params: Mapping[str, Any]
+    seed: int
+    arm: str
+    step: int
+    meta: Mapping[str, Any]
+    targets: str | None = None
 
 
 def _cases_table(arm: str, step: int, found: Mapping[str, Sequence[Any]]) -> pa.Table:
@@ -53,51 +74,47 @@ def _gcg_shard(attack: GCGRunner, behaviour: Mapping[str, Any], target: str) -> 
     return pa.Table.from_pylist([row], schema=ADAPTIVE_SHARD_SCHEMA)
 
 
-def adaptive_gcg_search(
-    model,
-    tokenizer,
-    behaviours_path: str,
-    out: str,
-    params: Mapping[str, Any],
-    seed: int,
-    arm: str,
-    step: int,
-    meta: Mapping[str, Any],
-    targets: str | None = None,
-) -> pa.Table:
+def adaptive_gcg_search(model, tokenizer, job: AdaptiveJob) -> pa.Table:
     """GCG against this checkpoint on a seeded subset of behaviours: the suffixes.
 
-    ``params`` is ``attacks.adaptive``. The subset depends only on the seed, so every anchor
+    ``job.params`` is ``attacks.adaptive``. The subset depends only on the seed, so every anchor
     is attacked on the same behaviours. Writes ADAPTIVE_CASES_SCHEMA with the exact token ids
     GCG optimised; :func:`adaptive_completions` generates from them (no text round trip).
     Generation settings are not an input: a new ``generate.max_new_tokens`` reruns the
     completions, never the search.
 
-    Each behaviour's GCG result is one shard of ``out`` (as for GCG-transfer), so a killed
-    job resumes at the behaviour it was attacking.
+    Each behaviour's GCG result is one shard of ``job.out`` (as for GCG-transfer), so a
+    killed job resumes at the behaviour it was attacking.
     """
     where = "attacks.adaptive"
-    behaviours = read_behaviours(behaviours_path)
-    chosen = select_behaviours(behaviours, params.get("n_behaviors", 2), seed)
+    behaviours = read_behaviours(job.behaviours_path)
+    chosen = select_behaviours(behaviours, job.params.get("n_behaviors", 2), job.seed)
     if not chosen:
-        raise RgeomError(f"{behaviours_path}: no harmful behaviours for {where}")
-    by_id = load_targets(targets)
+        raise RgeomError(f"{job.behaviours_path}: no harmful behaviours for {where}")
+    by_id = load_targets(job.targets)
     tgts = [target_for(b, by_id, where) for b in chosen]
-    attack = GCGRunner(model, tokenizer, params, seed)
+    attack = GCGRunner(model, tokenizer, job.params, job.seed)
 
     def one(index: int) -> tuple[pa.Table, None]:
         return _gcg_shard(attack, chosen[index], tgts[index]), None
 
     fingerprint = resume_fingerprint(
-        "adaptive_gcg", behaviours_path, params, seed, meta, arm=arm, step=step, targets=tgts
+        "adaptive_gcg",
+        job.behaviours_path,
+        job.params,
+        job.seed,
+        job.meta,
+        arm=job.arm,
+        step=job.step,
+        targets=tgts,
     )
     parts, _, shards = keyed_shards(
-        out,
+        job.out,
         fingerprint,
         [b["prompt_id"] for b in chosen],
         ADAPTIVE_SHARD_SCHEMA,
         one,
-        meta,
+        job.meta,
         desc="adaptive GCG behaviours",
     )
     results = pa.concat_tables(parts).to_pydict()
@@ -107,9 +124,9 @@ def adaptive_gcg_search(
         "target": tgts,
         **{k: results[k] for k in ("suffix", "test_case", "loss", "initial_loss", "prompt_ids")},
     }
-    table = _cases_table(arm, step, found)
-    record = {**meta, "benchmark": ADAPTIVE_BENCHMARK, "targets": targets}
-    write_table(out, table, ADAPTIVE_CASES_SCHEMA, record)
+    table = _cases_table(job.arm, job.step, found)
+    record = {**job.meta, "benchmark": ADAPTIVE_BENCHMARK, "targets": job.targets}
+    write_table(job.out, table, ADAPTIVE_CASES_SCHEMA, record)
     shards.finish()
     return table
 
@@ -117,22 +134,15 @@ def adaptive_gcg_search(
 def adaptive_autodan_search(
     model,
     tokenizer,
-    behaviours_path: str,
-    out: str,
-    params: Mapping[str, Any],
+    job: AdaptiveJob,
     autodan: Mapping[str, Any],
-    seed: int,
-    arm: str,
-    step: int,
-    meta: Mapping[str, Any],
-    targets: str | None = None,
     prototypes: str | None = None,
 ) -> pa.Table:
     """AutoDAN against this checkpoint on the adaptive subset: the evolved jailbreaks.
 
     The paper reports that step 50 "remains closed under both adaptive GCG and AutoDAN":
     this is the AutoDAN half, evolved against the checkpoint itself rather than replayed
-    from the source model. ``params`` is ``attacks.adaptive`` (its ``n_behaviors`` picks the
+    from the source model. ``job.params`` is ``attacks.adaptive`` (its ``n_behaviors`` picks the
     same seeded subset as adaptive GCG); ``autodan`` is ``attacks.autodan`` (population,
     generations, ...). ``suffix`` holds the evolved template, ``test_case`` the user
     message. The search's early stop generates ``attacks.autodan.early_stop_tokens`` tokens
@@ -141,24 +151,29 @@ def adaptive_autodan_search(
     shard, as for AutoDAN.
     """
     where = "attacks.adaptive (autodan)"
-    behaviours = read_behaviours(behaviours_path)
-    section = {**autodan, "n_behaviors": params.get("n_behaviors", 2)}
+    behaviours = read_behaviours(job.behaviours_path)
+    section = {**autodan, "n_behaviors": job.params.get("n_behaviors", 2)}
     fingerprint = resume_fingerprint(
-        "adaptive_autodan", behaviours_path, section, seed, meta, arm=arm, step=step
+        "adaptive_autodan",
+        job.behaviours_path,
+        section,
+        job.seed,
+        job.meta,
+        arm=job.arm,
+        step=job.step,
+    )
+    attack = AttackJob(
+        behaviours=behaviours,
+        targets=load_targets(job.targets),
+        params=section,
+        seed=job.seed,
+        source_model=str(job.meta.get("model") or "checkpoint"),
+        out=job.out,
+        fingerprint=fingerprint,
+        meta=job.meta,
     )
     cases, record, shards = autodan_cases(
-        model,
-        tokenizer,
-        behaviours,
-        load_targets(targets),
-        section,
-        seed,
-        str(meta.get("model") or "checkpoint"),
-        out=out,
-        fingerprint=fingerprint,
-        meta=meta,
-        prototypes=prototypes,
-        where=where,
+        model, tokenizer, attack, prototypes=prototypes, where=where
     )
     history = record["behaviours"]
     found = {
@@ -171,14 +186,14 @@ def adaptive_autodan_search(
         "initial_loss": [c["initial_loss"] for c in cases],
         "prompt_ids": [None] * len(cases),
     }
-    table = _cases_table(arm, step, found)
+    table = _cases_table(job.arm, job.step, found)
     record = {
-        **meta,
+        **job.meta,
         "benchmark": ADAPTIVE_AUTODAN_BENCHMARK,
-        "targets": targets,
+        "targets": job.targets,
         "autodan": record,
     }
-    write_table(out, table, ADAPTIVE_CASES_SCHEMA, record)
+    write_table(job.out, table, ADAPTIVE_CASES_SCHEMA, record)
     shards.finish()
     return table
 

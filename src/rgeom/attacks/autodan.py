@@ -303,37 +303,50 @@ def _check_prototypes(prototypes: Sequence[str]) -> None:
             raise RgeomError(f"AutoDAN prototype has no {SLOT} slot: {p[:60]!r}")
 
 
+@dataclass(frozen=True)
+class AutoDANSearch:
+    """What every behaviour of one AutoDAN run is searched with.
+
+    The ``prototypes`` seed the first population; ``settings`` are the genetic algorithm's
+    (:class:`AutoDANSettings`); ``seed`` with a behaviour's id seeds its own random stream
+    (:func:`behaviour_rng`). ``mutator`` defaults to a :class:`SynonymMutator` over
+    ``synonyms``, the table the word-level step also draws from. ``refused(completion) ->
+    bool`` enables the early stop: after each generation the best template's greedy
+    completion (``settings.early_stop_tokens`` tokens) is checked and the search stops at
+    the first that is not refused.
+    """
+
+    prototypes: Sequence[str]
+    settings: AutoDANSettings
+    seed: int
+    mutator: Mutator | None = None
+    synonyms: Sequence[Sequence[str]] = DEFAULT_SYNONYMS
+    refused: Callable[[str], bool] | None = None
+    progress: bool = True
+
+
 def autodan_one(
     model,
     tokenizer,
     behaviour_id: str,
     message: str,
     target: str,
-    prototypes: Sequence[str],
-    settings: AutoDANSettings,
-    seed: int,
-    mutator: Mutator | None = None,
-    synonyms: Sequence[Sequence[str]] = DEFAULT_SYNONYMS,
-    refused: Callable[[str], bool] | None = None,
-    progress: bool = True,
+    search: AutoDANSearch,
 ) -> AutoDANResult:
-    """Evolve templates for one behaviour; see the module docstring for the algorithm.
-
-    ``refused(completion) -> bool`` enables the early stop: after each generation the best
-    template's greedy completion (``early_stop_tokens`` tokens) is checked and the search
-    stops at the first that is not refused.
-    """
-    _check_prototypes(prototypes)
-    rng = behaviour_rng(seed, behaviour_id)
-    mutate = mutator or SynonymMutator(synonyms)
-    breeding = _Breeding(settings, rng, mutate, synonym_index(synonyms))
+    """Evolve templates for one behaviour; see the module docstring for the algorithm and
+    :class:`AutoDANSearch` for the early stop."""
+    _check_prototypes(search.prototypes)
+    settings = search.settings
+    rng = behaviour_rng(search.seed, behaviour_id)
+    mutate = search.mutator or SynonymMutator(search.synonyms)
+    breeding = _Breeding(settings, rng, mutate, synonym_index(search.synonyms))
     n_elite = settings.n_elite
     score = _TemplateLosses(model, tokenizer, message, target, settings.batch_size)
     early_stop = _EarlyStop(
-        model, tokenizer, message, settings.early_stop_tokens, refused, settings.early_stop
+        model, tokenizer, message, settings.early_stop_tokens, search.refused, settings.early_stop
     )
 
-    population = _initial_population(prototypes, breeding)
+    population = _initial_population(search.prototypes, breeding)
     losses = score(population)
     initial_loss = losses[0]
     history: list[float] = []
@@ -344,7 +357,7 @@ def autodan_one(
         range(settings.generations if not stopped else 0),
         desc=f"autodan {behaviour_id}",
         leave=False,
-        disable=not progress,
+        disable=not search.progress,
     )
     for g in bar:
         order = np.argsort(np.asarray(losses), kind="stable")
@@ -381,12 +394,7 @@ def autodan(
     tokenizer,
     behaviours: Sequence[Mapping[str, str]],
     targets: Sequence[str],
-    prototypes: Sequence[str],
-    settings: AutoDANSettings,
-    seed: int,
-    mutator: Mutator | None = None,
-    refused: Callable[[str], bool] | None = None,
-    progress: bool = True,
+    search: AutoDANSearch,
 ) -> list[AutoDANResult]:
     """AutoDAN on each behaviour (``prompt_id`` and ``message`` keys); the model runs in eval
     mode and is returned to its previous mode afterwards."""
@@ -396,19 +404,7 @@ def autodan(
     model.eval()
     try:
         return [
-            autodan_one(
-                model,
-                tokenizer,
-                b["prompt_id"],
-                b["message"],
-                t,
-                prototypes,
-                settings,
-                seed,
-                mutator=mutator,
-                refused=refused,
-                progress=progress,
-            )
+            autodan_one(model, tokenizer, b["prompt_id"], b["message"], t, search)
             for b, t in zip(behaviours, targets, strict=True)
         ]
     finally:

@@ -217,17 +217,31 @@ def _pad_passes(model, planned: int, tail: torch.Tensor) -> None:
             model(input_ids=tail[:, :1], use_cache=False, logits_to_keep=1)
 
 
+@dataclass(frozen=True)
+class Batching:
+    """How :func:`candidate_losses` splits its rows into forward passes.
+
+    ``batch_size`` caps the rows of one pass (``None``: all at once); ``max_cache_bytes``
+    bounds a pass's expanded cache (:func:`cache_bounded_batch`), so long contextual prompts
+    run in several passes; ``overhead`` is what :func:`plan_buckets` charges for one pass
+    more. ``collective``: pad to the same number of forward passes on every rank of the
+    default process group (:func:`_pad_passes`); every rank must then score equally often.
+    """
+
+    batch_size: int | None = None
+    overhead: float = CALL_OVERHEAD_TOKENS
+    max_cache_bytes: int = MAX_CACHE_BYTES
+    collective: bool = False
+
+
 def candidate_losses(
     model,
     kv: list[tuple[torch.Tensor, torch.Tensor]],
     candidates: torch.Tensor,
     post: torch.Tensor,
     target: torch.Tensor,
-    batch_size: int | None = None,
     current: torch.Tensor | None = None,
-    overhead: float = CALL_OVERHEAD_TOKENS,
-    max_cache_bytes: int = MAX_CACHE_BYTES,
-    collective: bool = False,
+    batching: Batching = Batching(),
 ) -> torch.Tensor:
     """Target CE of every candidate suffix (rows of ``candidates``), cached context reused.
 
@@ -236,15 +250,13 @@ def candidate_losses(
     one token swapped, so the positions before its swap are already in that cache (causal
     attention) and the pass starts at the swap. :func:`plan_buckets` groups the rows so the
     saved tokens are not eaten by extra passes; the losses are the same either way, up to
-    floating-point summation order. ``max_cache_bytes`` bounds a pass's expanded cache
-    (:func:`cache_bounded_batch`): long contextual prompts run in several passes.
-
-    ``collective``: pad to the same number of forward passes on every rank of the default
-    process group (:func:`_pad_passes`); every rank must then call this equally often.
+    floating-point summation order. ``batching`` sizes the passes (:class:`Batching`).
     """
     n, width = candidates.shape
     tail = torch.cat([post, target]).unsqueeze(0)
-    batch_size = cache_bounded_batch(kv, width + tail.shape[1], n, batch_size, max_cache_bytes)
+    batch_size = cache_bounded_batch(
+        kv, width + tail.shape[1], n, batching.batch_size, batching.max_cache_bytes
+    )
     if current is None:
         starts = torch.zeros(n, dtype=torch.long)
         context = kv[0][0].shape[2]
@@ -253,8 +265,8 @@ def candidate_losses(
         context = kv[0][0].shape[2] - width
     out = torch.empty(n, dtype=torch.float32)
     length = width + tail.shape[1]
-    plan = plan_buckets(starts, length, overhead, batch_size) if n else []
-    if collective:
+    plan = plan_buckets(starts, length, batching.overhead, batch_size) if n else []
+    if batching.collective:
         passes = sum(-(-rows.numel() // (batch_size or rows.numel())) for _, rows in plan)
         _pad_passes(model, passes, tail)
     with torch.no_grad():
@@ -340,13 +352,51 @@ def screen_dtype_from_name(name: str | None) -> torch.dtype | None:
 
 
 @dataclass(frozen=True)
+class GCGSettings:
+    """The search knobs of one :func:`gcg` call, the same for every entry it attacks.
+
+    ``steps`` optimisation steps, each scoring ``search_width`` one-token swaps drawn from
+    the ``topk`` tokens of most negative gradient; ``batch_size`` caps the candidates per
+    forward pass (``None``: all ``search_width`` at once). ``init_suffix`` starts an entry
+    with no warm start; ``system`` is the chat template's system message.
+
+    ``screen_dtype`` (e.g. ``torch.bfloat16``) scores the candidates under autocast in that
+    precision, then rescores the ``rescore_top`` best in the model's own precision and moves
+    only on those exact losses: every loss GCG reports or compares is the model's. Off by
+    default; it pays on hardware with fast low-precision matmuls (CUDA, CPUs with AMX) for a
+    model held in float32, and is a no-op for a model already in that dtype.
+
+    ``keep_best``: move only to a candidate that beats the current suffix (a buffer of one,
+    as nanoGCG does). False moves to each step's lowest-loss candidate even when it is worse,
+    as HarmBench's R2D2 refresh does; the result is then the last step's suffix.
+
+    ``collective``: every rank of the default process group runs the call together (R2D2
+    under ZeRO-3, where each forward pass is a collective); each scoring phase is padded to
+    the same number of forward passes on every rank. The ranks must pass the same number of
+    entries and ``steps``.
+    """
+
+    steps: int = 250
+    search_width: int = 512
+    topk: int = 256
+    batch_size: int | None = None
+    init_suffix: str = "! " * 20
+    system: str | None = None
+    screen_dtype: torch.dtype | str | None = None
+    rescore_top: int = 8
+    keep_best: bool = True
+    collective: bool = False
+    progress: bool = False
+
+
+@dataclass(frozen=True)
 class _Search:
     """The per-run GCG settings one entry's optimisation needs."""
 
     steps: int
     search_width: int
     topk: int
-    batch_size: int | None
+    batching: Batching
     allowed: torch.Tensor
     generator: torch.Generator
     device: torch.device
@@ -354,24 +404,21 @@ class _Search:
     rescore_top: int
     progress: bool
     keep_best: bool = True
-    collective: bool = False
 
 
 def _check_arguments(
     behaviours: Sequence[str],
     targets: Sequence[str],
     suffixes: Sequence[Sequence[int]] | None,
-    steps: int,
-    search_width: int,
-    topk: int,
-    rescore_top: int,
+    settings: GCGSettings,
 ) -> None:
     """One clear error for mismatched entries or an empty search, before any model work."""
     if len(behaviours) != len(targets):
         raise RgeomError(f"GCG got {len(behaviours)} behaviours but {len(targets)} targets")
     if suffixes is not None and len(suffixes) != len(behaviours):
         raise RgeomError(f"GCG got {len(behaviours)} behaviours but {len(suffixes)} suffixes")
-    if steps < 0 or search_width < 1 or topk < 1 or rescore_top < 1:
+    s = settings
+    if s.steps < 0 or s.search_width < 1 or s.topk < 1 or s.rescore_top < 1:
         raise RgeomError("GCG needs steps >= 0, search_width >= 1, topk >= 1 and rescore_top >= 1")
 
 
@@ -407,68 +454,44 @@ def gcg(
     tokenizer,
     behaviours: Sequence[str],
     targets: Sequence[str],
-    suffixes: Sequence[Sequence[int]] | None = None,
-    steps: int = 250,
-    search_width: int = 512,
-    topk: int = 256,
-    batch_size: int | None = None,
+    settings: GCGSettings = GCGSettings(),
     seed: int = 0,
+    suffixes: Sequence[Sequence[int]] | None = None,
     allowed_tokens: torch.Tensor | None = None,
-    system: str | None = None,
-    init_suffix: str = "! " * 20,
-    progress: bool = False,
-    screen_dtype: torch.dtype | str | None = None,
-    rescore_top: int = 8,
-    keep_best: bool = True,
-    collective: bool = False,
 ) -> list[GCGResult]:
     """Run GCG on each (behaviour, target) pair; return the best suffix found for each.
 
-    ``suffixes`` warm-starts each entry from given ids (R2D2 refreshes a pool entry from its
-    current suffix); otherwise every entry starts from ``init_suffix``. ``batch_size`` caps the
-    candidates per forward pass (``None``: all ``search_width`` at once). Deterministic for a
+    ``settings`` holds the search knobs (:class:`GCGSettings`). ``suffixes`` warm-starts each
+    entry from given ids (R2D2 refreshes a pool entry from its current suffix); otherwise
+    every entry starts from ``settings.init_suffix``. ``allowed_tokens`` are the token ids a
+    swap may insert (None: the ASCII tokens, :func:`ascii_token_ids`). Deterministic for a
     ``seed``: candidate sampling uses its own CPU generator, never the global RNG.
-
-    ``screen_dtype`` (e.g. ``torch.bfloat16``) scores the candidates under autocast in that
-    precision, then rescores the ``rescore_top`` best in the model's own precision and moves
-    only on those exact losses: every loss GCG reports or compares is the model's. Off by
-    default; it pays on hardware with fast low-precision matmuls (CUDA, CPUs with AMX) for a
-    model held in float32, and is a no-op for a model already in that dtype.
-
-    ``keep_best``: move only to a candidate that beats the current suffix (a buffer of one,
-    as nanoGCG does). False moves to each step's lowest-loss candidate even when it is worse,
-    as HarmBench's R2D2 refresh does; the result is then the last step's suffix.
-
-    ``collective``: every rank of the default process group runs this call together (R2D2
-    under ZeRO-3, where each forward pass is a collective); each scoring phase is padded to
-    the same number of forward passes on every rank. The ranks must pass the same number of
-    entries and ``steps``.
 
     The model runs in eval mode (no dropout) and is returned to its previous mode afterwards.
     """
-    _check_arguments(behaviours, targets, suffixes, steps, search_width, topk, rescore_top)
+    _check_arguments(behaviours, targets, suffixes, settings)
     device = _embedding_matrix(model).device
     vocab = _vocab_size(model)
     allowed = ascii_token_ids(tokenizer, vocab) if allowed_tokens is None else allowed_tokens
-    screen = _screening_dtype(model, screen_dtype)
+    screen = _screening_dtype(model, settings.screen_dtype)
     search = _Search(
-        steps=steps,
-        search_width=search_width,
-        topk=topk,
-        batch_size=batch_size,
+        steps=settings.steps,
+        search_width=settings.search_width,
+        topk=settings.topk,
+        batching=Batching(batch_size=settings.batch_size, collective=settings.collective),
         allowed=allowed.cpu().long(),
         generator=torch.Generator().manual_seed(seed),
         device=device,
         screen_dtype=screen,
-        rescore_top=rescore_top,
-        progress=progress,
-        keep_best=keep_best,
-        collective=collective,
+        rescore_top=settings.rescore_top,
+        progress=settings.progress,
+        keep_best=settings.keep_best,
     )
 
     was_training = model.training
     model.eval()
     results = []
+    system, init_suffix = settings.system, settings.init_suffix
     try:
         for i, (behaviour, target) in enumerate(zip(behaviours, targets, strict=True)):
             parts = split_prompt(tokenizer, behaviour, target, system)
@@ -486,7 +509,7 @@ def _best_candidate(model, kv, cands, current, post, target, search: _Search) ->
     collective search makes as many of them as the other ranks.
     """
     device = search.device
-    score = dict(batch_size=search.batch_size, current=current, collective=search.collective)
+    score = dict(current=current, batching=search.batching)
     if search.screen_dtype is None:
         losses = candidate_losses(model, kv, cands, post, target, **score)
         if not losses.numel():

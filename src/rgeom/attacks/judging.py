@@ -49,11 +49,13 @@ def judge_adaptive(
     seed: int,
     meta: Mapping[str, Any],
     prompts: str | None = None,
-    benchmark: str = ADAPTIVE_BENCHMARK,
     loader=None,
 ) -> pa.Table:
     """Label adaptive-attack completions with the configured judge; write ADAPTIVE_SCHEMA
     and, with ``metrics_out``, the ASR (:func:`adaptive_metrics_table`).
+
+    The benchmark (``adaptive_gcg`` or ``adaptive_autodan``) is the one the attack's own job
+    recorded in the completions' metadata; ``adaptive_gcg`` where none is recorded.
 
     The labels come from :func:`rgeom.judges.label_completions`, the judge stage's own path:
     with ``judge.harmbench: harmbench_classifier`` the classifier decides success (reading
@@ -65,6 +67,7 @@ def judge_adaptive(
     if not Path(completions).exists():
         raise RgeomError(f"missing file: {completions}")
     table = read_table(completions, ADAPTIVE_COMPLETION_SCHEMA)
+    benchmark = (read_meta(completions) or {}).get("benchmark") or ADAPTIVE_BENCHMARK
     arm, step = _one_checkpoint(table, completions)
     generations = as_generations(table, benchmark)
     labels, judges = label_completions(generations, completions, dict(judge), prompts, loader)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,28 +31,51 @@ from rgeom.models import encode_chat
 from rgeom.schemas import TEST_CASE_SCHEMA
 
 if TYPE_CHECKING:
-    from rgeom.attacks.autodan import AutoDANSettings
-    from rgeom.attacks.gcg import GCGResult
+    from rgeom.attacks.autodan import AutoDANSearch
+    from rgeom.attacks.gcg import GCGResult, GCGSettings
 
 log = logging.getLogger(__name__)
 
 DEFAULT_INIT_SUFFIX = " ".join(["!"] * 20)
 
 
+@dataclass(frozen=True)
+class AttackJob:
+    """One optimising attack's job, the same for GCG-transfer and AutoDAN.
+
+    ``behaviours`` are the rows a seeded subset is picked from, ``targets`` their targets
+    by behaviour id (:func:`~rgeom.attacks.behaviours.load_targets`); ``params`` is the
+    method's config section and ``seed`` the run's; ``source_model`` names the model in each
+    test case. The cases are sharded into ``out``, resumed when ``fingerprint`` matches, with
+    ``meta`` as the shards' provenance.
+    """
+
+    behaviours: Sequence[Mapping[str, Any]]
+    targets: Mapping[str, str]
+    params: Mapping[str, Any]
+    seed: int
+    source_model: str
+    out: str | Path
+    fingerprint: Mapping[str, Any]
+    meta: Mapping[str, Any]
+
+
 # --- GCG ----------------------------------------------------------------------------
 
 
-def _gcg_settings(params: Mapping[str, Any]) -> dict[str, Any]:
-    """The :func:`rgeom.attacks.gcg.gcg` keywords an ``attacks.gcg``-like section sets."""
-    return {
-        "steps": int(params.get("steps", 500)),
-        "search_width": int(params.get("search_width", 512)),
-        "topk": int(params.get("topk", 256)),
-        "batch_size": params.get("batch_size"),
-        "init_suffix": params.get("init_suffix") or DEFAULT_INIT_SUFFIX,
-        "screen_dtype": params.get("screen_dtype"),
-        "rescore_top": int(params.get("rescore_top", 8)),
-    }
+def _gcg_settings(params: Mapping[str, Any]) -> GCGSettings:
+    """The :func:`rgeom.attacks.gcg.gcg` settings an ``attacks.gcg``-like section sets."""
+    from rgeom.attacks.gcg import GCGSettings
+
+    return GCGSettings(
+        steps=int(params.get("steps", 500)),
+        search_width=int(params.get("search_width", 512)),
+        topk=int(params.get("topk", 256)),
+        batch_size=params.get("batch_size"),
+        init_suffix=params.get("init_suffix") or DEFAULT_INIT_SUFFIX,
+        screen_dtype=params.get("screen_dtype"),
+        rescore_top=int(params.get("rescore_top", 8)),
+    )
 
 
 def behaviour_seed(seed: int, behaviour_id: str) -> int:
@@ -85,9 +109,9 @@ class GCGRunner:
             self.tokenizer,
             [behaviour["message"]],
             [target],
+            self.settings,
             seed=behaviour_seed(self.seed, behaviour["prompt_id"]),
             allowed_tokens=self.allowed,
-            **self.settings,
         )
         return result
 
@@ -122,23 +146,16 @@ def _gcg_transfer_case(
 def gcg_transfer_cases(
     model,
     tokenizer,
-    behaviours: Sequence[Mapping[str, Any]],
-    targets: Mapping[str, str],
-    params: Mapping[str, Any],
-    seed: int,
-    source_model: str,
-    out: str | Path,
-    fingerprint: Mapping[str, Any],
-    meta: Mapping[str, Any],
+    job: AttackJob,
     where: str = "attacks.gcg",
     chunk: tuple[int, int] | None = None,
 ) -> tuple[list[dict[str, Any]], Shards | None]:
     """One GCG suffix per behaviour (a seeded subset), optimised on the source model.
 
-    Each behaviour is one shard of ``out`` (rgeom.io.keyed_shards): a behaviour is hours of
+    Each behaviour is one shard of ``job.out`` (rgeom.io.keyed_shards): a behaviour is hours of
     GCG at HarmBench's 500 steps x 512 candidates on a large model, so a kill loses at most
     the one in progress. A fixed design choice, not a setting: a larger shard would only lose
-    more. Returns the test cases and the shards, to be finished once ``out`` is written.
+    more. Returns the test cases and the shards, to be finished once ``job.out`` is written.
 
     ``chunk=(k, n)`` attacks only every n-th chosen behaviour from the k-th (one SLURM job of
     n; :func:`rgeom.attacks.stages.attack_merge` puts the n parts back in file order).
@@ -146,7 +163,7 @@ def gcg_transfer_cases(
     HarmBench's file, and would otherwise all land in one job. Each behaviour keeps its own
     seed, so the merged test cases equal one unchunked job's.
     """
-    chosen = select_behaviours(behaviours, params.get("n_behaviors"), seed)
+    chosen = select_behaviours(job.behaviours, job.params.get("n_behaviors"), job.seed)
     if not chosen:
         raise RgeomError(f"{where}: no harmful behaviours to attack")
     if chunk is not None:
@@ -154,20 +171,20 @@ def gcg_transfer_cases(
         if not chosen:  # more jobs than behaviours: this one has nothing to do
             return [], None
     # Every target is checked before the first shard, so a bad one fails the job at once.
-    tgts = [target_for(b, targets, where) for b in chosen]
-    attack = GCGRunner(model, tokenizer, params, seed)
+    tgts = [target_for(b, job.targets, where) for b in chosen]
+    attack = GCGRunner(model, tokenizer, job.params, job.seed)
 
     def one(index: int) -> tuple[pa.Table, None]:
-        case = _gcg_transfer_case(attack, chosen[index], tgts[index], source_model)
+        case = _gcg_transfer_case(attack, chosen[index], tgts[index], job.source_model)
         return cases_table([case]), None
 
     tables, _, shards = keyed_shards(
-        out,
-        {**fingerprint, "targets": tgts},
+        job.out,
+        {**job.fingerprint, "targets": tgts},
         [b["prompt_id"] for b in chosen],
         TEST_CASE_SCHEMA,
         one,
-        meta,
+        job.meta,
         desc="GCG behaviours",
     )
     return pa.concat_tables(tables).to_pylist(), shards
@@ -188,24 +205,13 @@ def _autodan_case(
     tokenizer,
     behaviour: Mapping[str, Any],
     target: str,
-    prototypes: Sequence[str],
-    settings: AutoDANSettings,
-    seed: int,
+    search: AutoDANSearch,
     source_model: str,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """AutoDAN on one behaviour: its test case and its loss history for the provenance."""
     from rgeom.attacks.autodan import autodan
 
-    (res,) = autodan(
-        model,
-        tokenizer,
-        [behaviour],
-        [target],
-        prototypes,
-        settings,
-        seed,
-        refused=refused_or_degenerate,
-    )
+    (res,) = autodan(model, tokenizer, [behaviour], [target], search)
     log.info(
         "AutoDAN %s: loss %.3f -> %.3f in %d generations%s",
         behaviour["prompt_id"],
@@ -235,14 +241,7 @@ def _autodan_case(
 def autodan_cases(
     model,
     tokenizer,
-    behaviours: Sequence[Mapping[str, Any]],
-    targets: Mapping[str, str],
-    params: Mapping[str, Any],
-    seed: int,
-    source_model: str,
-    out: str | Path,
-    fingerprint: Mapping[str, Any],
-    meta: Mapping[str, Any],
+    job: AttackJob,
     prototypes: str | None = None,
     where: str = "attacks.autodan",
 ) -> tuple[list[dict[str, Any]], dict[str, Any], Shards]:
@@ -250,33 +249,34 @@ def autodan_cases(
 
     ``prototypes`` is a templates JSONL (the same format and ``{behavior}`` check as the
     Templates method); None uses rgeom's own ``autodan_prototypes.jsonl``. Each behaviour is
-    one shard of ``out``, as for GCG-transfer; AutoDAN seeds each behaviour from its id
+    one shard of ``job.out``, as for GCG-transfer; AutoDAN seeds each behaviour from its id
     (rgeom.attacks.autodan.behaviour_rng), so the order of the shards changes nothing.
     Returns the test cases, per behaviour the loss history for the file's provenance (kept
-    in each shard's metadata), and the shards, to be finished once ``out`` is written.
+    in each shard's metadata), and the shards, to be finished once ``job.out`` is written.
     """
-    from rgeom.attacks.autodan import PROTOTYPES_FILE, AutoDANSettings
+    from rgeom.attacks.autodan import PROTOTYPES_FILE, AutoDANSearch, AutoDANSettings
 
-    settings = AutoDANSettings.from_params(params, where)
-    chosen = select_behaviours(behaviours, params.get("n_behaviors"), seed)
+    settings = AutoDANSettings.from_params(job.params, where)
+    chosen = select_behaviours(job.behaviours, job.params.get("n_behaviors"), job.seed)
     if not chosen:
         raise RgeomError(f"{where}: no harmful behaviours to attack")
     protos = [p["template"] for p in load_templates(prototypes or PROTOTYPES_FILE)]
-    tgts = [target_for(b, targets, where) for b in chosen]
+    tgts = [target_for(b, job.targets, where) for b in chosen]
+    search = AutoDANSearch(protos, settings, job.seed, refused=refused_or_degenerate)
 
     def one(index: int) -> tuple[pa.Table, dict[str, Any]]:
         case, history = _autodan_case(
-            model, tokenizer, chosen[index], tgts[index], protos, settings, seed, source_model
+            model, tokenizer, chosen[index], tgts[index], search, job.source_model
         )
         return cases_table([case]), history
 
     tables, histories, shards = keyed_shards(
-        out,
-        {**fingerprint, "targets": tgts, "prototypes": protos},
+        job.out,
+        {**job.fingerprint, "targets": tgts, "prototypes": protos},
         [b["prompt_id"] for b in chosen],
         TEST_CASE_SCHEMA,
         one,
-        meta,
+        job.meta,
         desc="AutoDAN behaviours",
     )
     history = {b["prompt_id"]: h for b, h in zip(chosen, histories, strict=True)}

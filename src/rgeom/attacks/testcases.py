@@ -53,6 +53,7 @@ from rgeom.attacks.adaptive import (  # noqa: F401
     ADAPTIVE_AUTODAN_BENCHMARK,
     ADAPTIVE_BENCHMARK,
     ADAPTIVE_METHODS,
+    AdaptiveJob,
     adaptive_autodan_search,
     adaptive_completions,
     adaptive_gcg_search,
@@ -78,6 +79,7 @@ from rgeom.attacks.judging import (  # noqa: F401
 )
 from rgeom.attacks.optimised import (  # noqa: F401
     DEFAULT_INIT_SUFFIX,
+    AttackJob,
     autodan_cases,
     behaviour_seed,
     gcg_transfer_cases,
@@ -120,8 +122,14 @@ def direct_request_cases(
 
 
 @dataclass(frozen=True)
-class _MethodJob:
-    """One :func:`build_method` call's inputs, as its per-method steps read them."""
+class MethodJob:
+    """One fixed-source method's test-case file: which method, from what, written where.
+
+    ``params`` is the ``attacks`` config section. ``templates`` is the Templates method's
+    templates file, or AutoDAN's prototypes (None: rgeom's own); ``targets`` the HarmBench
+    targets JSON (None: the behaviours' own). ``chunk=(k, n)`` (GCG-transfer only) writes
+    the k-th of n parts of its behaviours.
+    """
 
     method: str
     behaviours_path: str
@@ -130,15 +138,13 @@ class _MethodJob:
     seed: int
     source_model: str
     meta: Mapping[str, Any]
-    model: Any
-    tokenizer: Any
-    templates: str | None
-    targets: str | None
-    chunk: tuple[int, int] | None
+    templates: str | None = None
+    targets: str | None = None
+    chunk: tuple[int, int] | None = None
 
 
 def _method_cases(
-    job: _MethodJob, behaviours: Sequence[Mapping[str, Any]]
+    job: MethodJob, behaviours: Sequence[Mapping[str, Any]], model, tokenizer
 ) -> tuple[list[dict[str, Any]], dict[str, Any], Shards | None]:
     """One method's test cases, its extra provenance, and the shards an optimising method
     leaves to be finished once the table is written."""
@@ -156,7 +162,7 @@ def _method_cases(
         return cases, {}, None
     if job.method not in MODEL_METHODS:
         raise RgeomError(f"attack method {job.method!r} is unknown; choose one of {list(METHODS)}")
-    if job.model is None:
+    if model is None:
         raise RgeomError(f"{job.method} needs a source model (--model)")
     targets = load_targets(job.targets)
     fingerprint = resume_fingerprint(
@@ -167,93 +173,51 @@ def _method_cases(
         seed=job.seed,
         meta=job.meta,
     )
-    if job.method == "GCG-transfer":
-        cases, shards = gcg_transfer_cases(
-            job.model,
-            job.tokenizer,
-            behaviours,
-            targets,
-            job.params.get("gcg", {}),
-            job.seed,
-            job.source_model,
-            out=job.out,
-            fingerprint=fingerprint,
-            meta=job.meta,
-            chunk=job.chunk,
-        )
-        return cases, ({} if job.chunk is None else {"chunk": list(job.chunk)}), shards
-    cases, history, shards = autodan_cases(
-        job.model,
-        job.tokenizer,
-        behaviours,
-        targets,
-        job.params.get("autodan", {}),
-        job.seed,
-        job.source_model,
+    key = "gcg" if job.method == "GCG-transfer" else "autodan"
+    attack = AttackJob(
+        behaviours=behaviours,
+        targets=targets,
+        params=job.params.get(key, {}),
+        seed=job.seed,
+        source_model=job.source_model,
         out=job.out,
         fingerprint=fingerprint,
         meta=job.meta,
-        prototypes=job.templates,
     )
+    if job.method == "GCG-transfer":
+        cases, shards = gcg_transfer_cases(model, tokenizer, attack, chunk=job.chunk)
+        return cases, ({} if job.chunk is None else {"chunk": list(job.chunk)}), shards
+    cases, history, shards = autodan_cases(model, tokenizer, attack, prototypes=job.templates)
     return cases, {"autodan": history}, shards
 
 
-def build_method(
-    method: str,
-    behaviours_path: str,
-    out: str,
-    params: Mapping[str, Any],
-    seed: int,
-    source_model: str,
-    meta: Mapping[str, Any],
-    model=None,
-    tokenizer=None,
-    templates: str | None = None,
-    targets: str | None = None,
-    chunk: tuple[int, int] | None = None,
-) -> pa.Table:
-    """Write the test cases of one fixed-source method to ``out``.
+def build_method(job: MethodJob, model=None, tokenizer=None) -> pa.Table:
+    """Write the test cases of one fixed-source method to ``job.out``.
 
-    ``chunk=(k, n)`` (GCG-transfer only) writes the k-th of n parts of its behaviours.
-
-    ``params`` is the ``attacks`` config section; ``model``/``tokenizer`` are needed only
-    by the methods that optimise (GCG-transfer, AutoDAN). For AutoDAN, ``templates`` is
-    its prototypes file (None: rgeom's own). The optimising methods resume from the
-    per-behaviour shards in ``<out>.parts/`` that a killed run left, when the fingerprint
-    (behaviour file hash, targets, source model files, parameters, seed, provenance) matches.
+    ``model``/``tokenizer`` are needed only by the methods that optimise (GCG-transfer,
+    AutoDAN). The optimising methods resume from the per-behaviour shards in
+    ``<out>.parts/`` that a killed run left, when the fingerprint (behaviour file hash,
+    targets, source model files, parameters, seed, provenance) matches.
     """
-    behaviours = read_behaviours(behaviours_path)
-    job = _MethodJob(
-        method,
-        behaviours_path,
-        out,
-        params,
-        seed,
-        source_model,
-        meta,
-        model,
-        tokenizer,
-        templates,
-        targets,
-        chunk,
-    )
-    cases, extra, shards = _method_cases(job, behaviours)
-    if chunk is not None and method != "GCG-transfer":
+    behaviours = read_behaviours(job.behaviours_path)
+    cases, extra, shards = _method_cases(job, behaviours, model, tokenizer)
+    method = job.method
+    if job.chunk is not None and method != "GCG-transfer":
         raise RgeomError(f"attack method {method!r} is not split into chunks (GCG-transfer is)")
     table = cases_table(cases)
     record = {
-        **meta,
+        **job.meta,
         "method": method,
-        "behaviours": str(behaviours_path),
-        "source_model": source_model,
-        "templates": str(templates or TEMPLATES_FILE) if method == "Templates" else None,
-        "targets": targets,
+        "behaviours": str(job.behaviours_path),
+        "source_model": job.source_model,
+        "templates": str(job.templates or TEMPLATES_FILE) if method == "Templates" else None,
+        "targets": job.targets,
         **extra,
     }
-    write_table(out, table, TEST_CASE_SCHEMA, record)
+    write_table(job.out, table, TEST_CASE_SCHEMA, record)
     if shards is not None:
         shards.finish()
-    log.info("wrote %d %s test cases to %s", table.num_rows, method, out)
+    log.info("wrote %d %s test cases to %s", table.num_rows, method, job.out)
     return table
 
 

@@ -323,6 +323,90 @@ def configured(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+@dataclass
+class _JudgeTrail:
+    """Per label row, the model judges that ran on it, with their versions and raw outputs;
+    merged into the row's judge columns once every judge has run."""
+
+    names: list[list[str]]
+    versions: list[list[str]]
+    outputs: list[list[str]]
+
+    @classmethod
+    def empty(cls, n: int) -> _JudgeTrail:
+        return cls([[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)])
+
+    def note(self, i: int, name: str, version: str, text: str) -> None:
+        self.names[i].append(name)
+        self.versions[i].append(f"{name}={JUDGE_PROTOCOL_VERSION}:{version}")
+        self.outputs[i].append(f"[{name}] {text}")
+
+    def merge_into(self, labels: dict[str, list]) -> None:
+        for i, names in enumerate(self.names):
+            if names:
+                labels["judge"][i] = "+".join([labels["judge"][i], *names])
+                labels["judge_version"][i] = ";".join(
+                    [labels["judge_version"][i], *self.versions[i]]
+                )
+                labels["judge_output"][i] = "\n".join(self.outputs[i])
+
+
+def _rows_to_judge(
+    name: str,
+    labels: dict[str, list],
+    kinds: np.ndarray,
+    harmful: list[int],
+    params: dict[str, Any],
+) -> list[int]:
+    """The label rows judge ``name`` reads. HarmBench's classifier skips copyright
+    behaviours (unless ``exclude_copyright`` is off) and marks them ``excluded``."""
+    if name == HARMBENCH:
+        exclude = bool(params.get("exclude_copyright", True))
+        todo = []
+        for i in harmful:
+            copyright_row = str(labels["category"][i] or "").lower() in COPYRIGHT_CATEGORIES
+            labels["excluded"][i] = bool(exclude and copyright_row)
+            if not labels["excluded"][i]:
+                todo.append(i)
+        return todo
+    if name == XSTEST:
+        return [i for i in range(len(kinds)) if kinds[i] in ("safe", "contrast")]
+    return list(harmful)
+
+
+def _judge_rows(
+    name: str,
+    judge: JudgeLM,
+    todo: list[int],
+    labels: dict[str, list],
+    rows: dict[str, list],
+    max_gen: int,
+    trail: _JudgeTrail,
+) -> None:
+    """Run judge ``name`` on rows ``todo``, write its labels and note its raw outputs."""
+    beh = [rows["behaviour"][i] for i in todo]
+    gen = [rows["completion"][i] or "" for i in todo]
+    if name == HARMBENCH:
+        ctx = [rows["context"][i] for i in todo]
+        verdicts, raw = harmbench_verdicts(judge, beh, gen, ctx, max_gen)
+        for i, v, r in zip(todo, verdicts, raw, strict=True):
+            labels["verdict"][i] = v
+            trail.note(i, name, judge.version, r)
+    elif name == XSTEST:
+        classes, raw = xstest_classes(judge, beh, gen)
+        for i, c, r in zip(todo, classes, raw, strict=True):
+            labels["refusal"][i] = c
+            labels["refused"][i] = c in ("full", "partial")
+            trail.note(i, name, judge.version, r)
+    else:
+        fn = strongreject_rubric if name == SR_RUBRIC else strongreject_finetuned
+        items, raw = fn(judge, beh, gen)
+        for i, it, r in zip(todo, items, raw, strict=True):
+            labels["sr_score"][i] = float(it["score"])
+            labels["sr_refused"][i] = float(it["refused"])
+            trail.note(i, name, judge.version, r)
+
+
 def apply_model_judges(
     labels: dict[str, list],
     rows: dict[str, list],
@@ -340,60 +424,17 @@ def apply_model_judges(
     n = len(labels["label"])
     kinds = np.asarray(labels["label"], dtype=object)
     harmful = [i for i in range(n) if kinds[i] == "harmful"]
-    names: list[list[str]] = [[] for _ in range(n)]
-    versions: list[list[str]] = [[] for _ in range(n)]
-    outputs: list[list[str]] = [[] for _ in range(n)]
+    trail = _JudgeTrail.empty(n)
     max_gen = int(params.get("max_generation_tokens", 512))
-
-    def note(i: int, name: str, version: str, text: str) -> None:
-        names[i].append(name)
-        versions[i].append(f"{name}={JUDGE_PROTOCOL_VERSION}:{version}")
-        outputs[i].append(f"[{name}] {text}")
-
     for name, spec in judges.items():
-        if name == HARMBENCH:
-            exclude = bool(params.get("exclude_copyright", True))
-            todo = []
-            for i in harmful:
-                copyright_row = str(labels["category"][i] or "").lower() in COPYRIGHT_CATEGORIES
-                labels["excluded"][i] = bool(exclude and copyright_row)
-                if not labels["excluded"][i]:
-                    todo.append(i)
-        elif name == XSTEST:
-            todo = [i for i in range(n) if kinds[i] in ("safe", "contrast")]
-        else:
-            todo = list(harmful)
+        todo = _rows_to_judge(name, labels, kinds, harmful, params)
         if not todo:
             continue
         judge = loader(spec, name)
         try:
-            beh = [rows["behaviour"][i] for i in todo]
-            gen = [rows["completion"][i] or "" for i in todo]
-            if name == HARMBENCH:
-                ctx = [rows["context"][i] for i in todo]
-                verdicts, raw = harmbench_verdicts(judge, beh, gen, ctx, max_gen)
-                for i, v, r in zip(todo, verdicts, raw, strict=True):
-                    labels["verdict"][i] = v
-                    note(i, name, judge.version, r)
-            elif name == XSTEST:
-                classes, raw = xstest_classes(judge, beh, gen)
-                for i, c, r in zip(todo, classes, raw, strict=True):
-                    labels["refusal"][i] = c
-                    labels["refused"][i] = c in ("full", "partial")
-                    note(i, name, judge.version, r)
-            else:
-                fn = strongreject_rubric if name == SR_RUBRIC else strongreject_finetuned
-                items, raw = fn(judge, beh, gen)
-                for i, it, r in zip(todo, items, raw, strict=True):
-                    labels["sr_score"][i] = float(it["score"])
-                    labels["sr_refused"][i] = float(it["refused"])
-                    note(i, name, judge.version, r)
+            _judge_rows(name, judge, todo, labels, rows, max_gen, trail)
             log.info("%s judged %d rows", name, len(todo))
         finally:
             release(judge)
-    for i in range(n):
-        if names[i]:
-            labels["judge"][i] = "+".join([labels["judge"][i], *names[i]])
-            labels["judge_version"][i] = ";".join([labels["judge_version"][i], *versions[i]])
-            labels["judge_output"][i] = "\n".join(outputs[i])
+    trail.merge_into(labels)
     return labels

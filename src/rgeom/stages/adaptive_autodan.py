@@ -32,23 +32,22 @@ def run(
     templates: str | None,
     params: dict[str, Any],
 ) -> None:
-    from rgeom.attacks.testcases import adaptive_autodan_search
+    from rgeom.attacks.testcases import AdaptiveJob, adaptive_autodan_search
 
     seed = seed_stage(params)
     lm, tokenizer = load_model_and_tokenizer(model, params)
     arm, step = attacked_cell(params)
     attacks = params.get("attacks", {})
-    adaptive_autodan_search(
-        model=lm,
-        tokenizer=tokenizer,
+    job = AdaptiveJob(
         behaviours_path=behaviors,
         out=out,
         params=attacks.get("adaptive", {}),
-        autodan=attacks.get("autodan", {}),
         seed=seed,
         arm=arm,
         step=step,
         meta=stage_meta(params, model=model, arm=arm, step=step),
         targets=targets,
-        prototypes=templates,
+    )
+    adaptive_autodan_search(
+        lm, tokenizer, job, autodan=attacks.get("autodan", {}), prototypes=templates
     )

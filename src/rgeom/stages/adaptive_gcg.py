@@ -29,14 +29,12 @@ def attacked_cell(params: dict[str, Any]) -> tuple[str, int]:
 
 
 def run(model: str, behaviors: str, out: str, targets: str | None, params: dict[str, Any]) -> None:
-    from rgeom.attacks.testcases import adaptive_gcg_search
+    from rgeom.attacks.testcases import AdaptiveJob, adaptive_gcg_search
 
     seed = seed_stage(params)
     lm, tokenizer = load_model_and_tokenizer(model, params)
     arm, step = attacked_cell(params)
-    adaptive_gcg_search(
-        model=lm,
-        tokenizer=tokenizer,
+    job = AdaptiveJob(
         behaviours_path=behaviors,
         out=out,
         params=params.get("attacks", {}).get("adaptive", {}),
@@ -46,3 +44,4 @@ def run(model: str, behaviors: str, out: str, targets: str | None, params: dict[
         meta=stage_meta(params, model=model, arm=arm, step=step),
         targets=targets,
     )
+    adaptive_gcg_search(lm, tokenizer, job)

@@ -29,7 +29,7 @@ def run(
     params: dict[str, Any],
     prompts: str | None = None,
 ) -> None:
-    from rgeom.attacks.testcases import ADAPTIVE_BENCHMARK, judge_adaptive
+    from rgeom.attacks.testcases import judge_adaptive
 
     seed = seed_stage(params)
     source = read_meta(completions)
@@ -41,6 +41,4 @@ def run(
         seed=seed,
         meta=stage_meta(params, model=source.get("model")),
         prompts=prompts,
-        # adaptive_gcg or adaptive_autodan, as the attack's own job recorded it.
-        benchmark=source.get("benchmark") or ADAPTIVE_BENCHMARK,
     )

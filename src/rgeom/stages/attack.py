@@ -51,7 +51,7 @@ def run(
     targets: str | None,
     params: dict[str, Any],
 ) -> None:
-    from rgeom.attacks.testcases import MODEL_METHODS, build_method
+    from rgeom.attacks.testcases import MODEL_METHODS, MethodJob, build_method
 
     seed = seed_stage(params)
     section = params.get("attacks", {})
@@ -59,7 +59,7 @@ def run(
     lm = tokenizer = None
     if method in MODEL_METHODS and model:
         lm, tokenizer = load_model_and_tokenizer(model, params)
-    build_method(
+    job = MethodJob(
         method=method,
         behaviours_path=behaviors,
         out=out,
@@ -67,9 +67,8 @@ def run(
         seed=seed,
         source_model=str(source),
         meta=stage_meta(params, model=model),
-        model=lm,
-        tokenizer=tokenizer,
         templates=templates,
         targets=targets,
         chunk=parse_chunk(params.get("chunk")),
     )
+    build_method(job, model=lm, tokenizer=tokenizer)

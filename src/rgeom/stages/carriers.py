@@ -42,6 +42,7 @@ def run(
     prompt_filter: str | None = None,
     activations: str | None = None,
 ) -> None:
+    from rgeom.carrier_table import CarrierInputs
     from rgeom.interventions import carrier_search_table
 
     seed = seed_stage(params)
@@ -50,13 +51,15 @@ def run(
     carrier_search_table(
         model=lm,
         tokenizer=tokenizer,
-        directions=directions,
-        harmful=val_harmful,
-        harmless=val_harmless,
+        inputs=CarrierInputs(
+            directions=directions,
+            harmful=val_harmful,
+            harmless=val_harmless,
+            prompt_filter=prompt_filter,
+            activations=activations,
+        ),
         out=out,
         params=params.get("carrier", {}),
         meta=stage_meta(params, model=model, **cell_fields(params, source), directions=directions),
         seed=seed,
-        prompt_filter=prompt_filter,
-        activations=activations,
     )

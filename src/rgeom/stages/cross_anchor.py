@@ -37,7 +37,7 @@ def run(
     out: str,
     params: dict[str, Any],
 ) -> None:
-    from rgeom.causal import cross_anchor_table
+    from rgeom.causal import CrossAnchorInputs, cross_anchor_table
 
     seed_stage(params)
     if params.get("arm") is None or params.get("step") is None:
@@ -46,10 +46,12 @@ def run(
     cross_anchor_table(
         model=lm,
         tokenizer=tokenizer,
-        directions=directions,
-        carriers=carriers,
-        val_harmful=val_harmful,
-        val_harmless=val_harmless,
+        inputs=CrossAnchorInputs(
+            directions=directions,
+            carriers=carriers,
+            val_harmful=val_harmful,
+            val_harmless=val_harmless,
+        ),
         out=out,
         params=params,
         meta=stage_meta(params, model=model, arm=params["arm"], step=int(params["step"])),

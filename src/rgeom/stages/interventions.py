@@ -35,7 +35,7 @@ COMMAND = StageCommand(
 )
 
 
-def run(  # one keyword per CLI flag: argparse's dests are the arguments
+def run(  # noqa: PLR0913 (one keyword per CLI flag: argparse's dests)
     model: str,
     directions: str,
     carriers: str,
@@ -47,7 +47,7 @@ def run(  # one keyword per CLI flag: argparse's dests are the arguments
     out: str,
     params: dict[str, Any],
 ) -> None:
-    from rgeom.causal import interventions_table
+    from rgeom.causal import InterventionInputs, interventions_table
 
     seed_stage(params)
     source = read_meta(directions)
@@ -55,13 +55,15 @@ def run(  # one keyword per CLI flag: argparse's dests are the arguments
     interventions_table(
         model=lm,
         tokenizer=tokenizer,
-        directions=directions,
-        carriers=carriers,
-        activations=activations,
-        val_harmful=val_harmful,
-        val_harmless=val_harmless,
-        generate_prompts=generate_set,
-        utility_prompts=utility_set,
+        inputs=InterventionInputs(
+            directions=directions,
+            carriers=carriers,
+            activations=activations,
+            val_harmful=val_harmful,
+            val_harmless=val_harmless,
+            generate_prompts=generate_set,
+            utility_prompts=utility_set,
+        ),
         out=out,
         params=params,
         meta=stage_meta(params, model=model, **cell_fields(params, source)),

@@ -33,7 +33,7 @@ COMMAND = StageCommand(
 )
 
 
-def run(  # one keyword per CLI flag: argparse's dests are the arguments
+def run(  # noqa: PLR0913 (one keyword per CLI flag: argparse's dests)
     arm: str,
     model: str,
     data: str,
@@ -48,6 +48,7 @@ def run(  # one keyword per CLI flag: argparse's dests are the arguments
     import os
 
     from rgeom.train import train_arm
+    from rgeom.train.runner import ArmFiles
 
     seed_stage(params)
     if save_every is not None:
@@ -58,12 +59,8 @@ def run(  # one keyword per CLI flag: argparse's dests are the arguments
     limit = time_limit_min * 60 if time_limit_min and os.environ.get("SLURM_JOB_ID") else None
     train_arm(
         arm=arm,
-        model_dir=model,
-        data=data,
-        out_dir=out_dir,
-        state_dir=state_dir,
-        log_table=log_table,
-        write_log=log_table is not None,
+        # Without --log-table the metrics stay in the state folder (rule train_log's part).
+        files=ArmFiles(model, data, out_dir, state_dir, log_table),
         params=params,
         extra=dict(extra),
         meta=stage_meta(params, model=model, arm=arm),

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from trl import SFTTrainer
 
-from rgeom.attacks.gcg import _vocab_size, ascii_token_ids, gcg, suffix_ids_in_context
+from rgeom.attacks.gcg import GCGSettings, _vocab_size, ascii_token_ids, gcg, suffix_ids_in_context
 from rgeom.errors import RgeomError
 
 # Also importable from here, where the R2D2 names have always been.
@@ -154,23 +154,26 @@ class R2D2Pool:
 
     def _gcg(self, model, index: int, seed: int, collective: bool) -> tuple[list[int], float]:
         entry = self.entries[index]
-        (res,) = gcg(
-            model,
-            self.tokenizer,
-            [entry.behaviour],
-            [entry.target],
-            suffixes=[entry.suffix_ids],
+        settings = GCGSettings(
             steps=self.cfg.gcg_steps,
             search_width=self.cfg.search_width,
             topk=self.cfg.topk,
             batch_size=self.cfg.gcg_batch_size,
-            seed=seed,
-            allowed_tokens=self._allowed_tokens(model),
             system=self.cfg.system,
             screen_dtype=self.cfg.gcg_screen_dtype,
             rescore_top=self.cfg.gcg_rescore_top,
             keep_best=self.cfg.gcg_keep_best,
             collective=collective,
+        )
+        (res,) = gcg(
+            model,
+            self.tokenizer,
+            [entry.behaviour],
+            [entry.target],
+            settings,
+            seed=seed,
+            suffixes=[entry.suffix_ids],
+            allowed_tokens=self._allowed_tokens(model),
         )
         return res.suffix_ids, res.loss
 

@@ -145,13 +145,27 @@ def _make_callback(runner: _Runner):
 
 @dataclass(frozen=True)
 class ArmFiles:
-    """Where one arm trains from and writes to (see the module docstring's layout)."""
+    """Where one arm trains from and writes to (see the module docstring's layout).
+
+    ``log_table`` None: the per-step metrics stay in ``state_dir`` (the workflow writes the
+    table in a rule of its own).
+    """
 
     model_dir: str | Path
     data: str
     out_dir: str | Path
     state_dir: str | Path
     log_table: str | Path | None
+
+    @classmethod
+    def beside(
+        cls, model_dir: str | Path, data: str, out_dir: str | Path, write_log: bool = True
+    ) -> ArmFiles:
+        """The results layout's files: the resume state and the metrics table beside
+        ``out_dir`` (``train_state/`` and ``train_log.parquet`` in its parent folder)."""
+        out = Path(out_dir)
+        log_table = out.parent / "train_log.parquet" if write_log else None
+        return cls(model_dir, data, out, out.parent / "train_state", log_table)
 
 
 class _Runner:
@@ -423,40 +437,20 @@ class _Runner:
 
 def train_arm(
     arm: str,
-    model_dir: str,
-    data: str,
-    out_dir: str,
+    files: ArmFiles,
     params: dict[str, Any],
     extra: dict[str, str],
     meta: dict[str, Any],
-    state_dir: str | None = None,
-    log_table: str | None = None,
-    write_log: bool = True,
     time_limit_s: float | None = None,
 ) -> None:
-    """Train ``arm`` from ``model_dir`` on ``data``; export every anchor under ``out_dir``.
+    """Train ``arm`` from ``files.model_dir`` on ``files.data``; export every anchor under
+    ``files.out_dir``.
 
-    The per-step metrics go to ``log_table`` (default: beside ``out_dir``) unless
-    ``write_log`` is false: the workflow writes them in a rule of their own.
+    The per-step metrics go to ``files.log_table`` unless it is None.
     ``time_limit_s``: the job's wall-clock limit, counted from this call; the run saves and
     stops ``train.save_margin_s`` (plus two steps) before it.
     """
-    out = Path(out_dir)
-    files = ArmFiles(
-        model_dir,
-        data,
-        out,
-        state_dir or out.parent / "train_state",
-        (log_table or out.parent / "train_log.parquet") if write_log else None,
-    )
-    runner = _Runner(
-        arm,
-        files,
-        params,
-        extra,
-        meta,
-        time_limit_s=time_limit_s,
-    )
+    runner = _Runner(arm, files, params, extra, meta, time_limit_s=time_limit_s)
     runner.run()
     _leave_process_group()
 
