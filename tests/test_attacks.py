@@ -147,7 +147,7 @@ def test_gcg_transfer_lowers_the_target_loss_deterministically(tiny, behaviours,
 def test_gcg_targets_file_overrides_the_target_column(tmp_path, behaviours):
     targets = tmp_path / "targets.json"
     targets.write_text(json.dumps({"b1": "Sure, file target", "b2": ["Sure, first", "second"]}))
-    loaded = T.load_targets(targets)
+    loaded = T.load_gcg_targets(targets)
     rows = {r["prompt_id"]: r for r in T.read_behaviours(behaviours)}
     assert T.target_for(rows["b1"], loaded, "x") == "Sure, file target"
     assert T.target_for(rows["b2"], loaded, "x") == "Sure, first"

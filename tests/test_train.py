@@ -380,8 +380,11 @@ def test_time_limit_applies_only_under_slurm(monkeypatch):
     monkeypatch.setattr(rgeom.train, "train_arm", lambda **kw: seen.append(kw))
     args = ("sft", "m", "d", "o", "s", None, [], {"train": {}})
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    run_train(*args, time_limit_min=240, save_every=25)
+    run_train(*args, time_limit_min=240, save_every=25, save_margin_s=30)
     monkeypatch.setenv("SLURM_JOB_ID", "42")
     run_train(*args, time_limit_min=240)
     assert [kw["time_limit_s"] for kw in seen] == [None, 240 * 60]
+    # Both saving settings reach the runner (the rule passes them beside --params).
     assert seen[0]["params"]["train"]["save_every"] == 25
+    assert seen[0]["params"]["train"]["save_margin_s"] == 30
+    assert "save_margin_s" not in seen[1]["params"]["train"]

@@ -65,7 +65,7 @@ def score_direction(
     vec,
     layer: int,
     sets: ScoringSets,
-    batch_size: int = 16,
+    batch_size: int = schema_default("carrier.batch_size"),
     ablate=None,
     share_prefix: bool = True,
 ) -> dict[str, Any]:
@@ -110,7 +110,9 @@ def admissible(bypass: float, induce: float, kl: float, kl_max: float) -> bool:
     return bool(finite and kl <= kl_max and induce >= 0)
 
 
-def layer_cut(n_layers: int, max_layer_frac: float = 0.8) -> int:
+def layer_cut(
+    n_layers: int, max_layer_frac: float = schema_default("carrier.max_layer_frac")
+) -> int:
     """The first layer the search discards: candidates sit at layers < int(frac * n_layers),
     as in Arditi et al.'s ``filter_fn`` (``layer >= int(n_layer * (1 - 0.2))`` is pruned).
     The int() matters: for 32 layers the cut is 25, where ``layer < 0.8 * 32`` would keep 25."""

@@ -27,13 +27,13 @@ from rgeom.carrier_search import (
     select_carrier,
 )
 from rgeom.causal_subspace import contrast_vectors, subspace_basis
-from rgeom.config import section_with_defaults
+from rgeom.config import schema_default, section_with_defaults
 from rgeom.errors import RgeomError
 from rgeom.geometry import load_directions, load_prompt_filter
 from rgeom.io import read_meta, write_table
 from rgeom.models import decoder_layers
 from rgeom.schemas import CARRIER_SCHEMA
-from rgeom.scoring import REFUSAL_PREFIXES, refusal_token_ids
+from rgeom.scoring import refusal_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ def carrier_search_table(
     out: str | Path,
     params: Mapping[str, Any],
     meta: Mapping[str, Any],
-    seed: int = 0,
+    seed: int = schema_default("seed"),
 ) -> CarrierSearch:
     """Run :func:`~rgeom.carrier_search.select_carrier` on a direction table and two
     validation prompt files (``inputs``) and write every candidate's scores to ``out``; the
@@ -303,14 +303,12 @@ def carrier_search_table(
     ``subspace_ranks``, written to the metadata (``subspaces``): the interventions' rank-k
     subspace at the carrier (:func:`rgeom.causal_subspace.subspace_basis`: r-hat, then the
     top per-prompt contrasts of the cell's ``inputs.activations`` table), so none without that
-    table. Not a config key: ``refusal_prefixes`` (the opening words of refusals).
+    table. The refusal score reads the tokens of :data:`rgeom.scoring.REFUSAL_PREFIXES`.
     ``inputs.prompt_filter`` (a :func:`rgeom.geometry.prompt_filter_table` of the source model)
     restricts the validation prompts to its kept ``val`` ids, the same in every cell; its
     kept / total counts go in the metadata (``prompt_filter``) and the ``n_harmful`` /
     ``n_harmless`` columns.
     """
-    params = dict(params or {})
-    prefixes = params.pop("refusal_prefixes", None) or REFUSAL_PREFIXES
     params = section_with_defaults("carrier", params)
     directions = inputs.directions
     source = _check_direction_source(directions, model, tokenizer)
@@ -318,7 +316,7 @@ def carrier_search_table(
     settings = _search_settings(params, seed)
     candidates = select_candidates(load_directions(directions), n_layers, params, directions)
     subspace = _rank_k_spans(inputs.activations, candidates, settings.subspace_ranks)
-    refusal_ids = refusal_token_ids(tokenizer, prefixes)
+    refusal_ids = refusal_token_ids(tokenizer)
     harmful_texts, harmless_texts, pf = _validation_prompts(
         inputs.harmful, inputs.harmless, inputs.prompt_filter
     )

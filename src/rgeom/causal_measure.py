@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from rgeom.judges import JUDGE_NAME, attack_success, label_completions
+from rgeom.config import schema_default
+from rgeom.judges import attack_success, label_completions
 from rgeom.judges.metrics import check_answer
 from rgeom.judges.model_judges import configured
 
@@ -169,7 +170,7 @@ def judge_generations(
     judge's name."""
     from rgeom.activations import load_prompt_set, prompt_text
 
-    name = "+".join([judge.get("name", JUDGE_NAME), *configured(dict(judge))])
+    name = "+".join([judge.get("name", schema_default("judge.name")), *configured(dict(judge))])
     done = [r for r in rows if r.get("_completions") is not None]
     if not done:
         return name

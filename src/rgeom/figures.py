@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from rgeom.config import schema_default
 from rgeom.errors import RgeomError
 from rgeom.figures_copied import plot_angles, plot_drift_carrier_layers, plot_frontiers
 from rgeom.io import read_meta, read_table
@@ -410,7 +411,7 @@ def plot_erank(drift: str, arms: Sequence[str], params, stem: Path, formats) -> 
     them, and a bare line reads as more certain than it is (the geometry table lists them).
     """
     df = pl.from_arrow(read_table(drift))
-    kind = (read_meta(drift).get("drift") or {}).get("rank_kind", "energy")
+    kind = (read_meta(drift).get("drift") or {}).get("rank_kind", schema_default("drift.rank_kind"))
     needed = [f"erank_{kind}", "erank_ci_low", "erank_ci_high", "erank_null_mean", "erank_null_sd"]
     missing = [c for c in needed if c not in df.columns]
     if missing:

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rgeom.attacks.cases import is_test_case_table
+from rgeom.config import schema_default, section_with_defaults
 from rgeom.data import PROMPT_SCHEMA, prompt_text
 from rgeom.errors import RgeomError
 from rgeom.io import Shards, file_sha256, files_fingerprint, read_table, write_table
@@ -24,13 +25,16 @@ from rgeom.schemas import GENERATION_SHARD_SCHEMA as SHARD_SCHEMA
 
 log = logging.getLogger(__name__)
 
-# Test cases per shard: minutes of decoding on a CPU, seconds on a GPU, so a preempted job
-# loses little, while the embedded benchmark sets fit one shard and skip the parts folder.
-DEFAULT_SHARD_SIZE = 512
+DEFAULT_BATCH_SIZE = schema_default("generate.batch_size")
+DEFAULT_MAX_NEW_TOKENS = schema_default("generate.max_new_tokens")
 
 
 def generate_completions(
-    model, tokenizer, prompts: list[str], batch_size: int = 16, max_new_tokens: int = 48
+    model,
+    tokenizer,
+    prompts: list[str],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
 ) -> tuple[list[str], list[int], list[int]]:
     """Greedy completions in input order; returns (texts, prompt lengths, new-token counts)."""
     encoded = [encode_chat(tokenizer, p).ids for p in prompts]
@@ -95,10 +99,13 @@ def read_inputs(path: str) -> dict[str, list]:
     }
 
 
-def _shard_size(params: dict[str, Any], batch_size: int) -> int:
-    """Test cases per shard, rounded up to whole batches so every batch is the one an
-    unsharded run would decode: the output then does not depend on the shard size."""
-    size = int(params.get("shard_size", DEFAULT_SHARD_SIZE))
+def _shard_size(settings: dict[str, Any], batch_size: int) -> int:
+    """Test cases per shard (``settings``: the generate section with its defaults), rounded
+    up to whole batches so every batch is the one an unsharded run would decode: the output
+    then does not depend on the shard size. The schema's default is minutes of decoding on a
+    CPU, seconds on a GPU, so a preempted job loses little, while the embedded benchmark sets
+    fit one shard and skip the parts folder."""
+    size = int(settings["shard_size"])
     if size < 1:
         raise RgeomError(f"generate.shard_size must be >= 1, got {size}")
     return -(-size // batch_size) * batch_size
@@ -139,14 +146,16 @@ def generate_table(model, tokenizer, prompts: str, out: str, params: dict[str, A
     """
     cols = read_inputs(prompts)
     messages = cols["prompt"]
-    batch_size = int(params.get("batch_size", 16))
-    max_new_tokens = int(params.get("max_new_tokens", 48))
+    # The filled section is read, not recorded: the shards' fingerprint keeps the caller's.
+    settings = section_with_defaults("generate", params)
+    batch_size = int(settings["batch_size"])
+    max_new_tokens = int(settings["max_new_tokens"])
     n = len(messages)
     # Compact int32 arrays: all prompts are held at once for the global length sort, and
     # lists of Python ints would cost ~1 KiB per test case.
     encoded = [array("i", encode_chat(tokenizer, p).ids) for p in messages]
     order = sorted(range(n), key=lambda i: len(encoded[i]))
-    shard_size = _shard_size(params, batch_size)
+    shard_size = _shard_size(settings, batch_size)
     slices = [order[i : i + shard_size] for i in range(0, n, shard_size)]
     texts: list[str] = [""] * n
     n_new = [0] * n

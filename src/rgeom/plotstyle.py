@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from rgeom.config import schema_default
 from rgeom.errors import RgeomError
 from rgeom.io import atomic_path
 from rgeom.layout import BASE
@@ -41,7 +42,8 @@ def figure_formats(params: Mapping[str, Any]) -> list[str]:
     """PNG (the report embeds it) and SVG (for papers) always, plus any other configured."""
     # The workflow nests report settings under "summary"; direct callers may pass them flat.
     section = params.get("summary") or {}
-    formats = list(section.get("figure_formats", params.get("figure_formats", ["png"])))
+    flat = params.get("figure_formats", schema_default("summary.figure_formats"))
+    formats = list(section.get("figure_formats", flat))
     bad = [f for f in formats if f not in FIGURE_FORMATS]
     if bad:
         raise RgeomError(f"summary.figure_formats: {bad} not supported (use {FIGURE_FORMATS})")

@@ -14,6 +14,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from rgeom.config import schema_default
+
 #: The model keys that change what a model computes; threads and paths do not.
 MODEL_RESULT_KEYS = ("dtype", "device", "trust_remote_code")
 #: Schedules whose learning rate at step t does not depend on the total number of steps.
@@ -36,7 +38,8 @@ def training_settings(train: Mapping[str, Any]) -> dict[str, Any]:
     a later anchor (and a larger ``max_steps``) reuse the earlier segments.
     """
     settings = {k: v for k, v in train.items() if k not in NON_RESULT_TRAIN_KEYS}
-    if settings.get("lr_scheduler", "constant") in STEP_INDEPENDENT_SCHEDULES:
+    schedule = settings.get("lr_scheduler", schema_default("train.lr_scheduler"))
+    if schedule in STEP_INDEPENDENT_SCHEDULES:
         settings.pop("max_steps", None)
     return settings
 

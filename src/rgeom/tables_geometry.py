@@ -9,6 +9,7 @@ from typing import Any
 
 import polars as pl
 
+from rgeom.config import schema_default
 from rgeom.errors import RgeomError
 from rgeom.io import read_meta, read_table
 from rgeom.layout import BASE
@@ -174,7 +175,9 @@ def geometry_table(
     for col in ("arm", "step", "carrier_layer", "n_admissible", "erank_null_mean"):
         if col not in table.column_names:
             raise RgeomError(f"{drift}: missing column {col!r} (drift table)")
-    rank_kind = (read_meta(drift).get("drift") or {}).get("rank_kind", "energy")
+    rank_kind = (read_meta(drift).get("drift") or {}).get(
+        "rank_kind", schema_default("drift.rank_kind")
+    )
     cells = read_carriers(carriers)
     sites = read_sites(interventions)
     rows = []

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from rgeom.config import schema_default, section_with_defaults
 from rgeom.errors import RgeomError
 from rgeom.io import read_meta, read_table, write_table
 from rgeom.judges.metrics import bootstrap_mean_ci, metric_rng
@@ -39,6 +40,7 @@ METRICS = ("utility_kl", "utility_ce", "utility_ce_base")
 # The metrics table's schema: the summary reads these rows beside the judges' metrics,
 # with the "judge" column naming what the numbers are measured on.
 SHIFT_SCHEMA = METRIC_SCHEMA
+DEFAULT_BATCH_SIZE = schema_default("utility_shift.batch_size")
 
 
 def reference_rows(paths: Sequence[str], labels: Sequence[str], limit: int | None):
@@ -83,7 +85,9 @@ def reference_rows(paths: Sequence[str], labels: Sequence[str], limit: int | Non
 
 
 @torch.inference_mode()
-def token_shift(model, base, tokenizer, pairs, batch_size: int = 8) -> dict[str, np.ndarray]:
+def token_shift(
+    model, base, tokenizer, pairs, batch_size: int = DEFAULT_BATCH_SIZE
+) -> dict[str, np.ndarray]:
     """Per prompt: mean CE of ``model``, of ``base``, and mean KL(base || model) per token.
 
     Sequences are batched by length (little padding); when ``base is model`` (the base
@@ -143,17 +147,19 @@ def utility_shift_table(
     seed: int,
     meta: dict[str, Any],
 ) -> pa.Table:
-    """Write the cell's utility_kl / utility_ce / utility_ce_base rows (metrics format)."""
-    labels = tuple(params.get("labels", ["harmless", "safe"]))
-    pairs = reference_rows(references, labels, params.get("limit"))
+    """Write the cell's utility_kl / utility_ce / utility_ce_base rows (metrics format);
+    ``params`` is the utility_shift section."""
+    params = section_with_defaults("utility_shift", params)
+    labels = tuple(params["labels"])
+    pairs = reference_rows(references, labels, params["limit"])
     if pairs:
-        shift = token_shift(model, base, tokenizer, pairs, int(params.get("batch_size", 8)))
+        shift = token_shift(model, base, tokenizer, pairs, int(params["batch_size"]))
     else:
         shift = {k: np.zeros(0) for k in ("ce", "ce_base", "kl")}
         shift["n_tokens"] = np.zeros(0, dtype=np.int64)
     ok = shift["n_tokens"] > 0
     arm, step = str(meta.get("arm")), int(meta.get("step") or 0)
-    n_boot = int(params.get("bootstrap", 1000))
+    n_boot = int(params["bootstrap"])
     rows: dict[str, list] = {f.name: [] for f in SHIFT_SCHEMA}
     for metric, key in zip(METRICS, ("kl", "ce", "ce_base"), strict=True):
         values = shift[key][ok]

@@ -27,6 +27,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from rgeom.config import section_with_defaults
 from rgeom.errors import RgeomError
 
 log = logging.getLogger(__name__)
@@ -81,17 +82,20 @@ def generate_table(
     from rgeom.models import encode_chat, load_tokenizer
 
     vllm = import_vllm()
-    trust = bool(model_settings.get("trust_remote_code", False))
+    # Filled for reading only: the table's metadata records the caller's ``params``.
+    settings = section_with_defaults("generate", params)
+    model_cfg = section_with_defaults("model", model_settings)
+    trust = bool(model_cfg["trust_remote_code"])
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust)
     cols = read_inputs(prompts)
     messages = cols["prompt"]
     encoded = [encode_chat(tokenizer, p).ids for p in messages]
-    max_new_tokens = int(params.get("max_new_tokens", 48))
-    options = dict(params.get("vllm") or {})
+    max_new_tokens = int(settings["max_new_tokens"])
+    options = dict(settings["vllm"] or {})
     llm = vllm.LLM(
         model=str(model_dir),
         tokenizer=str(model_dir),
-        dtype=model_settings.get("dtype", "auto"),
+        dtype=model_cfg["dtype"],
         seed=int(seed),
         trust_remote_code=trust,
         **options,

@@ -26,9 +26,11 @@ rule train:
         mem_mb=8000,
         runtime=240,
         gpu=TRAIN_GPUS,
-        # A resource, not a param: how often state is saved changes no result, so changing
-        # it must not rerun the segments.
+        # Resources, not params: when state is saved changes no result, so changing it
+        # must not rerun the segments.
         save_every=config["train"]["save_every"],
+        # Whole seconds: Snakemake keeps resources as integers.
+        save_margin_s=int(config["train"]["save_margin_s"]),
     params:
         json=train_params,
         extra=extra_flags,
@@ -42,6 +44,7 @@ rule train:
         # Under SLURM the run saves resume state and stops train.save_margin_s before its
         # time limit (docs/training.md).
         " --time-limit-min {resources.runtime} --save-every {resources.save_every}"
+        " --save-margin-s {resources.save_margin_s}"
         " {params.extra} --params {params.json:q} > {log} 2>&1"
 
 

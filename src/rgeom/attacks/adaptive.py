@@ -17,9 +17,15 @@ from typing import Any
 
 import pyarrow as pa
 
-from rgeom.attacks.behaviours import load_targets, read_behaviours, select_behaviours, target_for
+from rgeom.attacks.behaviours import (
+    load_gcg_targets,
+    read_behaviours,
+    select_behaviours,
+    target_for,
+)
 from rgeom.attacks.fingerprints import resume_fingerprint
 from rgeom.attacks.optimised import AttackJob, GCGRunner, autodan_cases
+from rgeom.config import schema_default, section_with_defaults
 from rgeom.errors import RgeomError
 from rgeom.io import keyed_shards, read_meta, read_table, write_table
 from rgeom.models import encode_chat
@@ -59,6 +65,11 @@ def _cases_table(arm: str, step: int, found: Mapping[str, Sequence[Any]]) -> pa.
     return pa.table({"arm": [arm] * n, "step": [step] * n, **found}, schema=ADAPTIVE_CASES_SCHEMA)
 
 
+def _n_behaviors(params: Mapping[str, Any]) -> int:
+    """``attacks.adaptive.n_behaviors``, the schema's default where ``params`` lacks it."""
+    return params.get("n_behaviors", schema_default("attacks.adaptive.n_behaviors"))
+
+
 def _gcg_shard(attack: GCGRunner, behaviour: Mapping[str, Any], target: str) -> pa.Table:
     """GCG on one behaviour as its ADAPTIVE_SHARD_SCHEMA row, the exact ids kept."""
     r = attack(behaviour, target)
@@ -88,12 +99,12 @@ def adaptive_gcg_search(model, tokenizer, job: AdaptiveJob) -> pa.Table:
     """
     where = "attacks.adaptive"
     behaviours = read_behaviours(job.behaviours_path)
-    chosen = select_behaviours(behaviours, job.params.get("n_behaviors", 2), job.seed)
+    chosen = select_behaviours(behaviours, _n_behaviors(job.params), job.seed)
     if not chosen:
         raise RgeomError(f"{job.behaviours_path}: no harmful behaviours for {where}")
-    by_id = load_targets(job.targets)
+    by_id = load_gcg_targets(job.targets)
     tgts = [target_for(b, by_id, where) for b in chosen]
-    attack = GCGRunner(model, tokenizer, job.params, job.seed)
+    attack = GCGRunner(model, tokenizer, job.params, job.seed, section="attacks.adaptive")
 
     def one(index: int) -> tuple[pa.Table, None]:
         return _gcg_shard(attack, chosen[index], tgts[index]), None
@@ -152,7 +163,7 @@ def adaptive_autodan_search(
     """
     where = "attacks.adaptive (autodan)"
     behaviours = read_behaviours(job.behaviours_path)
-    section = {**autodan, "n_behaviors": job.params.get("n_behaviors", 2)}
+    section = {**autodan, "n_behaviors": _n_behaviors(job.params)}
     fingerprint = resume_fingerprint(
         "adaptive_autodan",
         job.behaviours_path,
@@ -164,7 +175,7 @@ def adaptive_autodan_search(
     )
     attack = AttackJob(
         behaviours=behaviours,
-        targets=load_targets(job.targets),
+        targets=load_gcg_targets(job.targets),
         params=section,
         seed=job.seed,
         source_model=str(job.meta.get("model") or "checkpoint"),
@@ -222,12 +233,13 @@ def adaptive_completions(
         i if i is not None else encode_chat(tokenizer, t).ids
         for i, t in zip(ids, texts, strict=True)
     ]
+    generate = section_with_defaults("generate", generate)
     completions, _, _ = generate_from_ids(
         model,
         tokenizer,
         encoded,
-        batch_size=int(generate.get("batch_size", 16)),
-        max_new_tokens=int(generate.get("max_new_tokens", 48)),
+        batch_size=int(generate["batch_size"]),
+        max_new_tokens=int(generate["max_new_tokens"]),
     )
     found = table.select([n for n in ADAPTIVE_COMPLETION_SCHEMA.names if n != "completion"])
     done = found.append_column(

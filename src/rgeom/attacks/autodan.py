@@ -53,6 +53,7 @@ from rgeom.attacks.autodan_operators import (  # noqa: F401 (re-exported: tests 
     update_word_scores,
 )
 from rgeom.attacks.templates import SLOT
+from rgeom.config import schema_default
 from rgeom.errors import RgeomError
 from rgeom.models import encode_chat, encode_response, left_pad
 
@@ -115,15 +116,17 @@ def target_losses(
 
 @dataclass
 class AutoDANSettings:
-    population: int = 64
-    generations: int = 100
-    elite_fraction: float = 0.1
-    crossover_rate: float = 0.5
-    mutation_rate: float = 0.01
-    paragraph_every: int = 5
-    batch_size: int | None = None
-    early_stop: bool = True
-    early_stop_tokens: int = 32
+    """The genetic algorithm's settings: ``attacks.autodan``, with the schema's defaults."""
+
+    population: int = schema_default("attacks.autodan.population")
+    generations: int = schema_default("attacks.autodan.generations")
+    elite_fraction: float = schema_default("attacks.autodan.elite_fraction")
+    crossover_rate: float = schema_default("attacks.autodan.crossover_rate")
+    mutation_rate: float = schema_default("attacks.autodan.mutation_rate")
+    paragraph_every: int = schema_default("attacks.autodan.paragraph_every")
+    batch_size: int | None = schema_default("attacks.autodan.batch_size")
+    early_stop: bool = schema_default("attacks.autodan.early_stop")
+    early_stop_tokens: int = schema_default("attacks.autodan.early_stop_tokens")
 
     @classmethod
     def from_params(cls, params: Mapping[str, object], where: str) -> AutoDANSettings:

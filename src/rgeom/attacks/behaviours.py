@@ -43,7 +43,7 @@ def select_behaviours(
     return [b for b in harmful if b["prompt_id"] in keep]
 
 
-def load_targets(path: str | Path | None) -> dict[str, str]:
+def load_gcg_targets(path: str | Path | None) -> dict[str, str]:
     """Affirmative targets by behaviour id from a HarmBench targets JSON.
 
     ``{BehaviorID: "Sure, here is ..."}`` (harmbench_targets_text.json) or

@@ -15,10 +15,10 @@ from typing import Any
 import pyarrow as pa
 
 from rgeom.attacks.adaptive import ADAPTIVE_BENCHMARK
+from rgeom.config import schema_default
 from rgeom.errors import RgeomError
 from rgeom.io import read_meta, read_table, write_table
 from rgeom.judges import (
-    JUDGE_NAME,
     METRIC_SCHEMA,
     attack_success,
     bootstrap_count,
@@ -87,7 +87,7 @@ def judge_adaptive(
     ):
         field = ADAPTIVE_SCHEMA.field(field)
         labelled = labelled.append_column(field, pa.array(values, field.type))
-    name = "+".join([judge.get("name", JUDGE_NAME), *judges])
+    name = "+".join([judge.get("name", schema_default("judge.name")), *judges])
     record = {**meta, "arm": arm, "step": step, "benchmark": benchmark, "judge": name}
     record["source"] = str(completions)
     write_table(out, labelled, ADAPTIVE_SCHEMA, record)

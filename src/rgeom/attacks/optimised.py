@@ -24,6 +24,7 @@ import pyarrow as pa
 from rgeom.attacks.behaviours import select_behaviours, target_for
 from rgeom.attacks.cases import case_row, cases_table
 from rgeom.attacks.templates import load_templates
+from rgeom.config import schema_default
 from rgeom.errors import RgeomError
 from rgeom.io import Shards, keyed_shards
 from rgeom.judges.refusal import classify
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_INIT_SUFFIX = " ".join(["!"] * 20)
+DEFAULT_INIT_SUFFIX = schema_default("attacks.gcg.init_suffix")
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class AttackJob:
     """One optimising attack's job, the same for GCG-transfer and AutoDAN.
 
     ``behaviours`` are the rows a seeded subset is picked from, ``targets`` their targets
-    by behaviour id (:func:`~rgeom.attacks.behaviours.load_targets`); ``params`` is the
+    by behaviour id (:func:`~rgeom.attacks.behaviours.load_gcg_targets`); ``params`` is the
     method's config section and ``seed`` the run's; ``source_model`` names the model in each
     test case. The cases are sharded into ``out``, resumed when ``fingerprint`` matches, with
     ``meta`` as the shards' provenance.
@@ -63,18 +64,22 @@ class AttackJob:
 # --- GCG ----------------------------------------------------------------------------
 
 
-def _gcg_settings(params: Mapping[str, Any]) -> GCGSettings:
-    """The :func:`rgeom.attacks.gcg.gcg` settings an ``attacks.gcg``-like section sets."""
+def _gcg_settings(params: Mapping[str, Any], section: str) -> GCGSettings:
+    """The :func:`rgeom.attacks.gcg.gcg` settings an ``attacks.gcg``-like config section
+    (``section``: ``"attacks.gcg"`` or ``"attacks.adaptive"``) sets, its defaults where absent."""
     from rgeom.attacks.gcg import GCGSettings
 
+    def value(key: str) -> Any:
+        return params[key] if key in params else schema_default(f"{section}.{key}")
+
     return GCGSettings(
-        steps=int(params.get("steps", 500)),
-        search_width=int(params.get("search_width", 512)),
-        topk=int(params.get("topk", 256)),
-        batch_size=params.get("batch_size"),
-        init_suffix=params.get("init_suffix") or DEFAULT_INIT_SUFFIX,
-        screen_dtype=params.get("screen_dtype"),
-        rescore_top=int(params.get("rescore_top", 8)),
+        steps=int(value("steps")),
+        search_width=int(value("search_width")),
+        topk=int(value("topk")),
+        batch_size=value("batch_size"),
+        init_suffix=value("init_suffix") or DEFAULT_INIT_SUFFIX,
+        screen_dtype=value("screen_dtype"),
+        rescore_top=int(value("rescore_top")),
     )
 
 
@@ -93,11 +98,13 @@ def behaviour_seed(seed: int, behaviour_id: str) -> int:
 class GCGRunner:
     """GCG on one behaviour at a time, each with its own :func:`behaviour_seed`."""
 
-    def __init__(self, model, tokenizer, params: Mapping[str, Any], seed: int):
+    def __init__(
+        self, model, tokenizer, params: Mapping[str, Any], seed: int, section: str = "attacks.gcg"
+    ):
         from rgeom.attacks.gcg import _vocab_size, ascii_token_ids
 
         self.model, self.tokenizer, self.seed = model, tokenizer, int(seed)
-        self.settings = _gcg_settings(params)
+        self.settings = _gcg_settings(params, section)
         # The allowed tokens decode the whole vocabulary: once per stage, not per behaviour.
         self.allowed = ascii_token_ids(tokenizer, _vocab_size(model))
 

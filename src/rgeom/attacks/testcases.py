@@ -59,7 +59,7 @@ from rgeom.attacks.adaptive import (  # noqa: F401
     adaptive_gcg_search,
 )
 from rgeom.attacks.behaviours import (  # noqa: F401
-    load_targets,
+    load_gcg_targets,
     read_behaviours,
     select_behaviours,
     target_for,
@@ -91,6 +91,7 @@ from rgeom.attacks.templates import (  # noqa: F401
     load_templates,
     template_cases,
 )
+from rgeom.config import section_with_defaults
 from rgeom.errors import RgeomError
 from rgeom.io import Shards, read_table, write_table
 from rgeom.schemas import (  # noqa: F401
@@ -151,11 +152,11 @@ def _method_cases(
     if job.method == "DirectRequest":
         return direct_request_cases(behaviours, job.source_model), {}, None
     if job.method == "Templates":
-        section = job.params.get("templates", {})
+        section = section_with_defaults("attacks.templates", job.params.get("templates"))
         cases = template_cases(
-            select_behaviours(behaviours, section.get("n_behaviors"), job.seed),
+            select_behaviours(behaviours, section["n_behaviors"], job.seed),
             load_templates(job.templates),
-            int(section.get("per_behavior", 3)),
+            int(section["per_behavior"]),
             job.seed,
             job.source_model,
         )
@@ -164,7 +165,7 @@ def _method_cases(
         raise RgeomError(f"attack method {job.method!r} is unknown; choose one of {list(METHODS)}")
     if model is None:
         raise RgeomError(f"{job.method} needs a source model (--model)")
-    targets = load_targets(job.targets)
+    targets = load_gcg_targets(job.targets)
     fingerprint = resume_fingerprint(
         job.method,
         source_model=job.source_model,

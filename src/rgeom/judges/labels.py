@@ -10,6 +10,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from rgeom.config import section_with_defaults
 from rgeom.errors import RgeomError
 from rgeom.judges import harmfulness, model_judges
 from rgeom.judges.metrics import check_answer
@@ -104,8 +105,9 @@ def label_completions(
     and the model judges that ran: the matcher on every row, then each model judge on its
     rows. Every stage that scores completions (the judge stage, adaptive attacks,
     interventions) goes through here, so they all use the configured judge."""
-    labels = label_table(table, where, judge=params.get("name", JUDGE_NAME))
-    if params.get("harmbench") == harmfulness.JUDGE_NAME:
+    params = section_with_defaults("judge", params)
+    labels = label_table(table, where, judge=params["name"])
+    if params["harmbench"] == harmfulness.JUDGE_NAME:
         labels = _apply_harmfulness(labels, _judge_inputs(table, prompts), params)
     judges = model_judges.configured(params)
     if judges:
@@ -136,14 +138,15 @@ def attack_success(labels: pa.Table) -> list[bool | None]:
 
 
 def _apply_harmfulness(labels: pa.Table, rows: dict[str, list], params: dict[str, Any]) -> pa.Table:
-    """The embedded harmfulness judge's verdict (1/0) on every harmful row.
+    """The embedded harmfulness judge's verdict (1/0) on every harmful row (``params``:
+    the judge section with its defaults).
 
     Copyright behaviours are left out as for the HarmBench classifier (with
     ``judge.exclude_copyright``): whether a generation reproduces a text is not a question
     of engagement with the request.
     """
     cols = labels.to_pydict()
-    exclude = bool(params.get("exclude_copyright", True))
+    exclude = bool(params["exclude_copyright"])
     for i, lab in enumerate(cols["label"]):
         if lab != "harmful":
             continue

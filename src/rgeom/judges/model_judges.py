@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from rgeom.config import schema_default, section_with_defaults
 from rgeom.errors import RgeomError
 from rgeom.judges import llm
 
@@ -44,6 +45,15 @@ MODEL_JUDGES = (HARMBENCH, XSTEST, SR_RUBRIC, SR_FINETUNED)
 # 2: HarmBench and StrongREJECT prompts and truncation made identical to the references.
 JUDGE_PROTOCOL_VERSION = "2"
 COPYRIGHT_CATEGORIES = frozenset({"copyright"})
+DEFAULT_BATCH_SIZE = schema_default("judge.batch_size")
+DEFAULT_MAX_GENERATION_TOKENS = schema_default("judge.max_generation_tokens")
+#: The judge section holding each model judge's spec (judge.<key>).
+SPEC_SECTIONS = {
+    HARMBENCH: "harmbench_model",
+    XSTEST: "xstest_model",
+    SR_RUBRIC: "strongreject_model",
+    SR_FINETUNED: "strongreject_model",
+}
 
 
 @dataclass
@@ -54,7 +64,7 @@ class JudgeLM:
     model: Any
     tokenizer: Any
     adapter: str | None = None
-    batch_size: int = 8
+    batch_size: int = DEFAULT_BATCH_SIZE
     calls: list = field(default_factory=list)
 
     @property
@@ -151,22 +161,30 @@ def _load_tokenizer(path: str, trust_remote_code: bool):
 
 
 def load_judge_model(spec: dict[str, Any], what: str) -> JudgeLM:
-    """Load ``spec`` = {path, adapter, dtype, device, trust_remote_code} for judge ``what``."""
+    """Load ``spec`` = {path, adapter, dtype, device, trust_remote_code} for judge ``what``
+    (a ``judge.*_model`` section, plus the ``batch_size`` that :func:`configured` copies
+    from ``judge.batch_size``)."""
     from rgeom.models import load_model, resolve_device
 
-    path = spec.get("path")
+    # batch_size is judge.batch_size, not a key of the spec's section. The judge.*_model
+    # sections share one schema definition, so any name (tests use their own) gets the
+    # same defaults.
+    spec = dict(spec)
+    batch_size = int(spec.pop("batch_size", DEFAULT_BATCH_SIZE))
+    spec = section_with_defaults(f"judge.{SPEC_SECTIONS.get(what, 'harmbench_model')}", spec)
+    path = spec["path"]
     if not path:
         raise RgeomError(f"judge {what!r} is configured but its judge model path is not set")
     path = str(Path(path).expanduser()) if str(path).startswith("~") else str(path)
-    trust = bool(spec.get("trust_remote_code", False))
+    trust = bool(spec["trust_remote_code"])
     tokenizer = _load_tokenizer(path, trust)
     model = load_model(
         path,
-        dtype=spec.get("dtype", "float32"),
-        device=resolve_device(spec.get("device", "auto")),
+        dtype=spec["dtype"],
+        device=resolve_device(spec["device"]),
         trust_remote_code=trust,
     )
-    adapter = spec.get("adapter")
+    adapter = spec["adapter"]
     if adapter:
         try:
             from peft import PeftModel
@@ -182,7 +200,7 @@ def load_judge_model(spec: dict[str, Any], what: str) -> JudgeLM:
         model=model,
         tokenizer=tokenizer,
         adapter=str(adapter) if adapter else None,
-        batch_size=int(spec.get("batch_size", 8)),
+        batch_size=batch_size,
     )
 
 
@@ -231,7 +249,7 @@ def harmbench_verdicts(
     behaviours: Sequence[str],
     generations: Sequence[str],
     contexts: Sequence[str | None],
-    max_generation_tokens: int = 512,
+    max_generation_tokens: int = DEFAULT_MAX_GENERATION_TOKENS,
 ) -> tuple[list[int], list[str]]:
     """HarmBench classifier verdicts (1 yes, 0 no, -1 anything else) and raw answers."""
     prompts = [
@@ -305,21 +323,23 @@ def strongreject_finetuned(
 
 
 def configured(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """{model judge name: its model spec} for every model judge ``params`` switches on."""
+    """{model judge name: its model spec} for every model judge ``params`` (a judge
+    section) switches on."""
+    judge = section_with_defaults("judge", params)
     out = {}
-    if params.get("harmbench", "refusal_matcher") == HARMBENCH:
-        out[HARMBENCH] = dict(params.get("harmbench_model") or {})
-    if params.get("xstest", "refusal_matcher") == XSTEST:
-        out[XSTEST] = dict(params.get("xstest_model") or {})
-    sr = params.get("strongreject", "none")
+    if judge["harmbench"] == HARMBENCH:
+        out[HARMBENCH] = dict(judge["harmbench_model"] or {})
+    if judge["xstest"] == XSTEST:
+        out[XSTEST] = dict(judge["xstest_model"] or {})
+    sr = judge["strongreject"]
     if sr == "rubric":
-        out[SR_RUBRIC] = dict(params.get("strongreject_model") or {})
+        out[SR_RUBRIC] = dict(judge["strongreject_model"] or {})
     elif sr == "finetuned":
-        out[SR_FINETUNED] = dict(params.get("strongreject_model") or {})
+        out[SR_FINETUNED] = dict(judge["strongreject_model"] or {})
     elif sr != "none":
         raise RgeomError(f"judge.strongreject {sr!r}: choose none, rubric or finetuned")
     for spec in out.values():
-        spec.setdefault("batch_size", params.get("batch_size", 8))
+        spec.setdefault("batch_size", judge["batch_size"])
     return out
 
 
@@ -358,10 +378,11 @@ def _rows_to_judge(
     harmful: list[int],
     params: dict[str, Any],
 ) -> list[int]:
-    """The label rows judge ``name`` reads. HarmBench's classifier skips copyright
-    behaviours (unless ``exclude_copyright`` is off) and marks them ``excluded``."""
+    """The label rows judge ``name`` reads (``params``: the judge section with its
+    defaults). HarmBench's classifier skips copyright behaviours (unless
+    ``exclude_copyright`` is off) and marks them ``excluded``."""
     if name == HARMBENCH:
-        exclude = bool(params.get("exclude_copyright", True))
+        exclude = bool(params["exclude_copyright"])
         todo = []
         for i in harmful:
             copyright_row = str(labels["category"][i] or "").lower() in COPYRIGHT_CATEGORIES
@@ -418,6 +439,7 @@ def apply_model_judges(
     ``rows`` holds, per label row, ``behaviour`` / ``context`` (the original request) and
     ``completion``. ``loader(spec, name)`` returns a :class:`JudgeLM` (tests pass fakes).
     """
+    params = section_with_defaults("judge", params)
     judges = configured(params)
     if not judges:
         return labels
@@ -425,7 +447,7 @@ def apply_model_judges(
     kinds = np.asarray(labels["label"], dtype=object)
     harmful = [i for i in range(n) if kinds[i] == "harmful"]
     trail = _JudgeTrail.empty(n)
-    max_gen = int(params.get("max_generation_tokens", 512))
+    max_gen = int(params["max_generation_tokens"])
     for name, spec in judges.items():
         todo = _rows_to_judge(name, labels, kinds, harmful, params)
         if not todo:

@@ -11,12 +11,13 @@ from typing import Any
 
 import pyarrow as pa
 
+from rgeom.config import section_with_defaults
 from rgeom.errors import RgeomError
 from rgeom.io import read_meta, read_table, write_table
 from rgeom.judges import harmfulness
 from rgeom.judges.aggregate import compute_metrics
 from rgeom.judges.labels import label_completions
-from rgeom.judges.refusal import JUDGE_NAME, JUDGE_VERSION
+from rgeom.judges.refusal import JUDGE_VERSION
 from rgeom.judges.validation import builtin_error_rates
 from rgeom.schemas import LABEL_SCHEMA, METRIC_SCHEMA
 
@@ -46,7 +47,8 @@ def judge_table(
     model. Everything the metrics need besides the labels (the copyright behaviours the
     loader left out, the judges' error rates) goes into the labels' metadata.
     """
-    name = params.get("name", JUDGE_NAME)
+    params = section_with_defaults("judge", params)
+    name = params["name"]
     # Checked before any judge model runs, not after.
     n_boot = bootstrap_count(params) if metrics_out is not None else None
     if not Path(generations).exists():
@@ -80,9 +82,7 @@ def _error_rates(name: str, params: dict[str, Any], generations: str) -> dict[st
     # A judge's error rates depend on how much of each answer it sees: measured on the
     # labelled test responses cut to the generation length these completions were cut at.
     cut_at = (read_meta(generations) or {}).get("max_new_tokens")
-    asr_judges = [name] + [harmfulness.JUDGE_NAME] * (
-        params.get("harmbench") == harmfulness.JUDGE_NAME
-    )
+    asr_judges = [name] + [harmfulness.JUDGE_NAME] * (params["harmbench"] == harmfulness.JUDGE_NAME)
     rates = {k: builtin_error_rates(k, cut_at) for k in asr_judges}
     rates["any_refusal"] = builtin_error_rates("any_refusal")
     source = BUILTIN_RATES_SOURCE + (f", cut at {cut_at} new tokens" if cut_at else "")
@@ -91,7 +91,7 @@ def _error_rates(name: str, params: dict[str, Any], generations: str) -> dict[st
 
 def bootstrap_count(params: dict[str, Any]) -> int:
     """``judge.bootstrap`` from a judge section, checked (the schema default when absent)."""
-    n_boot = params.get("bootstrap", 1000)
+    n_boot = section_with_defaults("judge", params)["bootstrap"]
     if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 0:
         raise RgeomError(f"judge.bootstrap must be an integer >= 0, got {n_boot!r}")
     return n_boot
@@ -141,5 +141,5 @@ def copyright_left_out(prompts: str | None) -> int:
 
 
 def _judges_used(params: dict[str, Any], model: dict[str, Any]) -> list[str]:
-    extra = [harmfulness.JUDGE_NAME] if params.get("harmbench") == harmfulness.JUDGE_NAME else []
+    extra = [harmfulness.JUDGE_NAME] if params["harmbench"] == harmfulness.JUDGE_NAME else []
     return [*extra, *model]

@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rgeom.config import section_with_defaults
 from rgeom.errors import RgeomError
 from rgeom.io import write_table, write_text
 from rgeom.judges import harmfulness, model_judges
@@ -247,8 +248,9 @@ def read_labelled(path: str, prompts: str | None = None) -> list[dict[str, Any]]
 def _judge_task(
     task: str, rows: list[dict[str, Any]], params: dict[str, Any], loader
 ) -> tuple[str, str, list[str], list[str | None]]:
-    """(judge name, version, predictions, raw outputs) for the rows of one task."""
-    name = params.get(task, JUDGE_NAME)
+    """(judge name, version, predictions, raw outputs) for the rows of one task
+    (``params``: the judge section with its defaults)."""
+    name = params[task]
     responses = [r["response"] for r in rows]
     if name == harmfulness.JUDGE_NAME and task == "harmbench":
         preds = [
@@ -268,8 +270,8 @@ def _judge_task(
             f"judge {name!r} needs the prompt of every row; {len(missing)} rows have none "
             "(give a 'prompt' column, or --prompts with an XSTest CSV for their prompt_id)"
         )
-    spec = dict(params.get(f"{task}_model") or {})
-    spec.setdefault("batch_size", params.get("batch_size", 8))
+    spec = dict(params[f"{task}_model"] or {})
+    spec.setdefault("batch_size", params["batch_size"])
     judge = loader(spec, name)
     try:
         prompts = [r["prompt"] for r in rows]
@@ -282,7 +284,7 @@ def _judge_task(
                 prompts,
                 responses,
                 [r["context"] for r in rows],
-                int(params.get("max_generation_tokens", 512)),
+                int(params["max_generation_tokens"]),
             )
             preds = [{1: "yes", 0: "no"}.get(v, INVALID) for v in verdicts]
         else:
@@ -330,6 +332,7 @@ def validate_judge(
     ``validate.max_invalid_rate``) fails validation with an error naming it: its agreement
     numbers would describe only the rows it happened to answer.
     """
+    params = section_with_defaults("judge", params)
     rows = read_labelled(labelled, prompts)
     agree: list[dict] = []
     confusion: list[dict] = []

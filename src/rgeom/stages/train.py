@@ -29,6 +29,7 @@ COMMAND = StageCommand(
             "stops train.save_margin_s before it",
         ),
         arg("--save-every", type=int, help="overrides train.save_every"),
+        arg("--save-margin-s", type=float, help="overrides train.save_margin_s"),
     ),
 )
 
@@ -44,6 +45,7 @@ def run(  # noqa: PLR0913 (one keyword per CLI flag: argparse's dests)
     params: dict[str, Any],
     time_limit_min: float | None = None,
     save_every: int | None = None,
+    save_margin_s: float | None = None,
 ) -> None:
     import os
 
@@ -51,10 +53,12 @@ def run(  # noqa: PLR0913 (one keyword per CLI flag: argparse's dests)
     from rgeom.train.runner import ArmFiles
 
     seed_stage(params)
-    if save_every is not None:
-        # Passed beside --params: how often state is saved changes no result, so the
-        # workflow keeps it out of the job's parameters (no rerun when it changes).
-        params = {**params, "train": {**params.get("train", {}), "save_every": save_every}}
+    # Passed beside --params: when state is saved changes no result, so the workflow keeps
+    # these out of the job's parameters (no rerun when they change).
+    saving = {"save_every": save_every, "save_margin_s": save_margin_s}
+    saving = {k: v for k, v in saving.items() if v is not None}
+    if saving:
+        params = {**params, "train": {**params.get("train", {}), **saving}}
     # Only SLURM enforces the limit; a workstation run with the rule's runtime must not stop.
     limit = time_limit_min * 60 if time_limit_min and os.environ.get("SLURM_JOB_ID") else None
     train_arm(

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from rgeom.config import schema_default, section_with_defaults
 from rgeom.errors import RgeomError
 from rgeom.io import read_table, write_table
 from rgeom.models import encode_chat, encode_response
@@ -54,14 +55,15 @@ def build_sft_data(
     model, tokenizer, harmful: str, harmless: str, out: str, params: dict[str, Any], meta: dict
 ) -> None:
     """Write the training table; ``model`` and ``tokenizer`` are only used for self_distill."""
-    train = params.get("train", {})
-    source = train.get("utility_source", "dataset")
+    train = section_with_defaults("train", params.get("train"))
+    source = train["utility_source"]
     if source not in UTILITY_SOURCES:
         raise RgeomError(
             f"train.utility_source must be one of {', '.join(UTILITY_SOURCES)}, got {source!r}"
         )
-    refusals = train.get("refusals") or list(DEFAULT_REFUSALS)
-    rng = np.random.default_rng(params.get("seed", 0))
+    # train.refusals null (the schema's default) is rgeom's built-in list.
+    refusals = train["refusals"] or list(DEFAULT_REFUSALS)
+    rng = np.random.default_rng(params.get("seed", schema_default("seed")))
     bad = read_prompt_set(harmful).to_pydict()
     good = read_prompt_set(harmless).to_pydict()
     if not bad["prompt_id"] or not good["prompt_id"]:
@@ -121,12 +123,12 @@ def _dataset_answers(path: str, good: dict[str, list]) -> tuple[list, list, list
 def _self_distill(model, tokenizer, prompts: list[str], params: dict[str, Any]):
     from rgeom.generation import generate_completions
 
-    limit = params.get("train", {}).get("helpful_max_new_tokens", 64)
+    limit = section_with_defaults("train", params.get("train"))["helpful_max_new_tokens"]
     answers, _, new_tokens = generate_completions(
         model,
         tokenizer,
         prompts,
-        batch_size=params.get("generate", {}).get("batch_size", 16),
+        batch_size=section_with_defaults("generate", params.get("generate"))["batch_size"],
         max_new_tokens=limit,
     )
     # generate_completions cuts at the first EOS, so a full budget means none came.

@@ -51,7 +51,7 @@ from rgeom.train.r2d2_cases import (
     behaviours_from_pairs,
     load_behaviours,
     load_harmbench_behaviours,
-    load_targets,
+    load_r2d2_targets,
     split_paths,
 )
 from rgeom.train.r2d2_config import R2D2Config, config_from_params
@@ -417,7 +417,7 @@ __all__ = [
     "config_from_params",
     "load_behaviours",
     "load_harmbench_behaviours",
-    "load_targets",
+    "load_r2d2_targets",
     "make_r2d2_trainer",
     "pool_file",
     "process_rank_and_world",

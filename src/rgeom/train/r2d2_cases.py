@@ -42,7 +42,7 @@ def split_paths(value: str | Sequence[str] | None) -> list[str]:
     return [str(p) for p in parts if str(p).strip()]
 
 
-def load_targets(targets_json: str | Path | Sequence[str | Path]) -> dict[str, list[str]]:
+def load_r2d2_targets(targets_json: str | Path | Sequence[str | Path]) -> dict[str, list[str]]:
     """``{BehaviorID: [targets]}`` merged from one or more targets JSON files.
 
     A file maps BehaviorID to a list of targets (``adv_training_targets.json``) or to one
@@ -68,13 +68,13 @@ def load_harmbench_behaviours(
 ) -> list[R2D2Behaviour]:
     """HarmBench's R2D2 behaviours (``adv_training_behaviors.csv``) with their targets.
 
-    ``targets_json``: one or more targets files (see :func:`load_targets`) or their merged
+    ``targets_json``: one or more targets files (see :func:`load_r2d2_targets`) or their merged
     dict. Contextual rows are kept here and dropped by :class:`R2D2Pool`, so the two filters
     can never disagree; a contextual row without targets is kept with none (the pool never
     draws it). A non-contextual row without targets is an error naming every such id, unless
     it is in ``exclude``.
     """
-    targets = targets_json if isinstance(targets_json, dict) else load_targets(targets_json)
+    targets = targets_json if isinstance(targets_json, dict) else load_r2d2_targets(targets_json)
     skip = set(exclude)
     out, missing = [], []
     with open(behaviours_csv, newline="", encoding="utf-8") as handle:
@@ -142,7 +142,7 @@ def load_behaviours(extra: dict[str, str], exclude: Iterable[str] = ()) -> list[
                     raise RgeomError(
                         f"r2d2_behaviours={path} is a CSV: pass r2d2_targets=JSON[,JSON...] too"
                     )
-                targets = load_targets(target_files)
+                targets = load_r2d2_targets(target_files)
             rows = load_harmbench_behaviours(path, targets, skip)
         else:
             rows = [b for b in behaviours_from_prompt_table(path) if b.behaviour_id not in skip]

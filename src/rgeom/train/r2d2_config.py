@@ -6,13 +6,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from rgeom.attacks.gcg import screen_dtype_from_name
+from rgeom.config import schema_default
 from rgeom.errors import RgeomError
 
 
 @dataclass
 class R2D2Config:
-    """R2D2 hyper-parameters. Defaults are HarmBench's reference values
-    (``run_sft_adv_training.py`` and ``adv_training_utils.py`` in rangell/reinforce-attacks-llms).
+    """R2D2 hyper-parameters. Defaults are the config schema's (``r2d2`` section, ``seed``
+    for the seed): HarmBench's reference values (``run_sft_adv_training.py`` and
+    ``adv_training_utils.py`` in rangell/reinforce-attacks-llms).
 
     pool_size: persistent test cases, one global pool whatever the number of processes
         (ref ``NUM_SINGLE_BEHAVIOR_TEST_CASES`` = 8). The initial entries are distinct
@@ -41,27 +43,27 @@ class R2D2Config:
         behaviour that ``adv_training_val_targets.json`` has no targets for).
     """
 
-    pool_size: int = 8
-    updates_per_step: int = 8
-    gcg_steps: int = 5
-    search_width: int = 512
-    topk: int = 256
-    gcg_keep_best: bool = False
-    gcg_batch_size: int | None = None
-    gcg_screen_dtype: str | None = None
-    gcg_rescore_top: int = 8
-    reset_every: int = 50
-    reset_fraction: float = 0.2
-    suffix_unit: str = "! "
-    suffix_min: int = 15
-    suffix_max: int = 20
-    refusal: str = "Sorry, I can't do that."
-    away_coef: float = 0.5
-    toward_coef: float = 0.5
-    away_logp_floor: float = -5.0
-    seed: int = 0
-    system: str | None = None
-    exclude: tuple[str, ...] = ("dimethylmercury_instructions_home",)
+    pool_size: int = schema_default("r2d2.pool_size")
+    updates_per_step: int = schema_default("r2d2.updates_per_step")
+    gcg_steps: int = schema_default("r2d2.gcg_steps")
+    search_width: int = schema_default("r2d2.search_width")
+    topk: int = schema_default("r2d2.topk")
+    gcg_keep_best: bool = schema_default("r2d2.gcg_keep_best")
+    gcg_batch_size: int | None = schema_default("r2d2.gcg_batch_size")
+    gcg_screen_dtype: str | None = schema_default("r2d2.gcg_screen_dtype")
+    gcg_rescore_top: int = schema_default("r2d2.gcg_rescore_top")
+    reset_every: int = schema_default("r2d2.reset_every")
+    reset_fraction: float = schema_default("r2d2.reset_fraction")
+    suffix_unit: str = schema_default("r2d2.suffix_unit")
+    suffix_min: int = schema_default("r2d2.suffix_min")
+    suffix_max: int = schema_default("r2d2.suffix_max")
+    refusal: str = schema_default("r2d2.refusal")
+    away_coef: float = schema_default("r2d2.away_coef")
+    toward_coef: float = schema_default("r2d2.toward_coef")
+    away_logp_floor: float = schema_default("r2d2.away_logp_floor")
+    seed: int = schema_default("seed")
+    system: str | None = schema_default("r2d2.system")
+    exclude: tuple[str, ...] = tuple(schema_default("r2d2.exclude"))
 
     def __post_init__(self) -> None:
         # Config and JSON give lists; a tuple keeps the dataclass hashable-ish and comparable.
@@ -101,5 +103,5 @@ def config_from_params(params: dict[str, Any]) -> R2D2Config:
     unknown = sorted(set(section) - known)
     if unknown:
         raise RgeomError(f"config key r2d2.{unknown[0]} is unknown (known: {sorted(known)})")
-    section.setdefault("seed", params.get("seed", 0))
+    section.setdefault("seed", params.get("seed", schema_default("seed")))
     return R2D2Config(**section)

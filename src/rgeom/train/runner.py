@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 
+from rgeom.config import schema_default, section_with_defaults
 from rgeom.errors import RgeomError
 from rgeom.io import atomic_dir
 from rgeom.layout import step_dir
@@ -187,9 +188,18 @@ class _Runner:
         self.params = params
         self.extra = extra
         self.meta = meta
-        self.train_cfg = params.get("train", {})
-        self.anchors = sorted(a for a in params.get("anchors", []) if a > 0)
-        self.save_every = self.train_cfg.get("save_every", 0)
+        train = params.get("train") or {}
+        # The train section with the schema's defaults, but for max_steps (self.max_steps).
+        self.train_cfg = section_with_defaults("train", train)
+        del self.train_cfg["max_steps"]
+        self.model_cfg = section_with_defaults("model", params.get("model"))
+        anchors = params.get("anchors", schema_default("anchors"))
+        self.anchors = sorted(a for a in anchors if a > 0)
+        # Not train.max_steps' schema default: the workflow leaves max_steps out under a
+        # schedule that does not depend on it (stage_params.training_settings), and training
+        # then stops at the last anchor.
+        self.max_steps = train.get("max_steps", max(self.anchors, default=0))
+        self.save_every = self.train_cfg["save_every"]
         self.store = self.state_dir / "anchors"
         self.resume_dir = self.state_dir / "resume"
         self.log_path = self.state_dir / "log.jsonl"
@@ -203,7 +213,7 @@ class _Runner:
         self.stop = StopOnSignal()
         self.started = time.monotonic()
         self.time_limit_s = time_limit_s
-        self.save_margin_s = float(self.train_cfg.get("save_margin_s", 600))
+        self.save_margin_s = float(self.train_cfg["save_margin_s"])
 
     def out_of_time(self) -> bool:
         """True when another step and a save might not fit in the job's time limit."""
@@ -313,16 +323,14 @@ class _Runner:
         from trl import SFTConfig
 
         cfg = self.train_cfg
-        seed = self.params.get("seed", 0)
-        dtype = self.params.get("model", {}).get("dtype", "float32")
-        cuda = torch.cuda.is_available() and self.params.get("model", {}).get("device") != "cpu"
+        seed = self.params.get("seed", schema_default("seed"))
+        dtype = self.model_cfg["dtype"]
+        cuda = torch.cuda.is_available() and self.model_cfg["device"] != "cpu"
         # Explicit: SFTConfig defaults to checkpointing on, which would slow every small run
         # (activation_checkpointing is the transformers 5 name of gradient_checkpointing).
-        kwargs: dict[str, Any] = {
-            "activation_checkpointing": bool(cfg.get("gradient_checkpointing"))
-        }
-        stage = cfg.get("zero_stage", 0)
-        expected = deepspeed_config_path(stage, cfg.get("offload", False))
+        kwargs: dict[str, Any] = {"activation_checkpointing": bool(cfg["gradient_checkpointing"])}
+        stage = cfg["zero_stage"]
+        expected = deepspeed_config_path(stage, cfg["offload"])
         if expected is not None:
             kwargs["deepspeed"] = check_deepspeed_config(
                 self.extra.get("deepspeed"), stage, expected
@@ -332,22 +340,22 @@ class _Runner:
             output_dir=str(self.resume_dir),
             # The rows are pre-tokenized (input_ids + completion_mask): TRL builds the labels,
             # truncates to max_length or packs into max_length blocks.
-            max_length=cfg.get("max_length", 256),
+            max_length=cfg["max_length"],
             completion_only_loss=True,
-            packing=cfg.get("packing", False),
+            packing=cfg["packing"],
             # The reference's packer concatenates documents and cuts fixed-length blocks,
             # attention crossing document boundaries: TRL's "wrapped" strategy.
             packing_strategy="wrapped",
             dataset_num_proc=None,
             # Under a decaying schedule the total sets the learning rate at every step;
             # otherwise it is the last anchor, where training stops.
-            max_steps=cfg.get("max_steps", max(self.anchors, default=0)),
-            per_device_train_batch_size=cfg.get("batch_size", 8),
-            gradient_accumulation_steps=cfg.get("grad_accum", 1),
-            learning_rate=cfg.get("learning_rate", 5e-5),
-            lr_scheduler_type=cfg.get("lr_scheduler", "constant"),
-            warmup_steps=cfg.get("warmup_steps", 0),
-            weight_decay=cfg.get("weight_decay", 0.0),
+            max_steps=self.max_steps,
+            per_device_train_batch_size=cfg["batch_size"],
+            gradient_accumulation_steps=cfg["grad_accum"],
+            learning_rate=cfg["learning_rate"],
+            lr_scheduler_type=cfg["lr_scheduler"],
+            warmup_steps=cfg["warmup_steps"],
+            weight_decay=cfg["weight_decay"],
             logging_steps=1,
             save_strategy="steps",
             # Saving is driven by the anchor callback; this only keeps the default saver quiet.
@@ -381,7 +389,7 @@ class _Runner:
         if last_anchor == 0 or stored == self.anchors:
             log.info("every anchor of arm %s is already trained; publishing", self.arm)
         else:
-            trust = self.params.get("model", {}).get("trust_remote_code", False)
+            trust = self.model_cfg["trust_remote_code"]
             self.tokenizer = load_tokenizer(self.model_dir, trust_remote_code=trust)
             model = load_model(self.model_dir, dtype="float32", trust_remote_code=trust)
             model.train()
