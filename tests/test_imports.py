@@ -46,6 +46,8 @@ TORCH_FREE = (
     "rgeom.io",
     "rgeom.layout",
     "rgeom.stage_params",
+    "rgeom.stages.train_log",
+    "rgeom.train.train_log",
     "rgeom.data",
     "rgeom.geometry",
     "rgeom.drift",
@@ -142,7 +144,8 @@ def test_schemas_are_the_ones_the_stages_use():
 
 def test_analysis_stages_run_without_torch(tmp_path, tiny_model_dir):
     """prepare-data with its tokenizer length check, judge (refusal_matcher),
-    interventions-summary and the config check, end to end in the blocked interpreter."""
+    interventions-summary, train-log and the config check, end to end in the blocked
+    interpreter."""
     from rgeom.io import write_table
     from rgeom.schemas import GENERATION_SCHEMA, INTERVENTION_SCHEMA
 
@@ -179,6 +182,11 @@ def test_analysis_stages_run_without_torch(tmp_path, tiny_model_dir):
         write_table(path, pa.Table.from_pylist([row], INTERVENTION_SCHEMA), INTERVENTION_SCHEMA, {})
         tables.append(str(path))
     out = tmp_path / "summary"
+    state = tmp_path / "train_state"
+    state.mkdir()
+    row = {"step": 1, "loss": 2.5, "learning_rate": 1e-5, "grad_norm": 1.0}
+    row |= {"tokens_per_s": 10.0, "seconds": 0.1, "extra": "{}"}
+    (state / "log.jsonl").write_text(json.dumps(row) + "\n")
     res = run_blocked(
         f"""
         import json, sys
@@ -196,6 +204,9 @@ def test_analysis_stages_run_without_torch(tmp_path, tiny_model_dir):
                    "--labels", {str(tmp_path / "l.parquet")!r},
                    "--metrics", {str(tmp_path / "m.parquet")!r}, "--params", '{{"seed": 0}}'])
         assert rc == 0, rc
+        rc = main(["train-log", "--arm", "sft", "--state-dir", {str(state)!r},
+                   "--out", {str(tmp_path / "log.parquet")!r}, "--params", "{{}}"])
+        assert rc == 0, rc
         assert not [m for m in sys.modules if m.split(".")[0] in {BLOCKED!r}]
         """,
         cwd=REPO,
@@ -204,6 +215,7 @@ def test_analysis_stages_run_without_torch(tmp_path, tiny_model_dir):
     assert (out / "interventions.parquet").exists()
     assert (out / "frontier_sft.png").exists()
     assert (tmp_path / "x.parquet").exists() and (tmp_path / "m.parquet").exists()
+    assert (tmp_path / "log.parquet").exists()
 
 
 def test_seeding_waits_for_torch_and_equals_eager_seeding():

@@ -23,7 +23,7 @@ COMMAND = StageCommand(
 
 
 def run(arm: str, state_dir: str, out: str, params: dict[str, Any]) -> None:
-    from rgeom.train.runner import write_train_log
+    from rgeom.train.train_log import write_train_log
 
     table = write_train_log(state_dir, out, stage_meta(params, arm=arm))
     log.info("training log of arm %s: %d steps -> %s", arm, table.num_rows, out)
