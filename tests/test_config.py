@@ -207,3 +207,15 @@ def test_the_demo_captures_every_layer_its_carrier_search_scores():
     for name in ("dir_harmful", "dir_harmless"):
         spec = cfg["data"]["sets"][name]
         assert spec["split"] == "direction" and spec.get("limit") is None, spec
+
+
+def test_setting_reads_a_dotted_key_or_the_schemas_default():
+    from rgeom.config import schema_default, setting
+
+    params = {"seed": 7, "carrier": {"kl_max": 0.05}, "drift": None}
+    assert setting(params, "seed") == 7
+    assert setting(params, "carrier.kl_max") == 0.05
+    assert setting(params, "carrier.batch_size") == schema_default("carrier.batch_size")
+    # A section given as null, or absent, falls back to the schema too.
+    assert setting(params, "drift.n_null") == schema_default("drift.n_null")
+    assert setting({}, "model.dtype") == schema_default("model.dtype")

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from rgeom.config import schema_default
+from rgeom.config import schema_default, setting
 from rgeom.errors import RgeomError
 from rgeom.io import read_meta, read_table
 from rgeom.schemas import CARRIER_BASE_SCHEMA
@@ -50,12 +50,11 @@ class Choice:
 def carrier_settings(params: Mapping[str, Any]) -> tuple[float, float, int]:
     """``carrier.max_layer_frac``, ``carrier.kl_max`` and ``carrier.batch_size`` of a run's
     parameters, the schema's defaults where absent."""
-    carrier = params.get("carrier") or {}
-
-    def value(key: str):
-        return carrier.get(key, schema_default(f"carrier.{key}"))
-
-    return float(value("max_layer_frac")), float(value("kl_max")), int(value("batch_size"))
+    return (
+        float(setting(params, "carrier.max_layer_frac")),
+        float(setting(params, "carrier.kl_max")),
+        int(setting(params, "carrier.batch_size")),
+    )
 
 
 def choose_direction(

@@ -101,6 +101,17 @@ def schema_default(dotted: str) -> Any:
     return copy.deepcopy(node["default"])
 
 
+def setting(params: Mapping[str, Any], dotted: str) -> Any:
+    """``params``' value at a dotted config key (``"carrier.kl_max"``) in a run's nested
+    parameters, else the schema's default for it: code called by hand without the key runs
+    as the workflow's default does."""
+    *sections, key = dotted.split(".")
+    node = params
+    for section in sections:
+        node = node.get(section) or {}
+    return node[key] if key in node else schema_default(dotted)
+
+
 def section_with_defaults(dotted: str, section: Mapping[str, Any] | None) -> dict[str, Any]:
     """A config section (e.g. ``"drift"``) with the schema's defaults filled in.
 

@@ -87,7 +87,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from rgeom.config import schema_default, section_with_defaults
+from rgeom.config import section_with_defaults, setting
 from rgeom.drift_angles import AnchorLinks, angle_table, drift_rows
 from rgeom.drift_cells import (
     BASE_ARM,
@@ -229,7 +229,7 @@ def build_drift(
     n_layers = int(shared["n_layers"])
     arms = arms_of(params, cells)
     null = _null_kind(settings, cells)
-    seed = int(params.get("seed", schema_default("seed")))
+    seed = int(setting(params, "seed"))
     measured = _measure(cells, settings, null, seed, n_layers)
 
     links = AnchorLinks.of(arms, cells)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from rgeom.config import schema_default
+from rgeom.config import setting
 from rgeom.errors import RgeomError
 from rgeom.io import config_hash, provenance
 from rgeom.stage_params import MODEL_RESULT_KEYS
@@ -75,19 +75,9 @@ class _SeedingLoader(importlib.machinery.SourceFileLoader):
         module.manual_seed(self.seed)
 
 
-def param(params: Mapping[str, Any], dotted: str) -> Any:
-    """``params``' value at a dotted config key (``"model.dtype"``), else the schema's
-    default for it: a stage called by hand without the key runs as the workflow's default."""
-    *sections, key = dotted.split(".")
-    node = params
-    for section in sections:
-        node = node.get(section) or {}
-    return node[key] if key in node else schema_default(dotted)
-
-
 def seed_stage(params: Mapping[str, Any]) -> int:
     """Seed everything with the stage's seed (``seed`` in ``params``); return it."""
-    seed = int(param(params, "seed"))
+    seed = int(setting(params, "seed"))
     seed_everything(seed)
     return seed
 
@@ -111,7 +101,7 @@ def recorded(source: Mapping[str, Any], *keys: str) -> dict[str, Any]:
 
 def model_settings(params: Mapping[str, Any]) -> dict[str, Any]:
     """How every stage loads the model: ``model.dtype``, ``.device``, ``.trust_remote_code``."""
-    return {key: param(params, f"model.{key}") for key in MODEL_RESULT_KEYS}
+    return {key: setting(params, f"model.{key}") for key in MODEL_RESULT_KEYS}
 
 
 def load_model_and_tokenizer(model_dir: str, params: Mapping[str, Any]):

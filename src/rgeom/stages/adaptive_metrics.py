@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from rgeom.config import setting
 from rgeom.stages import StageCommand, arg
-from rgeom.stages._common import paired, param, stage_meta
+from rgeom.stages._common import paired, stage_meta
 
 COMMAND = StageCommand(
     help="The ASR of judged adaptive attacks, with its bootstrap CI.",
@@ -26,4 +27,4 @@ def run(labels: list[str], out: list[str], params: dict[str, Any]) -> None:
     pairs = paired(labels, out)
     n_boot = bootstrap_count(params.get("judge", {}))
     for src, dst in pairs:
-        adaptive_metrics_table(src, dst, n_boot, int(param(params, "seed")), stage_meta(params))
+        adaptive_metrics_table(src, dst, n_boot, int(setting(params, "seed")), stage_meta(params))

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from rgeom.config import setting
 from rgeom.errors import RgeomError
 from rgeom.stages import StageCommand, arg
 from rgeom.stages._common import (
     cell_fields,
     load_model_and_tokenizer,
     model_settings,
-    param,
     seed_stage,
     stage_meta,
 )
@@ -32,7 +32,7 @@ COMMAND = StageCommand(
 def run(model: str, prompts: str, out: str, params: dict[str, Any]) -> None:
     seed = seed_stage(params)
     settings = params.get("generate", {})
-    backend = param(params, "generate.backend")
+    backend = setting(params, "generate.backend")
     meta = stage_meta(params, model=model, **cell_fields(params), benchmark=params.get("benchmark"))
     if backend == "vllm":
         # Imported here only: with the default hf backend vLLM is never imported.

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from rgeom.config import setting
 from rgeom.stages import StageCommand, arg
-from rgeom.stages._common import param, seed_stage
+from rgeom.stages._common import seed_stage
 
 log = logging.getLogger(__name__)
 
@@ -22,13 +23,13 @@ def run(out: str, params: dict[str, Any]) -> None:
 
     seed = seed_stage(params)
     prepare_model(
-        source=param(params, "model.source"),
+        source=setting(params, "model.source"),
         out_dir=out,
-        path=param(params, "model.path"),
-        gguf_file=param(params, "model.gguf_file"),
-        dtype=param(params, "model.dtype"),
-        trust_remote_code=param(params, "model.trust_remote_code"),
+        path=setting(params, "model.path"),
+        gguf_file=setting(params, "model.gguf_file"),
+        dtype=setting(params, "model.dtype"),
+        trust_remote_code=setting(params, "model.trust_remote_code"),
         seed=seed,
-        chat_template=param(params, "model.chat_template"),
+        chat_template=setting(params, "model.chat_template"),
     )
     log.info("model ready at %s", out)

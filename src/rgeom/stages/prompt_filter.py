@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from rgeom.config import setting
 from rgeom.errors import RgeomError
 from rgeom.io import read_meta
 from rgeom.stages import StageCommand, arg
-from rgeom.stages._common import param, recorded, stage_meta
+from rgeom.stages._common import recorded, stage_meta
 
 COMMAND = StageCommand(
     help="Arditi's prompt filter, decided once on the source model's activations (with "
@@ -23,10 +24,10 @@ COMMAND = StageCommand(
 
 def direction_filter(params: dict[str, Any]) -> tuple[bool, int]:
     """``carrier.filter_prompts`` and ``carrier.min_prompts``, checked."""
-    enabled = param(params, "carrier.filter_prompts")
+    enabled = setting(params, "carrier.filter_prompts")
     if not isinstance(enabled, bool):
         raise RgeomError(f"carrier.filter_prompts must be true or false, got {enabled!r}")
-    least = param(params, "carrier.min_prompts")
+    least = setting(params, "carrier.min_prompts")
     if not isinstance(least, int) or isinstance(least, bool) or least < 1:
         raise RgeomError(f"carrier.min_prompts must be an integer >= 1, got {least!r}")
     return enabled, least

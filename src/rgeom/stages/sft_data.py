@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from rgeom.config import setting
 from rgeom.stages import StageCommand, arg
-from rgeom.stages._common import load_model_and_tokenizer, param, seed_stage, stage_meta
+from rgeom.stages._common import load_model_and_tokenizer, seed_stage, stage_meta
 
 COMMAND = StageCommand(
     help="Build the supervised training set: refusals for harmful prompts, "
@@ -27,7 +28,7 @@ def run(model: str, harmful: str, harmless: str, out: str, params: dict[str, Any
     seed_stage(params)
     lm = tokenizer = None
     # The reference's utility data are the set's own answers: no model to load.
-    if param(params, "train.utility_source") == "self_distill":
+    if setting(params, "train.utility_source") == "self_distill":
         lm, tokenizer = load_model_and_tokenizer(model, params)
     build_sft_data(
         model=lm,

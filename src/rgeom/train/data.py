@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from rgeom.config import schema_default, section_with_defaults
+from rgeom.config import section_with_defaults, setting
 from rgeom.errors import RgeomError
 from rgeom.io import read_table, write_table
 from rgeom.models import encode_chat, encode_response
@@ -63,7 +63,7 @@ def build_sft_data(
         )
     # train.refusals null (the schema's default) is rgeom's built-in list.
     refusals = train["refusals"] or list(DEFAULT_REFUSALS)
-    rng = np.random.default_rng(params.get("seed", schema_default("seed")))
+    rng = np.random.default_rng(setting(params, "seed"))
     bad = read_prompt_set(harmful).to_pydict()
     good = read_prompt_set(harmless).to_pydict()
     if not bad["prompt_id"] or not good["prompt_id"]:

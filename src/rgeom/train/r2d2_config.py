@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rgeom.attacks.gcg import screen_dtype_from_name
-from rgeom.config import schema_default
+from rgeom.config import schema_default, setting
 from rgeom.errors import RgeomError
 
 
@@ -103,5 +103,5 @@ def config_from_params(params: dict[str, Any]) -> R2D2Config:
     unknown = sorted(set(section) - known)
     if unknown:
         raise RgeomError(f"config key r2d2.{unknown[0]} is unknown (known: {sorted(known)})")
-    section.setdefault("seed", params.get("seed", schema_default("seed")))
+    section.setdefault("seed", setting(params, "seed"))
     return R2D2Config(**section)

@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from rgeom.config import schema_default, section_with_defaults
+from rgeom.config import section_with_defaults, setting
 from rgeom.errors import RgeomError
 from rgeom.io import atomic_dir
 from rgeom.layout import step_dir
@@ -193,7 +193,7 @@ class _Runner:
         self.train_cfg = section_with_defaults("train", train)
         del self.train_cfg["max_steps"]
         self.model_cfg = section_with_defaults("model", params.get("model"))
-        anchors = params.get("anchors", schema_default("anchors"))
+        anchors = setting(params, "anchors")
         self.anchors = sorted(a for a in anchors if a > 0)
         # Not train.max_steps' schema default: the workflow leaves max_steps out under a
         # schedule that does not depend on it (stage_params.training_settings), and training
@@ -323,7 +323,7 @@ class _Runner:
         from trl import SFTConfig
 
         cfg = self.train_cfg
-        seed = self.params.get("seed", schema_default("seed"))
+        seed = setting(self.params, "seed")
         dtype = self.model_cfg["dtype"]
         cuda = torch.cuda.is_available() and self.model_cfg["device"] != "cpu"
         # Explicit: SFTConfig defaults to checkpointing on, which would slow every small run
