@@ -581,19 +581,13 @@ def test_drift_and_intervention_figures_are_copied_when_fresh_else_redrawn(tmp_p
 
 
 def _captured_figure(monkeypatch):
-    """Patch the figure writer where each plotting module looks it up, to keep the figure."""
-    import rgeom.causal_summary
-    import rgeom.drift_figures
-    import rgeom.figures
-    import rgeom.figures_copied
-    import rgeom.report
+    """Patch the one figure writer every plotting module calls, to keep the figure."""
+    import rgeom.plotstyle
 
     kept = []
-    modules = (rgeom.report, rgeom.figures, rgeom.figures_copied, rgeom.drift_figures)
-    for module in (*modules, rgeom.causal_summary):
-        for name in ("_save", "save_figure"):
-            if hasattr(module, name):
-                monkeypatch.setattr(module, name, lambda fig, stem, formats: kept.append(fig) or [])
+    monkeypatch.setattr(
+        rgeom.plotstyle, "save_figure", lambda fig, stem, formats: kept.append(fig) or []
+    )
     return kept
 
 

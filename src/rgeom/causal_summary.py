@@ -10,10 +10,11 @@ from typing import Any
 
 import pyarrow as pa
 
+from rgeom import plotstyle
 from rgeom.errors import RgeomError
 from rgeom.io import read_table, write_table
 from rgeom.layout import BASE
-from rgeom.plotstyle import figure_formats, new_figure, save_figure
+from rgeom.plotstyle import figure_formats, new_figure
 from rgeom.schemas import INTERVENTION_SCHEMA
 
 
@@ -95,4 +96,4 @@ def plot_frontier(table: pa.Table, arm: str, stem: Path, formats) -> list[Path]:
         f"{arm}: refusal vs KL"
         + (" (hollow: fallback direction, no admissible carrier)" if fallback else "")
     )
-    return save_figure(fig, stem, formats)
+    return plotstyle.save_figure(fig, stem, formats)

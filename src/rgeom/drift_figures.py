@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from rgeom import plotstyle
 from rgeom.drift_cells import BASE_ARM, Cell
 from rgeom.drift_stats import CellStats, calibrate
-from rgeom.plotstyle import arm_style, new_figure, save_figure
+from rgeom.plotstyle import arm_style, new_figure
 
 
 def draw_figures(
@@ -68,7 +69,7 @@ def plot_carrier_layers(drift: pa.Table, arms: list[str], n_layers: int, stem: P
     ax.set_title("carrier layer (x on 'none': no admissible carrier)")
     ax.grid(alpha=0.3)
     ax.legend(title="arm", fontsize="small")
-    return save_figure(fig, stem, formats)
+    return plotstyle.save_figure(fig, stem, formats)
 
 
 def plot_angle_matrix(
@@ -127,4 +128,4 @@ def plot_angle_matrix(
         title += "\n(cell: angle / noise; hatched: within bootstrap noise)"
     ax.set_title(title, fontsize="small")
     fig.colorbar(image, ax=ax, label="principal angle (deg)")
-    return save_figure(fig, stem, formats)
+    return plotstyle.save_figure(fig, stem, formats)

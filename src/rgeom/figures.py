@@ -14,12 +14,13 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from rgeom import plotstyle
 from rgeom.config import schema_default
 from rgeom.errors import RgeomError
 from rgeom.figures_copied import plot_angles, plot_drift_carrier_layers, plot_frontiers
 from rgeom.io import read_meta, read_table
 from rgeom.layout import BASE
-from rgeom.plotstyle import arm_style, new_figure, save_figure
+from rgeom.plotstyle import arm_style, new_figure
 from rgeom.summary_inputs import last_position, metric_names
 from rgeom.tables_paper import PAPER_REFERENCE, is_paper_config, paper_value
 
@@ -54,11 +55,6 @@ MAIN_METRICS = (
     "utility_kl",
 )
 STEP_LABEL = "training step (optimizer steps)"
-
-
-def _save(fig, stem: Path, formats) -> list[Path]:
-    # The seam tests patch (rgeom.figures._save) to keep a figure instead of writing it.
-    return save_figure(fig, stem, formats)
 
 
 # --- behaviour ----------------------------------------------------------------------
@@ -132,7 +128,7 @@ def _panels(
     axes[0].legend(title="arm", fontsize="small")
     if paper:
         fig.suptitle("lines: this run (band: 95% CI); hollow markers: the paper")
-    return _save(fig, stem, formats)
+    return plotstyle.save_figure(fig, stem, formats)
 
 
 def plot_metrics(metrics: pl.DataFrame, arms: list[str], stem: Path, formats) -> list[Path]:
@@ -157,7 +153,7 @@ def plot_metrics(metrics: pl.DataFrame, arms: list[str], stem: Path, formats) ->
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[0].legend(title="arm", fontsize="small")
-    return _save(fig, stem, formats)
+    return plotstyle.save_figure(fig, stem, formats)
 
 
 def plot_asr(named: pl.DataFrame, arms, params, stem: Path, formats) -> list[Path]:
@@ -242,7 +238,7 @@ def plot_robustness_utility(named: pl.DataFrame, arms, stem: Path, formats) -> l
         ax.set_ylim(-0.03, 1.03)
     axes[0].legend(title="arm (labels: step)", fontsize="small")
     fig.suptitle("robustness vs utility: lower is more robust")
-    return _save(fig, stem, formats)
+    return plotstyle.save_figure(fig, stem, formats)
 
 
 def behaviour_figures(metrics: pl.DataFrame, arms, params, out: Path, formats) -> list[Path]:
@@ -293,7 +289,7 @@ def plot_direction_heatmap(
         ax.set_xlabel("training step")
         ax.set_ylabel("layer")
     fig.colorbar(image, ax=list(axes), label="||mean(harmful) - mean(harmless)||")
-    return _save(fig, stem, formats)
+    return plotstyle.save_figure(fig, stem, formats)
 
 
 # (score, colour-bar label, colour map) of each column of the carrier heatmaps.
@@ -392,7 +388,7 @@ def plot_carrier_heatmaps(
             title = f"{arm}: {score}"
             image = _carrier_panel(grid_axes[i, j], title, by_arm[arm], layers, score, colour)
         fig.colorbar(image, ax=list(grid_axes[:, j]), label=label, shrink=0.9)
-    return _save(fig, stem, formats)
+    return plotstyle.save_figure(fig, stem, formats)
 
 
 # --- effective rank -----------------------------------------------------------------
@@ -449,7 +445,7 @@ def plot_erank(drift: str, arms: Sequence[str], params, stem: Path, formats) -> 
     ax.set_xlabel(STEP_LABEL)
     ax.set_ylabel("effective rank (dimensions)")
     ax.legend(title="arm", fontsize="small")
-    return _save(fig, stem, formats)
+    return plotstyle.save_figure(fig, stem, formats)
 
 
 # --- training and placeholders ------------------------------------------------------
@@ -482,7 +478,7 @@ def plot_train_loss(logs: pl.DataFrame, arms: list[str], stem: Path, formats) ->
         ax.set_ylabel(loss.replace("_", " "))
         ax.grid(alpha=0.3)
     axes[0].legend(title="arm", fontsize="small")
-    return _save(fig, stem, formats)
+    return plotstyle.save_figure(fig, stem, formats)
 
 
 def placeholder(stem: Path, formats, message: str) -> list[Path]:
@@ -490,4 +486,4 @@ def placeholder(stem: Path, formats, message: str) -> list[Path]:
     fig, (ax,) = new_figure(1, width=5.0, height=1.6)
     ax.axis("off")
     ax.text(0.5, 0.5, message, ha="center", va="center", wrap=True)
-    return _save(fig, stem, formats)
+    return plotstyle.save_figure(fig, stem, formats)
